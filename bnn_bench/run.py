@@ -1,0 +1,84 @@
+"""The pipeline, in order: config -> data -> model -> method.fit -> members -> metrics -> files.
+
+``run(cfg, out_dir)`` is the one entry point behind the CLI and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+from omegaconf import DictConfig
+
+from bnn_bench import evaluation
+from bnn_bench.config import build, to_dict, validate
+from bnn_bench.evaluation import EvalPlan
+from bnn_bench.models import build_model, num_params
+from bnn_bench.reporting import plots
+from bnn_bench.reporting.outputs import write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
+    """Runs one experiment and writes its run folder; returns the flat metrics."""
+    out_dir = Path(out_dir)
+    validate(cfg)  # a misspelt key stops here, before any data is read
+    k_fit, k_predict = jax.random.split(jax.random.key(cfg.seed))
+    settings = build(cfg.eval, "eval")
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
+
+    # --- data and model
+    data = build(cfg.dataset, "dataset")
+    module = build(cfg.model, "model", num_classes=data.spec.num_classes)
+    model = build_model(module, data.spec, type(module).__name__.lower(), settings.batch_size)
+    method = build(cfg.method, "method")
+    n_params = num_params(jax.eval_shape(model.init, jax.random.key(0))[0])
+    log.info("model %s: %s parameters, input %s; method %s; device %s",
+             model.name, f"{n_params:,}", data.spec.input_shape, type(method).__name__,
+             jax.devices()[0].platform)
+    evalsets = {"test": data.test} | ({"val": data.val} if data.val is not None else {})
+    plan = EvalPlan({name: split.x for name, split in evalsets.items()},
+                    keep=settings.keep_inputs, capacity=settings.keep_members)
+    logger = build(cfg.logger, "logger")
+    logger.start(out_dir, to_dict(cfg))
+    timings["time/setup"] = time.perf_counter() - tic
+
+    # --- inference
+    tic = time.perf_counter()
+    posterior = method.fit(k_fit, model, data, plan, logger.log)
+    timings["time/fit"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    summaries = method.predict(k_predict, posterior, plan)
+    jax.block_until_ready(summaries)
+    timings["time/predict"] = time.perf_counter() - tic
+
+    # --- evaluation
+    tic = time.perf_counter()
+    metrics: dict[str, float] = {"model/params": float(n_params)}
+    curves: dict[str, dict] = {}
+    for name, summary in summaries.items():
+        labels = evalsets[name].y
+        for key, value in evaluation.compute(summary, labels, settings.num_bins).items():
+            metrics[f"{name}/{key}"] = value
+        curves[name] = evaluation.curves(summary, labels, settings.num_bins)
+    timings["time/evaluate"] = time.perf_counter() - tic
+    metrics.update(timings)
+
+    # --- reporting: plots, logger, and metrics.json last
+    test = metrics
+    title = (f"{type(method).__name__} · {model.name} · {data.spec.name}: "
+             f"acc {test['test/acc']:.3f}, ECE {test['test/ece']:.3f}")
+    png = plots.reliability_diagram(out_dir / "plots" / "reliability.png",
+                                    curves["test"]["reliability"], title)
+    logger.image("reliability", png)
+    logger.summary(metrics)
+    path = write_metrics(out_dir, metrics, curves)
+    logger.finish()
+    log.info("test: %s", ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()
+                                   if k.startswith("test/")))
+    log.info("wrote %s", path)
+    return metrics

@@ -1,0 +1,54 @@
+"""Shared fixtures: composing the real config tree, tiny synthetic overrides."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A tiny, fast, learnable run: 28x28 synthetic data, an MLP, a few steps.
+TINY = [
+    "dataset=synthetic",
+    "dataset.train_size=512",
+    "dataset.test_size=256",
+    "dataset.contrast=0.5",
+    "model=mlp",
+    "model.hidden=[32]",
+    "trainer.epochs=4",
+    "trainer.batch_size=64",
+    "eval.batch_size=128",
+]
+
+
+def compose_cfg(*overrides: str):
+    """The config the CLI would compose for these overrides (without the hydra node)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def config_choices(group: str) -> list[str]:
+    """The choices of a config group: one YAML per choice."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for subprocess runs of the CLI: this checkout first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+CLI = [sys.executable, "-m", "bnn_bench.cli"]
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)
