@@ -7,6 +7,7 @@ Each reader returns host numpy arrays ``{"train": (x, y), "test": (x, y)}`` with
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -110,10 +111,9 @@ def keep_tensorflow_off_gpu() -> None:
     """TensorFlow only feeds data: hide the GPUs from it so JAX keeps their memory."""
     import tensorflow as tf
 
-    try:
+    # RuntimeError: TF already initialised its devices; nothing more can be done.
+    with contextlib.suppress(RuntimeError):
         tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # already initialised; nothing more can be done
-        pass
 
 
 def read_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:
@@ -138,7 +138,9 @@ def read_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:
         builder.download_and_prepare()
     out = {}
     for split in ("train", "test"):
-        ds = builder.as_dataset(split=split, batch_size=-1, as_supervised=True)
-        x, y = tfds.as_numpy(ds)
-        out[split] = (np.asarray(x, np.uint8), np.asarray(y, np.int32))
+        # Batched reading: batch_size=-1 aborts the process on some TF builds.
+        ds = builder.as_dataset(split=split, as_supervised=True).batch(10_000)
+        parts = list(tfds.as_numpy(ds))
+        out[split] = (np.concatenate([x for x, _ in parts]).astype(np.uint8),
+                      np.concatenate([y for _, y in parts]).astype(np.int32))
     return out

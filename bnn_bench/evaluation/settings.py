@@ -23,6 +23,6 @@ class EvalSettings:
     keep_members: int = 1000
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.num_bins < 1 or self.keep_inputs < 0 or self.keep_members < 0:
+        if min(self.batch_size, self.num_bins) < 1 or min(self.keep_inputs, self.keep_members) < 0:
             raise UserError("eval.batch_size and eval.num_bins must be >= 1, "
                             "eval.keep_inputs and eval.keep_members >= 0.")

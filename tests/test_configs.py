@@ -1,0 +1,70 @@
+"""Every config choice composes and validates; the CLI shows the composed config."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from omegaconf import OmegaConf
+
+from bnn_bench.config import build, validate
+from bnn_bench.errors import UserError
+from tests.conftest import CLI, cli_env, compose_cfg, config_choices
+
+GROUPS = ["dataset", "model", "method", "trainer", "eval", "logger"]
+
+
+@pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in config_choices(g)])
+def test_every_choice_composes_and_validates(group, choice):
+    cfg = compose_cfg(f"{group}={choice}")
+    validate(cfg)  # every _target_ exists and takes exactly its YAML's keys
+    assert OmegaConf.select(cfg, f"{group}._target_")
+
+
+@pytest.mark.parametrize("dataset", config_choices("dataset"))
+@pytest.mark.parametrize("model", config_choices("model"))
+@pytest.mark.parametrize("method", config_choices("method"))
+def test_every_dataset_model_method_combination_composes(dataset, model, method):
+    cfg = compose_cfg(f"dataset={dataset}", f"model={model}", f"method={method}")
+    validate(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("experiment", config_choices("experiment"))
+def test_every_experiment_preset_composes(experiment):
+    validate(compose_cfg(f"experiment={experiment}"))
+
+
+def test_non_data_groups_instantiate():
+    cfg = compose_cfg()
+    for group in ("trainer", "eval", "logger"):
+        assert build(cfg[group], group) is not None
+
+
+def test_misspelt_key_in_a_yaml_names_the_key_and_the_accepted_ones():
+    cfg = compose_cfg()
+    OmegaConf.set_struct(cfg, False)
+    cfg.trainer.learnig_rate = 0.1
+    with pytest.raises(UserError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert "trainer.learnig_rate" in msg and "Did you mean 'learning_rate'" in msg
+    assert "batch_size" in msg  # the accepted keys are listed
+
+
+def test_cli_prints_composed_config():
+    out = subprocess.run(
+        [*CLI, "--cfg", "job", "method=map", "dataset=cifar10", "model=mobilenet"],
+        capture_output=True, text=True, env=cli_env(), timeout=120, check=True).stdout
+    cfg = OmegaConf.create(out)
+    assert cfg.dataset.name == "cifar10"
+    assert cfg.model._target_.endswith("MobileNetV1")
+    assert cfg.method._target_.endswith("MAP") and "seed" in cfg
+
+
+def test_cli_help_lists_groups():
+    out = subprocess.run([*CLI, "--help"], capture_output=True, text=True, env=cli_env(),
+                         timeout=120, check=True).stdout
+    assert "bnn-bench" in out
+    for group in GROUPS:
+        assert f"{group}:" in out
