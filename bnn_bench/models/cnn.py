@@ -3,6 +3,8 @@
 import flax.linen as nn
 import jax
 
+from bnn_bench.models.layers import Conv
+
 
 class CNN(nn.Module):
     """conv32-relu-avgpool2, conv32-relu-avgpool2, conv64-relu-avgpool3(stride 1), linear.
@@ -19,7 +21,7 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train
-        x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x)), (2, 2), (2, 2))
-        x = nn.avg_pool(nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x)), (2, 2), (2, 2))
-        x = nn.avg_pool(nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x)), (3, 3), (1, 1))
+        x = nn.avg_pool(nn.relu(Conv(32, (3, 3), padding="VALID")(x)), (2, 2), (2, 2))
+        x = nn.avg_pool(nn.relu(Conv(32, (3, 3), padding="VALID")(x)), (2, 2), (2, 2))
+        x = nn.avg_pool(nn.relu(Conv(64, (3, 3), padding="VALID")(x)), (3, 3), (1, 1))
         return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))

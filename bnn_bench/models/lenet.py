@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnn_bench.models.layers import Conv
+
 
 def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """(B, H, W, C) -> (B, h, w, C) as torch's AdaptiveAvgPool2d (floor/ceil windows)."""
@@ -48,9 +50,9 @@ class LeNet(nn.Module):
 
         conv_drop = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)
         fc_drop = nn.Dropout(self.dropout_rate, deterministic=not train)
-        x = conv_drop(nn.relu(norm(nn.Conv(6, (5, 5), padding="VALID")(x))))
+        x = conv_drop(nn.relu(norm(Conv(6, (5, 5), padding="VALID")(x))))
         x = nn.max_pool(x, (2, 2), (2, 2))
-        x = conv_drop(nn.relu(norm(nn.Conv(16, (5, 5), padding="VALID")(x))))
+        x = conv_drop(nn.relu(norm(Conv(16, (5, 5), padding="VALID")(x))))
         x = nn.max_pool(x, (2, 2), (2, 2))
         x = adaptive_avg_pool(x, (4, 4)).reshape((x.shape[0], -1))
         x = fc_drop(nn.relu(nn.Dense(120)(x)))

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnn_bench.models.layers import Conv
+
 _STRIDES = (1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)
 _CHANNELS = (64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)
 
@@ -47,11 +49,11 @@ class MobileNetV1(nn.Module):
             return nn.relu(y)
 
         bias = not self.use_bn
-        x = norm_relu(nn.Conv(width(32), (3, 3), (2, 2), padding="VALID", use_bias=bias)(x))
+        x = norm_relu(Conv(width(32), (3, 3), (2, 2), padding="VALID", use_bias=bias)(x))
         for c, s in zip(self.channels, self.strides, strict=True):
-            x = nn.Conv(x.shape[-1], (3, 3), (s, s), padding=((1, 1), (1, 1)),
+            x = Conv(x.shape[-1], (3, 3), (s, s), padding=((1, 1), (1, 1)),
                         feature_group_count=x.shape[-1], use_bias=bias)(x)  # depthwise
             x = norm_relu(x)
-            x = norm_relu(nn.Conv(width(c), (1, 1), padding="VALID", use_bias=bias)(x))
+            x = norm_relu(Conv(width(c), (1, 1), padding="VALID", use_bias=bias)(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes)(x)
