@@ -1,0 +1,28 @@
+"""Real Fashion-MNIST (Debian's dataset-fashion-mnist), through the CLI. Slow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_run import bnn_bench
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_data = pytest.mark.skipif(not FASHION.exists(),
+                                reason="apt-get install dataset-fashion-mnist")
+
+
+@pytest.mark.slow
+@needs_data
+def test_map_cnn_on_fashion_mnist(tmp_path):
+    proc = bnn_bench(tmp_path, "method=map", "model=cnn", "dataset=fashion_mnist", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test/members"] == 1
+    # The foundation's acceptance bar for this command on the CPU is 90%.
+    assert metrics["test/acc"] >= 0.90, metrics["test/acc"]
+    assert metrics["test/ece"] < 0.05
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "system copy /usr/share/datasets/fashion-mnist" in log
