@@ -215,6 +215,7 @@ class SGMCMC:
         bar = tqdm(total=total, desc=self.name, unit="step", file=sys.stderr,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         phase_time = {"burn_in": 0.0, "sampling": 0.0}
+        last_note = time.perf_counter()
         for s, e in bounds:
             sampling = s >= burn
             steps = np.arange(s, e, dtype=np.int32)
@@ -233,6 +234,10 @@ class SGMCMC:
             collected = int(mask[:e].sum()) * chains
             bar.update(e - s)
             bar.set_postfix_str(f"collected {collected} of {num_samples} samples", refresh=False)
+            if bar.disable and time.perf_counter() - last_note > 30:  # no bar: note progress
+                last_note = time.perf_counter()
+                log.info("%s: step %d of %d, collected %d of %d samples", self.name, e, total,
+                         collected, num_samples)
             log_fn({"sampler/step_size": float(self.step_size(e - 1, total)),
                     "sampler/collected": collected}, e)
         bar.close()
