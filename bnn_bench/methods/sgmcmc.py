@@ -197,31 +197,35 @@ class SGMCMC:
         carry = (states, summaries, buffer, jnp.asarray(-1, jnp.int32))
         runner = _ChunkRunner(self, model, n, total)
 
-        # Chunks never straddle the end of burn-in: burn-in chunks carry no prediction.
-        bounds = [(s, min(s + self.chunk_size, burn)) for s in range(0, burn, self.chunk_size)]
-        bounds += [(s, min(s + self.chunk_size, total)) for s in range(burn, total,
-                                                                       self.chunk_size)]
+        # Chunks never straddle the end of burn-in: burn-in chunks carry no prediction. All
+        # chunks of a phase have one length (the last is padded with inactive steps), so
+        # each phase compiles once.
+        chunks = []  # (start, end, length, sampling)
+        for lo, hi, sampling in ((0, burn, False), (burn, total, True)):
+            length = min(self.chunk_size, hi - lo)
+            chunks += [(s, min(s + length, hi), length, sampling) for s in range(lo, hi, length)]
         tic = time.perf_counter()
         compiled = {}
-        for s, e in bounds:
-            sig = (e - s, s >= burn)
-            if sig not in compiled:
-                compiled[sig] = runner.compile(*sig, carry, train, plan.inputs)
+        for *_, length, sampling in chunks:
+            if (length, sampling) not in compiled:
+                compiled[length, sampling] = runner.compile(length, sampling, carry, train,
+                                                            plan.inputs)
         compile_s = time.perf_counter() - tic
-        log.info("%s: %d chain(s) x %d steps (burn-in %d), %d samples per chain; compiled %d "
-                 "chunk shape(s) in %.1fs", self.name, chains, total, burn, len(accept_idx),
-                 len(compiled), compile_s)
+        log.info("%s: %d chain(s) x %d steps (burn-in %d), %d samples per chain; compiled in "
+                 "%.1fs", self.name, chains, total, burn, len(accept_idx), compile_s)
+        pad = max(length for *_, length, _ in chunks)
+        mask, slot = np.pad(mask, (0, pad)), np.pad(slot, (0, pad))
 
         bar = tqdm(total=total, desc=self.name, unit="step", file=sys.stderr,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         phase_time = {"burn_in": 0.0, "sampling": 0.0}
         last_note = time.perf_counter()
-        for s, e in bounds:
-            sampling = s >= burn
-            steps = np.arange(s, e, dtype=np.int32)
+        for s, e, length, sampling in chunks:
+            steps = np.arange(s, s + length, dtype=np.int32)
             tic = time.perf_counter()
-            carry = compiled[(e - s, sampling)](carry, k_run, steps, mask[s:e], slot[s:e], train,
-                                                plan.inputs)
+            carry = compiled[length, sampling](carry, k_run, steps, steps < e,
+                                               mask[s:s + length], slot[s:s + length], train,
+                                               plan.inputs)
             bad = int(carry[3])  # blocks until the chunk is done
             phase_time["sampling" if sampling else "burn_in"] += time.perf_counter() - tic
             if bad >= 0:
@@ -306,8 +310,8 @@ class SGMCMC:
 
 
 class _ChunkRunner:
-    """Compiles ``(carry, key, steps, accept, slot, train, inputs) -> carry``: a ``lax.scan``
-    over one chunk of steps, all chains at once.
+    """Compiles ``(carry, key, steps, active, accept, slot, train, inputs) -> carry``: a
+    ``lax.scan`` over one chunk of steps, all chains at once.
 
     Keys derive from (run key, step), so a run does not depend on how it is chunked.
     """
@@ -320,9 +324,10 @@ class _ChunkRunner:
         fn = jax.jit(lambda *a: self._run(sampling, *a))
         steps = jax.ShapeDtypeStruct((length,), jnp.int32)
         flags = jax.ShapeDtypeStruct((length,), jnp.bool_)
-        return fn.lower(carry, jax.random.key(0), steps, flags, steps, train, inputs).compile()
+        return fn.lower(carry, jax.random.key(0), steps, flags, flags, steps, train,
+                        inputs).compile()
 
-    def _run(self, sampling, carry, key, steps, accept, slot, train, inputs):
+    def _run(self, sampling, carry, key, steps, active, accept, slot, train, inputs):
         m, model, grad = self.method, self.model, self.grad
         b = m.batch_size
 
@@ -343,8 +348,12 @@ class _ChunkRunner:
             return summaries, buffer
 
         def body(carry, inp):
+            t, on, acc, j = inp
+            # padding steps past the end of the run leave the carry as it is
+            return jax.lax.cond(on, lambda c: live(c, t, acc, j), lambda c: c, carry), None
+
+        def live(carry, t, acc, j):
             states, summaries, buffer, bad = carry
-            t, acc, j = inp
             keys = jax.random.split(jax.random.fold_in(key, t), m.num_chains)
             states = jax.vmap(chain_step, in_axes=(0, 0, None))(keys, states,
                                                                 m.step_size(t, self.total))
@@ -356,8 +365,8 @@ class _ChunkRunner:
                 summaries, buffer = jax.lax.cond(
                     acc & finite, fold, lambda s, bu, p, j: (s, bu),
                     summaries, buffer, states.params, j)
-            return (states, summaries, buffer, bad), None
+            return states, summaries, buffer, bad
 
-        carry, _ = jax.lax.scan(body, carry, (steps, accept, slot))
+        carry, _ = jax.lax.scan(body, carry, (steps, active, accept, slot))
         return carry
 
