@@ -17,8 +17,14 @@ from bnn_bench.models import build_model
 from tests.conftest import TINY, compose_cfg, config_choices
 
 # Overrides that make each method quick on the TINY synthetic run.
+_TINY_SGMCMC = ["method.save_samples=true", "method.batch_size=64", "method.iterations=60",
+                "method.burn_in=30", "method.accepted_samples=4", "method.num_chains=2",
+                "method.chunk_size=30"]
 TINY_METHOD: dict[str, list[str]] = {
     "map": [],
+    "sgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
+    "psgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
+    "sghmc": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
 }
 
 

@@ -1,0 +1,110 @@
+"""Step-size schedules of the SG-MCMC samplers.
+
+A schedule is built from the config (``method.step_size``) and called as
+``schedule(step, num_steps)`` with the 0-based step index (an int or a traced
+int array) and the run's total number of steps; it returns the step size ε of
+that step. Jittable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from bnn_bench.errors import UserError
+
+
+@dataclass(frozen=True)
+class Constant:
+    """ε_t = step_size."""
+
+    step_size: float
+
+    def __call__(self, step, num_steps: int):
+        del num_steps
+        return jnp.full(jnp.shape(step), self.step_size, jnp.float32)
+
+
+@dataclass(frozen=True)
+class Polynomial:
+    """ε_t = a (b + t)^-γ through ε_0 = ``first_step_size`` and ε_{T-1} = ``last_step_size``.
+
+    JaxSGMC's ``polynomial_step_size_first_last`` (Welling & Teh's decay, with γ in
+    (0.5, 1] for their convergence proof; JaxSGMC uses 0.33). With
+    ``last_step_size`` None the last step size is ``first_step_size · T^-γ`` (the
+    JaxSGMC CIFAR-10 tutorial's choice).
+    """
+
+    first_step_size: float
+    last_step_size: float | None = None
+    gamma: float = 0.33
+
+    def coefficients(self, num_steps: int) -> tuple[float, float]:
+        """(a, b) of ε_t = a (b + t)^-γ for a run of ``num_steps`` steps."""
+        first, g = self.first_step_size, self.gamma
+        last = self.last_step_size if self.last_step_size is not None else first * num_steps**-g
+        if num_steps < 2 or first == last:
+            return first, 1.0  # with γ applied to b + t this is ~constant; see __call__
+        a_pow = (last ** (-1.0 / g) - first ** (-1.0 / g)) / (num_steps - 1)  # a^(-1/γ)
+        a = a_pow ** (-g)
+        b = (first / a) ** (-1.0 / g)
+        return a, b
+
+    def __call__(self, step, num_steps: int):
+        last = self.last_step_size
+        if num_steps < 2 or (last is not None and last == self.first_step_size):
+            return jnp.full(jnp.shape(step), self.first_step_size, jnp.float32)
+        a, b = self.coefficients(num_steps)
+        return (a * jnp.power(b + jnp.asarray(step, jnp.float32), -self.gamma)).astype(jnp.float32)
+
+
+@dataclass(frozen=True)
+class Cyclical:
+    """Cyclical step size of cSGLD (Zhang et al., ICLR 2020)::
+
+        ε_t = ε_0 / 2 · (cos(π · (t mod L) / L) + 1),   L = ⌈T / num_cycles⌉
+
+    Each cycle starts at ``step_size`` and decays towards 0; samples are best taken
+    at the end of each cycle (e.g. ``method.thinning`` a divisor of L).
+    """
+
+    step_size: float
+    num_cycles: int = 4
+
+    def __call__(self, step, num_steps: int):
+        length = math.ceil(num_steps / self.num_cycles)
+        phase = jnp.mod(jnp.asarray(step, jnp.float32), length) / length
+        return (self.step_size / 2 * (jnp.cos(jnp.pi * phase) + 1)).astype(jnp.float32)
+
+
+def constant(step_size: float) -> Constant:
+    """A constant step size (the BlackJAX tutorials)."""
+    _check_positive(step_size=step_size)
+    return Constant(float(step_size))
+
+
+def polynomial(first_step_size: float, last_step_size: float | None = None,
+               gamma: float = 0.33) -> Polynomial:
+    """Polynomial decay from ``first_step_size`` to ``last_step_size`` (JaxSGMC)."""
+    _check_positive(first_step_size=first_step_size, gamma=gamma)
+    if last_step_size is not None:
+        _check_positive(last_step_size=last_step_size)
+        if last_step_size > first_step_size:
+            raise UserError("method.step_size.last_step_size must not exceed first_step_size "
+                            f"({last_step_size} > {first_step_size}).")
+    return Polynomial(float(first_step_size),
+                      None if last_step_size is None else float(last_step_size), float(gamma))
+
+
+def cyclical(step_size: float, num_cycles: int = 4) -> Cyclical:
+    """Cosine cycles of the step size (cSGLD)."""
+    _check_positive(step_size=step_size, num_cycles=num_cycles)
+    return Cyclical(float(step_size), int(num_cycles))
+
+
+def _check_positive(**values) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise UserError(f"method.step_size.{name} must be > 0; got {v}.")
