@@ -51,6 +51,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     tic = time.perf_counter()
     posterior = method.fit(k_fit, model, data, plan, logger.log)
     timings["time/fit"] = time.perf_counter() - tic
+    if hasattr(method, "save"):  # e.g. MAP's parameters, for post-hoc methods' init_from
+        method.save(out_dir, posterior)
     tic = time.perf_counter()
     summaries = method.predict(k_predict, posterior, plan)
     jax.block_until_ready(summaries)
@@ -67,6 +69,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         curves[name] = evaluation.curves(summary, labels, settings.num_bins)
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
+    if hasattr(posterior, "extra_metrics"):  # method-specific scalars, e.g. laplace/*
+        metrics.update(posterior.extra_metrics())
 
     # --- reporting: plots, logger, and metrics.json last
     test = metrics

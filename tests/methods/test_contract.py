@@ -19,6 +19,8 @@ from tests.conftest import TINY, compose_cfg, config_choices
 # Overrides that make each method quick on the TINY synthetic run.
 TINY_METHOD: dict[str, list[str]] = {
     "map": [],
+    "laplace": ["method.rank=8", "method.curvature_batches=2", "method.num_samples=4",
+                "method.chunk_size=3"],
 }
 
 
