@@ -274,19 +274,36 @@ class Laplace(MemberMethod):
         """The τ of a log-uniform grid whose predictive has the lowest validation NLL."""
         low, high = (math.log(float(v)) for v in self.prior_range)
         grid = np.exp(np.linspace(low, high, self.grid_size))
+        nll_fn = self._val_nll_fn(key, post, val)
         nlls = []
         for tau in tqdm(grid, desc="prior precision (val NLL)", file=sys.stderr,
                         disable=not sys.stderr.isatty()):
-            p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-            chunks = [c.sum(0) for c in self.members(key, p, val.x)]
-            probs = sum(chunks) / (self.num_samples if self.predictive != "probit" else 1)
-            nlls.append(M.nll(probs, val.y))
+            nlls.append(nll_fn(float(tau)))
             logger.info("prior precision %.4g: val NLL %.4f", tau, nlls[-1])
         best = int(np.nanargmin(nlls))
         if best in (0, len(grid) - 1):
             logger.warning("the best prior precision %.4g is at the end of method.prior_range; "
                            "widen the range if the optimum lies beyond it.", grid[best])
         return float(grid[best]), float(nlls[best])
+
+    def _val_nll_fn(self, key, post: LaplacePosterior,
+                    val: Split) -> Callable[[float], float]:
+        """τ -> validation NLL of this method's predictive (members drawn with ``key``)."""
+        if self.predictive == "linearised" and not bool(jnp.any(post.curvature.diag)):
+            ids = jnp.arange(self.num_samples)
+            z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i),
+                                                     post.theta.shape))(ids)  # (S, P)
+            terms = _function_space_terms(post, val.x, z, batch_size=post.model.batch_size)
+            uz = z @ post.curvature.basis  # (S, k)
+            return lambda tau: float(_linearised_nll(terms, uz, post.curvature.eigvals,
+                                                     jnp.asarray(tau, jnp.float32), val.y))
+
+        def nll(tau):
+            p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
+            probs = sum(c.sum(0) for c in self.members(key, p, val.x))
+            return M.nll(probs / (self.num_samples if self.predictive != "probit" else 1),
+                         val.y)
+        return nll
 
     # ------------------------------------------------------------------ members
 
@@ -313,17 +330,14 @@ class Laplace(MemberMethod):
 # ---------------------------------------------------------------------- jitted pieces
 
 
-def _map_batches(fn: Callable[[jax.Array], jax.Array], x: jax.Array, b: int,
-                 axis: int = 0) -> jax.Array:
-    """fn over x in batches of b along the inputs; outputs joined on ``axis``."""
+def _map_batches(fn: Callable[[jax.Array], object], x: jax.Array, b: int):
+    """fn over x in batches of b inputs; every output leaf (b, ...) is joined to (N, ...)."""
     n = x.shape[0]
     b = max(1, min(b, n))
     pad = (-n) % b
     xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, b, *x.shape[1:])
-    out = jax.lax.map(fn, xb)  # (nb, ..., b, C)
-    out = jnp.moveaxis(out, 0, axis)  # (..., nb, b, C)
-    out = out.reshape(*out.shape[:axis], -1, *out.shape[axis + 2:])
-    return jax.lax.slice_in_dim(out, 0, n, axis=axis)
+    out = jax.lax.map(fn, xb)  # leaves (nb, b, ...)
+    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:n], out)
 
 
 @partial(jax.jit, static_argnames=("batch_size", "linearised"))
@@ -356,9 +370,36 @@ def sampled_logits(post: LaplacePosterior, x: jax.Array, z: jax.Array, batch_siz
             out = logits + jax.lax.map(jvp_fn, deltas)  # (s, b, C)
         else:
             out = jax.lax.map(lambda d: post.logits_fn(post.theta + d, xb), deltas)
-        return out
+        return jnp.swapaxes(out, 0, 1)  # (b, s, C)
 
-    return _map_batches(batch_fn, x, batch_size, axis=1)
+    return jnp.swapaxes(_map_batches(batch_fn, x, batch_size), 0, 1)  # (s, N, C)
+
+
+@partial(jax.jit, static_argnames=("batch_size",))
+def _function_space_terms(post: LaplacePosterior, x: jax.Array, z: jax.Array,
+                          batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """f (N, C), J U (N, C, k) and J z (N, s, C) at θ*: with d = 0 the linearised members
+    are f + J U (a(τ) ⊙ Uᵀz) + J z / √τ, a(τ) = 1/√(s+τ) − 1/√τ, so a τ grid needs
+    one pass of k + s tangents instead of one pass per grid point."""
+    def batch_fn(xb):
+        logits, jvp_fn = jax.linearize(lambda t: post.logits_fn(t, xb), post.theta)
+        ju = jax.lax.map(jvp_fn, post.curvature.basis.T)  # (k, b, C)
+        jz = jax.lax.map(jvp_fn, z)  # (s, b, C)
+        return logits, jnp.moveaxis(ju, 0, -1), jnp.swapaxes(jz, 0, 1)
+
+    return _map_batches(batch_fn, x, batch_size)
+
+
+@jax.jit
+def _linearised_nll(terms, uz: jax.Array, eigvals: jax.Array, tau: jax.Array,
+                    y: jax.Array) -> jax.Array:
+    """NLL of the linearised MC predictive at τ from ``_function_space_terms``."""
+    f, ju, jz = terms
+    a = jax.lax.rsqrt(eigvals + tau) - jax.lax.rsqrt(tau)  # (k,)
+    logits = f[:, None] + jnp.einsum("nck,sk->nsc", ju, a * uz) + jz * jax.lax.rsqrt(tau)
+    probs = jax.nn.softmax(logits, -1).mean(1)  # (N, C)
+    p = jnp.take_along_axis(probs, y[:, None], -1)[:, 0]
+    return -jnp.mean(jnp.log(jnp.clip(p, 1e-12)))
 
 
 @partial(jax.jit, static_argnames=("batch_size",))

@@ -181,3 +181,17 @@ def test_map_checkpoint_feeds_init_from_and_metrics_are_written(map_dir, tmp_pat
 def compose_and_build(*overrides):
     cfg = compose_cfg(*overrides)
     return build(cfg.method, "method")
+
+
+@pytest.mark.parametrize("structure", ["lanczos", "last_layer"])
+def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
+    """The τ grid reuses J U and J z (d = 0); it must agree with the members themselves."""
+    data, method, post = _fit(map_dir, f"method.curvature={structure}", "method.rank=10",
+                              "method.prior_precision=1.0", "method.num_samples=6")
+    key = jax.random.key(7)
+    fast = method._val_nll_fn(key, post, data.val)
+    for tau in (0.3, 30.0):
+        p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
+        probs = jnp.concatenate(list(method.members(key, p, data.val.x))).mean(0)
+        ref = float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
+        np.testing.assert_allclose(fast(tau), ref, rtol=1e-4)
