@@ -127,7 +127,7 @@ class Laplace(MemberMethod):
     curvature: str = "lanczos"
     approximation: str = "ggn"
     rank: int = 100
-    curvature_batches: int | None = None
+    curvature_batches: int | None = 50
     curvature_batch_size: int = 32
     prior_precision: float | str = "optimize"
     optimize_by: str = "val_nll"
@@ -253,19 +253,17 @@ class Laplace(MemberMethod):
         bar = partial(tqdm, file=sys.stderr, disable=not sys.stderr.isatty(),
                       dynamic_ncols=True)
         if self.curvature == "lanczos":
-            mv = jax.jit(partial(_curvature_mv, approximation=self.approximation))
             with bar(total=min(self.rank, dim), desc="lanczos", unit="mv") as pbar:
                 evals, evecs = cv.lanczos(
-                    key, lambda v: factor * mv(post, train, idx, weights, v), dim, self.rank,
-                    progress=pbar.update)
+                    key, lambda v: factor * _curvature_mv(post, train, idx, weights, v,
+                                                          self.approximation),
+                    dim, self.rank, progress=pbar.update)
             return cv.Curvature(evecs, evals, jnp.zeros(dim, jnp.float32))
         dense = self.curvature in ("full", "last_layer")
-        batch_fn = cv.dense_batch if dense else cv.diagonal_batch
-        step = jax.jit(lambda acc, post, x, y, w: acc + batch_fn(
-            post.logits_fn, post.theta, x, y, w, self.approximation))
         acc = jnp.zeros((dim, dim) if dense else (dim,), jnp.float32)
         for i in bar(range(nb), desc=f"{self.curvature} curvature", unit="batch"):
-            acc = step(acc, post, train.x[idx[i]], train.y[idx[i]], weights[i])
+            acc = _accumulate(acc, post, train.x[idx[i]], train.y[idx[i]], weights[i],
+                              dense=dense, approximation=self.approximation)
         acc = factor * acc
         return cv.from_dense(acc) if dense else cv.from_diagonal(acc)
 
@@ -415,6 +413,15 @@ def _probit_probs(post: LaplacePosterior, x: jax.Array, batch_size: int) -> jax.
     return _map_batches(batch_fn, x, batch_size)
 
 
+@partial(jax.jit, static_argnames=("dense", "approximation"))
+def _accumulate(acc: jax.Array, post: LaplacePosterior, x: jax.Array, y: jax.Array,
+                weights: jax.Array, dense: bool, approximation: str) -> jax.Array:
+    """acc + the batch's dense (P, P) curvature or its diagonal (P,)."""
+    batch_fn = cv.dense_batch if dense else cv.diagonal_batch
+    return acc + batch_fn(post.logits_fn, post.theta, x, y, weights, approximation)
+
+
+@partial(jax.jit, static_argnames=("approximation",))
 def _curvature_mv(post: LaplacePosterior, train: Split, idx: jax.Array, weights: jax.Array,
                   v: jax.Array, approximation: str) -> jax.Array:
     """Σ over the curvature batches of the curvature-vector product (unscaled)."""
