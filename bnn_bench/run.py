@@ -51,12 +51,12 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     tic = time.perf_counter()
     posterior = method.fit(k_fit, model, data, plan, logger.log)
     timings["time/fit"] = time.perf_counter() - tic
+    if hasattr(method, "save"):  # MAP's parameters (for init_from), SG-MCMC samples, ...
+        method.save(out_dir, posterior)
     tic = time.perf_counter()
     summaries = method.predict(k_predict, posterior, plan)
     jax.block_until_ready(summaries)
     timings["time/predict"] = time.perf_counter() - tic
-    if hasattr(method, "save"):  # e.g. SG-MCMC samples with method.save_samples=true
-        method.save(posterior, out_dir)
 
     # --- evaluation
     tic = time.perf_counter()
@@ -69,8 +69,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         curves[name] = evaluation.curves(summary, labels, settings.num_bins)
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
-    # numbers a method measured itself, e.g. a sampler's last-sample point accuracy
-    metrics.update({k: float(v) for k, v in getattr(posterior, "metrics", {}).items()})
+    if hasattr(posterior, "extra_metrics"):  # numbers a method measured itself
+        metrics.update(posterior.extra_metrics())
 
     # --- reporting: plots, logger, and metrics.json last
     test = metrics

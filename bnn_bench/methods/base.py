@@ -44,6 +44,13 @@ class Method(Protocol):
         ...
 
 
+# Optional hooks that run.py calls when present:
+#   method.save(out_dir, posterior): write what a later run can reuse (MAP parameters
+#     for init_from, SG-MCMC samples);
+#   posterior.extra_metrics() -> {name: float}: numbers the method measured itself
+#     (e.g. the prior precision Laplace chose, a sampler's last-sample accuracy).
+
+
 class MemberMethod:
     """Base for methods whose members are produced on demand: ``predict`` streams
     ``members`` into the summaries, chunk by chunk, so memory stays O(N·C)."""

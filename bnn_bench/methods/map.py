@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
-from flax import struct
+from flax import serialization, struct
 
 from bnn_bench.data import Dataset
+from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan
 from bnn_bench.methods.base import LogFn, MemberMethod, no_log
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
 
+CHECKPOINT = Path("checkpoint") / "map.msgpack"  # inside a run folder
 
 @struct.dataclass
 class PointPosterior:
@@ -45,3 +48,54 @@ class MAP(MemberMethod):
         del key  # deterministic
         model = posterior.model
         yield jax.jit(model.probs)(posterior.params, posterior.state, x)[None]  # (1, N, C)
+
+    def save(self, out_dir: Path, posterior: PointPosterior) -> Path:
+        """Writes the trained network to ``<out_dir>/checkpoint/map.msgpack`` (for
+        post-hoc methods' ``init_from``)."""
+        return save_point(out_dir, posterior.params, posterior.state)
+
+
+def save_point(out_dir: str | Path, params: Params, state: State) -> Path:
+    """``<out_dir>/checkpoint/map.msgpack``: flax-serialised ``{"params", "state"}``."""
+    path = Path(out_dir) / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(serialization.to_bytes({"params": params, "state": state}))
+    return path
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    """The MAP checkpoint of a run folder; a UserError if there is none."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise UserError(f"init_from={run_dir}: no {CHECKPOINT} there. Point it at the folder "
+                        f"of a finished `method=map` (or laplace) run, or drop init_from to "
+                        f"train a network.")
+    return path
+
+
+def load_point(run_dir: str | Path, model: Model) -> tuple[Params, State]:
+    """The ``(params, state)`` saved by ``save_point`` in ``run_dir``, checked against
+    ``model``'s parameter shapes.
+
+    Raises:
+      UserError: no checkpoint, or one saved for another model or dataset.
+    """
+    path = checkpoint_path(run_dir)
+    params, state = jax.eval_shape(model.init, jax.random.key(0))
+    try:
+        raw = serialization.msgpack_restore(path.read_bytes())
+        loaded = serialization.from_state_dict({"params": params, "state": state}, raw)
+    except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing here
+        raise UserError(f"init_from={run_dir}: {path} does not hold this model's parameters "
+                        f"({str(e).splitlines()[0][:200]}); was it saved with another "
+                        f"model or dataset?") from e
+    want = jax.tree_util.tree_leaves_with_path({"params": params, "state": state})
+    got = jax.tree.leaves(loaded)
+    for (where, w), g in zip(want, got, strict=True):
+        if tuple(w.shape) != tuple(g.shape):
+            raise UserError(f"init_from={run_dir}: {jax.tree_util.keystr(where)} has shape "
+                            f"{tuple(g.shape)} in {path} but {tuple(w.shape)} in model "
+                            f"{model.name or type(model.module).__name__}; use the model and "
+                            f"dataset settings of that run.")
+    loaded = jax.tree.map(jax.numpy.asarray, loaded)
+    return loaded["params"], loaded["state"]

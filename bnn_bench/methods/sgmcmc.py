@@ -99,6 +99,10 @@ class SamplePosterior:
     samples: Params | None
     metrics: dict[str, Any]
 
+    def extra_metrics(self) -> dict[str, float]:
+        """The sampler's own numbers for metrics.json."""
+        return {k: float(v) for k, v in self.metrics.items()}
+
 
 @dataclass(frozen=True)
 class SGMCMC:
@@ -294,7 +298,7 @@ class SGMCMC:
         for s in range(0, num, chunk):
             yield probs(jax.tree.map(lambda a, s=s: a[s:s + chunk], posterior.samples))
 
-    def save(self, posterior: SamplePosterior, out_dir: str | Path) -> Path | None:
+    def save(self, out_dir: str | Path, posterior: SamplePosterior) -> Path | None:
         """Writes the kept samples to ``out_dir/samples.msgpack`` (flax serialization)."""
         if posterior.samples is None:
             return None

@@ -25,6 +25,8 @@ TINY_METHOD: dict[str, list[str]] = {
     "sgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
     "psgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
     "sghmc": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
+    "laplace": ["method.rank=8", "method.curvature_batches=2", "method.num_samples=4",
+                "method.chunk_size=3"],
 }
 
 

@@ -1,0 +1,314 @@
+"""Curvature of the softmax cross-entropy loss, and Gaussians built on it. Pure functions.
+
+Everything here works on flat parameter vectors ``theta`` (P,) and a
+``logits_fn(theta, x) -> (B, C)``; ``methods/laplace.py`` ravels the network's
+parameters (all of them, or the last layer's) into that form.
+
+Curvature (summed over inputs, as laplax's ``create_ggn_mv`` with
+``loss_fn="cross_entropy"``):
+
+* GGN: G = Σ_i J_iᵀ H_i J_i, J_i = ∂f(x_i)/∂θ (C, P), H_i = diag(p_i) − p_i p_iᵀ the
+  Hessian of the cross-entropy at the logits (Schraudolph, 2002; Martens, 2020).
+* empirical Fisher: F = Σ_i g_i g_iᵀ, g_i = J_iᵀ (p_i − onehot(y_i)) the per-example
+  loss gradient (Kunstner et al., 2019, on why it can mislead).
+
+Both are H_i = L_i L_iᵀ with a small factor L_i (C, K): K = C for the GGN, K = 1 for
+the empirical Fisher, so the exact diagonal and the dense matrix come from the K
+per-example vector-Jacobian products J_iᵀ L_i, never from a P x P matrix. The
+matrix-vector product takes one linearisation (jvp) and its transpose (vjp).
+
+A ``Curvature`` holds an approximation U diag(s) Uᵀ + diag(d) of G: a low-rank or
+full eigendecomposition (``lanczos``, ``full``, ``last_layer``; d = 0) or a diagonal
+(``diagonal``; U empty). With an isotropic prior N(0, τ⁻¹ I) the Laplace posterior
+is N(θ*, (G + τ I)⁻¹), which is, with U orthonormal,
+
+    Σ(τ) = U diag(1/(s+τ) − 1/τ) Uᵀ + diag(1/(d+τ)),
+
+laplax's ``create_posterior_fn("lanczos")`` for d = 0 (the directions outside U keep
+the prior variance 1/τ). Changing τ costs nothing: the posterior is re-read from
+(U, s, d), which is what makes tuning τ cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (theta (P,), x (B, ...)) -> (B, C)
+APPROXIMATIONS = ("ggn", "empirical_fisher")
+
+
+# --------------------------------------------------------------------------- curvature
+
+
+def loss_hessian_factor(logits: jax.Array, labels: jax.Array, approximation: str) -> jax.Array:
+    """L (B, C, K) with L Lᵀ the per-input curvature of the cross-entropy at the logits.
+
+    GGN: L = diag(√p) − p √pᵀ (K = C), so L Lᵀ = diag(p) − p pᵀ because Σ p = 1.
+    Empirical Fisher: L = p − onehot(y) (K = 1).
+
+    Args:
+      logits: (B, C).
+      labels: (B,) integer labels (used by the empirical Fisher only).
+      approximation: ``ggn`` or ``empirical_fisher``.
+    """
+    p = jax.nn.softmax(logits, axis=-1)
+    if approximation == "ggn":
+        sq = jnp.sqrt(p)
+        return jax.vmap(jnp.diag)(sq) - p[:, :, None] * sq[:, None, :]  # (B, C, C)
+    r = p - jax.nn.one_hot(labels, logits.shape[-1], dtype=p.dtype)
+    return r[:, :, None]  # (B, C, 1)
+
+
+def curvature_mv(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Array,
+                 weights: jax.Array, v: jax.Array, approximation: str = "ggn") -> jax.Array:
+    """(Σ_i w_i J_iᵀ H_i J_i) v for one batch, by one jvp and one vjp; nothing P x P is formed.
+
+    Args:
+      logits_fn: (theta, x) -> logits (B, C).
+      theta: (P,) the linearisation point.
+      x, y: a batch of inputs and (B,) labels.
+      weights: (B,) per-input weights (0 masks padding; the data-size scaling is the
+        caller's).
+      v: (P,) the vector.
+      approximation: ``ggn`` or ``empirical_fisher``.
+
+    Returns:
+      (P,) the product.
+    """
+    logits, jvp_fn = jax.linearize(lambda t: logits_fn(t, x), theta)
+    jv = jvp_fn(v)  # (B, C)
+    p = jax.nn.softmax(logits, axis=-1)
+    if approximation == "ggn":
+        hjv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
+    else:
+        r = p - jax.nn.one_hot(y, logits.shape[-1], dtype=p.dtype)
+        hjv = r * jnp.sum(r * jv, axis=-1, keepdims=True)
+    (out,) = jax.linear_transpose(jvp_fn, theta)(hjv * weights[:, None])
+    return out
+
+
+def per_example_factors(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Array,
+                        weights: jax.Array, approximation: str = "ggn") -> jax.Array:
+    """M (B, K, P) with Σ_i M_iᵀ M_i = Σ_i w_i J_iᵀ H_i J_i: rows √w_i (J_iᵀ L_i)ᵀ.
+
+    K per-example vjps per input (K = C for the GGN, 1 for the empirical Fisher).
+    """
+    def one(xi, yi, wi):
+        f = lambda t: logits_fn(t, xi[None])[0]
+        logits, vjp_fn = jax.vjp(f, theta)
+        L = loss_hessian_factor(logits[None], yi[None], approximation)[0] * jnp.sqrt(wi)
+        return jax.vmap(lambda col: vjp_fn(col)[0])(L.T)  # (K, P)
+
+    return jax.vmap(one)(x, y, weights)
+
+
+def diagonal_batch(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Array,
+                   weights: jax.Array, approximation: str = "ggn") -> jax.Array:
+    """(P,) the exact diagonal of Σ_i w_i J_iᵀ H_i J_i for one batch (not a Hutchinson
+    estimate): Σ_i Σ_k M_ik², M from ``per_example_factors``."""
+    m = per_example_factors(logits_fn, theta, x, y, weights, approximation)
+    return jnp.sum(jnp.square(m), axis=(0, 1))
+
+
+def dense_batch(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Array,
+                weights: jax.Array, approximation: str = "ggn") -> jax.Array:
+    """(P, P) Σ_i w_i J_iᵀ H_i J_i for one batch; for the last layer or tiny networks."""
+    m = per_example_factors(logits_fn, theta, x, y, weights, approximation)
+    m = m.reshape(-1, m.shape[-1])
+    return m.T @ m
+
+
+# --------------------------------------------------------------------------- Lanczos
+
+
+def lanczos(key: jax.Array, mv: Callable[[jax.Array], jax.Array], dim: int, rank: int,
+            progress: Callable[[int], None] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Leading eigenpairs of a symmetric PSD operator by ``rank`` Lanczos iterations.
+
+    Full re-orthogonalisation (classical Gram-Schmidt, twice) against all previous
+    vectors keeps the basis orthonormal in float32. When the Krylov space becomes
+    invariant (β ≈ 0, e.g. a GGN of rank below ``rank``) the iteration restarts from a
+    random vector orthogonal to the basis, so T stays block-tridiagonal and exact.
+    As laplax's ``lanczos_lowrank``, all ``rank`` Ritz pairs are returned.
+
+    Args:
+      key: for the start vector and restarts.
+      mv: v (dim,) -> A v (dim,); called ``rank`` times (each call may pass over data).
+      dim: P.
+      rank: iterations k (≤ dim).
+      progress: called with 1 after each iteration (a progress bar's ``update``).
+
+    Returns:
+      eigvals (k,) descending, clipped at 0, and eigvecs (dim, k) orthonormal columns.
+    """
+    rank = min(rank, dim)
+    k0, key = jax.random.split(key)
+    v0 = jax.random.normal(k0, (dim,), jnp.float32)
+    basis = jnp.zeros((rank + 1, dim), jnp.float32).at[0].set(v0 / jnp.linalg.norm(v0))
+    alpha = np.zeros(rank)
+    beta = np.zeros(rank)
+    for i in range(rank):
+        w = mv(basis[i])
+        basis, a, b = _lanczos_step(basis, w, i, jax.random.fold_in(key, i))
+        alpha[i], beta[i] = float(a), float(b)
+        if progress is not None:
+            progress(1)
+    t = np.diag(alpha) + np.diag(beta[:-1], 1) + np.diag(beta[:-1], -1)
+    evals, evecs = np.linalg.eigh(t)  # ascending
+    order = np.argsort(evals)[::-1].copy()
+    vecs = basis[:rank].T @ jnp.asarray(evecs[:, order], jnp.float32)  # (dim, k)
+    return jnp.maximum(jnp.asarray(evals[order], jnp.float32), 0.0), vecs
+
+
+@jax.jit
+def _lanczos_step(basis: jax.Array, w: jax.Array, i: jax.Array, key: jax.Array):
+    """Orthogonalises w = A v_i against the basis; returns (basis with v_{i+1}, α_i, β_i)."""
+    alpha = jnp.dot(basis[i], w)
+    scale = jnp.linalg.norm(w)
+    # Rows past i are still zero, so projecting on all rows projects on v_0..v_i.
+    for _ in range(2):
+        w = w - basis.T @ (basis @ w)
+    beta = jnp.linalg.norm(w)
+    # What is left of A v_i after projection is round-off: the space is invariant.
+    invariant = beta <= 1e-5 * scale + 1e-30
+
+    def restart(_):
+        r = jax.random.normal(key, w.shape, w.dtype)
+        for _ in range(2):
+            r = r - basis.T @ (basis @ r)
+        return r / jnp.linalg.norm(r), jnp.zeros((), w.dtype)
+
+    v_next, beta = jax.lax.cond(invariant, restart, lambda _: (w / beta, beta), None)
+    return basis.at[i + 1].set(v_next), alpha, beta
+
+
+# --------------------------------------------------------------------------- the Gaussian
+
+
+class Curvature(NamedTuple):
+    """A PSD approximation U diag(s) Uᵀ + diag(d) of the curvature (already scaled to the
+    full data size). Either ``basis`` has no columns or ``diag`` is zero.
+
+    Attributes:
+      basis: (P, k) orthonormal eigenvectors U (k = 0 for a diagonal).
+      eigvals: (k,) eigenvalues s ≥ 0.
+      diag: (P,) diagonal d ≥ 0 (zeros for a low-rank or dense structure).
+    """
+
+    basis: jax.Array
+    eigvals: jax.Array
+    diag: jax.Array
+
+    @property
+    def dim(self) -> int:
+        return self.diag.shape[0]
+
+
+def from_dense(g: jax.Array) -> Curvature:
+    """A full eigendecomposition of a dense (P, P) curvature."""
+    evals, evecs = jnp.linalg.eigh(0.5 * (g + g.T))
+    return Curvature(evecs, jnp.maximum(evals, 0.0), jnp.zeros(g.shape[0], g.dtype))
+
+
+def from_diagonal(d: jax.Array) -> Curvature:
+    return Curvature(jnp.zeros((d.shape[0], 0), d.dtype), jnp.zeros((0,), d.dtype),
+                     jnp.maximum(d, 0.0))
+
+
+def covariance(curv: Curvature, prior_precision) -> jax.Array:
+    """(P, P) Σ(τ) = U diag(1/(s+τ) − 1/τ) Uᵀ + diag(1/(d+τ)); dense, for tests."""
+    tau = prior_precision
+    w = 1.0 / (curv.eigvals + tau) - 1.0 / tau
+    return (curv.basis * w) @ curv.basis.T + jnp.diag(1.0 / (curv.diag + tau))
+
+
+def sample(curv: Curvature, prior_precision, z: jax.Array) -> jax.Array:
+    """A posterior deviation δ = Σ(τ)^{1/2} z for z ~ N(0, I_P).
+
+    δ = U ((1/√(s+τ) − 1/√τ) ⊙ Uᵀz) + z / √(d+τ), the symmetric square root of Σ(τ)
+    (laplax's low-rank "scale"). z: (..., P) -> (..., P).
+    """
+    tau = prior_precision
+    a = jax.lax.rsqrt(curv.eigvals + tau) - jax.lax.rsqrt(jnp.asarray(tau, z.dtype))
+    return ((z @ curv.basis) * a) @ curv.basis.T + z * jax.lax.rsqrt(curv.diag + tau)
+
+
+def function_variance(curv: Curvature, prior_precision, jac: jax.Array) -> jax.Array:
+    """diag(J Σ(τ) Jᵀ): the variance of each linearised logit.
+
+    Args:
+      jac: (..., C, P) Jacobians of the logits.
+
+    Returns:
+      (..., C) = Σ_k w_k (J U)_k² + Σ_j J_j² / (d_j + τ), w = 1/(s+τ) − 1/τ.
+    """
+    tau = prior_precision
+    w = 1.0 / (curv.eigvals + tau) - 1.0 / tau
+    ju = jac @ curv.basis  # (..., C, k)
+    return jnp.sum(jnp.square(ju) * w, -1) + jnp.sum(jnp.square(jac) / (curv.diag + tau), -1)
+
+
+def log_det_precision(curv: Curvature, prior_precision) -> jax.Array:
+    """log det(G + τ I) = Σ_k log(s_k + τ) − k log τ + Σ_j log(d_j + τ)."""
+    tau = prior_precision
+    k = curv.eigvals.shape[0]
+    return (jnp.sum(jnp.log(curv.eigvals + tau)) - k * jnp.log(tau)
+            + jnp.sum(jnp.log(curv.diag + tau)))
+
+
+def log_marginal_likelihood(curv: Curvature, prior_precision, log_likelihood,
+                            theta_sq_norm) -> jax.Array:
+    """The Laplace evidence of an isotropic prior N(0, τ⁻¹ I) (MacKay, 1992; Immer et al., 2021):
+
+        log p(D | τ) ≈ log p(D | θ*) − τ/2 ‖θ*‖² + P/2 log τ − ½ log det(G + τ I).
+
+    (The 2π terms of prior and posterior cancel.) Differentiable in τ.
+
+    Args:
+      log_likelihood: log p(D | θ*), summed over the (scaled) training data.
+      theta_sq_norm: ‖θ*‖² of the parameters the curvature is over.
+    """
+    tau = prior_precision
+    return (log_likelihood - 0.5 * tau * theta_sq_norm + 0.5 * curv.dim * jnp.log(tau)
+            - 0.5 * log_det_precision(curv, tau))
+
+
+def maximise_marginal_likelihood(curv: Curvature, log_likelihood, theta_sq_norm,
+                                 low: float, high: float,
+                                 num: int = 1001) -> tuple[float, float]:
+    """τ maximising ``log_marginal_likelihood`` over [low, high]: a log-uniform grid of
+    ``num`` points, then golden-section search between the best point's neighbours.
+
+    Returns:
+      (τ, log marginal likelihood at τ).
+    """
+    fn = jax.jit(jax.vmap(lambda lt: log_marginal_likelihood(
+        curv, jnp.exp(lt), log_likelihood, theta_sq_norm)))
+    grid = np.linspace(math.log(low), math.log(high), num)
+    values = np.asarray(fn(jnp.asarray(grid, jnp.float32)), np.float64)
+    values = np.where(np.isfinite(values), values, -np.inf)
+    best = int(np.argmax(values))
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, num - 1)]
+    g = (math.sqrt(5) - 1) / 2
+    f1 = lambda lt: float(fn(jnp.asarray([lt], jnp.float32))[0])
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f1(c), f1(d)
+    for _ in range(40):
+        if fc > fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f1(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f1(d)
+    lt, lv = (c, fc) if fc > fd else (d, fd)
+    if values[best] > lv:  # the refinement may only improve on the grid
+        lt, lv = grid[best], values[best]
+    return float(math.exp(lt)), float(lv)

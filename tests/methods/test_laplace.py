@@ -1,0 +1,197 @@
+"""The ``laplace`` method through its public entry points: fit, members, run, init_from.
+
+A very small network (6x6 synthetic inputs, an MLP with 3 hidden units, 3 classes)
+keeps P near a hundred, so every structure can be checked against the dense GGN
+built from ``jax.jacfwd`` on the same training split.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bnn_bench.config import build
+from bnn_bench.errors import UserError
+from bnn_bench.evaluation import EvalPlan
+from bnn_bench.methods.laplace import sampled_logits
+from bnn_bench.models import build_model
+from bnn_bench.run import run
+from tests.conftest import TINY, compose_cfg
+
+SMALL = [*TINY, "dataset.shape=[6,6,1]", "dataset.num_classes=3", "dataset.train_size=72",
+         "dataset.test_size=32", "model.hidden=[3]", "trainer.epochs=30",
+         "trainer.batch_size=16", "method=laplace", "method.curvature_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def map_dir(tmp_path_factory):
+    """A finished tiny `map` run; the Laplace fits below start from its network."""
+    out = tmp_path_factory.mktemp("map")
+    run(compose_cfg(*[o for o in SMALL if not o.startswith("method")], "method=map"), out)
+    return out
+
+
+def _fit(map_dir, *overrides):
+    cfg = compose_cfg(*SMALL, f"method.init_from={map_dir}", *overrides)
+    data = build(cfg.dataset, "dataset")
+    module = build(cfg.model, "model", num_classes=data.spec.num_classes)
+    model = build_model(module, data.spec, "mlp", cfg.eval.batch_size)
+    method = build(cfg.method, "method")
+    post = method.fit(jax.random.key(0), model, data, EvalPlan({"test": data.test.x}))
+    return data, method, post
+
+
+def _dense_ggn(post, split):
+    """Σ_i J_iᵀ H_i J_i over the whole split (float64), H_i from jax.hessian of the loss."""
+    f = lambda t: post.logits_fn(t, split.x)
+    jac = np.asarray(jax.jacfwd(f)(post.theta), np.float64)  # (N, C, P)
+    hess = jax.vmap(jax.hessian(optax.softmax_cross_entropy_with_integer_labels))(
+        f(post.theta), split.y)
+    return np.einsum("ncp,ncd,ndq->pq", jac, np.asarray(hess, np.float64), jac)
+
+
+def _curvature_matrix(curv):
+    u, s = np.asarray(curv.basis, np.float64), np.asarray(curv.eigvals, np.float64)
+    return (u * s) @ u.T + np.diag(np.asarray(curv.diag, np.float64))
+
+
+@pytest.fixture(scope="module")
+def lanczos_fit(map_dir):
+    return _fit(map_dir, "method.prior_precision=1.0", "method.rank=20")
+
+
+@pytest.mark.parametrize("structure", ["full", "diagonal", "last_layer", "lanczos"])
+def test_curvature_over_the_training_split_matches_dense_ggn(map_dir, structure):
+    extra = ["method.rank=200"] if structure == "lanczos" else []  # rank >= P: exact
+    data, _, post = _fit(map_dir, f"method.curvature={structure}", "method.prior_precision=1.0",
+                         *extra)
+    p = post.theta.shape[0]
+    ref = _dense_ggn(post, data.train)
+    got = _curvature_matrix(post.curvature)
+    scale = np.abs(ref).max()
+    if structure == "diagonal":
+        np.testing.assert_allclose(np.diag(got), np.diag(ref), atol=1e-4 * scale)
+        np.testing.assert_allclose(got - np.diag(np.diag(got)), 0.0)
+    else:
+        np.testing.assert_allclose(got, ref, atol=2e-3 * scale)
+    if structure == "last_layer":
+        assert p == 3 * 3 + 3  # the last Dense layer: 3 hidden units x 3 classes + biases
+    else:
+        assert p == 6 * 6 * 3 + 3 + 3 * 3 + 3
+
+
+def test_linearised_mean_is_the_map_output(lanczos_fit):
+    data, _, post = lanczos_fit
+    x = data.test.x
+    z = jax.random.normal(jax.random.key(3), (4, post.theta.shape[0]))
+    f_map = post.logits_fn(post.theta, x)
+    plus = sampled_logits(post, x, z, linearised=True)
+    minus = sampled_logits(post, x, -z, linearised=True)
+    # f + Jδ and f − Jδ: the function-space Gaussian is centred on the MAP logits
+    np.testing.assert_allclose((plus + minus) / 2, jnp.broadcast_to(f_map, plus.shape), atol=1e-4)
+    assert float(jnp.abs(plus - f_map).max()) > 1e-2  # and the members do differ from it
+    # the network itself is not linear in δ, so "weights" members are not centred exactly
+    wplus = sampled_logits(post, x, z, linearised=False)
+    wminus = sampled_logits(post, x, -z, linearised=False)
+    assert float(jnp.abs((wplus + wminus) / 2 - f_map).max()) > 1e-6
+
+
+@pytest.mark.parametrize("predictive", ["linearised", "weights", "probit"])
+def test_members_collapse_onto_map_as_prior_precision_grows(lanczos_fit, predictive):
+    data, method, post = lanczos_fit
+    method = type(method)(**{**method.__dict__, "predictive": predictive})
+    x = data.test.x
+    map_probs = jax.nn.softmax(post.logits_fn(post.theta, x), -1)
+    wide = jnp.concatenate(list(method.members(jax.random.key(1), post, x)))
+    assert wide.shape[0] == (1 if predictive == "probit" else method.num_samples)
+    assert float(jnp.abs(wide.mean(0) - map_probs).max()) > 1e-2  # τ = 1 is visibly wide
+    tight = post.replace(prior_precision=jnp.asarray(1e9, jnp.float32))
+    probs = jnp.concatenate(list(method.members(jax.random.key(1), tight, x)))
+    np.testing.assert_allclose(probs, jnp.broadcast_to(map_probs, probs.shape), atol=1e-3)
+
+
+def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
+    data, _, post = _fit(map_dir, "method.curvature=full", "method.prior_precision=optimize",
+                         "method.optimize_by=marglik")
+    info = post.extra_metrics()
+    ref = _dense_ggn(post, data.train)
+    p = ref.shape[0]
+    logits = post.logits_fn(post.theta, data.train.x)
+    loglik = -float(optax.softmax_cross_entropy_with_integer_labels(logits, data.train.y).sum())
+    sq = float(jnp.sum(post.theta.astype(jnp.float64) ** 2))
+
+    def lml(tau):  # log p(D|θ*) + log N(θ*; 0, I/τ) + P/2 log 2π − ½ log det(G + τI)
+        return (loglik - 0.5 * tau * sq + 0.5 * p * np.log(tau)
+                - 0.5 * np.linalg.slogdet(ref + tau * np.eye(p))[1])
+
+    grid = np.logspace(-4, 6, 1001)
+    values = np.array([lml(t) for t in grid])
+    tau = info["laplace/prior_precision"]
+    assert lml(tau) >= values.max() - 1e-3
+    assert abs(np.log(tau) - np.log(grid[values.argmax()])) < 0.05
+    np.testing.assert_allclose(info["laplace/log_marglik"], lml(tau), rtol=1e-3)
+
+
+def test_val_nll_picks_the_grid_minimiser(map_dir):
+    data, method, post = _fit(map_dir, "method.prior_precision=optimize",
+                              "method.optimize_by=val_nll", "method.grid_size=5",
+                              "method.prior_range=[1.0e-2,1.0e2]", "method.rank=10",
+                              "method.predictive=probit")
+    info = post.extra_metrics()
+    nlls = {}
+    for tau in np.logspace(-2, 2, 5):
+        p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
+        probs = next(method.members(jax.random.key(0), p, data.val.x))[0]
+        nlls[tau] = float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
+    best = min(nlls, key=nlls.get)
+    np.testing.assert_allclose(info["laplace/prior_precision"], best, rtol=1e-5)
+    np.testing.assert_allclose(info["laplace/val_nll"], nlls[best], rtol=1e-4)
+
+
+def test_full_refuses_a_large_network_before_training(map_dir):
+    with pytest.raises(UserError, match="curvature=full"):
+        _fit(map_dir, "method.curvature=full", "model.hidden=[64]", "dataset.shape=[28,28,1]")
+
+
+def test_map_checkpoint_feeds_init_from_and_metrics_are_written(map_dir, tmp_path):
+    ckpt = map_dir / "checkpoint" / "map.msgpack"
+    assert ckpt.is_file()
+    cfg = compose_cfg(*SMALL, f"method.init_from={map_dir}", "method.rank=10",
+                      "method.num_samples=5", "method.grid_size=3")
+    metrics = run(cfg, tmp_path / "laplace")
+    saved = json.loads((tmp_path / "laplace" / "metrics.json").read_text())
+    for key in ("laplace/prior_precision", "laplace/log_marglik", "laplace/time_curvature",
+                "test/nll", "test/ece"):
+        assert key in saved and saved[key] == pytest.approx(metrics[key])
+    assert saved["laplace/prior_precision"] > 0
+    # the Laplace run starts from the map run's network: its checkpoint holds the same bytes
+    assert (tmp_path / "laplace" / "checkpoint" / "map.msgpack").read_bytes() == ckpt.read_bytes()
+
+    with pytest.raises(UserError, match="no checkpoint"):
+        compose_and_build(*SMALL, f"method.init_from={tmp_path / 'nowhere'}")
+    with pytest.raises(UserError, match="shape"):
+        _fit(map_dir, "model.hidden=[5]")
+
+
+def compose_and_build(*overrides):
+    cfg = compose_cfg(*overrides)
+    return build(cfg.method, "method")
+
+
+@pytest.mark.parametrize("structure", ["lanczos", "last_layer"])
+def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
+    """The τ grid reuses J U and J z (d = 0); it must agree with the members themselves."""
+    data, method, post = _fit(map_dir, f"method.curvature={structure}", "method.rank=10",
+                              "method.prior_precision=1.0", "method.num_samples=6")
+    key = jax.random.key(7)
+    fast = method._val_nll_fn(key, post, data.val)
+    for tau in (0.3, 30.0):
+        p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
+        probs = jnp.concatenate(list(method.members(key, p, data.val.x))).mean(0)
+        ref = float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
+        np.testing.assert_allclose(fast(tau), ref, rtol=1e-4)
