@@ -19,6 +19,10 @@ from tests.conftest import TINY, compose_cfg, config_choices
 # Overrides that make each method quick on the TINY synthetic run.
 TINY_METHOD: dict[str, list[str]] = {
     "map": [],
+    "ensemble": ["method.size=2"],
+    "vote": ["method.n_voters=2"],
+    "mcbn": ["model=lenet", "model.norm=batchnorm", "method.num_estimators=3",
+             "method.mc_batch_size=16"],
 }
 
 
