@@ -29,7 +29,9 @@ TINY_METHOD: dict[str, list[str]] = {
 def _setup(name: str):
     if name not in TINY_METHOD:
         pytest.fail(f"method {name!r} has no tiny budget in TINY_METHOD")
-    cfg = compose_cfg(*TINY, f"method={name}", *TINY_METHOD[name])
+    own_model = any(o.startswith("model=") for o in TINY_METHOD[name])  # replaces TINY's MLP
+    base = [o for o in TINY if not (own_model and o.startswith("model"))]
+    cfg = compose_cfg(*base, f"method={name}", *TINY_METHOD[name])
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, cfg.model._target_.rsplit(".", 1)[-1].lower(),
