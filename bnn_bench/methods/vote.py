@@ -24,7 +24,7 @@ from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods.base import LogFn, MemberMethod, no_log
-from bnn_bench.methods.ensemble import StackedPosterior, stacked_probs
+from bnn_bench.methods.ensemble import StackedPosterior, member_metrics, stacked_probs
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model
 
@@ -78,10 +78,14 @@ class Vote(MemberMethod):
     def extra_metrics(self, key: jax.Array, posterior: StackedPosterior,
                       summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
                       num_bins: int) -> dict[str, float]:
-        """Per-class risk of every evaluation set: ``test/risk_class_<c>``, ``test/risk``."""
-        del key, posterior, evalsets, num_bins
+        """Per-class risk of every evaluation set (``test/risk_class_<c>``, ``test/risk``) and
+        each voter's own metrics (``test/member_<k>_{acc,nll,ece}``, ``test/member_mean_*``)."""
+        del key
         out: dict[str, float] = {}
         for name, summary in summaries.items():
             out |= risk_metrics(summary, f"{name}/")
+            split = evalsets[name]
+            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins,
+                                  f"{name}/")
         return out
 

@@ -73,3 +73,4 @@ def test_run_reports_risk_per_class(tmp_path):
     risks = [metrics[f"test/risk_class_{c}"] for c in range(10)]
     assert all(r >= 0 for r in risks) and max(risks) > 0
     assert metrics["test/acc"] > 0.3
+    assert {f"test/member_{k}_nll" for k in range(4)} <= set(metrics)
