@@ -67,6 +67,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         for key, value in evaluation.compute(summary, labels, settings.num_bins).items():
             metrics[f"{name}/{key}"] = value
         curves[name] = evaluation.curves(summary, labels, settings.num_bins)
+    extra = getattr(method, "extra_metrics", None)  # optional: a method's own scalars
+    if extra is not None:
+        metrics.update(extra(k_predict, posterior, summaries, evalsets, settings.num_bins))
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
     if hasattr(posterior, "extra_metrics"):  # numbers a method measured itself

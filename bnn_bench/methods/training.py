@@ -180,27 +180,154 @@ class Trainer:
         log.info("trained %d steps in %.1fs", total, time.perf_counter() - t0)
         return ts
 
+    def train_members(self, keys: jax.Array, model: Model, data: Dataset,
+                      log_fn: Callable[[dict[str, float], int], None] | None = None,
+                      shared_batches: jax.Array | None = None) -> TrainState:
+        """Trains K networks together, vmapped in one compiled loop.
+
+        Member k derives its keys from ``keys[k]`` exactly as ``train(keys[k], ...)``
+        does (``k_init, k_data, k_drop = split(keys[k], 3)``), so with
+        ``shared_batches=None`` member k ends where ``train(keys[k], ...)`` ends, up to
+        float rounding (a deep-ensemble member is a MAP run).
+
+        With ``shared_batches`` (a key), every epoch draws ONE permutation from
+        ``fold_in(shared_batches, epoch)`` and splits each minibatch of ``batch_size``
+        into K consecutive slices of ``batch_size // K``: member k trains on slice k
+        (capsa's vote). ``batch_size`` must then be a multiple of K.
+
+        Args:
+          keys: (K,) keys, one per member.
+          model: the network (the same architecture for every member).
+          data: ``data.train`` is trained on; ``data.val``, if any, is validated on
+            with the members' mean probabilities every ``eval_every`` epochs.
+          log_fn: receives member-averaged training curves.
+          shared_batches: a key for split batches (vote), or None for each member's
+            own full batches (deep ensembles).
+
+        Returns:
+          The final ``TrainState``; every leaf has a leading member axis K.
+        """
+        k_members = keys.shape[0]
+        sub = jax.vmap(lambda k: jax.random.split(k, 3))(keys)  # (K, 3)
+        k_init, k_data, k_drop = sub[:, 0], sub[:, 1], sub[:, 2]
+        n = data.train.size
+        per_epoch = self.steps_per_epoch(n)
+        total = self.num_steps(n)
+        if shared_batches is not None and self.batch_size % k_members:
+            raise UserError(f"trainer.batch_size={self.batch_size} is not a multiple of the "
+                            f"{k_members} voters; each batch is split among them. Use a "
+                            f"multiple, e.g. trainer.batch_size="
+                            f"{max(k_members, self.batch_size // k_members * k_members)}.")
+        params, state = jax.vmap(model.init)(k_init)
+        tx = self.make_optimizer(total, per_epoch)
+        ts = TrainState(params, state, jax.vmap(tx.init)(params))
+        run_chunk = make_members_chunk_runner(model, tx)
+
+        def member_batches(epoch: int) -> jax.Array:  # (K, per_epoch, b)
+            if shared_batches is None:
+                return jax.vmap(lambda k: epoch_batches(jax.random.fold_in(k, epoch), n,
+                                                        self.batch_size))(k_data)
+            b = epoch_batches(jax.random.fold_in(shared_batches, epoch), n, self.batch_size)
+            return b.reshape(per_epoch, k_members, -1).transpose(1, 0, 2)
+
+        @jax.jit
+        def evaluate(params, state, x, y):
+            probs = jax.vmap(model.probs, in_axes=(0, 0, None))(params, state, x).mean(0)
+            p = jnp.take_along_axis(probs, y[:, None], axis=-1)[:, 0]
+            return -jnp.mean(jnp.log(jnp.clip(p, 1e-12))), jnp.mean(probs.argmax(-1) == y)
+
+        t0, step, epoch = time.perf_counter(), 0, 0
+        bar = tqdm(total=total, desc=f"train x{k_members}", unit="step", file=sys.stderr,
+                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        while step < total:
+            batches = member_batches(epoch)
+            start = 0
+            while start < per_epoch and step < total:
+                size = min(self.chunk_size, per_epoch - start, total - step)
+                idx = batches[:, start:start + size].swapaxes(0, 1)  # (size, K, b)
+                keys_ = jax.vmap(lambda k, s=step, z=size: jax.random.split(
+                    jax.random.fold_in(k, s), z))(k_drop).swapaxes(0, 1)  # (size, K)
+                ts, (loss, acc) = run_chunk(ts, data.train, idx, keys_)
+                loss, acc = float(loss.mean()), float(acc.mean())
+                if not math.isfinite(loss):
+                    raise UserError(f"training diverged at step {step + size} (loss {loss}); "
+                                    f"lower trainer.learning_rate.")
+                start, step = start + size, step + size
+                bar.update(size)
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
+                if log_fn:
+                    log_fn({"train/loss": loss, "train/acc": acc}, step)
+            epoch += 1
+            last = step >= total
+            if data.val is not None and self.eval_every and (epoch % self.eval_every == 0 or last):
+                vl, va = (float(v) for v in evaluate(ts.params, ts.state, data.val.x, data.val.y))
+                log.info("epoch %d step %d: members' train loss %.4f acc %.4f | "
+                         "mean-prediction val nll %.4f acc %.4f", epoch, step, loss, acc, vl, va)
+                if log_fn:
+                    log_fn({"val/nll": vl, "val/acc": va, "epoch": epoch}, step)
+            else:
+                log.info("epoch %d step %d: members' train loss %.4f acc %.4f",
+                         epoch, step, loss, acc)
+        bar.close()
+        log.info("trained %d members x %d steps in %.1fs", k_members, total,
+                 time.perf_counter() - t0)
+        return ts
+
 
 def _loss_acc(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     return cross_entropy(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
 
 
-def make_chunk_runner(model: Model, tx: optax.GradientTransformation):
-    """A jitted ``(ts, split, idx (n, B), keys (n,)) -> (ts, (loss (n,), acc (n,)))`` that
-    scans n optimiser steps over the minibatches ``split[idx[i]]``."""
+def _make_step(model: Model, tx: optax.GradientTransformation):
+    """One optimiser step ``(ts, x (B, ...), y (B,), key) -> (ts, (loss, acc))`` of one model."""
 
     def loss_fn(params, state, x, y, key):
         logits, new_state = model.apply(params, state, x, train=True, key=key)
         return cross_entropy(logits, y), (new_state, jnp.mean(jnp.argmax(logits, -1) == y))
 
+    def step(ts: TrainState, x, y, key):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (state, acc)), grads = grad_fn(ts.params, ts.state, x, y, key)
+        updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        return TrainState(params, state, opt_state), (loss, acc)
+
+    return step
+
+
+def make_chunk_runner(model: Model, tx: optax.GradientTransformation):
+    """A jitted ``(ts, split, idx (n, B), keys (n,)) -> (ts, (loss (n,), acc (n,)))`` that
+    scans n optimiser steps over the minibatches ``split[idx[i]]``."""
+    step_fn = _make_step(model, tx)
+
     def step(carry: tuple[TrainState, Split], inp):
         ts, split = carry
         idx, key = inp
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (state, acc)), grads = grad_fn(ts.params, ts.state, split.x[idx], split.y[idx], key)
-        updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
-        params = optax.apply_updates(ts.params, updates)
-        return (TrainState(params, state, opt_state), split), (loss, acc)
+        ts, out = step_fn(ts, split.x[idx], split.y[idx], key)
+        return (ts, split), out
+
+    @jax.jit
+    def run(ts: TrainState, split: Split, idx: jax.Array, keys: jax.Array):
+        (ts, _), out = jax.lax.scan(step, (ts, split), (idx, keys))
+        return ts, out
+
+    return run
+
+
+def make_members_chunk_runner(model: Model, tx: optax.GradientTransformation):
+    """The vmapped ``make_chunk_runner`` for K networks trained in one compiled loop.
+
+    A jitted ``(ts, split, idx (n, K, b), keys (n, K)) -> (ts, (loss (n, K), acc (n, K)))``
+    where every leaf of ``ts`` has a leading member axis K; at step i member k takes
+    one optimiser step on ``split[idx[i, k]]`` with dropout key ``keys[i, k]``.
+    """
+    step_fn = _make_step(model, tx)
+
+    def step(carry: tuple[TrainState, Split], inp):
+        ts, split = carry
+        idx, keys = inp  # (K, b), (K,)
+        ts, out = jax.vmap(lambda t, i, k: step_fn(t, split.x[i], split.y[i], k))(ts, idx, keys)
+        return (ts, split), out
 
     @jax.jit
     def run(ts: TrainState, split: Split, idx: jax.Array, keys: jax.Array):

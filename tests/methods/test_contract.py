@@ -27,13 +27,19 @@ TINY_METHOD: dict[str, list[str]] = {
     "sghmc": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
     "laplace": ["method.rank=8", "method.curvature_batches=2", "method.num_samples=4",
                 "method.chunk_size=3"],
+    "ensemble": ["method.size=2"],
+    "vote": ["method.n_voters=2"],
+    "mcbn": ["model=lenet", "model.norm=batchnorm", "method.num_estimators=3",
+             "method.mc_batch_size=16"],
 }
 
 
 def _setup(name: str):
     if name not in TINY_METHOD:
         pytest.fail(f"method {name!r} has no tiny budget in TINY_METHOD")
-    cfg = compose_cfg(*TINY, f"method={name}", *TINY_METHOD[name])
+    own_model = any(o.startswith("model=") for o in TINY_METHOD[name])  # replaces TINY's MLP
+    base = [o for o in TINY if not (own_model and o.startswith("model"))]
+    cfg = compose_cfg(*base, f"method={name}", *TINY_METHOD[name])
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, cfg.model._target_.rsplit(".", 1)[-1].lower(),

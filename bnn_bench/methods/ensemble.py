@@ -1,0 +1,119 @@
+"""``ensemble``: deep ensembles (Lakshminarayanan et al., 2017). S = ``size``.
+
+p(y | x) ≈ (1/K) Σ_k softmax(f(x; θ_k)), each θ_k a MAP fit from its own random
+initialisation and its own order of the full minibatches. The K networks train
+together, vmapped in one compiled loop (``Trainer.train_members``).
+
+Seeds: member k is exactly the network that ``bnn-bench method=map seed=<seed_k>``
+trains, with ``seed_k = seed * size + k``, so the members of runs with different
+seeds never overlap (seed 0 uses map seeds 0..K-1, seed 1 uses K..2K-1, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from bnn_bench.data import Dataset, Split
+from bnn_bench.errors import UserError
+from bnn_bench.evaluation import metrics as M
+from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.methods.base import LogFn, MemberMethod, no_log
+from bnn_bench.methods.training import Trainer
+from bnn_bench.models import Model, Params, State
+
+
+@struct.dataclass
+class StackedPosterior:
+    """K networks of one architecture: every leaf of ``params``/``state`` is (K, ...)."""
+
+    model: Model = struct.field(pytree_node=False)
+    params: Params
+    state: State
+
+    @property
+    def size(self) -> int:
+        return int(jax.tree.leaves(self.params)[0].shape[0])
+
+
+def stacked_probs(posterior: StackedPosterior, x: jax.Array) -> jax.Array:
+    """(K, N, C) evaluation-mode probabilities of every member for x (N, H, W, C) uint8."""
+    fn = jax.jit(jax.vmap(posterior.model.probs, in_axes=(0, 0, None)))
+    return fn(posterior.params, posterior.state, x)
+
+
+def member_metrics(probs: jax.Array, labels: jax.Array, num_bins: int,
+                   prefix: str) -> dict[str, float]:
+    """Each member's own accuracy, NLL and ECE: ``{prefix}member_<k>_{acc,nll,ece}``, and
+    their means over members ``{prefix}member_mean_{acc,nll,ece}``.
+
+    Args:
+      probs: (K, N, C) member probabilities.
+      labels: (N,) integer labels.
+    """
+    out: dict[str, float] = {}
+    for name, fn in (("acc", M.accuracy), ("nll", M.nll),
+                     ("ece", lambda p, y: M.ece(p, y, num_bins))):
+        values = [fn(p, labels) for p in probs]
+        out |= {f"{prefix}member_{k}_{name}": v for k, v in enumerate(values)}
+        out[f"{prefix}member_mean_{name}"] = float(sum(values) / len(values))
+    return out
+
+
+def map_fit_key(seed: int) -> jax.Array:
+    """The key a ``map`` run with this seed passes to ``fit`` (``run.py``'s ``k_fit``)."""
+    return jax.random.split(jax.random.key(seed))[0]
+
+
+@dataclass(frozen=True)
+class Ensemble(MemberMethod):
+    """``size`` independently initialised MAP networks trained in parallel (vmapped).
+
+    Attributes:
+      trainer: optimiser, schedule and budget of every member (the ``trainer`` group).
+      size: number of members K.
+      seed: the run's seed (``${seed}``); member k is the ``map`` run with seed
+        ``seed * size + k``.
+    """
+
+    trainer: Trainer
+    size: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise UserError(f"method.size must be >= 1; got {self.size}.")
+
+    def member_seeds(self) -> list[int]:
+        """The ``map`` seeds of the members, in order."""
+        return [self.seed * self.size + k for k in range(self.size)]
+
+    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
+            log: LogFn = no_log) -> StackedPosterior:
+        # The members' keys come from the config's seed, not from ``key``, so that each
+        # member is reproducible as a single ``map`` run (see the module docstring).
+        del key, plan
+        keys = jnp.stack([map_fit_key(s) for s in self.member_seeds()])
+        ts = self.trainer.train_members(keys, model, data, log)
+        return StackedPosterior(model=model, params=ts.params, state=ts.state)
+
+    def members(self, key: jax.Array, posterior: StackedPosterior,
+                x: jax.Array) -> Iterator[jax.Array]:
+        del key  # deterministic
+        yield stacked_probs(posterior, x)  # (K, N, C)
+
+    def extra_metrics(self, key: jax.Array, posterior: StackedPosterior,
+                      summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
+                      num_bins: int) -> dict[str, float]:
+        """Each member's own metrics (``test/member_<k>_nll``, ...): the MAP runs the
+        ensemble starts from, measured in the same run."""
+        del key, summaries
+        out: dict[str, float] = {}
+        for name, split in evalsets.items():
+            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins,
+                                  f"{name}/")
+        return out

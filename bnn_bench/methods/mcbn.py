@@ -1,0 +1,179 @@
+"""``mcbn``: Monte Carlo Batch Normalisation (Teye et al., 2018), as TorchUncertainty's
+``MCBatchNorm``. S = ``num_estimators``.
+
+Train a MAP network that has BatchNorm (``trainer``); then estimator s replaces
+every BatchNorm layer's statistics by those of its own random training minibatch
+B_s of ``mc_batch_size`` inputs:
+
+    μ_s = mean_{B_s} h,   σ²_s = var_{B_s} h (unbiased),   p_s(y | x) = softmax f(x; θ, μ_s, σ²_s)
+
+with h a layer's input, the earlier layers normalised by their own B_s statistics
+(as TorchUncertainty's ``MCBatchNorm2d`` accumulates, in evaluation mode). The
+statistics are fitted once in ``fit`` (TorchUncertainty's ``MCBatchNorm.fit``) and
+reused for every test batch, so the same estimator normalises every input alike.
+
+The trained network's running statistics are kept beside them: the MAP prediction
+is reported as ``<split>/map_{acc,nll,ece,brier}``. The MAP part is trained from
+the same key as ``method=map`` uses, so it is the network a ``map`` run with the
+same seed and trainer gives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct, traverse_util
+
+from bnn_bench.data import Dataset, Split
+from bnn_bench.errors import UserError
+from bnn_bench.evaluation import metrics as M
+from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.methods.base import LogFn, MemberMethod, no_log
+from bnn_bench.methods.training import Trainer
+from bnn_bench.models import Model, Params, State
+
+_MC_SALT = 0x6D63626E  # "mcbn": the minibatch key, apart from the MAP training's keys
+_CHUNK = 8  # estimators evaluated together (bounds memory for large num_estimators)
+
+
+@struct.dataclass
+class MCBNPosterior:
+    """The MAP network, its trained running statistics, and S sets of MC statistics.
+
+    Attributes:
+      params: the trained parameters.
+      state: the trained model state (``{"batch_stats": running statistics}``): the MAP.
+      mc_stats: a ``batch_stats`` tree whose leaves are (S, features): estimator s's
+        per-layer ``mean`` and ``var``.
+    """
+
+    model: Model = struct.field(pytree_node=False)
+    params: Params
+    state: State
+    mc_stats: dict
+
+    @property
+    def num_estimators(self) -> int:
+        return int(jax.tree.leaves(self.mc_stats)[0].shape[0])
+
+
+def batch_norm_statistics(model: Model, params: Params, state: State, x: jax.Array) -> dict:
+    """Every BatchNorm layer's input statistics on one batch, layer by layer.
+
+    Each layer's input is normalised by its own batch mean and unbiased variance
+    (what it stores), so a later layer sees its inputs as the estimator will.
+
+    Args:
+      x: (m, H, W, C) uint8 inputs (m >= 2).
+
+    Returns:
+      A tree shaped like ``state["batch_stats"]``: ``{"mean", "var"}`` per layer.
+    """
+    found: dict[tuple[str, ...], jax.Array] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        mod = context.module
+        if not isinstance(mod, nn.BatchNorm) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        h = args[0]
+        axes = mod.axis if isinstance(mod.axis, tuple | list) else (mod.axis,)
+        feature = tuple(sorted(a % h.ndim for a in axes))
+        reduce = tuple(i for i in range(h.ndim) if i not in feature)
+        n = math.prod(h.shape[i] for i in reduce)
+        mean = jnp.mean(h, reduce, keepdims=True)
+        var = jnp.sum(jnp.square(h - mean), reduce, keepdims=True) / max(n - 1, 1)
+        shape = [h.shape[i] for i in feature]
+        found[(*mod.path, "mean")] = mean.reshape(shape)
+        found[(*mod.path, "var")] = var.reshape(shape)
+        y = (h - mean) * jax.lax.rsqrt(var + mod.epsilon)
+        if mod.use_scale:
+            y = y * mod.get_variable("params", "scale").reshape(mean.shape)
+        if mod.use_bias:
+            y = y + mod.get_variable("params", "bias").reshape(mean.shape)
+        return y
+
+    with nn.intercept_methods(interceptor):
+        model.apply(params, state, x, train=False)
+    return traverse_util.unflatten_dict(found)
+
+
+@dataclass(frozen=True)
+class MCBN(MemberMethod):
+    """A MAP network whose BatchNorm statistics come from random training minibatches.
+
+    Attributes:
+      trainer: optimiser, schedule and budget of the MAP network (``trainer`` group).
+      num_estimators: S, the number of minibatches (members).
+      mc_batch_size: inputs per minibatch (at most the training split's size).
+    """
+
+    trainer: Trainer
+    num_estimators: int = 8
+    mc_batch_size: int = 32
+
+    def __post_init__(self):
+        if self.num_estimators < 1:
+            raise UserError(f"method.num_estimators must be >= 1; got {self.num_estimators}.")
+        if self.mc_batch_size < 2:
+            raise UserError(f"method.mc_batch_size must be >= 2 (a variance needs two "
+                            f"inputs); got {self.mc_batch_size}.")
+
+    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
+            log: LogFn = no_log) -> MCBNPosterior:
+        del plan  # members are produced on demand
+        if not model.has_batch_norm:
+            raise UserError(f"method=mcbn needs a model with BatchNorm, and model "
+                            f"{model.name or type(model.module).__name__} has none. Use "
+                            f"model=lenet model.norm=batchnorm, or model=mobilenet "
+                            f"model.use_bn=true.")
+        if self.mc_batch_size > data.train.size:  # before training
+            raise UserError(f"method.mc_batch_size={self.mc_batch_size} is larger than the "
+                            f"training split ({data.train.size} inputs); lower it.")
+        ts = self.trainer.train(key, model, data, log)  # the `map` run's network
+        return self.fit_statistics(jax.random.fold_in(key, _MC_SALT), model, ts.params,
+                                   ts.state, data.train)
+
+    def fit_statistics(self, key: jax.Array, model: Model, params: Params, state: State,
+                       train: Split) -> MCBNPosterior:
+        """Draws ``num_estimators`` random minibatches of ``mc_batch_size`` distinct training
+        inputs and stores each one's BatchNorm statistics (TorchUncertainty's
+        ``MCBatchNorm.fit``). ``params``/``state`` are the trained network's, kept as is."""
+        n = train.size
+        if self.mc_batch_size > n:
+            raise UserError(f"method.mc_batch_size={self.mc_batch_size} is larger than the "
+                            f"training split ({n} inputs); lower it.")
+        idx = jax.vmap(lambda s: jax.random.permutation(jax.random.fold_in(key, s), n)
+                       [: self.mc_batch_size])(jnp.arange(self.num_estimators))  # (S, m)
+        fit_stats = jax.jit(lambda p, st, x, i: jax.lax.map(
+            lambda ii: batch_norm_statistics(model, p, st, x[ii]), i))
+        mc_stats = fit_stats(params, state, train.x, idx)
+        return MCBNPosterior(model=model, params=params, state=state, mc_stats=mc_stats)
+
+    def members(self, key: jax.Array, posterior: MCBNPosterior,
+                x: jax.Array) -> Iterator[jax.Array]:
+        del key  # the statistics were drawn in fit
+        model = posterior.model
+        probs = jax.jit(jax.vmap(lambda p, st, stats, x: model.probs(
+            p, {**st, "batch_stats": stats}, x), in_axes=(None, None, 0, None)))
+        s = posterior.num_estimators
+        for start in range(0, s, _CHUNK):
+            stats = jax.tree.map(lambda a, i=start: a[i:i + _CHUNK], posterior.mc_stats)
+            yield probs(posterior.params, posterior.state, stats, x)  # (s, N, C)
+
+    def extra_metrics(self, key: jax.Array, posterior: MCBNPosterior,
+                      summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
+                      num_bins: int) -> dict[str, float]:
+        """The MAP prediction (trained running statistics): ``<split>/map_{acc,nll,ece,brier}``."""
+        del key, summaries
+        model, out = posterior.model, {}
+        for name, split in evalsets.items():
+            p = jax.jit(model.probs)(posterior.params, posterior.state, split.x)
+            out |= {f"{name}/map_acc": M.accuracy(p, split.y), f"{name}/map_nll": M.nll(p, split.y),
+                    f"{name}/map_ece": M.ece(p, split.y, num_bins),
+                    f"{name}/map_brier": M.brier(p, split.y)}
+        return out

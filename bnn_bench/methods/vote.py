@@ -1,0 +1,91 @@
+"""``vote``: capsa's Vote wrapper. S = ``n_voters``.
+
+K voters (parameter sets of one architecture) train together, vmapped in one
+compiled loop; each minibatch of ``trainer.batch_size`` is split into K
+consecutive slices and voter k takes one optimiser step on slice k, so every
+voter sees a disjoint 1/K of each batch. At prediction every voter sees every
+input and the members are the voters.
+
+"Risk" is capsa's spread of the voters' outputs: the variance over voters of
+each class probability, Var_k[p_k(y = c | x)] (``PredictiveSummary.variance``).
+Keys: ``k_voters, k_batches = split(key)``; voter k trains from
+``split(k_voters, K)[k]`` (initialisation and dropout, as ``Trainer.train``
+derives them) on batches drawn from ``k_batches``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jax
+
+from bnn_bench.data import Dataset, Split
+from bnn_bench.errors import UserError
+from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.methods.base import LogFn, MemberMethod, no_log
+from bnn_bench.methods.ensemble import StackedPosterior, member_metrics, stacked_probs
+from bnn_bench.methods.training import Trainer
+from bnn_bench.models import Model
+
+
+def risk_metrics(summary: PredictiveSummary, prefix: str) -> dict[str, float]:
+    """Mean risk per class over the inputs, ``{prefix}risk_class_<c>``, and over classes
+    and inputs, ``{prefix}risk``. Risk is the (N, C) variance over voters of p(y = c | x)."""
+    risk = summary.variance().mean(0)  # (C,)
+    out = {f"{prefix}risk_class_{c}": float(r) for c, r in enumerate(risk)}
+    out[f"{prefix}risk"] = float(risk.mean())
+    return out
+
+
+@dataclass(frozen=True)
+class Vote(MemberMethod):
+    """``n_voters`` networks trained on disjoint slices of every batch; members = voters.
+
+    Attributes:
+      trainer: optimiser, schedule and budget; ``trainer.batch_size`` is the batch
+        that is split among the voters, so it must be a multiple of ``n_voters``.
+      n_voters: number of voters K.
+    """
+
+    trainer: Trainer
+    n_voters: int = 8
+
+    def __post_init__(self):
+        if self.n_voters < 1:
+            raise UserError(f"method.n_voters must be >= 1; got {self.n_voters}.")
+        b, k = self.trainer.batch_size, self.n_voters
+        if b % k:
+            lo = max(k, b // k * k)
+            raise UserError(
+                f"trainer.batch_size={b} is not a multiple of method.n_voters={k}: each "
+                f"batch is split evenly among the voters. Use trainer.batch_size={lo} or "
+                f"{lo + k}, or change method.n_voters.")
+
+    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
+            log: LogFn = no_log) -> StackedPosterior:
+        del plan  # members are produced on demand
+        k_voters, k_batches = jax.random.split(key)
+        keys = jax.random.split(k_voters, self.n_voters)
+        ts = self.trainer.train_members(keys, model, data, log, shared_batches=k_batches)
+        return StackedPosterior(model=model, params=ts.params, state=ts.state)
+
+    def members(self, key: jax.Array, posterior: StackedPosterior,
+                x: jax.Array) -> Iterator[jax.Array]:
+        del key  # deterministic
+        yield stacked_probs(posterior, x)  # (K, N, C)
+
+    def extra_metrics(self, key: jax.Array, posterior: StackedPosterior,
+                      summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
+                      num_bins: int) -> dict[str, float]:
+        """Per-class risk of every evaluation set (``test/risk_class_<c>``, ``test/risk``) and
+        each voter's own metrics (``test/member_<k>_{acc,nll,ece}``, ``test/member_mean_*``)."""
+        del key
+        out: dict[str, float] = {}
+        for name, summary in summaries.items():
+            out |= risk_metrics(summary, f"{name}/")
+            split = evalsets[name]
+            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins,
+                                  f"{name}/")
+        return out
+
