@@ -22,8 +22,8 @@ def flops_per_input(model: Model) -> float:
     params, state = jax.eval_shape(model.init, jax.random.key(0))
     x = jax.ShapeDtypeStruct((1, *model.spec.shape), jnp.uint8)
     try:
-        compiled = jax.jit(lambda p, s, x: model.apply(p, s, x)[0]).lower(params, state, x).compile()
-        cost = compiled.cost_analysis()
+        forward = jax.jit(lambda p, s, x: model.apply(p, s, x)[0])
+        cost = forward.lower(params, state, x).compile().cost_analysis()
     except Exception:  # noqa: BLE001 - an estimate only; never fail a run for it
         return math.nan
     if isinstance(cost, list | tuple):  # older jax: one dict per program
