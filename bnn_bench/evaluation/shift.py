@@ -33,11 +33,11 @@ def rotate(key: jax.Array, x: jax.Array, level: float) -> jax.Array:
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                           indexing="ij")
-    # Inverse map: the output pixel (y, x) reads the input at the point rotated back.
-    # Rows grow downwards, so a counter-clockwise turn on screen uses +sin on x.
+    # Inverse map: the output pixel (y, x) reads the input at the point turned back
+    # by -theta. Rows grow downwards, which flips the signs of the usual matrix.
     dy, dx = yy - cy, xx - cx
-    src_y = cy + math.cos(theta) * dy - math.sin(theta) * dx
-    src_x = cx + math.sin(theta) * dy + math.cos(theta) * dx
+    src_y = cy + math.cos(theta) * dy + math.sin(theta) * dx
+    src_x = cx - math.sin(theta) * dy + math.cos(theta) * dx
     y0, x0 = jnp.floor(src_y), jnp.floor(src_x)
     xf = x.astype(jnp.float32)
     out = jnp.zeros_like(xf)

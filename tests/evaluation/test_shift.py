@@ -1,0 +1,65 @@
+"""Corruptions of uint8 images: exact cases and invariants."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from bnn_bench.errors import UserError
+from bnn_bench.evaluation.settings import EvalSettings
+from bnn_bench.evaluation.shift import CORRUPTIONS, corrupt
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).integers(0, 256, (3, 6, 6, 2)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_rotation_by_right_angles_is_exact_and_counter_clockwise(images, k):
+    out = np.asarray(corrupt(jax.random.key(0), images, "rotate", 90.0 * k))
+    np.testing.assert_array_equal(out, np.rot90(images, k, axes=(1, 2)))
+
+
+def test_rotation_keeps_shape_and_fills_black():
+    x = np.full((1, 8, 5, 1), 200, np.uint8)  # not square: corners leave the image
+    out = np.asarray(corrupt(jax.random.key(0), x, "rotate", 45.0))
+    assert out.shape == x.shape and out.dtype == np.uint8
+    assert out[0, 0, -1, 0] == 0 and out[0, -1, 0, 0] == 0 and out[0, 4, 2, 0] == 200
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_level_zero_is_identity_and_shapes_are_kept(images, name):
+    np.testing.assert_array_equal(np.asarray(corrupt(jax.random.key(0), images, name, 0.0)),
+                                  images)
+    out = corrupt(jax.random.key(0), images, name, 0.5)
+    assert out.shape == images.shape and out.dtype == np.uint8
+
+
+def test_contrast_invert_and_noise(images):
+    key = jax.random.key(3)
+    flat = np.asarray(corrupt(key, images, "contrast", 1.0))
+    assert (flat.reshape(3, -1).std(-1) == 0).all()  # every image one grey
+    np.testing.assert_array_equal(np.asarray(corrupt(key, images, "invert", 1.0)), 255 - images)
+    a = np.asarray(corrupt(key, images, "gaussian_noise", 0.2))
+    b = np.asarray(corrupt(key, images, "gaussian_noise", 0.2))
+    np.testing.assert_array_equal(a, b)  # same key, same noise
+    diff = a.astype(float) - images
+    inner = (images > 80) & (images < 175)  # away from clipping
+    assert 0.15 * 255 < diff[inner].std() < 0.25 * 255
+    # batched corruption gives each batch its own noise
+    c = np.asarray(corrupt(key, np.repeat(images[:1], 4, 0), "gaussian_noise", 0.2, batch_size=2))
+    assert not np.array_equal(c[0], c[2])
+
+
+def test_settings_reject_bad_shift_and_ood():
+    with pytest.raises(UserError, match="unknown corruption 'blur'"):
+        EvalSettings(shift=["blur"])
+    with pytest.raises(UserError, match="shift_levels.rotate"):
+        EvalSettings(shift=["rotate"], shift_levels={"rotate": []})
+    with pytest.raises(UserError, match=r"dataset@eval.ood_dataset=NAME"):
+        EvalSettings(ood_dataset="mnist")
+    s = EvalSettings(shift=["invert", "rotate"], shift_levels={"rotate": [90]})
+    assert s.shift_sets() == [("invert", 0.25), ("invert", 0.5), ("invert", 0.75),
+                              ("invert", 1.0), ("rotate", 90.0)]
