@@ -73,7 +73,7 @@ def test_rotation_matches_scipy_at_any_angle():
     x[1, 4:8, 4:24] = 120
     for angle in (15.0, 37.0, 150.0):
         ours = np.asarray(corrupt(jax.random.key(0), x, "rotate", angle)).astype(float)
-        # scipy turns from the second axis towards the first for axes=(2, 1): counter-clockwise
+        # scipy: a positive angle turns the (row, column) image counter-clockwise on screen
         ref = ndimage.rotate(x.astype(float), angle, axes=(2, 1), reshape=False, order=1,
                              mode="constant", cval=0.0)
         assert np.abs(ours - ref).mean() < 1.0 and np.abs(ours - ref).max() < 40
