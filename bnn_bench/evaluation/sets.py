@@ -17,7 +17,7 @@ from bnn_bench.config import build
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.settings import EvalSettings
-from bnn_bench.evaluation.shift import corrupt, level_name
+from bnn_bench.evaluation.shift import corrupt, is_tfds, level_name, load_cifar10_corrupted
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,24 @@ def evaluation_sets(data: Dataset, settings: EvalSettings) -> dict[str, Split]:
             test = Split(test.x[: settings.shift_size], test.y[: settings.shift_size])
         key = jax.random.key(settings.shift_seed)
         for i, (name, level) in enumerate(settings.shift_sets()):
-            x = corrupt(jax.random.fold_in(key, i), test.x, name, level)
-            sets[f"shift/{name}/{level_name(level)}"] = Split(x, test.y)
+            if is_tfds(name):
+                sets[f"shift/{name}/{level_name(level)}"] = _tfds_split(
+                    name, level, data.spec.shape, settings)
+            else:
+                x = corrupt(jax.random.fold_in(key, i), test.x, name, level)
+                sets[f"shift/{name}/{level_name(level)}"] = Split(x, test.y)
     log.info("evaluation sets: %s", ", ".join(f"{k} ({v.size})" for k, v in sets.items()))
     return sets
+
+
+def _tfds_split(name: str, level: float, shape, settings: EvalSettings) -> Split:
+    """A prepared CIFAR-10-C set, checked against the data's shape, cut to ``shift_size``."""
+    if tuple(shape) != (32, 32, 3):
+        raise UserError(f"eval.shift={name} is CIFAR-10-C (32x32x3 images); the dataset's images "
+                        f"are {tuple(shape)}. Use it with dataset=cifar10.")
+    x, y = load_cifar10_corrupted(name, int(level), settings.tfds_data_dir, settings.download)
+    n = settings.shift_size or len(y)
+    return Split(jnp.asarray(x[:n]), jnp.asarray(y[:n]))
 
 
 def labels_of(sets: dict[str, Split]) -> dict[str, jax.Array | None]:

@@ -9,7 +9,14 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation.shift import CORRUPTIONS, DEFAULT_LEVELS
+from bnn_bench.evaluation.shift import (
+    CIFAR10_C,
+    CIFAR10_C_LEVELS,
+    CORRUPTIONS,
+    DEFAULT_LEVELS,
+    TFDS_PREFIX,
+    is_tfds,
+)
 
 
 def _plain(value: Any) -> Any:
@@ -33,8 +40,11 @@ class EvalSettings:
       ood_dataset: a dataset config (any ``conf/dataset`` choice, chosen with
         ``dataset@eval.ood_dataset=NAME``) whose test split is the OOD set, or None.
       shift: corruptions of the test set (``rotate``, ``gaussian_noise``,
-        ``contrast``, ``invert``); each level is an evaluation set.
+        ``contrast``, ``invert``), or CIFAR-10-C sets from TFDS
+        (``cifar10c_<name>``, severities 1..5); each level is an evaluation set.
       shift_levels: intensities per corruption (0 would be the clean test set).
+      tfds_data_dir: where prepared CIFAR-10-C lives (default ``TFDS_DATA_DIR``).
+      download: let TFDS download CIFAR-10-C when it is not prepared.
       shift_size: corrupt only the first this-many test inputs (None: all).
       shift_seed: seed of the noise corruptions; fixed, so every run and method
         sees the same corrupted images.
@@ -51,6 +61,8 @@ class EvalSettings:
     shift_levels: Mapping[str, Sequence[float]] = field(default_factory=lambda: DEFAULT_LEVELS)
     shift_size: int | None = None
     shift_seed: int = 0
+    tfds_data_dir: str | None = None
+    download: bool = False
     plots: bool = True
 
     def __post_init__(self):
@@ -71,9 +83,12 @@ class EvalSettings:
         shift = [shift] if isinstance(shift, str) else list(shift or ())
         levels = {**DEFAULT_LEVELS, **(_plain(self.shift_levels) or {})}
         for name in shift:
-            if name not in CORRUPTIONS:
-                raise UserError(f"eval.shift: unknown corruption {name!r}. "
-                                f"Known: {', '.join(CORRUPTIONS)}.")
+            if is_tfds(name) and name[len(TFDS_PREFIX):] in CIFAR10_C:
+                levels.setdefault(name, CIFAR10_C_LEVELS)
+            elif name not in CORRUPTIONS:
+                raise UserError(f"eval.shift: unknown corruption {name!r}. Known: "
+                                f"{', '.join(CORRUPTIONS)}, or {TFDS_PREFIX}<name> with <name> "
+                                f"one of CIFAR-10-C's: {', '.join(CIFAR10_C)}.")
             lv = levels[name]
             if not isinstance(lv, list | tuple) or not lv or not all(
                     isinstance(v, int | float) and v > 0 for v in lv):

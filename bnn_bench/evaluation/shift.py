@@ -11,14 +11,23 @@ Each corruption takes uint8 images (N, H, W, C) and an intensity ``level`` where
 - ``invert``: ``x' = (1 - level) x + level (255 - x)``: 1 is the negative image.
 
 Every evaluation set ``shift/<corruption>/<level>`` is the test set so corrupted.
+
+On clusters the same loop takes CIFAR-10-C (Hendrycks & Dietterich, 2019) from TFDS:
+``cifar10c_<name>`` with severities 1..5 reads the prepared
+``cifar10_corrupted/<name>_<severity>`` test split instead of corrupting on the device.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from bnn_bench.errors import UserError
 
 
 def _to_uint8(x: jax.Array) -> jax.Array:
@@ -102,3 +111,56 @@ def corrupt(key: jax.Array, x: jax.Array, corruption: str, level: float,
     parts = [fn(jax.random.fold_in(key, i), x[start:start + batch_size], float(level))
              for i, start in enumerate(range(0, x.shape[0], batch_size))]
     return jnp.concatenate(parts) if parts else x
+
+
+# --- CIFAR-10-C from TFDS
+
+TFDS_PREFIX = "cifar10c_"
+CIFAR10_C = (
+    "brightness", "contrast", "defocus_blur", "elastic", "fog", "frost", "frosted_glass_blur",
+    "gaussian_blur", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur",
+    "pixelate", "saturate", "shot_noise", "snow", "spatter", "speckle_noise", "zoom_blur",
+)
+CIFAR10_C_LEVELS = (1, 2, 3, 4, 5)
+
+
+def is_tfds(corruption: str) -> bool:
+    return corruption.startswith(TFDS_PREFIX)
+
+
+def load_cifar10_corrupted(corruption: str, severity: int, data_dir: str | None,
+                           download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The 10,000 test images of ``cifar10_corrupted/<name>_<severity>`` (uint8, labels).
+
+    Raises:
+      UserError: when the name is unknown, or the data is not prepared and
+        ``download`` is off (or fails without network).
+    """
+    name = corruption[len(TFDS_PREFIX):]
+    if name not in CIFAR10_C or int(severity) not in CIFAR10_C_LEVELS:
+        raise UserError(f"eval.shift: {corruption!r} at severity {severity} is not in CIFAR-10-C; "
+                        f"names: {', '.join(CIFAR10_C)}; severities 1..5.")
+    config = f"cifar10_corrupted/{name}_{int(severity)}"
+    root = Path(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+    hint = (f"Prepare it with TFDS on a machine with network (tfds.load({config!r}, "
+            f"data_dir=...)) and pass eval.tfds_data_dir, or set eval.download=true.")
+    if not download and not (root.expanduser() / "cifar10_corrupted").is_dir():
+        raise UserError(f"{config} is not in the TFDS data dir {root}. {hint}")
+    from bnn_bench.data.sources import keep_tensorflow_off_gpu
+
+    keep_tensorflow_off_gpu()
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(config, data_dir=data_dir)
+    try:
+        if not builder.is_prepared():
+            if not download:
+                raise UserError(f"{config} is not prepared in {builder.data_dir}. {hint}")
+            builder.download_and_prepare()
+        x, y = tfds.as_numpy(builder.as_dataset(split="test", batch_size=-1, as_supervised=True))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. no network during the download
+        raise UserError(f"could not read {config}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}. {hint}") from e
+    return np.asarray(x, np.uint8), np.asarray(y, np.int32)

@@ -245,7 +245,8 @@ def shift_curves(path: Path, shift: dict, title: str) -> Path:
                 (("acc", "accuracy (%)", 100), ("nll", "NLL (nats)", 1), ("ece", "ECE (%)", 100))):
             ax = axes[r, j]
             ax.plot(level, scale * np.asarray(c[key], dtype=float), "o-")
-            ax.set_xlabel(SHIFT_AXIS.get(name, "intensity"))
+            ax.set_xlabel(SHIFT_AXIS.get(name, "CIFAR-10-C severity" if name.startswith("cifar10c_")
+                                         else "intensity"))
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             ax.set_title(f"{name}: {label.split(' (')[0]}", fontsize=9)
