@@ -77,6 +77,6 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     logger.summary(metrics)
     path = write_metrics(out_dir, metrics, curves)
     logger.finish()
-    log.info("results (%s)\n%s", title, tables.metrics_table(metrics))
     log.info("wrote %s", path)
+    log.info("results (%s)\n%s", title, tables.metrics_table(metrics))
     return metrics
