@@ -189,19 +189,21 @@ def accuracy_over_certainty(path: Path, curve: dict, title: str) -> Path:
     t = np.asarray(curve["threshold"])
     acc = 100 * np.asarray(curve["accuracy"], dtype=float)
     share = 100 * np.asarray(curve["share"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(t, acc, "o-", color="tab:blue", label="hard-vote accuracy")
-    for ti, a, s in zip(t, acc, share, strict=True):
-        if np.isfinite(a):
-            ax.annotate(f"{s:.0f}% of inputs", (ti, a), textcoords="offset points",
-                        xytext=(0, -14), ha="center", fontsize=7)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    bx = ax.twinx()
+    bars = bx.bar(t, share, width=0.06, color="lightgray", edgecolor="gray")
+    bx.set_ylim(0, 100)
+    bx.set_ylabel("inputs at or above the threshold (%)", color="gray")
+    ax.set_zorder(bx.get_zorder() + 1)  # the line over the bars
+    ax.patch.set_visible(False)
+    (line,) = ax.plot(t, acc, "o-", color="tab:blue")
     ax.set_xlim(0.45, 1.05)
     ax.set_xlabel("certainty threshold (share of members voting for the majority class)")
-    ax.set_ylabel("accuracy on inputs at or above it (%)")
+    ax.set_ylabel("hard-vote accuracy on those inputs (%)", color="tab:blue")
     lo = np.nanmin(acc) if np.isfinite(acc).any() else 0
     ax.set_ylim(max(0, lo - 8), 100.5)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend([line, bars], ["hard-vote accuracy", "share of inputs"], loc="lower right")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
