@@ -61,9 +61,10 @@ def reliability_diagram(path: Path, bins: dict, title: str) -> Path:
     filled = count > 0
     ax.bar(centers[filled], acc[filled], width=width[filled], edgecolor="black",
            color="tab:blue", label="accuracy in bin")
+    # hatched only, so the gap stays visible where it lies inside an accuracy bar
     ax.bar(centers[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled],
-           edgecolor="tab:red", color="tab:red", alpha=0.3, hatch="//",
-           label="gap to mean confidence")
+           fill=False, edgecolor="tab:red", hatch="///", linewidth=0.8,
+           label="gap to the bin's mean confidence")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
