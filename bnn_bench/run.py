@@ -14,7 +14,9 @@ from omegaconf import DictConfig
 
 from bnn_bench import evaluation
 from bnn_bench.config import build, to_dict, validate
-from bnn_bench.evaluation import EvalPlan
+from bnn_bench.evaluation import EvalPlan, tables
+from bnn_bench.evaluation.complexity import flops_per_input
+from bnn_bench.evaluation.sets import evaluation_sets, labels_of
 from bnn_bench.models import build_model, num_params
 from bnn_bench.reporting import plots
 from bnn_bench.reporting.outputs import write_metrics
@@ -40,7 +42,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     log.info("model %s: %s parameters, input %s; method %s; device %s",
              model.name, f"{n_params:,}", data.spec.input_shape, type(method).__name__,
              jax.devices()[0].platform)
-    evalsets = {"test": data.test} | ({"val": data.val} if data.val is not None else {})
+    evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
     plan = EvalPlan({name: split.x for name, split in evalsets.items()},
                     keep=settings.keep_inputs, capacity=settings.keep_members)
     logger = build(cfg.logger, "logger")
@@ -60,32 +62,28 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
 
     # --- evaluation
     tic = time.perf_counter()
-    metrics: dict[str, float] = {"model/params": float(n_params)}
-    curves: dict[str, dict] = {}
-    for name, summary in summaries.items():
-        labels = evalsets[name].y
-        for key, value in evaluation.compute(summary, labels, settings.num_bins).items():
-            metrics[f"{name}/{key}"] = value
-        curves[name] = evaluation.curves(summary, labels, settings.num_bins)
-    extra = getattr(method, "extra_metrics", None)  # optional: a method's own scalars
-    if extra is not None:
-        metrics.update(extra(k_predict, posterior, summaries, evalsets, settings.num_bins))
+    metrics: dict[str, float] = {"model/params": float(n_params),
+                                 "model/flops": flops_per_input(model)}
+    set_metrics, curves = evaluation.evaluate(summaries, labels_of(evalsets), settings.num_bins,
+                                              settings.uncertain_below)
+    metrics.update(set_metrics)
+    if hasattr(method, "extra_metrics"):  # numbers that need the evaluation sets
+        metrics.update(method.extra_metrics(k_predict, posterior, summaries, evalsets,
+                                            settings.num_bins))
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
     if hasattr(posterior, "extra_metrics"):  # numbers a method measured itself
         metrics.update(posterior.extra_metrics())
 
     # --- reporting: plots, logger, and metrics.json last
-    test = metrics
-    title = (f"{type(method).__name__} · {model.name} · {data.spec.name}: "
-             f"acc {test['test/acc']:.3f}, ECE {test['test/ece']:.3f}")
-    png = plots.reliability_diagram(out_dir / "plots" / "reliability.png",
-                                    curves["test"]["reliability"], title)
-    logger.image("reliability", png)
+    title = f"{type(method).__name__} · {model.name} · {data.spec.name}"
+    if settings.plots:
+        for name, png in plots.write_all(out_dir / "plots", title, summaries, evalsets,
+                                         metrics, curves, data.spec).items():
+            logger.image(name, png)
     logger.summary(metrics)
     path = write_metrics(out_dir, metrics, curves)
     logger.finish()
-    log.info("test: %s", ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()
-                                   if k.startswith("test/")))
     log.info("wrote %s", path)
+    log.info("results (%s)\n%s", title, tables.metrics_table(metrics))
     return metrics

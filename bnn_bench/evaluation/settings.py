@@ -1,8 +1,28 @@
 """The ``eval`` config group."""
 
-from dataclasses import dataclass
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bnn_bench.errors import UserError
+from bnn_bench.evaluation.shift import (
+    CIFAR10_C,
+    CIFAR10_C_LEVELS,
+    CORRUPTIONS,
+    DEFAULT_LEVELS,
+    TFDS_PREFIX,
+    is_tfds,
+)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 @dataclass(frozen=True)
@@ -11,18 +31,77 @@ class EvalSettings:
 
     Attributes:
       batch_size: inputs per forward pass when predicting.
-      num_bins: equal-width confidence bins of ECE and the reliability diagram.
+      num_bins: bins of ECE, adaptive ECE, MCE and the reliability diagram.
       keep_inputs: the first this-many inputs of each set keep every member's
         probabilities (for per-image box plots).
       keep_members: at most this many members are kept for them.
+      uncertain_below: a prediction whose confidence (max posterior-predictive
+        probability) is below this counts as uncertain.
+      ood_dataset: a dataset config (any ``conf/dataset`` choice, chosen with
+        ``dataset@eval.ood_dataset=NAME``) whose test split is the OOD set, or None.
+      shift: corruptions of the test set (``rotate``, ``gaussian_noise``,
+        ``contrast``, ``invert``), or CIFAR-10-C sets from TFDS
+        (``cifar10c_<name>``, severities 1..5); each level is an evaluation set.
+      shift_levels: intensities per corruption (0 would be the clean test set).
+      tfds_data_dir: where prepared CIFAR-10-C lives (default ``TFDS_DATA_DIR``).
+      download: let TFDS download CIFAR-10-C when it is not prepared.
+      shift_size: corrupt only the first this-many test inputs (None: all).
+      shift_seed: seed of the noise corruptions; fixed, so every run and method
+        sees the same corrupted images.
+      plots: write the plots into ``plots/``.
     """
 
     batch_size: int = 1000
     num_bins: int = 15
     keep_inputs: int = 5
     keep_members: int = 1000
+    uncertain_below: float = 0.5
+    ood_dataset: Any = None
+    shift: Sequence[str] = ()
+    shift_levels: Mapping[str, Sequence[float]] = field(default_factory=lambda: DEFAULT_LEVELS)
+    shift_size: int | None = None
+    shift_seed: int = 0
+    tfds_data_dir: str | None = None
+    download: bool = False
+    plots: bool = True
 
     def __post_init__(self):
-        if min(self.batch_size, self.num_bins) < 1 or min(self.keep_inputs, self.keep_members) < 0:
+        if (self.batch_size < 1 or self.num_bins < 1 or self.keep_inputs < 0
+                or self.keep_members < 0):
             raise UserError("eval.batch_size and eval.num_bins must be >= 1, "
                             "eval.keep_inputs and eval.keep_members >= 0.")
+        if not 0.0 < self.uncertain_below <= 1.0:
+            raise UserError(f"eval.uncertain_below must be in (0, 1]; got {self.uncertain_below}.")
+        if self.ood_dataset is not None and not (
+                isinstance(self.ood_dataset, Mapping) and "_target_" in self.ood_dataset):
+            raise UserError(
+                f"eval.ood_dataset must be a dataset config, got {self.ood_dataset!r}. "
+                "Choose one with dataset@eval.ood_dataset=NAME (e.g. "
+                "dataset@eval.ood_dataset=mnist), then override its keys as "
+                "eval.ood_dataset.KEY=VALUE.")
+        shift = _plain(self.shift)
+        shift = [shift] if isinstance(shift, str) else list(shift or ())
+        levels = {**DEFAULT_LEVELS, **(_plain(self.shift_levels) or {})}
+        for name in shift:
+            if is_tfds(name) and name[len(TFDS_PREFIX):] in CIFAR10_C:
+                levels.setdefault(name, CIFAR10_C_LEVELS)
+            elif name not in CORRUPTIONS:
+                raise UserError(f"eval.shift: unknown corruption {name!r}. Known: "
+                                f"{', '.join(CORRUPTIONS)}, or {TFDS_PREFIX}<name> with <name> "
+                                f"one of CIFAR-10-C's: {', '.join(CIFAR10_C)}.")
+            lv = levels[name]
+            if not isinstance(lv, list | tuple) or not lv or not all(
+                    isinstance(v, int | float) and v > 0 for v in lv):
+                raise UserError(f"eval.shift_levels.{name} must be a non-empty list of positive "
+                                f"intensities (0 is the clean test set); got {lv!r}.")
+        if len(set(shift)) != len(shift):
+            raise UserError(f"eval.shift lists a corruption twice: {shift}.")
+        if self.shift_size is not None and self.shift_size < 1:
+            raise UserError(f"eval.shift_size must be >= 1 or null; got {self.shift_size}.")
+        object.__setattr__(self, "shift", tuple(shift))
+        object.__setattr__(self, "shift_levels",
+                           {k: tuple(float(v) for v in vs) for k, vs in levels.items()})
+
+    def shift_sets(self) -> list[tuple[str, float]]:
+        """(corruption, level) of every shifted evaluation set, in config order."""
+        return [(name, level) for name in self.shift for level in self.shift_levels[name]]

@@ -48,7 +48,9 @@ class Method(Protocol):
 #   method.save(out_dir, posterior): write what a later run can reuse (MAP parameters
 #     for init_from, SG-MCMC samples);
 #   posterior.extra_metrics() -> {name: float}: numbers the method measured itself
-#     (e.g. the prior precision Laplace chose, a sampler's last-sample accuracy).
+#     (e.g. the prior precision Laplace chose, a sampler's last-sample accuracy);
+#   method.extra_metrics(key, posterior, summaries, evalsets, num_bins) -> {name: float}:
+#     numbers that need the evaluation sets (MC-BatchNorm's MAP prediction, each voter's).
 
 
 class MemberMethod:

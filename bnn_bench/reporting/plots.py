@@ -1,7 +1,14 @@
-"""Plots as PNG files in the run folder's ``plots/``; each reads without the code."""
+"""Plots as PNG files in the run folder's ``plots/``; each reads without the code.
+
+``write_all`` draws every plot a run can have from its summaries, evaluation sets
+and metrics. Plots that need several members (box plots of the members'
+probabilities, agreement, risk error bars) are skipped with a log note when S = 1.
+"""
 
 from __future__ import annotations
 
+import logging
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +16,36 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SHIFT_AXIS = {
+    "rotate": "rotation angle (degrees)",
+    "gaussian_noise": "noise std (pixels on a [0, 1] scale)",
+    "contrast": "share of contrast removed",
+    "invert": "blend with the negative image",
+}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """A uint8 image (H, W, C) without axes; grey images in grey."""
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _short(names, width: int = 10) -> list[str]:
+    return [n if len(n) <= width else n[: width - 1] + "." for n in names]
 
 
 def reliability_diagram(path: Path, bins: dict, title: str) -> Path:
@@ -19,24 +56,311 @@ def reliability_diagram(path: Path, bins: dict, title: str) -> Path:
     centers = edges[:-1] + width / 2
     count = np.asarray(bins["count"])
     acc, conf = np.asarray(bins["accuracy"]), np.asarray(bins["confidence"])
-    fig, (ax, hx) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
                                  gridspec_kw={"height_ratios": [3, 1]})
     filled = count > 0
     ax.bar(centers[filled], acc[filled], width=width[filled], edgecolor="black",
-           color="tab:blue", label="accuracy")
+           color="tab:blue", label="accuracy in bin")
+    # hatched only, so the gap stays visible where it lies inside an accuracy bar
     ax.bar(centers[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled],
-           edgecolor="tab:red", color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")
+           fill=False, edgecolor="tab:red", hatch="///", linewidth=0.8,
+           label="gap to the bin's mean confidence")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left")
     hx.bar(centers, count / max(count.sum(), 1), width=width, edgecolor="black", color="gray")
     hx.set_xlabel("confidence (max predicted probability)")
     hx.set_ylabel("share of inputs")
     hx.set_xlim(0, 1)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def accuracy_vs_threshold(path: Path, curve: dict, title: str) -> Path:
+    """Accuracy of the kept predictions and share dropped against a confidence
+    threshold (BlackJAX SGLD tutorial)."""
+    t = np.asarray(curve["threshold"])
+    acc = 100 * np.asarray(curve["accuracy"], dtype=float)
+    dropped = 100 * (1 - np.asarray(curve["kept"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(t, acc, "o-", color="tab:blue", label="accuracy of kept predictions")
+    ax.set_xlabel("confidence threshold (predictions below it are dropped)")
+    ax.set_ylabel("accuracy of kept predictions (%)", color="tab:blue")
+    lo = np.nanmin(acc) if np.isfinite(acc).any() else 0
+    ax.set_ylim(max(0, lo - 5), 100.5)
+    bx = ax.twinx()
+    bx.plot(t, dropped, "s--", color="tab:orange", label="inputs dropped")
+    bx.set_ylabel("inputs dropped (%)", color="tab:orange")
+    bx.set_ylim(0, 100)
+    lines = ax.get_lines() + bx.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center left")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def risk_coverage(path: Path, curve: dict, aurc: float, title: str) -> Path:
+    """Selective risk against coverage, most confident inputs first."""
+    cov = 100 * np.asarray(curve["coverage"])
+    risk = 100 * np.asarray(curve["risk"])
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot(cov, risk, color="tab:blue", label=f"model (AURC {100 * aurc:.2f}%)")
+    ax.axvline(80, color="gray", ls=":", label="80% coverage")
+    ax.axhline(5, color="gray", ls="--", label="5% risk")
+    ax.set_xlabel("coverage: share of inputs accepted, most confident first (%)")
+    ax.set_ylabel("risk: error rate on accepted inputs (%)")
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, max(10, float(np.ceil(risk.max() + 1))))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def uncertain_images(path: Path, images: np.ndarray, labels, preds, conf, entropy,
+                     class_names, title: str) -> Path:
+    """A grid of the most uncertain test images (highest predictive entropy) with
+    their true and predicted labels; wrong predictions in red."""
+    n = len(images)
+    cols = min(4, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 3.3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        _show(ax, images[i])
+        color = "tab:green" if labels[i] == preds[i] else "tab:red"
+        ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[preds[i]]} "
+                     f"(p={conf[i]:.2f})\nentropy {entropy[i]:.2f}", fontsize=8, color=color)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def uncertain_per_class(path: Path, curve: dict, class_names, title: str) -> Path:
+    """Uncertain predictions (confidence below a threshold) per true class."""
+    count = np.asarray(curve["count"])
+    total = np.maximum(np.asarray(curve["total"]), 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(count))
+    bars = ax.bar(x, count, color="tab:purple")
+    for b, c, t in zip(bars, count, total, strict=True):
+        ax.annotate(f"{100 * c / t:.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, _short(class_names, 12), rotation=30, ha="right")
+    ax.set_xlabel("true class")
+    ax.set_ylabel(f"inputs with confidence < {curve['below']:g}")
+    ax.set_ylim(0, max(1, count.max()) * 1.15)
+    ax.set_title(title + "\n(labels above the bars: share of the class)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def member_boxplots(path: Path, images: np.ndarray, kept: np.ndarray, labels, idx,
+                    class_names, title: str) -> Path:
+    """Box plots of the members' class probabilities for a few fixed test images
+    (JaxSGMC CIFAR-10 tutorial), each under its image."""
+    k = kept.shape[1]
+    fig, axes = plt.subplots(2, k, figsize=(3.0 * k, 5.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1.6]})
+    for j in range(k):
+        _show(axes[0, j], images[j])
+        axes[0, j].set_title(f"test #{int(idx[j])}\ntrue: {class_names[labels[j]]}", fontsize=9)
+        ax = axes[1, j]
+        ax.boxplot(kept[:, j, :], showfliers=True, widths=0.6,
+                   flierprops={"markersize": 2})
+        ax.set_xticks(np.arange(1, len(class_names) + 1), _short(class_names, 8),
+                      rotation=90, fontsize=7)
+        ax.set_ylim(-0.02, 1.02)
+        if j == 0:
+            ax.set_ylabel("member's probability")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def accuracy_over_certainty(path: Path, curve: dict, title: str) -> Path:
+    """Hard-voting accuracy among inputs whose member agreement reaches each
+    threshold, and the share of inputs that do (JaxSGMC)."""
+    t = np.asarray(curve["threshold"])
+    acc = 100 * np.asarray(curve["accuracy"], dtype=float)
+    share = 100 * np.asarray(curve["share"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    bx = ax.twinx()
+    bars = bx.bar(t, share, width=0.06, color="lightgray", edgecolor="gray")
+    bx.set_ylim(0, 100)
+    bx.set_ylabel("inputs at or above the threshold (%)", color="gray")
+    ax.set_zorder(bx.get_zorder() + 1)  # the line over the bars
+    ax.patch.set_visible(False)
+    (line,) = ax.plot(t, acc, "o-", color="tab:blue")
+    ax.set_xlim(0.45, 1.05)
+    ax.set_xlabel("certainty threshold (share of members voting for the majority class)")
+    ax.set_ylabel("hard-vote accuracy on those inputs (%)", color="tab:blue")
+    lo = np.nanmin(acc) if np.isfinite(acc).any() else 0
+    ax.set_ylim(max(0, lo - 8), 100.5)
+    ax.grid(alpha=0.3)
+    ax.legend([line, bars], ["hard-vote accuracy", "share of inputs"], loc="lower right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def risk_extremes(path: Path, images: np.ndarray, mean: np.ndarray, std: np.ndarray, labels,
+                  risk: np.ndarray, n_low: int, class_names, title: str) -> Path:
+    """Mean class probabilities with ±1 std over members (the "risk" error bars of
+    capsa's vote wrapper) for the lowest-risk (top row) and highest-risk (bottom row)
+    test images."""
+    n = len(images)
+    fig, axes = plt.subplots(2, 2 * (n // 2), figsize=(3.2 * n, 5.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.2] * (n // 2)})
+    for i in range(n):
+        row, col = divmod(i, n // 2)
+        _show(axes[row, 2 * col], images[i])
+        kind = "lowest" if i < n_low else "highest"
+        axes[row, 2 * col].set_title(f"{kind} risk\n{risk[i]:.3g}", fontsize=8)
+        ax = axes[row, 2 * col + 1]
+        colors = ["tab:green" if c == labels[i] else "tab:gray" for c in range(mean.shape[1])]
+        ax.bar(np.arange(mean.shape[1]), mean[i], yerr=std[i], color=colors, capsize=2,
+               error_kw={"elinewidth": 1})
+        ax.set_ylim(0, 1.05)
+        ax.set_xticks(np.arange(mean.shape[1]), _short(class_names, 8), rotation=90, fontsize=7)
+        ax.set_title(f"true: {class_names[labels[i]]} (green)", fontsize=8)
+        if col == 0:
+            ax.set_ylabel("probability ± std")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def shift_curves(path: Path, shift: dict, title: str) -> Path:
+    """Accuracy, NLL and ECE against corruption intensity, one row per corruption."""
+    names = list(shift)
+    fig, axes = plt.subplots(len(names), 3, figsize=(12, 3.2 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        c = shift[name]
+        level = np.asarray(c["level"])
+        for j, (key, label, scale) in enumerate(
+                (("acc", "accuracy (%)", 100), ("nll", "NLL (nats)", 1), ("ece", "ECE (%)", 100))):
+            ax = axes[r, j]
+            ax.plot(level, scale * np.asarray(c[key], dtype=float), "o-")
+            ax.set_xlabel(SHIFT_AXIS.get(name, "CIFAR-10-C severity" if name.startswith("cifar10c_")
+                                         else "intensity"))
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{name}: {label.split(' (')[0]}", fontsize=9)
+            if key == "acc":
+                ax.set_ylim(0, 100)
+    fig.suptitle(title + " — level 0 is the clean test set", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def ood_histograms(path: Path, scores: dict[str, tuple[np.ndarray, np.ndarray]],
+                   aurocs: dict[str, float], title: str) -> Path:
+    """Histograms of each OOD score on the test set and on the OOD set."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.5 * len(scores), 3.6), squeeze=False)
+    for ax, (name, (s_in, s_out)) in zip(axes[0], scores.items(), strict=True):
+        lo, hi = min(s_in.min(), s_out.min()), max(s_in.max(), s_out.max())
+        bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 40)
+        ax.hist(s_in, bins=bins, alpha=0.6, density=True, label="test (in-distribution)")
+        ax.hist(s_out, bins=bins, alpha=0.6, density=True, label="OOD")
+        auroc = aurocs.get(name, float("nan"))
+        ax.set_title(f"{name} (AUROC {100 * auroc:.1f}%)", fontsize=9)
+        ax.set_xlabel(name if name == "max prob" else f"{name} (nats)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_all(folder: Path, title: str, summaries: dict, sets: dict, metrics: dict,
+              curves: dict, spec, num_images: int = 16, num_extremes: int = 3) -> dict[str, Path]:
+    """Every plot of a run; returns ``{name: path}`` for the logger.
+
+    Args:
+      folder: the run's ``plots/`` folder.
+      title: method · model · dataset, the first line of every title.
+      summaries, sets: the evaluation sets' summaries and splits (``test`` needed).
+      metrics, curves: what ``evaluation.evaluate`` returned.
+      spec: the dataset spec (class names).
+    """
+    folder = Path(folder)
+    names = list(spec.class_names)
+    test, split = summaries["test"], sets["test"]
+    c = curves["test"]
+    s = int(test.count)
+    head = f"{title} · test set, S = {s}"
+    out: dict[str, Path] = {}
+    m = lambda k: metrics.get(f"test/{k}", float("nan"))  # noqa: E731
+
+    out["reliability"] = reliability_diagram(
+        folder / "reliability.png", c["reliability"],
+        f"{head}\nacc {100 * m('acc'):.2f}%, ECE {100 * m('ece'):.2f}%, "
+        f"MCE {100 * m('mce'):.2f}%")
+    out["accuracy_vs_threshold"] = accuracy_vs_threshold(
+        folder / "accuracy_vs_threshold.png", c["accuracy_over_confidence"],
+        f"{head}\naccuracy and inputs dropped vs confidence threshold")
+    out["risk_coverage"] = risk_coverage(folder / "risk_coverage.png", c["risk_coverage"],
+                                         m("aurc"), f"{head}\nrisk-coverage (selective prediction)")
+    out["uncertain_per_class"] = uncertain_per_class(
+        folder / "uncertain_per_class.png", c["uncertain_per_class"], names,
+        f"{head}\nuncertain predictions per class")
+
+    mean = np.asarray(test.mean(), np.float64)
+    y = np.asarray(split.y)
+    entropy = np.asarray(test.predictive_entropy(), np.float64)
+    top = np.argsort(-entropy, kind="stable")[:num_images]
+    out["uncertain_images"] = uncertain_images(
+        folder / "uncertain_images.png", np.asarray(split.x[top]), y[top],
+        mean[top].argmax(-1), mean[top].max(-1), entropy[top], _short(names, 14),
+        textwrap.fill(f"{head}: the {len(top)} most uncertain test images "
+                      "(highest predictive entropy); red = wrong", 90))
+
+    if s > 1:
+        kept = np.asarray(test.kept_members())
+        idx = np.asarray(test.keep_idx)
+        if kept.size:
+            out["member_boxplots"] = member_boxplots(
+                folder / "member_boxplots.png", np.asarray(split.x[idx]), kept, y[idx], idx,
+                names, f"{head}: class probabilities of {kept.shape[0]} members, "
+                f"{len(idx)} fixed test images")
+        out["accuracy_over_certainty"] = accuracy_over_certainty(
+            folder / "accuracy_over_certainty.png", c["accuracy_over_certainty"],
+            f"{head}\nhard-vote accuracy over member agreement (certainty)")
+        std = np.sqrt(np.asarray(test.variance(), np.float64))
+        risk = std.sum(-1)  # summed over classes
+        order = np.argsort(risk, kind="stable")
+        pick = np.r_[order[:num_extremes], order[-num_extremes:]]
+        out["risk_extremes"] = risk_extremes(
+            folder / "risk_extremes.png", np.asarray(split.x[pick]), mean[pick], std[pick],
+            y[pick], risk[pick], num_extremes, names,
+            f"{head}: lowest (top) and highest (bottom) risk = sum over classes of the "
+            "members' std")
+    else:
+        log.info("plots: S = 1, so member box plots, accuracy over member agreement and "
+                 "risk error bars are skipped (they need several members)")
+
+    if "shift" in curves:
+        out["shift"] = shift_curves(folder / "shift.png", curves["shift"],
+                                    f"{title}: metrics under distribution shift")
+    if "ood" in summaries:
+        from bnn_bench.evaluation import OOD_SCORES
+
+        scores = {"max prob": (-OOD_SCORES["msp"](test), -OOD_SCORES["msp"](summaries["ood"])),
+                  "predictive entropy": (OOD_SCORES["entropy"](test),
+                                         OOD_SCORES["entropy"](summaries["ood"]))}
+        if s > 1:
+            scores["mutual information"] = (OOD_SCORES["mi"](test),
+                                            OOD_SCORES["mi"](summaries["ood"]))
+        aurocs = {"max prob": metrics.get("ood/auroc_msp", float("nan")),
+                  "predictive entropy": metrics.get("ood/auroc_entropy", float("nan")),
+                  "mutual information": metrics.get("ood/auroc_mi", float("nan"))}
+        out["ood_scores"] = ood_histograms(folder / "ood_scores.png", scores, aurocs,
+                                           f"{title}: test vs OOD inputs")
+    return out
