@@ -17,6 +17,7 @@ from bnn_bench.config import build, to_dict, validate
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.models import build_model, num_params
 from bnn_bench.reporting import plots
+from bnn_bench.reporting.loggers import HistoryLogger, Loggers, RunInfo
 from bnn_bench.reporting.outputs import write_metrics
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     evalsets = {"test": data.test} | ({"val": data.val} if data.val is not None else {})
     plan = EvalPlan({name: split.x for name, split in evalsets.items()},
                     keep=settings.keep_inputs, capacity=settings.keep_members)
-    logger = build(cfg.logger, "logger")
-    logger.start(out_dir, to_dict(cfg))
+    # history.jsonl always; a tracker if chosen (an unfinished W&B run is closed at exit)
+    logger = Loggers(HistoryLogger(), build(cfg.logger, "logger"))
+    logger.start(out_dir, to_dict(cfg), RunInfo.current(out_dir))
     timings["time/setup"] = time.perf_counter() - tic
 
     # --- inference
@@ -76,6 +78,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
                                     curves["test"]["reliability"], title)
     logger.image("reliability", png)
     logger.summary(metrics)
+    logger.curves(curves)
     path = write_metrics(out_dir, metrics, curves)
     logger.finish()
     log.info("test: %s", ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()
