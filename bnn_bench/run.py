@@ -12,13 +12,13 @@ from pathlib import Path
 import jax
 from omegaconf import DictConfig
 
-from bnn_bench import evaluation
+from bnn_bench import checkpoint, evaluation
 from bnn_bench.config import build, to_dict, validate
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.models import build_model, num_params
-from bnn_bench.reporting import plots
+from bnn_bench.reporting import cost, plots
 from bnn_bench.reporting.loggers import HistoryLogger, Loggers, RunInfo
-from bnn_bench.reporting.outputs import write_metrics
+from bnn_bench.reporting.outputs import read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     """Runs one experiment and writes its run folder; returns the flat metrics."""
     out_dir = Path(out_dir)
     validate(cfg)  # a misspelt key stops here, before any data is read
+    config, record = to_dict(cfg), checkpoint.RunRecord(out_dir)
+    todo = record.plan(config, cfg.resume)  # new | resume | skip (finished here already)
+    if todo == "skip":
+        log.info("%s holds this job's metrics.json already; skipping (resume=false reruns it).",
+                 out_dir)
+        return read_metrics(out_dir)
+    record.start(config, todo)  # a new run clears the folder's old results and checkpoints
+    meter = cost.start()  # gradient evaluations, compile time, peak memory of this run
     k_fit, k_predict = jax.random.split(jax.random.key(cfg.seed))
     settings = build(cfg.eval, "eval")
     timings: dict[str, float] = {}
@@ -46,12 +54,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
                     keep=settings.keep_inputs, capacity=settings.keep_members)
     # history.jsonl always; a tracker if chosen (an unfinished W&B run is closed at exit)
     logger = Loggers(HistoryLogger(), build(cfg.logger, "logger"))
-    logger.start(out_dir, to_dict(cfg), RunInfo.current(out_dir))
+    record.set_logger_run_id(logger.start(out_dir, config, RunInfo.current(out_dir),
+                                          run_id=record.logger_run_id))
     timings["time/setup"] = time.perf_counter() - tic
 
     # --- inference
     tic = time.perf_counter()
-    posterior = method.fit(k_fit, model, data, plan, logger.log)
+    with checkpoint.session(record.root, cfg.checkpoint.every):  # SIGTERM: save, then stop
+        posterior = method.fit(k_fit, model, data, plan, logger.log)
     timings["time/fit"] = time.perf_counter() - tic
     tic = time.perf_counter()
     summaries = method.predict(k_predict, posterior, plan)
@@ -69,6 +79,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         curves[name] = evaluation.curves(summary, labels, settings.num_bins)
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
+    meter.counts.setdefault("samples", float(summaries["test"].count))
+    metrics.update(meter.metrics())
 
     # --- reporting: plots, logger, and metrics.json last
     test = metrics
