@@ -50,3 +50,30 @@ def test_submitit_local_multirun_runs_both_jobs(tmp_path):
     assert metrics[0]["test/nll"] != metrics[1]["test/nll"]  # two seeds, two runs
     # each job ran as its own submitit job with its own log
     assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2
+
+
+def test_relaunching_an_interrupted_multirun_skips_finished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [*CLI, "-m", *TINY, "trainer.chunk_size=3", "checkpoint.every=2", "seed=0,1,2",
+           f"hydra.sweep.dir={sweep}",
+           # preempt job 1 (seed 1) at step 13, the first time only
+           "logger._target_=tests.reporting.sigterm_logger.SigtermAt", "+logger.step=13",
+           "+logger.seed=1", f"+logger.once={tmp_path / 'preempted'}"]
+    first = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert f"re-launch the same command with hydra.sweep.dir={sweep}" in first.stderr
+    done = (sweep / "0" / "metrics.json").read_bytes()
+    done_mtime = (sweep / "0" / "metrics.json").stat().st_mtime_ns
+    assert not (sweep / "1" / "metrics.json").exists()
+    assert not (sweep / "2" / "metrics.json").exists()  # never started
+
+    again = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    # job 0 was skipped: its results are untouched
+    assert (sweep / "0" / "metrics.json").read_bytes() == done
+    assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == done_mtime
+    assert "skipping" in (sweep / "0" / "run.log").read_text()
+    # job 1 continued from its checkpoint, job 2 ran
+    assert "resuming trainer-0 from step 13" in (sweep / "1" / "run.log").read_text()
+    for job in ("1", "2"):
+        assert json.loads((sweep / job / "metrics.json").read_text())["cost/grad_evals"] == 28

@@ -5,16 +5,28 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
-from bnn_bench.reporting.loggers import NoLogger
+from bnn_bench.reporting.loggers import NoLogger, RunInfo
 
 
 class SigtermAt(NoLogger):
-    def __init__(self, step: int):
-        self.step = step
-        self.sent = False
+    """SIGTERM at ``step``; only in the run with ``seed`` (None: any), and only while the
+    file ``once`` (None: always) does not exist yet (it is created on sending)."""
+
+    def __init__(self, step: int, seed: int | None = None, once: str | None = None):
+        self.step, self.seed, self.once = step, seed, once
+        self.armed = False
+
+    def start(self, out_dir: Path, config: dict, info: RunInfo,
+              run_id: str | None = None) -> str | None:
+        self.armed = ((self.seed is None or config["seed"] == self.seed)
+                      and (self.once is None or not Path(self.once).exists()))
+        return None
 
     def log(self, values: dict[str, float], step: int) -> None:
-        if step >= self.step and not self.sent:
-            self.sent = True
+        if self.armed and step >= self.step:
+            self.armed = False
+            if self.once is not None:
+                Path(self.once).touch()
             os.kill(os.getpid(), signal.SIGTERM)
