@@ -39,6 +39,8 @@ def configure_device(device: DictConfig) -> dict[str, str]:
     if changed and xla_bridge.backends_are_initialized():
         log.warning("device settings %s come too late: JAX has started already.", changed)
     os.environ.update(env)
+    if env:
+        log.info("device: %s", " ".join(f"{k}={v}" for k, v in env.items()))
     return env
 
 

@@ -112,8 +112,11 @@ def keep_tensorflow_off_gpu() -> None:
 
     try:
         tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # already initialised; nothing more can be done
-        pass
+    except RuntimeError as e:  # TF started already: it may hold GPU memory JAX needs
+        import logging
+
+        logging.getLogger(__name__).warning("TensorFlow already started; it may use the GPU "
+                                            "(%s).", e)
 
 
 def read_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:

@@ -45,8 +45,13 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     assert train == local and len(train) == 4  # 4 epochs of one chunk each
     assert any("val/acc" in h for h in wb["history"])
     # the final metrics in the summary, equal to metrics.json
-    for key in ("test/acc", "test/nll", "test/ece", "val/acc", "time/fit"):
+    for key in ("test/acc", "test/nll", "test/ece", "val/acc", "time/fit", "cost/grad_evals",
+                "cost/compile_s"):
         assert wb["summary"][key] == pytest.approx(metrics[key], rel=1e-12)
+    # cost next to the result: 4 epochs x 7 steps, one member, compiling took time
+    assert metrics["cost/grad_evals"] == 28 and metrics["cost/samples"] == 1
+    assert metrics["cost/compile_s"] > 0
+    assert "cost/peak_device_mib" not in metrics  # the CPU backend reports no memory
     # the reliability plot as an image, the curves as tables
     assert any(h.get("plots/reliability._type") == "image-file" for h in wb["history"])
     assert len(list(run_dir.glob("wandb/offline-run-*/files/media/images/plots/*.png"))) == 1
