@@ -76,8 +76,8 @@ _stop: dict[str, Any] = {"signum": None, "previous": {}, "loops": 0}
 
 def _on_signal(signum, frame):
     del frame
-    if _stop["loops"] == 0:  # nothing to save: stop at once
-        raise Preempted(signum)
+    if _stop["loops"] == 0:  # no loop running, nothing to save: requeue or stop at once
+        _chain_and_raise(signum, None, None)
     log.warning("%s received: saving a checkpoint at the end of this chunk, then stopping.",
                 signal.Signals(signum).name)
     _stop["signum"] = signum

@@ -160,3 +160,47 @@ def test_run_folder_plan(tmp_path):
     assert record.plan(config, "auto") == "skip"
     record.start({**config, "seed": 1}, "new")  # a rerun clears the old job's results
     assert not (tmp_path / "metrics.json").exists() and not (record.root / "trainer-0").exists()
+
+
+def test_submitit_preemption_signal_saves_first_then_hands_over(tmp_path):
+    import os
+    import signal
+
+    from bnn_bench import checkpoint
+
+    requeued = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        requeued.append(signum)
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with checkpoint.session(tmp_path, every=0):
+            ckpt = checkpoint.loop("sgmcmc")
+            assert ckpt.restore(_state(0)) is None
+            os.kill(os.getpid(), signal.SIGUSR2)  # caught: the loop finishes its chunk
+            assert requeued == []
+            with pytest.raises(SystemExit):
+                ckpt.maybe_save(7, _state(7))
+            assert requeued == [signal.SIGUSR2]
+            step, restored = Checkpointer(tmp_path / "sgmcmc-0").restore(_state(0))
+            assert step == 7
+            _assert_same(restored, _state(7))
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # handed back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sigterm_outside_a_loop_stops_at_once(tmp_path):
+    import os
+    import signal
+
+    from bnn_bench import checkpoint
+
+    with checkpoint.session(tmp_path, every=1), pytest.raises(checkpoint.Preempted,
+                                                               match="SIGTERM"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10**6):  # the handler raises at the next bytecode boundary
+            pass
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
