@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import wandb
 
 from bnn_bench.reporting.loggers import RunInfo, WandbLogger, curve_table
 from tests.conftest import CLI, TINY, cli_env
@@ -23,7 +24,8 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     env = cli_env() | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
     proc = subprocess.run(
-        [*CLI, *TINY, "seed=3", "logger=wandb", "logger.project=tests", "logger.tags=[a,b]",
+        [*CLI, *TINY, "trainer.chunk_size=3", "seed=3", "logger=wandb", "logger.project=tests",
+         "logger.tags=[a,b]", "device.preallocate=false", "device.mem_fraction=0.3",
          f"hydra.run.dir={run_dir}"],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,7 +36,8 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     wb = read_run(log_file)
     assert wb["run"].project == "tests"
     assert list(wb["run"].tags) == ["a", "b"]
-    assert wb["run"].display_name == ",".join([*TINY, "seed=3"])  # named from the overrides
+    # named from the overrides that say what it computes (not logger.*, device.*)
+    assert wb["run"].display_name == ",".join([*TINY, "trainer.chunk_size=3", "seed=3"])
     # the resolved config
     assert wb["config"]["seed"] == 3
     assert wb["config"]["model"]["hidden"] == [32]
@@ -42,7 +45,10 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     # the training curve, step for step as in history.jsonl
     train = [(h["_step"], h["train/loss"]) for h in wb["history"] if "train/loss" in h]
     local = [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]
-    assert train == local and len(train) == 4  # 4 epochs of one chunk each
+    # 448 training examples / 64 = 7 steps per epoch, chunks of at most 3 within an epoch
+    assert [step for step, _ in local] == [3, 6, 7, 10, 13, 14, 17, 20, 21, 24, 27, 28]
+    assert train == local
+    assert [h["epoch"] for h in history if "val/acc" in h] == [1, 2, 3, 4]
     assert any("val/acc" in h for h in wb["history"])
     # the final metrics in the summary, equal to metrics.json
     for key in ("test/acc", "test/nll", "test/ece", "val/acc", "time/fit", "cost/grad_evals",
@@ -52,6 +58,10 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     assert metrics["cost/grad_evals"] == 28 and metrics["cost/samples"] == 1
     assert metrics["cost/compile_s"] > 0
     assert "cost/peak_device_mib" not in metrics  # the CPU backend reports no memory
+    # the device settings reached XLA before JAX started (else the CLI warns "too late")
+    log = (run_dir / "run.log").read_text()
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.3" in log
+    assert "too late" not in log
     # the reliability plot as an image, the curves as tables
     assert any(h.get("plots/reliability._type") == "image-file" for h in wb["history"])
     assert len(list(run_dir.glob("wandb/offline-run-*/files/media/images/plots/*.png"))) == 1
@@ -60,19 +70,6 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     table = json.loads(tables[0].read_text())
     assert [row[table["columns"].index("count")] for row in table["data"]] == \
         metrics["curves"]["test"]["reliability"]["count"]
-
-
-def test_history_jsonl_is_written_without_tracker(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run([*CLI, *TINY, "trainer.chunk_size=3", f"hydra.run.dir={run_dir}"],
-                          env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    history = _history(run_dir)
-    steps = [h["step"] for h in history if "train/loss" in h]
-    # 448 training examples / 64 = 7 steps per epoch, chunks of at most 3 within an epoch
-    assert steps == [3, 6, 7, 10, 13, 14, 17, 20, 21, 24, 27, 28]
-    assert [h["epoch"] for h in history if "val/acc" in h] == [1, 2, 3, 4]
-    assert all(isinstance(h["train/loss"], float) for h in history if "train/loss" in h)
 
 
 def test_online_without_network_goes_offline_quickly(tmp_path, monkeypatch):
@@ -87,6 +84,7 @@ def test_online_without_network_goes_offline_quickly(tmp_path, monkeypatch):
     logger.log({"train/loss": 1.5}, step=1)
     logger.finish()
     assert time.perf_counter() - tic < 60
+    wandb.teardown()  # finish() may return before wandb-core has flushed the file
     (log_file,) = tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
     wb = read_run(log_file)
     assert [h["train/loss"] for h in wb["history"]] == [1.5]
@@ -98,11 +96,13 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     run_id = first.start(tmp_path, {}, RunInfo())
     first.log({"train/loss": 2.0}, step=1)
     first.finish(ok=False)
+    wandb.teardown()  # as a preempted process's exit would
     time.sleep(1.1)  # offline folders are named by the second they start in
     second = WandbLogger(project="tests", mode="offline")
     assert second.start(tmp_path, {}, RunInfo(), run_id=run_id) == run_id
     second.log({"train/loss": 1.0}, step=2)
     second.finish()
+    wandb.teardown()  # finish() may return before wandb-core has flushed the file
     files = sorted(tmp_path.glob(f"wandb/offline-run-*-{run_id}/*.wandb"))
     assert len(files) == 2  # two attempts of one run id; `wandb sync` joins them
     logged = [h["train/loss"] for f in files for h in read_run(f)["history"]]
