@@ -53,6 +53,7 @@ import numpy as np
 from flax import serialization
 
 from bnn_bench.errors import UserError
+from bnn_bench.reporting.loggers import NOT_IDENTITY  # how-to-run keys: may change on resume
 from bnn_bench.reporting.outputs import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -281,10 +282,6 @@ def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # --- which job a run folder holds ------------------------------------------------------------
-
-# Config keys that say how to run, not what: they may change on resume.
-NOT_IDENTITY = ("resume", "logger", "checkpoint", "device")
-
 
 def identity(config: dict) -> dict:
     """What a run computes: its resolved config without the how-to-run keys."""
