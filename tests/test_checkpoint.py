@@ -16,10 +16,14 @@ import pytest
 from bnn_bench.checkpoint import Checkpointer, RunRecord
 from bnn_bench.errors import UserError
 from tests.conftest import CLI, ROOT, TINY, cli_env
+from tests.reporting.wandb_records import read_run
 
 # 7 steps per epoch in chunks of at most 3: chunks end at steps 3, 6, 7, 10, 13, 14, ...
 RUN = [*TINY, "trainer.chunk_size=3", "checkpoint.every=2"]
-SIGTERM_LOGGER = ["logger._target_=tests.reporting.sigterm_logger.SigtermAt", "+logger.step=13"]
+# W&B offline, and SIGTERM at step 13 (a test-only subclass of the W&B logger)
+WANDB = ["logger=wandb", "logger.mode=offline"]
+SIGTERM_LOGGER = [*WANDB, "logger._target_=tests.reporting.sigterm_logger.WandbSigtermAt",
+                  "+logger.sigterm_step=13"]
 
 
 class State(NamedTuple):
@@ -104,8 +108,8 @@ def test_dying_while_writing_leaves_the_previous_checkpoint_usable(tmp_path, whe
 
 
 def _cli(*overrides, check=True):
-    proc = subprocess.run([*CLI, *overrides], env=cli_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([*CLI, *overrides], env=cli_env() | {"WANDB_SILENT": "true"},
+                          capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -128,12 +132,20 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     saved = sorted(p.name for p in (parts / "checkpoint/resume/trainer-0").iterdir())
     assert saved == ["step_000000013"]  # the SIGTERM save replaced step 10's
 
-    _cli(*RUN, "resume=true", f"hydra.run.dir={parts}")
+    _cli(*RUN, *WANDB, "resume=true", f"hydra.run.dir={parts}")
     assert "resuming trainer-0 from step 13" in (parts / "run.log").read_text()
-    assert json.loads((parts / "checkpoint/resume/run.json").read_text())["attempts"] == 2
+    record = json.loads((parts / "checkpoint/resume/run.json").read_text())
+    assert record["attempts"] == 2
     history = [json.loads(line) for line in (parts / "history.jsonl").read_text().splitlines()]
     steps = [h["step"] for h in history if "train/loss" in h]
     assert steps == [3, 6, 7, 10, 13, 14, 17, 20, 21, 24, 27, 28]  # no step trained twice
+
+    # the resumed run continued the same W&B run: two offline attempts of one run id
+    attempts = sorted(parts.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(attempts) == 2
+    assert {p.stem for p in attempts} == {f"run-{record['logger_run_id']}"}
+    logged = [[h["_step"] for h in read_run(p)["history"] if "train/loss" in h] for p in attempts]
+    assert logged == [steps[:5], steps[5:]]
 
     expected, got = _results(whole), _results(parts)
     assert got.keys() == expected.keys()

@@ -117,7 +117,8 @@ def pick_metrics(runs: Sequence[Run], patterns: Sequence[str]) -> list[str]:
 def _fmt(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "–"
-    digits = 0 if abs(mean) >= 1000 else 4
+    integral = float(mean).is_integer() and (math.isnan(std) or std == 0)
+    digits = 0 if integral or abs(mean) >= 1000 else 4
     s = f"{mean:.{digits}f}"
     return s if math.isnan(std) else f"{s} ± {std:.{digits}f}"
 

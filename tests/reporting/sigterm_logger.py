@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
-from bnn_bench.reporting.loggers import NoLogger, RunInfo
+from bnn_bench.reporting.loggers import NoLogger, RunInfo, WandbLogger
 
 
 class SigtermAt(NoLogger):
@@ -29,4 +30,17 @@ class SigtermAt(NoLogger):
             self.armed = False
             if self.once is not None:
                 Path(self.once).touch()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class WandbSigtermAt(WandbLogger):
+    """The W&B logger, plus SIGTERM once training reaches ``sigterm_step``."""
+
+    sigterm_step: int = 0
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        super().log(values, step)
+        if step >= self.sigterm_step and not getattr(self, "_sent", False):
+            self._sent = True
             os.kill(os.getpid(), signal.SIGTERM)
