@@ -170,7 +170,8 @@ class WandbLogger:
       name: run name; None names it from the overrides (``method=psgld,seed=1``).
       notes: free text shown with the run.
       mode: ``online``, ``offline`` or ``disabled``. An online run whose server
-        cannot be reached (no network, no API key) says so and goes offline.
+        cannot be reached, or that has no API key (non-interactive), says so and
+        goes offline.
       reach_timeout: seconds to wait for the server before going offline.
       init_timeout: seconds ``wandb.init`` may take.
     """
@@ -243,9 +244,8 @@ class WandbLogger:
 
 
 def _offline_reason(timeout: float) -> str | None:
-    """Why an online W&B run cannot start here, or None if it looks possible."""
-    if not (os.environ.get("WANDB_API_KEY") or _netrc_has_key()):
-        return "no API key (run `wandb login` or set WANDB_API_KEY)"
+    """Why an online W&B run cannot start here (its server is unreachable), or None.
+    A missing API key shows up as wandb.init's own error, caught by the caller."""
     url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -254,17 +254,6 @@ def _offline_reason(timeout: float) -> str | None:
     except OSError as e:
         return f"cannot reach {url.hostname}:{port} ({e.strerror or e})"
     return None
-
-
-def _netrc_has_key() -> bool:
-    import netrc
-
-    path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-    try:
-        auth = netrc.netrc(path)
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return any(auth.authenticators(h) for h in list(auth.hosts) if "wandb" in h)
 
 
 class Loggers:

@@ -127,3 +127,28 @@ def test_bad_mode_is_a_user_error():
 
     with pytest.raises(UserError, match="logger.mode"):
         WandbLogger(mode="sometimes")
+
+
+def test_online_without_api_key_goes_offline(tmp_path, monkeypatch):
+    import socket
+
+    server = socket.socket()  # a reachable "server" that never answers
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    try:
+        logger = WandbLogger(project="tests", mode="online", init_timeout=30)
+        tic = time.perf_counter()
+        run_id = logger.start(tmp_path, {}, RunInfo())
+        assert logger.run.offline
+        logger.finish()
+        assert time.perf_counter() - tic < 60
+    finally:
+        server.close()
+    wandb.teardown()
+    assert list(tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
