@@ -12,14 +12,15 @@ from pathlib import Path
 import jax
 from omegaconf import DictConfig
 
-from bnn_bench import evaluation
+from bnn_bench import checkpoint, evaluation
 from bnn_bench.config import build, to_dict, validate
 from bnn_bench.evaluation import EvalPlan, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
 from bnn_bench.models import build_model, num_params
-from bnn_bench.reporting import plots
-from bnn_bench.reporting.outputs import write_metrics
+from bnn_bench.reporting import cost, plots
+from bnn_bench.reporting.loggers import HistoryLogger, Loggers, RunInfo
+from bnn_bench.reporting.outputs import read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     """Runs one experiment and writes its run folder; returns the flat metrics."""
     out_dir = Path(out_dir)
     validate(cfg)  # a misspelt key stops here, before any data is read
+    config, record = to_dict(cfg), checkpoint.RunRecord(out_dir)
+    todo = record.plan(config, cfg.resume)  # new | resume | skip (finished here already)
+    if todo == "skip":
+        log.info("%s holds this job's metrics.json already; skipping (resume=false reruns it).",
+                 out_dir)
+        return read_metrics(out_dir)
+    record.start(config, todo)  # a new run clears the folder's old results and checkpoints
+    meter = cost.start()  # gradient evaluations, compile time, peak memory of this run
     k_fit, k_predict = jax.random.split(jax.random.key(cfg.seed))
     settings = build(cfg.eval, "eval")
     timings: dict[str, float] = {}
@@ -45,13 +54,16 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
     plan = EvalPlan({name: split.x for name, split in evalsets.items()},
                     keep=settings.keep_inputs, capacity=settings.keep_members)
-    logger = build(cfg.logger, "logger")
-    logger.start(out_dir, to_dict(cfg))
+    # history.jsonl always; a tracker if chosen (an unfinished W&B run is closed at exit)
+    logger = Loggers(HistoryLogger(), build(cfg.logger, "logger"))
+    record.set_logger_run_id(logger.start(out_dir, config, RunInfo.current(out_dir),
+                                          run_id=record.logger_run_id))
     timings["time/setup"] = time.perf_counter() - tic
 
     # --- inference
     tic = time.perf_counter()
-    posterior = method.fit(k_fit, model, data, plan, logger.log)
+    with checkpoint.session(record.root, cfg.checkpoint.every):  # SIGTERM: save, then stop
+        posterior = method.fit(k_fit, model, data, plan, logger.log)
     timings["time/fit"] = time.perf_counter() - tic
     if hasattr(method, "save"):  # MAP's parameters (for init_from), SG-MCMC samples, ...
         method.save(out_dir, posterior)
@@ -74,6 +86,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     metrics.update(timings)
     if hasattr(posterior, "extra_metrics"):  # numbers a method measured itself
         metrics.update(posterior.extra_metrics())
+    meter.counts.setdefault("samples", float(summaries["test"].count))
+    metrics.update(meter.metrics())
 
     # --- reporting: plots, logger, and metrics.json last
     title = f"{type(method).__name__} · {model.name} · {data.spec.name}"
@@ -82,6 +96,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
                                          metrics, curves, data.spec).items():
             logger.image(name, png)
     logger.summary(metrics)
+    logger.curves(curves)
     path = write_metrics(out_dir, metrics, curves)
     logger.finish()
     log.info("wrote %s", path)

@@ -7,8 +7,8 @@ Each reader returns host numpy arrays ``{"train": (x, y), "test": (x, y)}`` with
 
 from __future__ import annotations
 
-import contextlib
 import gzip
+import logging
 import os
 import pickle
 import tarfile
@@ -111,9 +111,11 @@ def keep_tensorflow_off_gpu() -> None:
     """TensorFlow only feeds data: hide the GPUs from it so JAX keeps their memory."""
     import tensorflow as tf
 
-    # RuntimeError: TF already initialised its devices; nothing more can be done.
-    with contextlib.suppress(RuntimeError):
+    try:
         tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as e:  # TF started already: it may hold GPU memory JAX needs
+        logging.getLogger(__name__).warning("TensorFlow already started; it may use the GPU "
+                                            "(%s).", e)
 
 
 def read_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:

@@ -22,9 +22,11 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
+from bnn_bench import checkpoint
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.models import Model, Params, State
+from bnn_bench.reporting import cost
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,11 @@ class Trainer:
               log_fn: Callable[[dict[str, float], int], None] | None = None,
               init: tuple[Params, State] | None = None) -> TrainState:
         """Trains ``model`` on ``data.train``; validates on ``data.val`` every ``eval_every``
-        epochs. Returns the final ``TrainState``."""
+        epochs. Returns the final ``TrainState``.
+
+        Checkpoints every ``checkpoint.every`` chunks in a run and continues from the
+        last one when the run resumes; data order and dropout keys derive from the
+        step, so a resumed run trains exactly as an uninterrupted one."""
         k_init, k_data, k_drop = jax.random.split(key, 3)
         params, state = init if init is not None else model.init(k_init)
         n = data.train.size
@@ -145,13 +151,15 @@ class Trainer:
         ts = TrainState(params, state, tx.init(params))
         run_chunk = make_chunk_runner(model, tx)
         evaluate = jax.jit(lambda p, s, x, y: _loss_acc(model.logits(p, s, x), y))
+        ckpt = checkpoint.loop("trainer")
+        step, ts = ckpt.restore(ts) or (0, ts)
 
-        t0, step, epoch = time.perf_counter(), 0, 0
-        bar = tqdm(total=total, desc="train", unit="step", file=sys.stderr,
+        t0, epoch = time.perf_counter(), step // per_epoch
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         while step < total:
             batches = epoch_batches(jax.random.fold_in(k_data, epoch), n, self.batch_size)
-            start = 0
+            start = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
             while start < per_epoch and step < total:
                 size = min(self.chunk_size, per_epoch - start, total - step)
                 idx = jax.lax.dynamic_slice_in_dim(batches, start, size)
@@ -166,6 +174,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
                 if log_fn:
                     log_fn({"train/loss": loss, "train/acc": acc}, step)
+                ckpt.maybe_save(step, ts)
             epoch += 1
             last = step >= total
             if data.val is not None and self.eval_every and (epoch % self.eval_every == 0 or last):
@@ -177,6 +186,8 @@ class Trainer:
             else:
                 log.info("epoch %d step %d: train loss %.4f acc %.4f", epoch, step, loss, acc)
         bar.close()
+        ckpt.maybe_save(step, ts, final=True)
+        cost.count(grad_evals=total)
         log.info("trained %d steps in %.1fs", total, time.perf_counter() - t0)
         return ts
 

@@ -44,3 +44,9 @@ def write_metrics(out_dir: Path, metrics: dict[str, float], curves: dict) -> Pat
     path = Path(out_dir) / "metrics.json"
     write_json_atomic(path, {**metrics, "curves": curves})
     return path
+
+
+def read_metrics(out_dir: Path) -> dict[str, float]:
+    """The flat metrics of a finished run's ``metrics.json`` (without ``curves``)."""
+    payload = json.loads((Path(out_dir) / "metrics.json").read_text())
+    return {k: v for k, v in payload.items() if k != "curves"}

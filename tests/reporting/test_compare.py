@@ -1,0 +1,87 @@
+"""bnn-bench-compare on run folders made by tiny real runs (one multirun of 4 jobs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from bnn_bench.reporting.compare import compare
+from tests.conftest import CLI, TINY, cli_env
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """trainer.epochs in {1, 2} x seed in {0, 1}: four finished runs in one sweep folder."""
+    root = tmp_path_factory.mktemp("sweep")
+    proc = subprocess.run(
+        [*CLI, "-m", *[o for o in TINY if not o.startswith("trainer.epochs")],
+         "trainer.epochs=1,2", "seed=0,1", f"hydra.sweep.dir={root}"],
+        env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def _runs_by_hand(root):
+    """{epochs: [metrics of each seed]} straight from the files, without compare.py."""
+    out: dict[str, list[dict]] = {}
+    for m in sorted(root.glob("*/metrics.json")):
+        overrides = yaml.safe_load((m.parent / ".hydra" / "overrides.yaml").read_text())
+        epochs = next(o.split("=")[1] for o in overrides if o.startswith("trainer.epochs="))
+        out.setdefault(epochs, []).append(json.loads(m.read_text()))
+    return out
+
+
+def test_table_numbers_are_mean_and_std_of_the_runs(sweep, tmp_path):
+    by_hand = _runs_by_hand(sweep)
+    assert {k: len(v) for k, v in by_hand.items()} == {"1": 2, "2": 2}
+    table, out = compare([sweep], out=tmp_path / "cmp")
+
+    rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
+    assert [r["trainer.epochs"] for r in rows] == ["1", "2"]  # grouped by the differing key
+    assert "seed" not in rows[0]  # seeds are aggregated over, not grouped by
+    for row in rows:
+        runs = by_hand[row["trainer.epochs"]]
+        assert int(row["runs"]) == 2 and sorted(row["seeds"].split()) == ["0", "1"]
+        for metric in ("test/acc", "test/nll", "test/ece", "val/acc", "time/fit"):
+            values = np.array([r[metric] for r in runs])
+            assert float(row[f"{metric}/mean"]) == pytest.approx(values.mean(), rel=1e-12)
+            assert float(row[f"{metric}/std"]) == pytest.approx(values.std(ddof=1), rel=1e-12)
+    # seeds differ, so there is a spread to report
+    assert float(rows[0]["test/nll/std"]) > 0
+
+    # the printed table shows the same numbers, rounded
+    runs = by_hand["2"]
+    acc = np.array([r["test/acc"] for r in runs])
+    assert f"| 2 | 2 | {acc.mean():.4f} ± {acc.std(ddof=1):.4f} |" in table
+    assert (out / "comparison.md").read_text().strip().endswith(table.splitlines()[-1])
+    for name in ("acc_vs_ece.png", "nll.png", "reliability.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_line_prints_the_table_and_fails_clearly_without_runs(sweep, tmp_path):
+    cmd = [sys.executable, "-m", "bnn_bench.reporting.compare"]
+    proc = subprocess.run([*cmd, str(sweep), "--out", str(tmp_path / "c"), "--no-plots",
+                           "--metrics", "test/*"], env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| trainer.epochs | n | test/acc | test/brier | test/ece |" in proc.stdout
+    assert (tmp_path / "c" / "comparison.csv").is_file()
+    assert not (tmp_path / "c" / "nll.png").exists()
+
+    proc = subprocess.run([*cmd, str(tmp_path / "empty")], env=cli_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no metrics.json" in proc.stderr
+
+
+def test_single_runs_in_several_folders_group_by_what_differs(sweep, tmp_path):
+    # two folders given separately; grouping by an explicit key works the same
+    dirs = sorted(p.parent for p in sweep.glob("*/metrics.json"))[:2]
+    table, out = compare(dirs, out=tmp_path / "two", by=["seed"], plots=False)
+    rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
+    assert [r["runs"] for r in rows] == ["1", "1"] and rows[0]["test/acc/std"] == ""
+    assert "2 runs in 2 groups by seed" in table
