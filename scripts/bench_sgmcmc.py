@@ -1,4 +1,4 @@
-"""Benchmark: bnn-bench's SGLD against the bare gradient, BlackJAX in lax.scan, and the BlackJAX tutorial.
+"""Benchmark: bnn-bench SGLD vs the bare gradient, BlackJAX in lax.scan, and its tutorial loop.
 
 MLP 784-500-10, batch 512, Fashion-MNIST (x / 255, all 60k training images), a
 N(0, 1) prior, SGLD with step 4.5e-5: ``--warmup`` steps, then ``--samples`` steps,
