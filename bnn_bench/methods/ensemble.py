@@ -69,8 +69,30 @@ def map_fit_key(seed: int) -> jax.Array:
     return jax.random.split(jax.random.key(seed))[0]
 
 
+class StackedMethod(MemberMethod):
+    """Members are K stacked networks (deep ensembles, voters): each member's probabilities,
+    and each member's own metrics beside the ensemble's."""
+
+    def members(self, key: jax.Array, posterior: StackedPosterior,
+                x: jax.Array) -> Iterator[jax.Array]:
+        del key  # deterministic
+        yield stacked_probs(posterior, x)  # (K, N, C)
+
+    def extra_metrics(self, key: jax.Array, posterior: StackedPosterior,
+                      summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
+                      num_bins: int) -> dict[str, float]:
+        """Each member's own metrics (``test/member_<k>_nll``, ``test/member_mean_nll``, ...):
+        the single networks the ensemble is made of, measured in the same run."""
+        del key, summaries
+        out: dict[str, float] = {}
+        for name, split in evalsets.items():
+            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins,
+                                  f"{name}/")
+        return out
+
+
 @dataclass(frozen=True)
-class Ensemble(MemberMethod):
+class Ensemble(StackedMethod):
     """``size`` independently initialised MAP networks trained in parallel (vmapped).
 
     Attributes:
@@ -100,20 +122,3 @@ class Ensemble(MemberMethod):
         keys = jnp.stack([map_fit_key(s) for s in self.member_seeds()])
         ts = self.trainer.train_members(keys, model, data, log)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
-
-    def members(self, key: jax.Array, posterior: StackedPosterior,
-                x: jax.Array) -> Iterator[jax.Array]:
-        del key  # deterministic
-        yield stacked_probs(posterior, x)  # (K, N, C)
-
-    def extra_metrics(self, key: jax.Array, posterior: StackedPosterior,
-                      summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
-                      num_bins: int) -> dict[str, float]:
-        """Each member's own metrics (``test/member_<k>_nll``, ...): the MAP runs the
-        ensemble starts from, measured in the same run."""
-        del key, summaries
-        out: dict[str, float] = {}
-        for name, split in evalsets.items():
-            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins,
-                                  f"{name}/")
-        return out

@@ -30,12 +30,14 @@ import numpy as np
 from flax import serialization, struct
 from tqdm.auto import tqdm
 
+from bnn_bench import checkpoint
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods.base import LogFn, no_log
 from bnn_bench.methods.sgmcmc_kernels import Kernel
 from bnn_bench.models import Model, Params
+from bnn_bench.reporting import cost
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +222,15 @@ class SGMCMC:
         pad = max(length for *_, length, _ in chunks)
         mask, slot = np.pad(mask, (0, pad)), np.pad(slot, (0, pad))
 
-        bar = tqdm(total=total, desc=self.name, unit="step", file=sys.stderr,
+        ckpt = checkpoint.loop("sgmcmc")  # the carry holds states, summaries, samples
+        done, carry = ckpt.restore(carry) or (0, carry)
+        bar = tqdm(total=total, initial=done, desc=self.name, unit="step", file=sys.stderr,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         phase_time = {"burn_in": 0.0, "sampling": 0.0}
         last_note = time.perf_counter()
         for s, e, length, sampling in chunks:
+            if e <= done:  # resumed: this chunk ran before the checkpoint
+                continue
             steps = np.arange(s, s + length, dtype=np.int32)
             tic = time.perf_counter()
             carry = compiled[length, sampling](carry, k_run, steps, steps < e,
@@ -248,7 +254,11 @@ class SGMCMC:
                          collected, num_samples)
             log_fn({"sampler/step_size": float(self.step_size(e - 1, total)),
                     "sampler/collected": collected}, e)
+            ckpt.maybe_save(e, carry)
         bar.close()
+        ckpt.maybe_save(total, carry, final=True)
+        cost.count(grad_evals=total * chains * self.kernel.grads_per_step,
+                   samples=num_samples)
 
         metrics: dict[str, Any] = {"time/compile": compile_s}
         for phase, steps in (("burn_in", burn), ("sampling", total - burn)):

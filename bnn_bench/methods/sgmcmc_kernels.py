@@ -39,10 +39,12 @@ class Kernel(NamedTuple):
     Attributes:
       init: ``params -> state``.
       step: ``(key, state, grad_fn, step_size, temperature) -> state``.
+      grads_per_step: gradient evaluations in one step (for cost accounting).
     """
 
     init: Callable[[Params], Any]
     step: Callable[[jax.Array, Any, GradFn, Any, Any], Any]
+    grads_per_step: int = 1
 
 
 def gaussian_noise(key: jax.Array, tree: Params) -> Params:
@@ -229,4 +231,4 @@ def sghmc(num_integration_steps: int = 10, friction: float = 0.01,
         (params, momentum), _ = jax.lax.scan(integrate, (state.params, momentum), keys)
         return SGHMCState(params, momentum)
 
-    return Kernel(init, step)
+    return Kernel(init, step, num_integration_steps)

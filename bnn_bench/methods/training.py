@@ -145,51 +145,13 @@ class Trainer:
         k_init, k_data, k_drop = jax.random.split(key, 3)
         params, state = init if init is not None else model.init(k_init)
         n = data.train.size
-        per_epoch = self.steps_per_epoch(n)
-        total = self.num_steps(n)
-        tx = self.make_optimizer(total, per_epoch)
-        ts = TrainState(params, state, tx.init(params))
-        run_chunk = make_chunk_runner(model, tx)
-        evaluate = jax.jit(lambda p, s, x, y: _loss_acc(model.logits(p, s, x), y))
-        ckpt = checkpoint.loop("trainer")
-        step, ts = ckpt.restore(ts) or (0, ts)
-
-        t0, epoch = time.perf_counter(), step // per_epoch
-        bar = tqdm(total=total, initial=step, desc="train", unit="step", file=sys.stderr,
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
-        while step < total:
-            batches = epoch_batches(jax.random.fold_in(k_data, epoch), n, self.batch_size)
-            start = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
-            while start < per_epoch and step < total:
-                size = min(self.chunk_size, per_epoch - start, total - step)
-                idx = jax.lax.dynamic_slice_in_dim(batches, start, size)
-                keys = jax.random.split(jax.random.fold_in(k_drop, step), size)
-                ts, (loss, acc) = run_chunk(ts, data.train, idx, keys)
-                loss, acc = float(loss.mean()), float(acc.mean())
-                if not math.isfinite(loss):
-                    raise UserError(f"training diverged at step {step + size} (loss {loss}); "
-                                    f"lower trainer.learning_rate.")
-                start, step = start + size, step + size
-                bar.update(size)
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
-                if log_fn:
-                    log_fn({"train/loss": loss, "train/acc": acc}, step)
-                ckpt.maybe_save(step, ts)
-            epoch += 1
-            last = step >= total
-            if data.val is not None and self.eval_every and (epoch % self.eval_every == 0 or last):
-                vl, va = (float(v) for v in evaluate(ts.params, ts.state, data.val.x, data.val.y))
-                log.info("epoch %d step %d: train loss %.4f acc %.4f | val nll %.4f acc %.4f",
-                         epoch, step, loss, acc, vl, va)
-                if log_fn:
-                    log_fn({"val/nll": vl, "val/acc": va, "epoch": epoch}, step)
-            else:
-                log.info("epoch %d step %d: train loss %.4f acc %.4f", epoch, step, loss, acc)
-        bar.close()
-        ckpt.maybe_save(step, ts, final=True)
-        cost.count(grad_evals=total)
-        log.info("trained %d steps in %.1fs", total, time.perf_counter() - t0)
-        return ts
+        tx = self.make_optimizer(self.num_steps(n), self.steps_per_epoch(n))
+        evaluate = jax.jit(lambda ts, x, y: _loss_acc(model.logits(ts.params, ts.state, x), y))
+        return self._loop(
+            TrainState(params, state, tx.init(params)), data, make_chunk_runner(model, tx),
+            epoch_idx=lambda e: epoch_batches(jax.random.fold_in(k_data, e), n, self.batch_size),
+            chunk_keys=lambda s, z: jax.random.split(jax.random.fold_in(k_drop, s), z),
+            evaluate=evaluate, log_fn=log_fn, desc="train")
 
     def train_members(self, keys: jax.Array, model: Model, data: Dataset,
                       log_fn: Callable[[dict[str, float], int], None] | None = None,
@@ -231,34 +193,56 @@ class Trainer:
                             f"{max(k_members, self.batch_size // k_members * k_members)}.")
         params, state = jax.vmap(model.init)(k_init)
         tx = self.make_optimizer(total, per_epoch)
-        ts = TrainState(params, state, jax.vmap(tx.init)(params))
-        run_chunk = make_members_chunk_runner(model, tx)
 
-        def member_batches(epoch: int) -> jax.Array:  # (K, per_epoch, b)
+        def epoch_idx(epoch: int) -> jax.Array:  # (per_epoch, K, b)
             if shared_batches is None:
                 return jax.vmap(lambda k: epoch_batches(jax.random.fold_in(k, epoch), n,
-                                                        self.batch_size))(k_data)
+                                                        self.batch_size), out_axes=1)(k_data)
             b = epoch_batches(jax.random.fold_in(shared_batches, epoch), n, self.batch_size)
-            return b.reshape(per_epoch, k_members, -1).transpose(1, 0, 2)
+            return b.reshape(per_epoch, k_members, -1)
 
         @jax.jit
-        def evaluate(params, state, x, y):
-            probs = jax.vmap(model.probs, in_axes=(0, 0, None))(params, state, x).mean(0)
+        def evaluate(ts, x, y):  # the members' mean prediction
+            probs = jax.vmap(model.probs, in_axes=(0, 0, None))(ts.params, ts.state, x).mean(0)
             p = jnp.take_along_axis(probs, y[:, None], axis=-1)[:, 0]
             return -jnp.mean(jnp.log(jnp.clip(p, 1e-12))), jnp.mean(probs.argmax(-1) == y)
 
-        t0, step, epoch = time.perf_counter(), 0, 0
-        bar = tqdm(total=total, desc=f"train x{k_members}", unit="step", file=sys.stderr,
+        return self._loop(
+            TrainState(params, state, jax.vmap(tx.init)(params)), data,
+            make_members_chunk_runner(model, tx), epoch_idx=epoch_idx,
+            chunk_keys=lambda s, z: jax.vmap(
+                lambda k: jax.random.split(jax.random.fold_in(k, s), z), out_axes=1)(k_drop),
+            evaluate=evaluate, log_fn=log_fn, desc=f"train x{k_members}", members=k_members)
+
+    def _loop(self, ts: TrainState, data: Dataset, run_chunk, epoch_idx, chunk_keys, evaluate,
+              log_fn, desc: str, members: int = 1) -> TrainState:
+        """The chunked loop of ``train`` and ``train_members``.
+
+        Args:
+          ts: the initial state (leaves with a leading member axis for several members).
+          run_chunk: ``(ts, split, idx, keys) -> (ts, (loss, acc))``, one compiled scan.
+          epoch_idx: epoch -> (steps_per_epoch, ...) minibatch indices of that epoch.
+          chunk_keys: (step, size) -> the dropout keys of steps [step, step + size).
+          evaluate: ``(ts, x, y) -> (nll, acc)`` on the validation split.
+
+        Checkpoints every ``checkpoint.every`` chunks in a run and continues from the
+        last one when the run resumes; data order and dropout keys derive from the
+        step, so a resumed run trains exactly as an uninterrupted one.
+        """
+        n = data.train.size
+        per_epoch, total = self.steps_per_epoch(n), self.num_steps(n)
+        ckpt = checkpoint.loop("trainer")
+        step, ts = ckpt.restore(ts) or (0, ts)
+        t0, epoch = time.perf_counter(), step // per_epoch
+        bar = tqdm(total=total, initial=step, desc=desc, unit="step", file=sys.stderr,
                    disable=not sys.stderr.isatty(), dynamic_ncols=True)
         while step < total:
-            batches = member_batches(epoch)
-            start = 0
+            batches = epoch_idx(epoch)
+            start = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
             while start < per_epoch and step < total:
                 size = min(self.chunk_size, per_epoch - start, total - step)
-                idx = batches[:, start:start + size].swapaxes(0, 1)  # (size, K, b)
-                keys_ = jax.vmap(lambda k, s=step, z=size: jax.random.split(
-                    jax.random.fold_in(k, s), z))(k_drop).swapaxes(0, 1)  # (size, K)
-                ts, (loss, acc) = run_chunk(ts, data.train, idx, keys_)
+                ts, (loss, acc) = run_chunk(ts, data.train, batches[start:start + size],
+                                            chunk_keys(step, size))
                 loss, acc = float(loss.mean()), float(acc.mean())
                 if not math.isfinite(loss):
                     raise UserError(f"training diverged at step {step + size} (loss {loss}); "
@@ -268,20 +252,21 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
                 if log_fn:
                     log_fn({"train/loss": loss, "train/acc": acc}, step)
+                ckpt.maybe_save(step, ts)
             epoch += 1
             last = step >= total
             if data.val is not None and self.eval_every and (epoch % self.eval_every == 0 or last):
-                vl, va = (float(v) for v in evaluate(ts.params, ts.state, data.val.x, data.val.y))
-                log.info("epoch %d step %d: members' train loss %.4f acc %.4f | "
-                         "mean-prediction val nll %.4f acc %.4f", epoch, step, loss, acc, vl, va)
+                vl, va = (float(v) for v in evaluate(ts, data.val.x, data.val.y))
+                log.info("epoch %d step %d: train loss %.4f acc %.4f | val nll %.4f acc %.4f",
+                         epoch, step, loss, acc, vl, va)
                 if log_fn:
                     log_fn({"val/nll": vl, "val/acc": va, "epoch": epoch}, step)
             else:
-                log.info("epoch %d step %d: members' train loss %.4f acc %.4f",
-                         epoch, step, loss, acc)
+                log.info("epoch %d step %d: train loss %.4f acc %.4f", epoch, step, loss, acc)
         bar.close()
-        log.info("trained %d members x %d steps in %.1fs", k_members, total,
-                 time.perf_counter() - t0)
+        ckpt.maybe_save(step, ts, final=True)
+        cost.count(grad_evals=total * members)
+        log.info("trained %d x %d steps in %.1fs", members, total, time.perf_counter() - t0)
         return ts
 
 

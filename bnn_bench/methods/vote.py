@@ -15,7 +15,6 @@ derives them) on batches drawn from ``k_batches``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
@@ -23,8 +22,8 @@ import jax
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
-from bnn_bench.methods.base import LogFn, MemberMethod, no_log
-from bnn_bench.methods.ensemble import StackedPosterior, member_metrics, stacked_probs
+from bnn_bench.methods.base import LogFn, no_log
+from bnn_bench.methods.ensemble import StackedMethod, StackedPosterior
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model
 
@@ -39,7 +38,7 @@ def risk_metrics(summary: PredictiveSummary, prefix: str) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
-class Vote(MemberMethod):
+class Vote(StackedMethod):
     """``n_voters`` networks trained on disjoint slices of every batch; members = voters.
 
     Attributes:
@@ -70,22 +69,12 @@ class Vote(MemberMethod):
         ts = self.trainer.train_members(keys, model, data, log, shared_batches=k_batches)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
 
-    def members(self, key: jax.Array, posterior: StackedPosterior,
-                x: jax.Array) -> Iterator[jax.Array]:
-        del key  # deterministic
-        yield stacked_probs(posterior, x)  # (K, N, C)
-
     def extra_metrics(self, key: jax.Array, posterior: StackedPosterior,
                       summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
                       num_bins: int) -> dict[str, float]:
         """Per-class risk of every evaluation set (``test/risk_class_<c>``, ``test/risk``) and
         each voter's own metrics (``test/member_<k>_{acc,nll,ece}``, ``test/member_mean_*``)."""
-        del key
-        out: dict[str, float] = {}
+        out = super().extra_metrics(key, posterior, summaries, evalsets, num_bins)
         for name, summary in summaries.items():
             out |= risk_metrics(summary, f"{name}/")
-            split = evalsets[name]
-            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins,
-                                  f"{name}/")
         return out
-
