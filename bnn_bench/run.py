@@ -80,6 +80,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
     meter.counts.setdefault("samples", float(summaries["test"].count))
+    meter.counts["attempts"] = record.saved["attempts"]  # > 1: time/* covers the last one only
     metrics.update(meter.metrics())
 
     # --- reporting: plots, logger, and metrics.json last

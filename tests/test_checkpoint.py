@@ -117,7 +117,8 @@ def _cli(*overrides, check=True):
 
 def _results(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items() if not k.startswith(("time/", "cost/compile"))}
+    return {k: v for k, v in metrics.items()
+            if not k.startswith(("time/", "cost/compile", "cost/attempts"))}
 
 
 def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -147,6 +148,7 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     logged = [[h["_step"] for h in read_run(p)["history"] if "train/loss" in h] for p in attempts]
     assert logged == [steps[:5], steps[5:]]
 
+    assert json.loads((parts / "metrics.json").read_text())["cost/attempts"] == 2
     expected, got = _results(whole), _results(parts)
     assert got.keys() == expected.keys()
     assert got == expected  # bit-identical metrics, curves included
