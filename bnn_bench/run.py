@@ -87,6 +87,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     if hasattr(posterior, "extra_metrics"):  # numbers a method measured itself
         metrics.update(posterior.extra_metrics())
     meter.counts.setdefault("samples", float(summaries["test"].count))
+    meter.counts["attempts"] = record.saved["attempts"]  # > 1: time/* covers the last one only
     metrics.update(meter.metrics())
 
     # --- reporting: plots, logger, and metrics.json last

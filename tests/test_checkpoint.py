@@ -117,7 +117,8 @@ def _cli(*overrides, check=True):
 
 def _results(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items() if not k.startswith(("time/", "cost/compile"))}
+    return {k: v for k, v in metrics.items()
+            if not k.startswith(("time/", "cost/compile", "cost/attempts"))}
 
 
 def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -147,6 +148,7 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     logged = [[h["_step"] for h in read_run(p)["history"] if "train/loss" in h] for p in attempts]
     assert logged == [steps[:5], steps[5:]]
 
+    assert json.loads((parts / "metrics.json").read_text())["cost/attempts"] == 2
     expected, got = _results(whole), _results(parts)
     assert got.keys() == expected.keys()
     assert got == expected  # bit-identical metrics, curves included
@@ -216,3 +218,22 @@ def test_sigterm_outside_a_loop_stops_at_once(tmp_path):
         for _ in range(10**6):  # the handler raises at the next bytecode boundary
             pass
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_streaming_summaries_roundtrip(tmp_path):
+    # a sampler's checkpoint holds its predictive summaries next to its state
+    from bnn_bench.evaluation import EvalPlan
+
+    x = jnp.zeros((6, 4, 4, 1), jnp.uint8)
+    plan = EvalPlan({"test": x, "val": x[:3]}, keep=2, capacity=3)
+    summaries = plan.empty(5)
+    probs = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 6, 5)))
+    summaries["test"] = summaries["test"].add(probs)
+    summaries["val"] = summaries["val"].add(probs[:, :3])
+    tree = {"state": _state(3), "summaries": summaries}
+    Checkpointer(tmp_path).save(40, tree)
+    step, restored = Checkpointer(tmp_path).restore({"state": _state(0),
+                                                     "summaries": plan.empty(5)})
+    assert step == 40
+    _assert_same(restored, tree)
+    np.testing.assert_allclose(restored["summaries"]["test"].mean(), probs.mean(0), rtol=1e-6)

@@ -56,6 +56,7 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
         assert wb["summary"][key] == pytest.approx(metrics[key], rel=1e-12)
     # cost next to the result: 4 epochs x 7 steps, one member, compiling took time
     assert metrics["cost/grad_evals"] == 28 and metrics["cost/samples"] == 1
+    assert metrics["cost/attempts"] == 1
     assert metrics["cost/compile_s"] > 0
     assert "cost/peak_device_mib" not in metrics  # the CPU backend reports no memory
     # the device settings reached XLA before JAX started (else the CLI warns "too late")
