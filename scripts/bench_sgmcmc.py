@@ -1,4 +1,4 @@
-"""Benchmark: bnn-bench SGLD vs the bare gradient, BlackJAX in lax.scan, and its tutorial loop.
+"""Benchmark: bnn-bench SGLD vs the bare gradient, BlackJAX in lax.scan and its tutorial loop.
 
 MLP 784-500-10, batch 512, Fashion-MNIST (x / 255, all 60k training images), a
 N(0, 1) prior, SGLD with step 4.5e-5: ``--warmup`` steps, then ``--samples`` steps,
@@ -98,6 +98,7 @@ def main() -> None:
         fn, c = aot(bare, params0, jax.random.key(1), train.x, train.y)
         _, t = timed(fn, params0, jax.random.key(1), train.x, train.y)
         results["a"] = {"warmup_steps_per_s": W / t, "compile_s": c}
+        print("a", results["a"], flush=True)
 
     # ------------------------------------------------------------------ (b)
     if "b" in variants:
@@ -126,10 +127,12 @@ def main() -> None:
         (_, prob_sum), ts = timed(fs, p, jax.random.key(2), train.x, train.y, test.x)
         results["b"] = {"warmup_steps_per_s": W / tw, "sampling_steps_per_s": S / ts,
                         "compile_s": cw + cs, **scores(prob_sum / S, test.y)}
+        print("b", results["b"], flush=True)
 
     # ------------------------------------------------------------------ (c)
     if "c" in variants:
         results["c"] = tutorial_loop(args, data)
+        print("c", results["c"], flush=True)
 
     # ------------------------------------------------------------------ (d)
     if "d" in variants:
@@ -146,7 +149,9 @@ def main() -> None:
                         "compile_s": m["time/compile"], "wall_s": wall,
                         **scores(post.summaries["test"].mean(), test.y),
                         "last_sample_acc": m["test/last_sample_acc"]}
+        print("d", results["d"], flush=True)
 
+    print()
     report(results)
     if args.json:
         with open(args.json, "w") as f:

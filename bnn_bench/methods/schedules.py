@@ -85,14 +85,17 @@ def constant(step_size: float) -> Constant:
     return Constant(float(step_size))
 
 
-def polynomial(first_step_size: float, last_step_size: float | None = None,
+def polynomial(step_size: float, last_step_size: float | None = None,
                gamma: float = 0.33) -> Polynomial:
-    """Polynomial decay from ``first_step_size`` to ``last_step_size`` (JaxSGMC)."""
-    _check_positive(first_step_size=first_step_size, gamma=gamma)
+    """Polynomial decay from ``step_size`` (JaxSGMC's ``first_step_size``) to
+    ``last_step_size``. Every schedule names its first step ``step_size``, so a config
+    can switch schedules by overriding ``_target_`` alone."""
+    first_step_size = step_size
+    _check_positive(step_size=first_step_size, gamma=gamma)
     if last_step_size is not None:
         _check_positive(last_step_size=last_step_size)
         if last_step_size > first_step_size:
-            raise UserError("method.step_size.last_step_size must not exceed first_step_size "
+            raise UserError("method.step_size.last_step_size must not exceed step_size "
                             f"({last_step_size} > {first_step_size}).")
     return Polynomial(float(first_step_size),
                       None if last_step_size is None else float(last_step_size), float(gamma))

@@ -24,7 +24,8 @@ TINY_METHOD: dict[str, list[str]] = {
     "map": [],
     "sgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
     "psgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
-    "sghmc": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
+    # friction 10, ε = 0.01: a Langevin step ε/α = 1e-3 like sgld's, momentum decay 0.9
+    "sghmc": [*_TINY_SGMCMC, "method.step_size.step_size=1e-2", "method.kernel.friction=10"],
     "laplace": ["method.rank=8", "method.curvature_batches=2", "method.num_samples=4",
                 "method.chunk_size=3"],
     "ensemble": ["method.size=2"],

@@ -170,3 +170,23 @@ def test_huge_step_size_stops_with_a_clear_error_and_no_metrics(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "non-finite at step" in proc.stderr and "Lower method.step_size" in proc.stderr
     assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("preset", ["blackjax_mnist_sgld", "blackjax_mnist_sghmc",
+                                    "jaxsgmc_cifar10_psgld"])
+def test_presets_compose_validate_and_build(preset):
+    from bnn_bench.config import validate
+
+    cfg = compose_cfg(f"experiment={preset}")
+    validate(cfg)
+    method = build(cfg.method, "method")
+    if preset == "jaxsgmc_cifar10_psgld":
+        # 200 epochs of 195 steps, burn-in 180 epochs, 20 samples evenly over the last 20
+        total, burn, idx = method.budget(50000)
+        assert (total, burn, len(idx)) == (39000, 35100, 20)
+        assert list(cfg.dataset.resize) == [112, 112] and cfg.model.use_bn is False
+        np.testing.assert_allclose(float(method.step_size(total - 1, total)),
+                                   1e-3 * 39000**-0.33, rtol=1e-4)
+    else:
+        total, burn, idx = method.budget(60000)
+        assert (total, burn, len(idx)) == (3340, 2340, 1000)
