@@ -218,6 +218,12 @@ class Laplace(MemberMethod):
             tau = float(self.prior_precision)
         elif self.optimize_by == "marglik":
             tau, _ = cv.maximise_marginal_likelihood(curv, loglik, sq, *self.prior_range)
+            if self.curvature == "lanczos":
+                # Only k directions carry an Occam factor, while ‖θ*‖² spans all P: the
+                # evidence then favours τ near k/‖θ*‖², far too wide for the P − k rest.
+                logger.warning("the evidence of a rank-%d curvature over %d parameters "
+                               "tends to pick a too small prior precision; prefer "
+                               "optimize_by=val_nll for lanczos.", curv.eigvals.shape[0], dim)
         else:
             tau, info["laplace/val_nll"] = self._tune_on_validation(
                 jax.random.fold_in(key, 3), post, data.val)
