@@ -128,8 +128,10 @@ def main(argv=None) -> int:
                 model_fn, params, loss_fn="cross_entropy",
                 factor=data.train.size / (len(batches) * args.batch_size)))
             mv = DataLoaderMV(mv, batches, transform=lambda b: b, reduce=reduce_add)
+            # `rank` is the iteration count of laplax's lanczos_lowrank; the tutorial's
+            # `maxiter=100` is swallowed by its **kwargs (laplax 0.0.2), which runs 20.
             return create_posterior_fn("lanczos", mv=mv, layout=params, key=key,
-                                       maxiter=args.rank, mv_jit=False)
+                                       rank=args.rank, mv_jit=False)
         posterior_fn, theirs[f"build_{run}_s"] = _timed(build)
         pushforward = jax.jit(jax.vmap(set_lin_pushforward(
             model_fn=model_fn, mean_params=params, posterior_fn=posterior_fn,
@@ -145,6 +147,8 @@ def main(argv=None) -> int:
     scale = posterior_fn(prior, 1.0).state["scale"]
     s = np.asarray(scale.S, np.float64) + np.asarray(scale.scalar, np.float64)
     theirs["top_eigvals"] = np.sort(1.0 / s**2 - args.prior_precision)[::-1][:5].tolist()
+    theirs["rank"] = int(s.shape[0])
+    ours["rank"] = int(post.curvature.eigvals.shape[0])
     results["laplax"] = theirs
 
     results["ratio_laplax_over_bnn_bench"] = {
