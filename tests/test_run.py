@@ -37,8 +37,8 @@ def test_synthetic_run_writes_a_complete_run_folder(tmp_path):
 
 
 def test_same_seed_same_metrics(tmp_path):
-    a = bnn_bench(tmp_path / "a", *TINY, "trainer.epochs=1")
-    b = bnn_bench(tmp_path / "b", *TINY, "trainer.epochs=1")
+    a = bnn_bench(tmp_path / "a", *TINY, "method=map", "trainer.epochs=1")
+    b = bnn_bench(tmp_path / "b", *TINY, "method=map", "trainer.epochs=1")
     assert a.returncode == b.returncode == 0
     ma = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
