@@ -58,7 +58,7 @@ BAD_INPUT = {
     "resize the model cannot take": (
         [*(o for o in TINY if not o.startswith("model")), "model=cnn", "dataset.resize=[6,6]"],
         ["model cnn cannot take synthetic inputs of shape (6, 6, 1)", "dataset.resize"]),
-    "bad optimizer": ([*TINY, "trainer.optimizer=adagrad"],
+    "bad optimizer": ([*TINY, "method=map", "trainer.optimizer=adagrad"],
                       ["trainer.optimizer must be one of adam, adamw, sgd"]),
 }
 
