@@ -16,6 +16,7 @@ CONF = ROOT / "conf"
 # A tiny, fast, learnable run: 28x28 synthetic data, an MLP, a few steps.
 TINY = [
     "dataset=synthetic",
+    "method=map",
     "dataset.train_size=512",
     "dataset.test_size=256",
     "dataset.contrast=0.5",

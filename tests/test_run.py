@@ -20,7 +20,7 @@ def bnn_bench(tmp_path, *overrides, timeout=300):
 
 
 def test_synthetic_run_writes_a_complete_run_folder(tmp_path):
-    proc = bnn_bench(tmp_path, *TINY, "method=map")
+    proc = bnn_bench(tmp_path, *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -37,8 +37,8 @@ def test_synthetic_run_writes_a_complete_run_folder(tmp_path):
 
 
 def test_same_seed_same_metrics(tmp_path):
-    a = bnn_bench(tmp_path / "a", *TINY, "method=map", "trainer.epochs=1")
-    b = bnn_bench(tmp_path / "b", *TINY, "method=map", "trainer.epochs=1")
+    a = bnn_bench(tmp_path / "a", *TINY, "trainer.epochs=1")
+    b = bnn_bench(tmp_path / "b", *TINY, "trainer.epochs=1")
     assert a.returncode == b.returncode == 0
     ma = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
@@ -58,7 +58,7 @@ BAD_INPUT = {
     "resize the model cannot take": (
         [*(o for o in TINY if not o.startswith("model")), "model=cnn", "dataset.resize=[6,6]"],
         ["model cnn cannot take synthetic inputs of shape (6, 6, 1)", "dataset.resize"]),
-    "bad optimizer": ([*TINY, "method=map", "trainer.optimizer=adagrad"],
+    "bad optimizer": ([*TINY, "trainer.optimizer=adagrad"],
                       ["trainer.optimizer must be one of adam, adamw, sgd"]),
 }
 

@@ -25,7 +25,7 @@ SHIFT = ["eval.shift=[rotate,invert]", "eval.shift_levels.rotate=[90]",
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(*TINY, "method=map", *OOD, *SHIFT)
+    cfg = compose_cfg(*TINY, *OOD, *SHIFT)
     logging.getLogger("bnn_bench").setLevel(logging.INFO)
     return out, run(cfg, out)
 
@@ -77,14 +77,14 @@ def test_ood_shape_mismatch_stops_before_training(tmp_path, monkeypatch):
         raise AssertionError("fit must not start")
 
     monkeypatch.setattr(MAP, "fit", no_fit)
-    cfg = compose_cfg(*TINY, "method=map", *OOD, "eval.ood_dataset.shape=[32,32,3]")
+    cfg = compose_cfg(*TINY, *OOD, "eval.ood_dataset.shape=[32,32,3]")
     with pytest.raises(UserError, match=r"shape \(32, 32, 3\).*resize"):
         run(cfg, tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
 
 def test_resized_ood_set_takes_the_data_shape():
-    cfg = compose_cfg(*TINY, "method=map", *OOD, "eval.ood_dataset.shape=[32,32,1]",
+    cfg = compose_cfg(*TINY, *OOD, "eval.ood_dataset.shape=[32,32,1]",
                       "eval.ood_dataset.resize=[28,28]")
     sets = evaluation_sets(build(cfg.dataset, "dataset"), build(cfg.eval, "eval"))
     assert sets["ood"].x.shape == (128, 28, 28, 1) and sets["ood"].x.dtype == "uint8"
