@@ -69,7 +69,7 @@ def test_command_line_prints_the_table_and_fails_clearly_without_runs(sweep, tmp
     proc = subprocess.run([*cmd, str(sweep), "--out", str(tmp_path / "c"), "--no-plots",
                            "--metrics", "test/*"], env=cli_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "| trainer.epochs | n | test/acc | test/brier | test/ece |" in proc.stdout
+    assert "| trainer.epochs | n | test/acc | test/acc_hard |" in proc.stdout
     assert (tmp_path / "c" / "comparison.csv").is_file()
     assert not (tmp_path / "c" / "nll.png").exists()
 
