@@ -33,7 +33,7 @@ def test_synthetic_run_writes_a_complete_run_folder(tmp_path):
     assert cfg["dataset"]["_target_"] == "bnn_bench.data.synthetic.load" and cfg["seed"] == 0
     assert (run / "plots" / "reliability.png").stat().st_size > 1000
     log = (run / "run.log").read_text()
-    assert "parameters" in log and "test: acc" in log
+    assert "parameters" in log and "Acc (soft vote)" in log
 
 
 def test_same_seed_same_metrics(tmp_path):
