@@ -67,7 +67,8 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     assert any(h.get("plots/reliability._type") == "image-file" for h in wb["history"])
     images = list(run_dir.glob("wandb/offline-run-*/files/media/images/plots/*.png"))
     assert any(p.name.startswith("reliability") for p in images)  # every plot, reliability too
-    tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/curves/test/reliability*.table.json"))
+    tables = list(run_dir.glob(
+        "wandb/offline-run-*/files/media/table/curves/test/reliability*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
     assert [row[table["columns"].index("count")] for row in table["data"]] == \
