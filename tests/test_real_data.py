@@ -22,9 +22,9 @@ def test_map_cnn_on_fashion_mnist(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test/members"] == 1
-    # Measured 0.8446 with the default trainer (adam 1e-3, 5 epochs); the 90%
-    # bar is NOT met by these defaults (see the README). This guards against regressions.
-    assert metrics["test/acc"] >= 0.83, metrics["test/acc"]
+    # The bar. Measured with the default trainer (adam 3e-3, cosine, 20 epochs):
+    # 0.9078 (seed 0); the 15-epoch runs that gave 0.9032 and 0.9002 were too close to it.
+    assert metrics["test/acc"] >= 0.90, metrics["test/acc"]
     assert metrics["test/ece"] < 0.05
     log = (tmp_path / "run" / "run.log").read_text()
     assert "system copy /usr/share/datasets/fashion-mnist" in log

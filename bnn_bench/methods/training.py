@@ -76,16 +76,16 @@ class Trainer:
     """
 
     optimizer: str = "adam"
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     momentum: float = 0.9
     nesterov: bool = False
     b1: float = 0.9
     b2: float = 0.999
     weight_decay: float = 0.0
-    schedule: str = "constant"
+    schedule: str = "cosine"
     milestones: Sequence[float] = ()
     gamma: float = 0.1
-    epochs: int = 5
+    epochs: int = 20
     steps: int | None = None
     batch_size: int = 128
     eval_every: int = 1
@@ -209,7 +209,7 @@ class Trainer:
 
         return self._loop(
             TrainState(params, state, jax.vmap(tx.init)(params)), data,
-            make_members_chunk_runner(model, tx), epoch_idx=epoch_idx,
+            make_chunk_runner(model, tx, members=True), epoch_idx=epoch_idx,
             chunk_keys=lambda s, z: jax.vmap(
                 lambda k: jax.random.split(jax.random.fold_in(k, s), z), out_axes=1)(k_drop),
             evaluate=evaluate, log_fn=log_fn, desc=f"train x{k_members}", members=k_members)
@@ -291,38 +291,25 @@ def _make_step(model: Model, tx: optax.GradientTransformation):
     return step
 
 
-def make_chunk_runner(model: Model, tx: optax.GradientTransformation):
+def make_chunk_runner(model: Model, tx: optax.GradientTransformation, members: bool = False):
     """A jitted ``(ts, split, idx (n, B), keys (n,)) -> (ts, (loss (n,), acc (n,)))`` that
-    scans n optimiser steps over the minibatches ``split[idx[i]]``."""
-    step_fn = _make_step(model, tx)
+    scans n optimiser steps over the minibatches ``split[idx[i]]``.
 
-    def step(carry: tuple[TrainState, Split], inp):
-        ts, split = carry
-        idx, key = inp
-        ts, out = step_fn(ts, split.x[idx], split.y[idx], key)
-        return (ts, split), out
-
-    @jax.jit
-    def run(ts: TrainState, split: Split, idx: jax.Array, keys: jax.Array):
-        (ts, _), out = jax.lax.scan(step, (ts, split), (idx, keys))
-        return ts, out
-
-    return run
-
-
-def make_members_chunk_runner(model: Model, tx: optax.GradientTransformation):
-    """The vmapped ``make_chunk_runner`` for K networks trained in one compiled loop.
-
-    A jitted ``(ts, split, idx (n, K, b), keys (n, K)) -> (ts, (loss (n, K), acc (n, K)))``
-    where every leaf of ``ts`` has a leading member axis K; at step i member k takes
-    one optimiser step on ``split[idx[i, k]]`` with dropout key ``keys[i, k]``.
+    With ``members=True`` it trains K networks in the same scan, vmapped: every leaf of
+    ``ts`` has a leading member axis K, ``idx`` is (n, K, b), ``keys`` (n, K), and at step
+    i member k steps on ``split[idx[i, k]]`` with dropout key ``keys[i, k]``; the losses
+    and accuracies are (n, K).
     """
     step_fn = _make_step(model, tx)
 
+    def one(ts, split, idx, key):
+        return step_fn(ts, split.x[idx], split.y[idx], key)
+
+    many = jax.vmap(one, in_axes=(0, None, 0, 0))
+
     def step(carry: tuple[TrainState, Split], inp):
         ts, split = carry
-        idx, keys = inp  # (K, b), (K,)
-        ts, out = jax.vmap(lambda t, i, k: step_fn(t, split.x[i], split.y[i], k))(ts, idx, keys)
+        ts, out = (many if members else one)(ts, split, *inp)
         return (ts, split), out
 
     @jax.jit

@@ -27,11 +27,20 @@ SHIFT_AXIS = {
 }
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, title: str | None = None) -> Path:
+    if title is not None:  # a figure of several panels: one title over them
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _class_ticks(ax, class_names, start: int = 0) -> None:
+    """Class names (shortened) as vertical x tick labels at start, start + 1, ..."""
+    ax.set_xticks(np.arange(start, start + len(class_names)), _short(class_names, 8),
+                  rotation=90, fontsize=7)
 
 
 def _show(ax, image: np.ndarray) -> None:
@@ -137,9 +146,7 @@ def uncertain_images(path: Path, images: np.ndarray, labels, preds, conf, entrop
         color = "tab:green" if labels[i] == preds[i] else "tab:red"
         ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[preds[i]]} "
                      f"(p={conf[i]:.2f})\nentropy {entropy[i]:.2f}", fontsize=8, color=color)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def uncertain_per_class(path: Path, curve: dict, class_names, title: str) -> Path:
@@ -174,14 +181,11 @@ def member_boxplots(path: Path, images: np.ndarray, kept: np.ndarray, labels, id
         ax = axes[1, j]
         ax.boxplot(kept[:, j, :], showfliers=True, widths=0.6,
                    flierprops={"markersize": 2})
-        ax.set_xticks(np.arange(1, len(class_names) + 1), _short(class_names, 8),
-                      rotation=90, fontsize=7)
+        _class_ticks(ax, class_names, start=1)
         ax.set_ylim(-0.02, 1.02)
         if j == 0:
             ax.set_ylabel("member's probability")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def accuracy_over_certainty(path: Path, curve: dict, title: str) -> Path:
@@ -228,13 +232,11 @@ def risk_extremes(path: Path, images: np.ndarray, mean: np.ndarray, std: np.ndar
         ax.bar(np.arange(mean.shape[1]), mean[i], yerr=std[i], color=colors, capsize=2,
                error_kw={"elinewidth": 1})
         ax.set_ylim(0, 1.05)
-        ax.set_xticks(np.arange(mean.shape[1]), _short(class_names, 8), rotation=90, fontsize=7)
+        _class_ticks(ax, class_names)
         ax.set_title(f"true: {class_names[labels[i]]} (green)", fontsize=8)
         if col == 0:
             ax.set_ylabel("probability ± std")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def shift_curves(path: Path, shift: dict, title: str) -> Path:
@@ -274,9 +276,7 @@ def ood_histograms(path: Path, scores: dict[str, tuple[np.ndarray, np.ndarray]],
         ax.set_xlabel(name if name == "max prob" else f"{name} (nats)")
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def write_all(folder: Path, title: str, summaries: dict, sets: dict, metrics: dict,
