@@ -79,8 +79,10 @@ def _on_signal(signum, frame):
     del frame
     if _stop["loops"] == 0:  # no loop running, nothing to save: requeue or stop at once
         _chain_and_raise(signum, None, None)
-    log.warning("%s received: saving a checkpoint at the end of this chunk, then stopping.",
-                signal.Signals(signum).name)
+    log.warning(
+        "%s received: saving a checkpoint at the end of this chunk, then stopping.",
+        signal.Signals(signum).name,
+    )
     _stop["signum"] = signum
 
 
@@ -126,8 +128,11 @@ class Checkpointer:
         """Steps of the complete checkpoints, oldest first."""
         if self.directory is None or not self.directory.is_dir():
             return []
-        return sorted(int(p.name.split("_")[1]) for p in self.directory.glob("step_*")
-                      if (p / META_FILE).is_file())
+        return sorted(
+            int(p.name.split("_")[1])
+            for p in self.directory.glob("step_*")
+            if (p / META_FILE).is_file()
+        )
 
     def restore(self, template: Any) -> tuple[int, Any] | None:
         """The newest readable checkpoint as ``(step, pytree)`` shaped like ``template``,
@@ -163,7 +168,7 @@ class Checkpointer:
         _fsync_dir(tmp)
         os.replace(tmp, final)  # the commit point
         _fsync_dir(self.directory)
-        for old in self.steps()[:-self.keep]:
+        for old in self.steps()[: -self.keep]:
             shutil.rmtree(self.directory / f"step_{old:09d}", ignore_errors=True)
         log.debug("saved %s in %.2fs", final, time.perf_counter() - tic)
         return final
@@ -212,9 +217,11 @@ def _load(path: Path, template: Any) -> Any:
     stored = serialization.msgpack_restore(path.read_bytes())
     leaves, treedef = jax.tree.flatten(template)
     if len(stored) != len(leaves):
-        raise UserError(f"checkpoint {path} holds {len(stored)} arrays but this run's state has "
-                        f"{len(leaves)}: it belongs to a different configuration. Start a new "
-                        f"run folder (or resume=false).")
+        raise UserError(
+            f"checkpoint {path} holds {len(stored)} arrays but this run's state has "
+            f"{len(leaves)}: it belongs to a different configuration. Start a new "
+            f"run folder (or resume=false)."
+        )
     out = []
     for i, like in enumerate(leaves):
         value = np.asarray(stored[str(i)])
@@ -223,9 +230,11 @@ def _load(path: Path, template: Any) -> Any:
             continue
         want = np.shape(like)
         if value.shape != want:
-            raise UserError(f"checkpoint {path}: array {i} has shape {value.shape}, this run's "
-                            f"state {want}: a different configuration. Start a new run folder "
-                            f"(or resume=false).")
+            raise UserError(
+                f"checkpoint {path}: array {i} has shape {value.shape}, this run's "
+                f"state {want}: a different configuration. Start a new run folder "
+                f"(or resume=false)."
+            )
         if isinstance(like, jax.Array | np.ndarray):
             out.append(jnp.asarray(value, dtype=like.dtype))
         else:  # a Python scalar
@@ -250,8 +259,9 @@ def loop(name: str) -> Checkpointer:
 
 
 @contextlib.contextmanager
-def session(root: str | Path, every: int,
-            signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+def session(
+    root: str | Path, every: int, signals: tuple[int, ...] = (signal.SIGTERM,)
+) -> Iterator[None]:
     """Within: ``loop`` hands out checkpointers under ``root`` and ``signals`` ask the
     run to stop at the next chunk boundary (after a save). Restores the previous
     handlers on exit. Signals are only caught in the main thread."""
@@ -283,10 +293,12 @@ def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
 
 # --- which job a run folder holds ------------------------------------------------------------
 
+
 def identity(config: dict) -> dict:
     """What a run computes: its resolved config without the how-to-run keys."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY},
-                                 default=str))
+    return json.loads(
+        json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY}, default=str)
+    )
 
 
 class RunRecord:
@@ -319,14 +331,14 @@ class RunRecord:
             return "skip"
         if has_state and (same or resume is True):
             if not same:
-                log.warning("resume=true: continuing %s although its config differs.",
-                            self.out_dir)
+                log.warning("resume=true: continuing %s although its config differs.", self.out_dir)
             return "resume"
         if resume is True:
             raise UserError(
                 f"resume=true, but {self.out_dir} holds no checkpoint to continue. Give the "
                 f"folder of the interrupted run: hydra.run.dir=<run folder> (a multirun: "
-                f"hydra.sweep.dir=<sweep folder>).{_candidates(self.out_dir, config)}")
+                f"hydra.sweep.dir=<sweep folder>).{_candidates(self.out_dir, config)}"
+            )
         if self.saved and not same:
             log.warning("%s held another job's checkpoints; starting afresh.", self.out_dir)
         return "new"
@@ -359,5 +371,6 @@ def _candidates(out_dir: Path, config: dict) -> str:
             if json.loads(p.read_text()).get("config") == identity(config):
                 found.append(p.parents[2])
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return (" Interrupted runs of this job: " + ", ".join(map(str, found[:3])) + ".") if found \
-        else ""
+    return (
+        (" Interrupted runs of this job: " + ", ".join(map(str, found[:3])) + ".") if found else ""
+    )

@@ -47,9 +47,16 @@ def configure_device(device: DictConfig) -> dict[str, str]:
 def _error(message: str) -> None:
     for handler in logging.getLogger().handlers:  # keep the reason in run.log too
         if isinstance(handler, logging.FileHandler):
-            handler.emit(logging.makeLogRecord(
-                {"name": "bnn_bench", "levelno": logging.ERROR, "levelname": "ERROR",
-                 "msg": message}))
+            handler.emit(
+                logging.makeLogRecord(
+                    {
+                        "name": "bnn_bench",
+                        "levelno": logging.ERROR,
+                        "levelname": "ERROR",
+                        "msg": message,
+                    }
+                )
+            )
     print(f"bnn-bench: {message}", file=sys.stderr)
 
 

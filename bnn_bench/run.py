@@ -32,8 +32,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     config, record = to_dict(cfg), checkpoint.RunRecord(out_dir)
     todo = record.plan(config, cfg.resume)  # new | resume | skip (finished here already)
     if todo == "skip":
-        log.info("%s holds this job's metrics.json already; skipping (resume=false reruns it).",
-                 out_dir)
+        log.info(
+            "%s holds this job's metrics.json already; skipping (resume=false reruns it).", out_dir
+        )
         return read_metrics(out_dir)
     record.start(config, todo)  # a new run clears the folder's old results and checkpoints
     meter = cost.start()  # gradient evaluations, compile time, peak memory of this run
@@ -48,16 +49,25 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     model = build_model(module, data.spec, type(module).__name__.lower(), settings.batch_size)
     method = build(cfg.method, "method")
     n_params = num_params(jax.eval_shape(model.init, jax.random.key(0))[0])
-    log.info("model %s: %s parameters, input %s; method %s; device %s",
-             model.name, f"{n_params:,}", data.spec.input_shape, type(method).__name__,
-             jax.devices()[0].platform)
+    log.info(
+        "model %s: %s parameters, input %s; method %s; device %s",
+        model.name,
+        f"{n_params:,}",
+        data.spec.input_shape,
+        type(method).__name__,
+        jax.devices()[0].platform,
+    )
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
-    plan = EvalPlan({name: split.x for name, split in evalsets.items()},
-                    keep=settings.keep_inputs, capacity=settings.keep_members)
+    plan = EvalPlan(
+        {name: split.x for name, split in evalsets.items()},
+        keep=settings.keep_inputs,
+        capacity=settings.keep_members,
+    )
     # history.jsonl always; a tracker if chosen (an unfinished W&B run is closed at exit)
     logger = Loggers(HistoryLogger(), build(cfg.logger, "logger"))
-    record.set_logger_run_id(logger.start(out_dir, config, RunInfo.current(out_dir),
-                                          run_id=record.logger_run_id))
+    record.set_logger_run_id(
+        logger.start(out_dir, config, RunInfo.current(out_dir), run_id=record.logger_run_id)
+    )
     timings["time/setup"] = time.perf_counter() - tic
 
     # --- inference
@@ -74,14 +84,18 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
 
     # --- evaluation
     tic = time.perf_counter()
-    metrics: dict[str, float] = {"model/params": float(n_params),
-                                 "model/flops": flops_per_input(model)}
-    set_metrics, curves = evaluation.evaluate(summaries, labels_of(evalsets), settings.num_bins,
-                                              settings.uncertain_below)
+    metrics: dict[str, float] = {
+        "model/params": float(n_params),
+        "model/flops": flops_per_input(model),
+    }
+    set_metrics, curves = evaluation.evaluate(
+        summaries, labels_of(evalsets), settings.num_bins, settings.uncertain_below
+    )
     metrics.update(set_metrics)
     if hasattr(method, "extra_metrics"):  # numbers that need the evaluation sets
-        metrics.update(method.extra_metrics(k_predict, posterior, summaries, evalsets,
-                                            settings.num_bins))
+        metrics.update(
+            method.extra_metrics(k_predict, posterior, summaries, evalsets, settings.num_bins)
+        )
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
     if hasattr(posterior, "extra_metrics"):  # numbers a method measured itself
@@ -93,8 +107,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     # --- reporting: plots, logger, and metrics.json last
     title = f"{type(method).__name__} · {model.name} · {data.spec.name}"
     if settings.plots:
-        for name, png in plots.write_all(out_dir / "plots", title, summaries, evalsets,
-                                         metrics, curves, data.spec).items():
+        for name, png in plots.write_all(
+            out_dir / "plots", title, summaries, evalsets, metrics, curves, data.spec
+        ).items():
             logger.image(name, png)
     logger.summary(metrics)
     logger.curves(curves)

@@ -40,8 +40,15 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         cfg = compose(config_name="config", overrides=[f"model={args.model}"])
     module = build(cfg.model, "model", num_classes=args.classes)
-    spec = Spec("bench", tuple(args.shape), args.classes, tuple(map(str, range(args.classes))),
-                (0.5,) * args.shape[2], (0.25,) * args.shape[2], None)
+    spec = Spec(
+        "bench",
+        tuple(args.shape),
+        args.classes,
+        tuple(map(str, range(args.classes))),
+        (0.5,) * args.shape[2],
+        (0.25,) * args.shape[2],
+        None,
+    )
     model = build_model(module, spec, args.model)
     params, state = model.init(jax.random.key(0))
     ts = TrainState(params, state, optax.adam(1e-3).init(params))
@@ -58,9 +65,11 @@ def main() -> None:
             jax.block_until_ready(Checkpointer(Path(d) / "loop").restore(ts))
             restores.append(time.perf_counter() - tic)
         size = sum(f.stat().st_size for f in path.iterdir())
-    print(f"{args.model} {tuple(args.shape)}: {num_params(params):,} parameters, checkpoint "
-          f"{size / 2**20:.1f} MiB; save {statistics.median(saves):.3f}s, restore "
-          f"{statistics.median(restores):.3f}s (median of {args.repeats}, {jax.devices()[0]})")
+    print(
+        f"{args.model} {tuple(args.shape)}: {num_params(params):,} parameters, checkpoint "
+        f"{size / 2**20:.1f} MiB; save {statistics.median(saves):.3f}s, restore "
+        f"{statistics.median(restores):.3f}s (median of {args.repeats}, {jax.devices()[0]})"
+    )
 
 
 if __name__ == "__main__":

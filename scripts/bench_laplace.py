@@ -46,13 +46,17 @@ def _timed(fn):
 
 
 def _scores(probs, labels) -> dict[str, float]:
-    return {"acc": M.accuracy(probs, labels), "nll": M.nll(probs, labels),
-            "ece": M.ece(probs, labels, 15)}
+    return {
+        "acc": M.accuracy(probs, labels),
+        "nll": M.nll(probs, labels),
+        "ece": M.ece(probs, labels, 15),
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--map-run", required=True, help="a map run folder (checkpoint/map.msgpack)")
     ap.add_argument("--dataset", default="fashion_mnist")
     ap.add_argument("--rank", type=int, default=100, help="Lanczos iterations (laplax maxiter)")
@@ -61,8 +65,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prior-precision", type=float, default=1e4)
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--test-size", type=int, default=None, help="first N test inputs (all)")
-    ap.add_argument("--laplax-batch", type=int, default=100,
-                    help="test inputs per vmapped laplax pushforward call")
+    ap.add_argument(
+        "--laplax-batch",
+        type=int,
+        default=100,
+        help="test inputs per vmapped laplax pushforward call",
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -77,8 +85,9 @@ def main(argv=None) -> int:
         )
         from laplax.util.loader import DataLoaderMV, reduce_add
     except ImportError as e:
-        print(f"laplax is not importable ({e}); see --help for installing it apart.",
-              file=sys.stderr)
+        print(
+            f"laplax is not importable ({e}); see --help for installing it apart.", file=sys.stderr
+        )
         return 2
 
     data = load(args.dataset)
@@ -95,17 +104,24 @@ def main(argv=None) -> int:
     results["map"] = _scores(map_probs, y_test)
 
     # --- bnn-bench
-    method = Laplace(trainer=Trainer(), init_from=args.map_run, curvature="lanczos",
-                     rank=args.rank, curvature_batches=args.batches,
-                     curvature_batch_size=args.batch_size,
-                     prior_precision=args.prior_precision, predictive="linearised",
-                     num_samples=args.samples)
+    method = Laplace(
+        trainer=Trainer(),
+        init_from=args.map_run,
+        curvature="lanczos",
+        rank=args.rank,
+        curvature_batches=args.batches,
+        curvature_batch_size=args.batch_size,
+        prior_precision=args.prior_precision,
+        predictive="linearised",
+        num_samples=args.samples,
+    )
     plan = EvalPlan({"test": x_test})
     ours: dict[str, float] = {}
     for run in ("cold", "warm"):
         post, ours[f"build_{run}_s"] = _timed(lambda: method.fit(key, model, data, plan))
         summ, ours[f"predict_{run}_s"] = _timed(
-            lambda post=post: method.predict(jax.random.key(1), post, plan)["test"])
+            lambda post=post: method.predict(jax.random.key(1), post, plan)["test"]
+        )
     ours |= _scores(summ.mean(), y_test)
     ours["top_eigvals"] = np.asarray(post.curvature.eigvals[:5]).tolist()
     results["bnn_bench"] = ours
@@ -120,28 +136,50 @@ def main(argv=None) -> int:
     theirs: dict[str, float] = {}
     prior = {"prior_prec": args.prior_precision}
     for run in ("cold", "warm"):
+
         def build():
             # As the tutorial's DataLoaderMV over a few batches, with the per-batch GGN
             # jitted with the data as an argument (closing over it as a constant makes
             # XLA constant-fold the convolutions for minutes).
-            mv = jax.jit(create_ggn_mv_without_data(
-                model_fn, params, loss_fn="cross_entropy",
-                factor=data.train.size / (len(batches) * args.batch_size)))
+            mv = jax.jit(
+                create_ggn_mv_without_data(
+                    model_fn,
+                    params,
+                    loss_fn="cross_entropy",
+                    factor=data.train.size / (len(batches) * args.batch_size),
+                )
+            )
             mv = DataLoaderMV(mv, batches, transform=lambda b: b, reduce=reduce_add)
             # `rank` is the iteration count of laplax's lanczos_lowrank; the tutorial's
             # `maxiter=100` is swallowed by its **kwargs (laplax 0.0.2), which runs 20.
-            return create_posterior_fn("lanczos", mv=mv, layout=params, key=key,
-                                       rank=args.rank, mv_jit=False)
+            return create_posterior_fn(
+                "lanczos", mv=mv, layout=params, key=key, rank=args.rank, mv_jit=False
+            )
+
         posterior_fn, theirs[f"build_{run}_s"] = _timed(build)
-        pushforward = jax.jit(jax.vmap(set_lin_pushforward(
-            model_fn=model_fn, mean_params=params, posterior_fn=posterior_fn,
-            prior_arguments=prior, pushforward_fns=[lin_setup, lin_pred_mean, lin_mc_pred_act],
-            key=jax.random.key(1), num_samples=args.samples)))
+        pushforward = jax.jit(
+            jax.vmap(
+                set_lin_pushforward(
+                    model_fn=model_fn,
+                    mean_params=params,
+                    posterior_fn=posterior_fn,
+                    prior_arguments=prior,
+                    pushforward_fns=[lin_setup, lin_pred_mean, lin_mc_pred_act],
+                    key=jax.random.key(1),
+                    num_samples=args.samples,
+                )
+            )
+        )
 
         def predict(pushforward=pushforward):
             b = args.laplax_batch
-            return jnp.concatenate([pushforward(x_test[i:i + b])["mc_pred_act"]
-                                    for i in range(0, x_test.shape[0], b)])
+            return jnp.concatenate(
+                [
+                    pushforward(x_test[i : i + b])["mc_pred_act"]
+                    for i in range(0, x_test.shape[0], b)
+                ]
+            )
+
         probs, theirs[f"predict_{run}_s"] = _timed(predict)
     theirs |= _scores(probs, y_test)
     scale = posterior_fn(prior, 1.0).state["scale"]
@@ -152,7 +190,8 @@ def main(argv=None) -> int:
     results["laplax"] = theirs
 
     results["ratio_laplax_over_bnn_bench"] = {
-        k: theirs[k] / ours[k] for k in ours if k.endswith("_s")}
+        k: theirs[k] / ours[k] for k in ours if k.endswith("_s")
+    }
     print(json.dumps(results, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -29,13 +29,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="config", overrides=[
-            "dataset=synthetic", f"model={args.model}", "dataset.train_size=4096",
-            "dataset.val_fraction=0", f"trainer.batch_size={args.batch_size}",
-            f"trainer.steps={args.steps}", f"trainer.chunk_size={args.steps}"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "dataset=synthetic",
+                f"model={args.model}",
+                "dataset.train_size=4096",
+                "dataset.val_fraction=0",
+                f"trainer.batch_size={args.batch_size}",
+                f"trainer.steps={args.steps}",
+                f"trainer.chunk_size={args.steps}",
+            ],
+        )
     data = build(cfg.dataset, "dataset")
-    model = build_model(build(cfg.model, "model", num_classes=data.spec.num_classes),
-                        data.spec, args.model)
+    model = build_model(
+        build(cfg.model, "model", num_classes=data.spec.num_classes), data.spec, args.model
+    )
     trainer = build(cfg.trainer, "trainer")
     keys = jax.random.split(jax.random.key(0), args.members)
 
@@ -52,6 +61,7 @@ def main() -> None:
     print(f"vmapped    : {vm:.1f}s")
     print(f"one by one : {seq:.1f}s")
     print(f"ratio (one by one / vmapped): {seq / vm:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -45,9 +45,11 @@ from bnn_bench.models.mlp import MLP
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--warmup", type=int, default=2340, help="warm-up steps (tutorial: 2340)")
     p.add_argument("--samples", type=int, default=1000, help="sampling steps (tutorial: 1000)")
     p.add_argument("--batch-size", type=int, default=512)
@@ -74,8 +76,10 @@ def main() -> None:
     params0, _ = model.init(jax.random.key(args.seed))
     train, test = data.train, data.test
     results: dict[str, dict] = {}
-    print(f"Fashion-MNIST: train {n}, test {test.size}; {W} warm-up + {S} sampling steps; "
-          f"batch {b}; step {eps}; device {jax.devices()[0].platform}")
+    print(
+        f"Fashion-MNIST: train {n}, test {test.size}; {W} warm-up + {S} sampling steps; "
+        f"batch {b}; step {eps}; device {jax.devices()[0].platform}"
+    )
 
     def timed(fn, *a):
         tic = time.perf_counter()
@@ -89,12 +93,15 @@ def main() -> None:
 
     # ------------------------------------------------------------------ (a)
     if "a" in variants:
+
         def bare(params, key, x, y):
             def body(p, k):
                 idx = jax.random.randint(k, (b,), 0, n)
                 _, g = jax.value_and_grad(log_density)(p, x[idx], y[idx])
                 return jax.tree.map(lambda a, c: a + eps * c, p, g), None
+
             return jax.lax.scan(body, params, jax.random.split(key, W))[0]
+
         fn, c = aot(bare, params0, jax.random.key(1), train.x, train.y)
         _, t = timed(fn, params0, jax.random.key(1), train.x, train.y)
         results["a"] = {"warmup_steps_per_s": W / t, "compile_s": c}
@@ -109,6 +116,7 @@ def main() -> None:
                 kb, ks = jax.random.split(k)
                 idx = jax.random.randint(kb, (b,), 0, n)
                 return kernel.step(ks, p, (x[idx], y[idx]), eps), None
+
             return jax.lax.scan(body, params, jax.random.split(key, W))[0]
 
         def sample(params, key, x, y, xt):
@@ -118,6 +126,7 @@ def main() -> None:
                 idx = jax.random.randint(kb, (b,), 0, n)
                 p = kernel.step(ks, p, (x[idx], y[idx]), eps)
                 return (p, prob_sum + model.probs(p, {}, xt)), None
+
             init = (params, jnp.zeros((xt.shape[0], 10)))
             return jax.lax.scan(body, init, jax.random.split(key, S))[0]
 
@@ -125,8 +134,12 @@ def main() -> None:
         fs, cs = aot(sample, params0, jax.random.key(2), train.x, train.y, test.x)
         p, tw = timed(fw, params0, jax.random.key(1), train.x, train.y)
         (_, prob_sum), ts = timed(fs, p, jax.random.key(2), train.x, train.y, test.x)
-        results["b"] = {"warmup_steps_per_s": W / tw, "sampling_steps_per_s": S / ts,
-                        "compile_s": cw + cs, **scores(prob_sum / S, test.y)}
+        results["b"] = {
+            "warmup_steps_per_s": W / tw,
+            "sampling_steps_per_s": S / ts,
+            "compile_s": cw + cs,
+            **scores(prob_sum / S, test.y),
+        }
         print("b", results["b"], flush=True)
 
     # ------------------------------------------------------------------ (c)
@@ -136,19 +149,30 @@ def main() -> None:
 
     # ------------------------------------------------------------------ (d)
     if "d" in variants:
-        method = SGMCMC(kernel=sgld(), step_size=constant(eps), batch_size=b, iterations=W + S,
-                        epochs=None, burn_in=W, burn_in_epochs=None, accepted_samples=S,
-                        chunk_size=args.chunk_size)
+        method = SGMCMC(
+            kernel=sgld(),
+            step_size=constant(eps),
+            batch_size=b,
+            iterations=W + S,
+            epochs=None,
+            burn_in=W,
+            burn_in_epochs=None,
+            accepted_samples=S,
+            chunk_size=args.chunk_size,
+        )
         plan = EvalPlan({"test": test.x}, keep=5, capacity=S)
         tic = time.perf_counter()
         post = method.fit(jax.random.key(args.seed), model, data, plan)
         wall = time.perf_counter() - tic
         m = post.metrics
-        results["d"] = {"warmup_steps_per_s": m["sampler/burn_in_steps_per_s"],
-                        "sampling_steps_per_s": m["sampler/sampling_steps_per_s"],
-                        "compile_s": m["time/compile"], "wall_s": wall,
-                        **scores(post.summaries["test"].mean(), test.y),
-                        "last_sample_acc": m["test/last_sample_acc"]}
+        results["d"] = {
+            "warmup_steps_per_s": m["sampler/burn_in_steps_per_s"],
+            "sampling_steps_per_s": m["sampler/sampling_steps_per_s"],
+            "compile_s": m["time/compile"],
+            "wall_s": wall,
+            **scores(post.summaries["test"].mean(), test.y),
+            "last_sample_acc": m["test/last_sample_acc"],
+        }
         print("d", results["d"], flush=True)
 
     print()
@@ -226,32 +250,48 @@ def tutorial_loop(args, data) -> dict:
     # the tutorial divides the log-sum by num_samples (it also holds the warm-up state)
     probs = jnp.exp(logpredict) / (args.samples + 1)
     last = jnp.exp(jax.vmap(net.apply, in_axes=(None, 0))(state, X_test))
-    return {"warmup_steps_per_s": warm_rate, "sampling_steps_per_s": samp_rate,
-            "compile_s": c1 + c2, **scores(probs, data.test.y),
-            "last_sample_acc": M.accuracy(last, data.test.y)}
+    return {
+        "warmup_steps_per_s": warm_rate,
+        "sampling_steps_per_s": samp_rate,
+        "compile_s": c1 + c2,
+        **scores(probs, data.test.y),
+        "last_sample_acc": M.accuracy(last, data.test.y),
+    }
 
 
 def report(r: dict) -> None:
-    names = {"a": "(a) bare value_and_grad in scan", "b": "(b) blackjax.sgld in scan",
-             "c": "(c) BlackJAX tutorial loop", "d": "(d) bnn-bench sgld"}
-    print(f"\n{'variant':34s} {'warm-up st/s':>12s} {'sampling st/s':>13s} {'compile s':>9s}"
-          f" {'acc':>7s} {'nll':>7s} {'ece':>7s}")
+    names = {
+        "a": "(a) bare value_and_grad in scan",
+        "b": "(b) blackjax.sgld in scan",
+        "c": "(c) BlackJAX tutorial loop",
+        "d": "(d) bnn-bench sgld",
+    }
+    print(
+        f"\n{'variant':34s} {'warm-up st/s':>12s} {'sampling st/s':>13s} {'compile s':>9s}"
+        f" {'acc':>7s} {'nll':>7s} {'ece':>7s}"
+    )
     for k in sorted(r):
         v = r[k]
-        print(f"{names[k]:34s} {v['warmup_steps_per_s']:12.1f} "
-              f"{v.get('sampling_steps_per_s', float('nan')):13.2f} {v['compile_s']:9.1f} "
-              f"{v.get('acc', float('nan')):7.4f} {v.get('nll', float('nan')):7.4f} "
-              f"{v.get('ece', float('nan')):7.4f}")
+        print(
+            f"{names[k]:34s} {v['warmup_steps_per_s']:12.1f} "
+            f"{v.get('sampling_steps_per_s', float('nan')):13.2f} {v['compile_s']:9.1f} "
+            f"{v.get('acc', float('nan')):7.4f} {v.get('nll', float('nan')):7.4f} "
+            f"{v.get('ece', float('nan')):7.4f}"
+        )
     if "d" in r:
         d = r["d"]
         if "a" in r:
-            print(f"warm-up (d)/(a) = {d['warmup_steps_per_s'] / r['a']['warmup_steps_per_s']:.3f}"
-                  "  (target >= 0.9)")
+            print(
+                f"warm-up (d)/(a) = {d['warmup_steps_per_s'] / r['a']['warmup_steps_per_s']:.3f}"
+                "  (target >= 0.9)"
+            )
         for k in ("b", "c"):
             if k in r:
-                print(f"(d)/({k}): warm-up "
-                      f"{d['warmup_steps_per_s'] / r[k]['warmup_steps_per_s']:.3f}, sampling "
-                      f"{d['sampling_steps_per_s'] / r[k]['sampling_steps_per_s']:.3f}")
+                print(
+                    f"(d)/({k}): warm-up "
+                    f"{d['warmup_steps_per_s'] / r[k]['warmup_steps_per_s']:.3f}, sampling "
+                    f"{d['sampling_steps_per_s'] / r[k]['sampling_steps_per_s']:.3f}"
+                )
 
 
 if __name__ == "__main__":

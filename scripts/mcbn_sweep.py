@@ -31,13 +31,22 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 128, 1024, 8192],
-                    help="mc_batch_size values")
-    ap.add_argument("--estimators", type=int, nargs="+", default=[8, 32],
-                    help="num_estimators values")
-    ap.add_argument("overrides", nargs="*",
-                    default=["experiment=tu_mnist_mcbn", "dataset=fashion_mnist"],
-                    help="Hydra overrides of the run to sweep (after --)")
+    ap.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[16, 32, 128, 1024, 8192],
+        help="mc_batch_size values",
+    )
+    ap.add_argument(
+        "--estimators", type=int, nargs="+", default=[8, 32], help="num_estimators values"
+    )
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        default=["experiment=tu_mnist_mcbn", "dataset=fashion_mnist"],
+        help="Hydra overrides of the run to sweep (after --)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -47,8 +56,9 @@ def main() -> None:
     k_fit = jax.random.split(jax.random.key(cfg.seed))[0]  # as run.py
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
-    model = build_model(module, data.spec, cfg.model._target_.rsplit(".", 1)[-1].lower(),
-                        cfg.eval.batch_size)
+    model = build_model(
+        module, data.spec, cfg.model._target_.rsplit(".", 1)[-1].lower(), cfg.eval.batch_size
+    )
     method = build(cfg.method, "method")
     tic = time.perf_counter()
     ts = method.trainer.train(k_fit, model, data)
@@ -58,18 +68,20 @@ def main() -> None:
     def report(name: str, probs: np.ndarray) -> None:  # probs: (S, N, C)
         mean = probs.mean(0)
         members = np.mean([M.nll(p, y) for p in probs])
-        print(f"{name:<28} acc {M.accuracy(mean, y):.4f}  nll {M.nll(mean, y):.4f}  "
-              f"ece {M.ece(mean, y):.4f}  member-nll {members:.4f}")
+        print(
+            f"{name:<28} acc {M.accuracy(mean, y):.4f}  nll {M.nll(mean, y):.4f}  "
+            f"ece {M.ece(mean, y):.4f}  member-nll {members:.4f}"
+        )
 
     report("MAP (running statistics)", np.asarray(model.probs(ts.params, ts.state, x))[None])
     for s in args.estimators:
         for m in args.batch_sizes:
             if m > data.train.size:
                 continue
-            mc = dataclasses.replace(method, num_estimators=1 if m >= 4096 else s,
-                                     mc_batch_size=m)
-            post = mc.fit_statistics(jax.random.fold_in(k_fit, m), model, ts.params,
-                                     ts.state, data.train)
+            mc = dataclasses.replace(method, num_estimators=1 if m >= 4096 else s, mc_batch_size=m)
+            post = mc.fit_statistics(
+                jax.random.fold_in(k_fit, m), model, ts.params, ts.state, data.train
+            )
             probs = np.concatenate([np.asarray(p) for p in mc.members(k_fit, post, x)])
             report(f"MCBN S={mc.num_estimators} m={m}", probs)
 

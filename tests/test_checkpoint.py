@@ -22,8 +22,11 @@ from tests.reporting.wandb_records import read_run
 RUN = [*TINY, "trainer.chunk_size=3", "checkpoint.every=2"]
 # W&B offline, and SIGTERM at step 13 (a test-only subclass of the W&B logger)
 WANDB = ["logger=wandb", "logger.mode=offline"]
-SIGTERM_LOGGER = [*WANDB, "logger._target_=tests.reporting.sigterm_logger.WandbSigtermAt",
-                  "+logger.sigterm_step=13"]
+SIGTERM_LOGGER = [
+    *WANDB,
+    "logger._target_=tests.reporting.sigterm_logger.WandbSigtermAt",
+    "+logger.sigterm_step=13",
+]
 
 
 class State(NamedTuple):
@@ -34,14 +37,22 @@ class State(NamedTuple):
 
 def _state(seed: int) -> State:
     k = jax.random.key(seed)
-    return State({"w": jax.random.normal(k, (3, 2)), "b": jnp.arange(2.0)},
-                 jax.random.split(k)[0], jnp.asarray(seed, jnp.int32))
+    return State(
+        {"w": jax.random.normal(k, (3, 2)), "b": jnp.arange(2.0)},
+        jax.random.split(k)[0],
+        jnp.asarray(seed, jnp.int32),
+    )
 
 
 def _assert_same(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(
-        jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
-        jax.random.key_data(y) if jnp.issubdtype(y.dtype, jax.dtypes.prng_key) else y), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(
+            jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+            jax.random.key_data(y) if jnp.issubdtype(y.dtype, jax.dtypes.prng_key) else y,
+        ),
+        a,
+        b,
+    )
 
 
 def test_save_and_restore_roundtrip_with_typed_keys(tmp_path):
@@ -58,8 +69,9 @@ def test_save_and_restore_roundtrip_with_typed_keys(tmp_path):
     _assert_same(restored, _state(4))
     assert jax.random.key_impl(restored.key) == jax.random.key_impl(_state(0).key)
     # draws from the restored key equal draws from the saved one
-    np.testing.assert_array_equal(jax.random.normal(restored.key, (4,)),
-                                  jax.random.normal(_state(4).key, (4,)))
+    np.testing.assert_array_equal(
+        jax.random.normal(restored.key, (4,)), jax.random.normal(_state(4).key, (4,))
+    )
 
 
 def test_a_checkpoint_of_another_shape_is_refused(tmp_path):
@@ -97,8 +109,14 @@ def test_dying_while_writing_leaves_the_previous_checkpoint_usable(tmp_path, whe
             os.replace = lambda a, b: os._exit(9)
         ckpt.save(2, {{"w": jnp.full((1000,), 2.0)}})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env=cli_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=cli_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 9, proc.stderr
     assert list(tmp_path.glob(".tmp-*"))  # the half-written one is there...
     ckpt = Checkpointer(tmp_path)
@@ -108,8 +126,13 @@ def test_dying_while_writing_leaves_the_previous_checkpoint_usable(tmp_path, whe
 
 
 def _cli(*overrides, check=True):
-    proc = subprocess.run([*CLI, *overrides], env=cli_env() | {"WANDB_SILENT": "true"},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*CLI, *overrides],
+        env=cli_env() | {"WANDB_SILENT": "true"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -117,8 +140,11 @@ def _cli(*overrides, check=True):
 
 def _results(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items()
-            if not k.startswith(("time/", "cost/compile", "cost/attempts"))}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if not k.startswith(("time/", "cost/compile", "cost/attempts"))
+    }
 
 
 def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -212,8 +238,10 @@ def test_sigterm_outside_a_loop_stops_at_once(tmp_path):
 
     from bnn_bench import checkpoint
 
-    with checkpoint.session(tmp_path, every=1), pytest.raises(checkpoint.Preempted,
-                                                               match="SIGTERM"):
+    with (
+        checkpoint.session(tmp_path, every=1),
+        pytest.raises(checkpoint.Preempted, match="SIGTERM"),
+    ):
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(10**6):  # the handler raises at the next bytecode boundary
             pass
@@ -232,8 +260,9 @@ def test_streaming_summaries_roundtrip(tmp_path):
     summaries["val"] = summaries["val"].add(probs[:, :3])
     tree = {"state": _state(3), "summaries": summaries}
     Checkpointer(tmp_path).save(40, tree)
-    step, restored = Checkpointer(tmp_path).restore({"state": _state(0),
-                                                     "summaries": plan.empty(5)})
+    step, restored = Checkpointer(tmp_path).restore(
+        {"state": _state(0), "summaries": plan.empty(5)}
+    )
     assert step == 40
     _assert_same(restored, tree)
     np.testing.assert_allclose(restored["summaries"]["test"].mean(), probs.mean(0), rtol=1e-6)

@@ -55,7 +55,12 @@ def test_misspelt_key_in_a_yaml_names_the_key_and_the_accepted_ones():
 def test_cli_prints_composed_config():
     out = subprocess.run(
         [*CLI, "--cfg", "job", "method=map", "dataset=cifar10", "model=mobilenet"],
-        capture_output=True, text=True, env=cli_env(), timeout=120, check=True).stdout
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+        check=True,
+    ).stdout
     cfg = OmegaConf.create(out)
     assert cfg.dataset.name == "cifar10"
     assert cfg.model._target_.endswith("MobileNetV1")
@@ -63,8 +68,9 @@ def test_cli_prints_composed_config():
 
 
 def test_cli_help_lists_groups():
-    out = subprocess.run([*CLI, "--help"], capture_output=True, text=True, env=cli_env(),
-                         timeout=120, check=True).stdout
+    out = subprocess.run(
+        [*CLI, "--help"], capture_output=True, text=True, env=cli_env(), timeout=120, check=True
+    ).stdout
     assert "bnn-bench" in out
     for group in GROUPS:
         assert f"{group}:" in out

@@ -10,15 +10,22 @@ import pytest
 from tests.test_run import bnn_bench
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_data = pytest.mark.skipif(not FASHION.exists(),
-                                reason="apt-get install dataset-fashion-mnist")
+needs_data = pytest.mark.skipif(
+    not FASHION.exists(), reason="apt-get install dataset-fashion-mnist"
+)
 
 
 @pytest.mark.slow
 @needs_data
 def test_map_cnn_on_fashion_mnist(tmp_path):
-    proc = bnn_bench(tmp_path, "method=map", "model=cnn", "dataset=fashion_mnist",
-                     "eval.plots=false", timeout=1200)
+    proc = bnn_bench(
+        tmp_path,
+        "method=map",
+        "model=cnn",
+        "dataset=fashion_mnist",
+        "eval.plots=false",
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test/members"] == 1

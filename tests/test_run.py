@@ -15,8 +15,13 @@ from tests.conftest import CLI, TINY, cli_env
 def bnn_bench(tmp_path, *overrides, timeout=300):
     env = cli_env()
     env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")  # never the user's own TFDS folder
-    return subprocess.run([*CLI, f"hydra.run.dir={tmp_path / 'run'}", *overrides],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [*CLI, f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def test_synthetic_run_writes_a_complete_run_folder(tmp_path):
@@ -42,24 +47,31 @@ def test_same_seed_same_metrics(tmp_path):
     assert a.returncode == b.returncode == 0
     ma = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
-    assert {k: v for k, v in ma.items() if k.startswith("test/")} == \
-           {k: v for k, v in mb.items() if k.startswith("test/")}
+    assert {k: v for k, v in ma.items() if k.startswith("test/")} == {
+        k: v for k, v in mb.items() if k.startswith("test/")
+    }
 
 
 BAD_INPUT = {
-    "unknown dataset": (["dataset=imagenet"], ["Could not find 'dataset/imagenet'",
-                                               "fashion_mnist"]),
+    "unknown dataset": (
+        ["dataset=imagenet"],
+        ["Could not find 'dataset/imagenet'", "fashion_mnist"],
+    ),
     "unknown model": (["model=resnet"], ["Could not find 'model/resnet'", "mobilenet"]),
     "unknown method": (["method=hmc"], ["Could not find 'method/hmc'", "map"]),
     "misspelt key": (["trainer.learnig_rate=0.1"], ["learnig_rate"]),
     "missing data, no download": (
         ["dataset=cifar10", "dataset.data_dir=/nonexistent/cifar", "dataset.download=false"],
-        ["Could not find dataset 'cifar10'", "dataset.data_dir"]),
+        ["Could not find dataset 'cifar10'", "dataset.data_dir"],
+    ),
     "resize the model cannot take": (
         [*(o for o in TINY if not o.startswith("model")), "model=cnn", "dataset.resize=[6,6]"],
-        ["model cnn cannot take synthetic inputs of shape (6, 6, 1)", "dataset.resize"]),
-    "bad optimizer": ([*TINY, "trainer.optimizer=adagrad"],
-                      ["trainer.optimizer must be one of adam, adamw, sgd"]),
+        ["model cnn cannot take synthetic inputs of shape (6, 6, 1)", "dataset.resize"],
+    ),
+    "bad optimizer": (
+        [*TINY, "trainer.optimizer=adagrad"],
+        ["trainer.optimizer must be one of adam, adamw, sgd"],
+    ),
 }
 
 

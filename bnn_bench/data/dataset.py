@@ -109,18 +109,37 @@ class _Known:
 
 _DIGITS = tuple(str(i) for i in range(10))
 KNOWN = {
-    "mnist": _Known("mnist", (28, 28, 1), _DIGITS, (0.1307,), (0.3081,), "idx",
-                    ("/usr/share/datasets/mnist",)),
+    "mnist": _Known(
+        "mnist", (28, 28, 1), _DIGITS, (0.1307,), (0.3081,), "idx", ("/usr/share/datasets/mnist",)
+    ),
     "fashion_mnist": _Known(
-        "fashion_mnist", (28, 28, 1),
-        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        (0.2860,), (0.3530,), "idx", ("/usr/share/datasets/fashion-mnist",)),
+        "fashion_mnist",
+        (28, 28, 1),
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        (0.2860,),
+        (0.3530,),
+        "idx",
+        ("/usr/share/datasets/fashion-mnist",),
+    ),
     "cifar10": _Known(
-        "cifar10", (32, 32, 3),
-        ("airplane", "automobile", "bird", "cat", "deer",
-         "dog", "frog", "horse", "ship", "truck"),
-        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar"),
+        "cifar10",
+        (32, 32, 3),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        "cifar",
+    ),
 }
 SOURCES = ("auto", "local", "tfds", "system")
 
@@ -133,8 +152,14 @@ def _read_local(known: _Known, folder: str) -> sources.Arrays:
     return sources.read_cifar10_folder(folder)
 
 
-def _read(name: str, known: _Known, source: str, data_dir: str | None,
-          tfds_data_dir: str | None, download: bool) -> tuple[sources.Arrays, str]:
+def _read(
+    name: str,
+    known: _Known,
+    source: str,
+    data_dir: str | None,
+    tfds_data_dir: str | None,
+    download: bool,
+) -> tuple[sources.Arrays, str]:
     """Tries the sources in order; returns the arrays and where they came from."""
     tfds_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR")
     attempts: list[tuple[str, object]] = []
@@ -143,14 +168,19 @@ def _read(name: str, known: _Known, source: str, data_dir: str | None,
     if source in ("auto", "tfds"):
         # Prepared TFDS data first; a download is the last resort because it is slow
         # and, without network, fails only after a timeout.
-        attempts.append((f"TFDS data dir {tfds_dir or '~/tensorflow_datasets'}",
-                         lambda: sources.read_tfds(known.tfds_name, tfds_dir, download=False)))
+        attempts.append(
+            (
+                f"TFDS data dir {tfds_dir or '~/tensorflow_datasets'}",
+                lambda: sources.read_tfds(known.tfds_name, tfds_dir, download=False),
+            )
+        )
     if source in ("auto", "system"):
         for d in known.system_dirs:
             attempts.append((f"system copy {d}", lambda d=d: _read_local(known, d)))
     if source in ("auto", "tfds") and download:
-        attempts.append(("TFDS download",
-                         lambda: sources.read_tfds(known.tfds_name, tfds_dir, download=True)))
+        attempts.append(
+            ("TFDS download", lambda: sources.read_tfds(known.tfds_name, tfds_dir, download=True))
+        )
     failures = []
     for where, read in attempts:
         try:
@@ -167,8 +197,11 @@ def _read(name: str, known: _Known, source: str, data_dir: str | None,
         f"{tried}\nPut the files in a folder and pass dataset.data_dir=PATH, point "
         f"dataset.tfds_data_dir at prepared TFDS data, or allow dataset.download=true "
         f"on a machine with network."
-        + ("\nOn Debian/Ubuntu: apt-get install dataset-fashion-mnist."
-           if name == "fashion_mnist" else "")
+        + (
+            "\nOn Debian/Ubuntu: apt-get install dataset-fashion-mnist."
+            if name == "fashion_mnist"
+            else ""
+        )
     )
 
 
@@ -181,8 +214,12 @@ def _check_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
     return (int(r[0]), int(r[1]))
 
 
-def split_validation(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                     val_from: str, val_fraction: float):
+def split_validation(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    val_from: str,
+    val_fraction: float,
+):
     """Carves a validation split out of train or test with a fixed permutation.
 
     ``val_from="test"`` with ``val_fraction=0.5`` is the JaxSGMC tutorial's choice:
@@ -244,8 +281,10 @@ def load(
     arrays, where = _read(name, known, source, data_dir, tfds_data_dir, download)
     for split, (x, _) in arrays.items():
         if x.shape[1:] != known.shape:
-            raise UserError(f"{name} {split} images from {where} have shape {x.shape[1:]}, "
-                            f"expected {known.shape}. Check dataset.data_dir.")
+            raise UserError(
+                f"{name} {split} images from {where} have shape {x.shape[1:]}, "
+                f"expected {known.shape}. Check dataset.data_dir."
+            )
     train = arrays["train"]
     if subset is not None:
         train = (train[0][:subset], train[1][:subset])
@@ -255,8 +294,19 @@ def load(
     if len(mean) not in (1, known.shape[2]) or len(std) != len(mean):
         raise UserError(f"dataset.mean/std need 1 or {known.shape[2]} values each.")
     spec = Spec(name, known.shape, len(known.class_names), known.class_names, mean, std, resize)
-    log.info("dataset %s from %s: train %d, val %d, test %d, input %s",
-             name, where, len(train[1]), 0 if val is None else len(val[1]), len(test[1]),
-             spec.input_shape)
-    return Dataset(spec, to_device(train), to_device(test),
-                   None if val is None else to_device(val), source=where)
+    log.info(
+        "dataset %s from %s: train %d, val %d, test %d, input %s",
+        name,
+        where,
+        len(train[1]),
+        0 if val is None else len(val[1]),
+        len(test[1]),
+        spec.input_shape,
+    )
+    return Dataset(
+        spec,
+        to_device(train),
+        to_device(test),
+        None if val is None else to_device(val),
+        source=where,
+    )

@@ -98,10 +98,14 @@ def read_cifar10_folder(folder: str | os.PathLike) -> Arrays:
                 name = Path(member.name).name
                 if name in _CIFAR_TRAIN + _CIFAR_TEST:
                     blobs[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    parts = {s: [_cifar_batch(blobs[n]) for n in names]
-             for s, names in (("train", _CIFAR_TRAIN), ("test", _CIFAR_TEST))}
-    return {s: (np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps]))
-            for s, ps in parts.items()}
+    parts = {
+        s: [_cifar_batch(blobs[n]) for n in names]
+        for s, names in (("train", _CIFAR_TRAIN), ("test", _CIFAR_TEST))
+    }
+    return {
+        s: (np.concatenate([p[0] for p in ps]), np.concatenate([p[1] for p in ps]))
+        for s, ps in parts.items()
+    }
 
 
 # --- TFDS ---------------------------------------------------------------------
@@ -114,8 +118,9 @@ def keep_tensorflow_off_gpu() -> None:
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError as e:  # TF started already: it may hold GPU memory JAX needs
-        logging.getLogger(__name__).warning("TensorFlow already started; it may use the GPU "
-                                            "(%s).", e)
+        logging.getLogger(__name__).warning(
+            "TensorFlow already started; it may use the GPU (%s).", e
+        )
 
 
 def read_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:
@@ -143,6 +148,8 @@ def read_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:
         # Batched reading: batch_size=-1 aborts the process on some TF builds.
         ds = builder.as_dataset(split=split, as_supervised=True).batch(10_000)
         parts = list(tfds.as_numpy(ds))
-        out[split] = (np.concatenate([x for x, _ in parts]).astype(np.uint8),
-                      np.concatenate([y for _, y in parts]).astype(np.int32))
+        out[split] = (
+            np.concatenate([x for x, _ in parts]).astype(np.uint8),
+            np.concatenate([y for _, y in parts]).astype(np.int32),
+        )
     return out

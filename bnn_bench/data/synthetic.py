@@ -10,8 +10,14 @@ from bnn_bench.data.dataset import Dataset, Spec, _check_resize, split_validatio
 from bnn_bench.errors import UserError
 
 
-def make_arrays(shape: Sequence[int], num_classes: int, size: int, noise: float,
-                rng: np.random.Generator, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def make_arrays(
+    shape: Sequence[int],
+    num_classes: int,
+    size: int,
+    noise: float,
+    rng: np.random.Generator,
+    prototypes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """``size`` images: a class prototype, randomly brightened, plus pixel noise."""
     y = rng.integers(0, num_classes, size=size).astype(np.int32)
     gain = rng.uniform(0.6, 1.0, size=(size, 1, 1, 1))
@@ -48,8 +54,10 @@ def load(
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1 or num_classes < 2:
-        raise UserError(f"synthetic: shape must be [H, W, C] and num_classes >= 2; "
-                        f"got {list(shape)}, {num_classes}.")
+        raise UserError(
+            f"synthetic: shape must be [H, W, C] and num_classes >= 2; "
+            f"got {list(shape)}, {num_classes}."
+        )
     rng = np.random.default_rng(data_seed)
     h, w, c = shape
     # Smooth prototypes: low-frequency random fields upsampled to the image size.
@@ -60,7 +68,19 @@ def load(
     train = make_arrays(shape, num_classes, train_size, noise, rng, prototypes)
     test = make_arrays(shape, num_classes, test_size, noise, rng, prototypes)
     train, test, val = split_validation(train, test, val_from, val_fraction)
-    spec = Spec("synthetic", shape, num_classes, tuple(f"class {i}" for i in range(num_classes)),
-                (0.5,) * c, (0.25,) * c, _check_resize(resize))
-    return Dataset(spec, to_device(train), to_device(test),
-                   None if val is None else to_device(val), source="generated in memory")
+    spec = Spec(
+        "synthetic",
+        shape,
+        num_classes,
+        tuple(f"class {i}" for i in range(num_classes)),
+        (0.5,) * c,
+        (0.25,) * c,
+        _check_resize(resize),
+    )
+    return Dataset(
+        spec,
+        to_device(train),
+        to_device(test),
+        None if val is None else to_device(val),
+        source="generated in memory",
+    )

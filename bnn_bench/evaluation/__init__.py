@@ -16,8 +16,15 @@ import numpy as np
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 
-__all__ = ["EvalPlan", "PredictiveSummary", "compute", "curves", "evaluate", "ood_metrics",
-           "OOD_SCORES"]
+__all__ = [
+    "EvalPlan",
+    "PredictiveSummary",
+    "compute",
+    "curves",
+    "evaluate",
+    "ood_metrics",
+    "OOD_SCORES",
+]
 
 
 def _f64(x) -> np.ndarray:
@@ -33,8 +40,9 @@ def _lists(tree):
     return tree
 
 
-def compute(summary: PredictiveSummary, labels=None, num_bins: int = 15,
-            uncertain_below: float = 0.5) -> dict[str, float]:
+def compute(
+    summary: PredictiveSummary, labels=None, num_bins: int = 15, uncertain_below: float = 0.5
+) -> dict[str, float]:
     """The metrics of one evaluation set, keyed by stable names (no set prefix).
 
     Args:
@@ -75,8 +83,13 @@ def compute(summary: PredictiveSummary, labels=None, num_bins: int = 15,
     return out
 
 
-def curves(summary: PredictiveSummary, labels, num_bins: int = 15,
-           uncertain_below: float = 0.5, points: int = 101) -> dict[str, dict]:
+def curves(
+    summary: PredictiveSummary,
+    labels,
+    num_bins: int = 15,
+    uncertain_below: float = 0.5,
+    points: int = 101,
+) -> dict[str, dict]:
     """Curves of one labelled evaluation set for metrics.json (numpy arrays).
 
     ``risk_coverage`` is sampled at ``points`` coverages (0, 1] to keep the file small.
@@ -86,17 +99,21 @@ def curves(summary: PredictiveSummary, labels, num_bins: int = 15,
     cov, risk = M.risk_coverage(probs.max(-1), probs.argmax(-1) != labels)
     grid = np.linspace(0.0, 1.0, points)[1:]
     idx = np.clip(np.ceil(grid * cov.shape[0]).astype(int) - 1, 0, cov.shape[0] - 1)
-    return _lists({
-        "reliability": M.calibration_bins(probs, labels, num_bins),
-        "risk_coverage": {"coverage": cov[idx], "risk": risk[idx]},
-        "accuracy_over_certainty": M.accuracy_over_certainty(
-            summary.hard_vote(), summary.agreement(), labels),
-        "accuracy_over_confidence": M.accuracy_over_confidence(probs, labels),
-        "uncertain_per_class": {
-            "below": uncertain_below,
-            "count": M.uncertain_per_class(probs, labels, summary.num_classes, uncertain_below),
-            "total": np.bincount(labels, minlength=summary.num_classes)},
-    })
+    return _lists(
+        {
+            "reliability": M.calibration_bins(probs, labels, num_bins),
+            "risk_coverage": {"coverage": cov[idx], "risk": risk[idx]},
+            "accuracy_over_certainty": M.accuracy_over_certainty(
+                summary.hard_vote(), summary.agreement(), labels
+            ),
+            "accuracy_over_confidence": M.accuracy_over_confidence(probs, labels),
+            "uncertain_per_class": {
+                "below": uncertain_below,
+                "count": M.uncertain_per_class(probs, labels, summary.num_classes, uncertain_below),
+                "total": np.bincount(labels, minlength=summary.num_classes),
+            },
+        }
+    )
 
 
 # Scores that are higher for inputs the model should flag as out-of-distribution.
@@ -122,9 +139,13 @@ def ood_metrics(inside: PredictiveSummary, outside: PredictiveSummary) -> dict[s
     return out
 
 
-def evaluate(summaries: dict[str, PredictiveSummary], labels: dict[str, object],
-             num_bins: int = 15, uncertain_below: float = 0.5,
-             ood_reference: str = "test") -> tuple[dict[str, float], dict[str, dict]]:
+def evaluate(
+    summaries: dict[str, PredictiveSummary],
+    labels: dict[str, object],
+    num_bins: int = 15,
+    uncertain_below: float = 0.5,
+    ood_reference: str = "test",
+) -> tuple[dict[str, float], dict[str, dict]]:
     """Metrics and curves of every evaluation set of a run.
 
     Args:
@@ -155,8 +176,9 @@ def evaluate(summaries: dict[str, PredictiveSummary], labels: dict[str, object],
     return metrics, out_curves
 
 
-def shift_curves(metrics: dict[str, float],
-                 keys=("acc", "nll", "ece", "brier", "entropy")) -> dict[str, dict]:
+def shift_curves(
+    metrics: dict[str, float], keys=("acc", "nll", "ece", "brier", "entropy")
+) -> dict[str, dict]:
     """``{corruption: {"level": [...], "acc": [...], ...}}`` from ``shift/<c>/<level>/<key>``
     metrics, levels in increasing order, with the clean test set as level 0."""
     table: dict[str, dict[float, dict[str, float]]] = {}
@@ -170,5 +192,6 @@ def shift_curves(metrics: dict[str, float],
             by_level.setdefault(0.0, {key: metrics.get(f"test/{key}", math.nan) for key in keys})
         levels = sorted(by_level)
         out[corruption] = {"level": levels} | {
-            key: [by_level[lv].get(key, math.nan) for lv in levels] for key in keys}
+            key: [by_level[lv].get(key, math.nan) for lv in levels] for key in keys
+        }
     return out

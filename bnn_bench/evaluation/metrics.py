@@ -179,8 +179,9 @@ CERTAINTY_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 CONFIDENCE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20)) + (0.99,)
 
 
-def accuracy_over_certainty(hard_pred, certainty, labels,
-                            thresholds=CERTAINTY_THRESHOLDS) -> dict[str, np.ndarray]:
+def accuracy_over_certainty(
+    hard_pred, certainty, labels, thresholds=CERTAINTY_THRESHOLDS
+) -> dict[str, np.ndarray]:
     """Hard-voting accuracy among inputs whose member agreement is >= each threshold
     (JaxSGMC CIFAR-10 tutorial).
 
@@ -200,12 +201,16 @@ def accuracy_over_certainty(hard_pred, certainty, labels,
         sel = certainty >= t - 1e-6  # k/S computed in float32 must still reach t
         share.append(sel.mean())
         acc.append(correct[sel].mean() if sel.any() else math.nan)
-    return {"threshold": np.asarray(thresholds, np.float64), "accuracy": np.asarray(acc),
-            "share": np.asarray(share, np.float64)}
+    return {
+        "threshold": np.asarray(thresholds, np.float64),
+        "accuracy": np.asarray(acc),
+        "share": np.asarray(share, np.float64),
+    }
 
 
-def accuracy_over_confidence(probs, labels,
-                             thresholds=CONFIDENCE_THRESHOLDS) -> dict[str, np.ndarray]:
+def accuracy_over_confidence(
+    probs, labels, thresholds=CONFIDENCE_THRESHOLDS
+) -> dict[str, np.ndarray]:
     """Accuracy of the predictions whose confidence (max posterior-predictive
     probability) is >= each threshold, and the share of inputs kept (BlackJAX SGLD
     MNIST tutorial: "accuracy and % dropped versus threshold").
@@ -221,8 +226,11 @@ def accuracy_over_confidence(probs, labels,
         sel = conf >= t
         kept.append(sel.mean())
         acc.append(correct[sel].mean() if sel.any() else math.nan)
-    return {"threshold": np.asarray(thresholds, np.float64), "accuracy": np.asarray(acc),
-            "kept": np.asarray(kept, np.float64)}
+    return {
+        "threshold": np.asarray(thresholds, np.float64),
+        "accuracy": np.asarray(acc),
+        "kept": np.asarray(kept, np.float64),
+    }
 
 
 def uncertain_per_class(probs, labels, num_classes: int, below: float = 0.5) -> np.ndarray:

@@ -36,15 +36,17 @@ def ood_split(ood: Dataset, spec_shape: tuple[int, int, int]) -> Split:
     shape = ood.spec.input_shape
     if tuple(shape) != tuple(ood.spec.shape):
         h, w, c = shape
-        x = jax.image.resize(x.astype(jnp.float32), (x.shape[0], h, w, c), method="linear",
-                             antialias=False)
+        x = jax.image.resize(
+            x.astype(jnp.float32), (x.shape[0], h, w, c), method="linear", antialias=False
+        )
         x = jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
     if tuple(x.shape[1:]) != tuple(spec_shape):
         raise UserError(
             f"eval.ood_dataset {ood.spec.name} has images of shape {tuple(x.shape[1:])}, but the "
             f"model takes {tuple(spec_shape)} (the dataset's stored shape). Choose an OOD dataset "
             f"with as many channels and set eval.ood_dataset.resize=[{spec_shape[0]}, "
-            f"{spec_shape[1]}].")
+            f"{spec_shape[1]}]."
+        )
     return Split(x, ood.test.y)
 
 
@@ -64,7 +66,8 @@ def evaluation_sets(data: Dataset, settings: EvalSettings) -> dict[str, Split]:
         for i, (name, level) in enumerate(settings.shift_sets()):
             if is_tfds(name):
                 sets[f"shift/{name}/{level_name(level)}"] = _tfds_split(
-                    name, level, data.spec.shape, settings)
+                    name, level, data.spec.shape, settings
+                )
             else:
                 x = corrupt(jax.random.fold_in(key, i), test.x, name, level)
                 sets[f"shift/{name}/{level_name(level)}"] = Split(x, test.y)
@@ -75,8 +78,10 @@ def evaluation_sets(data: Dataset, settings: EvalSettings) -> dict[str, Split]:
 def _tfds_split(name: str, level: float, shape, settings: EvalSettings) -> Split:
     """A prepared CIFAR-10-C set, checked against the data's shape, cut to ``shift_size``."""
     if tuple(shape) != (32, 32, 3):
-        raise UserError(f"eval.shift={name} is CIFAR-10-C (32x32x3 images); the dataset's images "
-                        f"are {tuple(shape)}. Use it with dataset=cifar10.")
+        raise UserError(
+            f"eval.shift={name} is CIFAR-10-C (32x32x3 images); the dataset's images "
+            f"are {tuple(shape)}. Use it with dataset=cifar10."
+        )
     x, y = load_cifar10_corrupted(name, int(level), settings.tfds_data_dir, settings.download)
     n = settings.shift_size or len(y)
     return Split(jnp.asarray(x[:n]), jnp.asarray(y[:n]))

@@ -66,41 +66,57 @@ class EvalSettings:
     plots: bool = True
 
     def __post_init__(self):
-        if (self.batch_size < 1 or self.num_bins < 1 or self.keep_inputs < 0
-                or self.keep_members < 0):
-            raise UserError("eval.batch_size and eval.num_bins must be >= 1, "
-                            "eval.keep_inputs and eval.keep_members >= 0.")
+        if (
+            self.batch_size < 1
+            or self.num_bins < 1
+            or self.keep_inputs < 0
+            or self.keep_members < 0
+        ):
+            raise UserError(
+                "eval.batch_size and eval.num_bins must be >= 1, "
+                "eval.keep_inputs and eval.keep_members >= 0."
+            )
         if not 0.0 < self.uncertain_below <= 1.0:
             raise UserError(f"eval.uncertain_below must be in (0, 1]; got {self.uncertain_below}.")
         if self.ood_dataset is not None and not (
-                isinstance(self.ood_dataset, Mapping) and "_target_" in self.ood_dataset):
+            isinstance(self.ood_dataset, Mapping) and "_target_" in self.ood_dataset
+        ):
             raise UserError(
                 f"eval.ood_dataset must be a dataset config, got {self.ood_dataset!r}. "
                 "Choose one with dataset@eval.ood_dataset=NAME (e.g. "
                 "dataset@eval.ood_dataset=mnist), then override its keys as "
-                "eval.ood_dataset.KEY=VALUE.")
+                "eval.ood_dataset.KEY=VALUE."
+            )
         shift = _plain(self.shift)
         shift = [shift] if isinstance(shift, str) else list(shift or ())
         levels = {**DEFAULT_LEVELS, **(_plain(self.shift_levels) or {})}
         for name in shift:
-            if is_tfds(name) and name[len(TFDS_PREFIX):] in CIFAR10_C:
+            if is_tfds(name) and name[len(TFDS_PREFIX) :] in CIFAR10_C:
                 levels.setdefault(name, CIFAR10_C_LEVELS)
             elif name not in CORRUPTIONS:
-                raise UserError(f"eval.shift: unknown corruption {name!r}. Known: "
-                                f"{', '.join(CORRUPTIONS)}, or {TFDS_PREFIX}<name> with <name> "
-                                f"one of CIFAR-10-C's: {', '.join(CIFAR10_C)}.")
+                raise UserError(
+                    f"eval.shift: unknown corruption {name!r}. Known: "
+                    f"{', '.join(CORRUPTIONS)}, or {TFDS_PREFIX}<name> with <name> "
+                    f"one of CIFAR-10-C's: {', '.join(CIFAR10_C)}."
+                )
             lv = levels[name]
-            if not isinstance(lv, list | tuple) or not lv or not all(
-                    isinstance(v, int | float) and v > 0 for v in lv):
-                raise UserError(f"eval.shift_levels.{name} must be a non-empty list of positive "
-                                f"intensities (0 is the clean test set); got {lv!r}.")
+            if (
+                not isinstance(lv, list | tuple)
+                or not lv
+                or not all(isinstance(v, int | float) and v > 0 for v in lv)
+            ):
+                raise UserError(
+                    f"eval.shift_levels.{name} must be a non-empty list of positive "
+                    f"intensities (0 is the clean test set); got {lv!r}."
+                )
         if len(set(shift)) != len(shift):
             raise UserError(f"eval.shift lists a corruption twice: {shift}.")
         if self.shift_size is not None and self.shift_size < 1:
             raise UserError(f"eval.shift_size must be >= 1 or null; got {self.shift_size}.")
         object.__setattr__(self, "shift", tuple(shift))
-        object.__setattr__(self, "shift_levels",
-                           {k: tuple(float(v) for v in vs) for k, vs in levels.items()})
+        object.__setattr__(
+            self, "shift_levels", {k: tuple(float(v) for v in vs) for k, vs in levels.items()}
+        )
 
     def shift_sets(self) -> list[tuple[str, float]]:
         """(corruption, level) of every shifted evaluation set, in config order."""

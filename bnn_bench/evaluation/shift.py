@@ -40,8 +40,9 @@ def rotate(key: jax.Array, x: jax.Array, level: float) -> jax.Array:
     _, h, w, _ = x.shape
     theta = math.radians(level)
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                          indexing="ij")
+    yy, xx = jnp.meshgrid(
+        jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
+    )
     # Inverse map: the output pixel (y, x) reads the input at the point turned back
     # by -theta. Rows grow downwards, which flips the signs of the usual matrix.
     dy, dx = yy - cy, xx - cx
@@ -103,13 +104,16 @@ def level_name(level: float) -> str:
     return f"{float(level):g}"
 
 
-def corrupt(key: jax.Array, x: jax.Array, corruption: str, level: float,
-            batch_size: int = 2048) -> jax.Array:
+def corrupt(
+    key: jax.Array, x: jax.Array, corruption: str, level: float, batch_size: int = 2048
+) -> jax.Array:
     """``CORRUPTIONS[corruption]`` applied to x (N, H, W, C) uint8, ``batch_size`` at a
     time so the float copies stay small; the noise key is folded with the batch index."""
     fn = jax.jit(CORRUPTIONS[corruption], static_argnums=2)
-    parts = [fn(jax.random.fold_in(key, i), x[start:start + batch_size], float(level))
-             for i, start in enumerate(range(0, x.shape[0], batch_size))]
+    parts = [
+        fn(jax.random.fold_in(key, i), x[start : start + batch_size], float(level))
+        for i, start in enumerate(range(0, x.shape[0], batch_size))
+    ]
     return jnp.concatenate(parts) if parts else x
 
 
@@ -117,9 +121,25 @@ def corrupt(key: jax.Array, x: jax.Array, corruption: str, level: float,
 
 TFDS_PREFIX = "cifar10c_"
 CIFAR10_C = (
-    "brightness", "contrast", "defocus_blur", "elastic", "fog", "frost", "frosted_glass_blur",
-    "gaussian_blur", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur",
-    "pixelate", "saturate", "shot_noise", "snow", "spatter", "speckle_noise", "zoom_blur",
+    "brightness",
+    "contrast",
+    "defocus_blur",
+    "elastic",
+    "fog",
+    "frost",
+    "frosted_glass_blur",
+    "gaussian_blur",
+    "gaussian_noise",
+    "impulse_noise",
+    "jpeg_compression",
+    "motion_blur",
+    "pixelate",
+    "saturate",
+    "shot_noise",
+    "snow",
+    "spatter",
+    "speckle_noise",
+    "zoom_blur",
 )
 CIFAR10_C_LEVELS = (1, 2, 3, 4, 5)
 
@@ -128,22 +148,27 @@ def is_tfds(corruption: str) -> bool:
     return corruption.startswith(TFDS_PREFIX)
 
 
-def load_cifar10_corrupted(corruption: str, severity: int, data_dir: str | None,
-                           download: bool) -> tuple[np.ndarray, np.ndarray]:
+def load_cifar10_corrupted(
+    corruption: str, severity: int, data_dir: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 test images of ``cifar10_corrupted/<name>_<severity>`` (uint8, labels).
 
     Raises:
       UserError: when the name is unknown, or the data is not prepared and
         ``download`` is off (or fails without network).
     """
-    name = corruption[len(TFDS_PREFIX):]
+    name = corruption[len(TFDS_PREFIX) :]
     if name not in CIFAR10_C or int(severity) not in CIFAR10_C_LEVELS:
-        raise UserError(f"eval.shift: {corruption!r} at severity {severity} is not in CIFAR-10-C; "
-                        f"names: {', '.join(CIFAR10_C)}; severities 1..5.")
+        raise UserError(
+            f"eval.shift: {corruption!r} at severity {severity} is not in CIFAR-10-C; "
+            f"names: {', '.join(CIFAR10_C)}; severities 1..5."
+        )
     config = f"cifar10_corrupted/{name}_{int(severity)}"
     root = Path(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
-    hint = (f"Prepare it with TFDS on a machine with network (tfds.load({config!r}, "
-            f"data_dir=...)) and pass eval.tfds_data_dir, or set eval.download=true.")
+    hint = (
+        f"Prepare it with TFDS on a machine with network (tfds.load({config!r}, "
+        f"data_dir=...)) and pass eval.tfds_data_dir, or set eval.download=true."
+    )
     if not download and not (root.expanduser() / "cifar10_corrupted").is_dir():
         raise UserError(f"{config} is not in the TFDS data dir {root}. {hint}")
     from bnn_bench.data.sources import keep_tensorflow_off_gpu
@@ -161,6 +186,7 @@ def load_cifar10_corrupted(corruption: str, severity: int, data_dir: str | None,
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - e.g. no network during the download
-        raise UserError(f"could not read {config}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}. {hint}") from e
+        raise UserError(
+            f"could not read {config}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. {hint}"
+        ) from e
     return np.asarray(x, np.uint8), np.asarray(y, np.int32)

@@ -127,7 +127,6 @@ class PredictiveSummary(NamedTuple):
         return self.kept[: int(min(self.count, self.kept.shape[0]))]
 
 
-
 class EvalPlan(NamedTuple):
     """The evaluation sets, known before ``fit`` so samplers can fold members in as they go.
 
@@ -145,7 +144,10 @@ class EvalPlan(NamedTuple):
         """One empty summary per evaluation set."""
         return {
             name: PredictiveSummary.empty(
-                x.shape[0], num_classes, keep_idx=range(min(self.keep, x.shape[0])),
-                capacity=self.capacity)
+                x.shape[0],
+                num_classes,
+                keep_idx=range(min(self.keep, x.shape[0])),
+                capacity=self.capacity,
+            )
             for name, x in self.inputs.items()
         }

@@ -8,17 +8,30 @@ import math
 
 # (group, [(metric key without the set prefix, label, shown in %)])
 GROUPS = [
-    ("Classification", [("acc", "Acc (soft vote)", True), ("acc_hard", "Acc (hard vote)", True),
-                        ("brier", "Brier", False), ("nll", "NLL", False),
-                        ("entropy", "Entropy (total)", False),
-                        ("expected_entropy", "Exp. entropy (aleatoric)", False),
-                        ("mutual_info", "Mutual info (epistemic)", False),
-                        ("certainty", "Member agreement", True),
-                        ("members", "Members (S)", False)]),
+    (
+        "Classification",
+        [
+            ("acc", "Acc (soft vote)", True),
+            ("acc_hard", "Acc (hard vote)", True),
+            ("brier", "Brier", False),
+            ("nll", "NLL", False),
+            ("entropy", "Entropy (total)", False),
+            ("expected_entropy", "Exp. entropy (aleatoric)", False),
+            ("mutual_info", "Mutual info (epistemic)", False),
+            ("certainty", "Member agreement", True),
+            ("members", "Members (S)", False),
+        ],
+    ),
     ("Calibration", [("ece", "ECE", True), ("aece", "aECE", True), ("mce", "MCE", True)]),
-    ("Selective classification", [("aurc", "AURC", True), ("augrc", "AUGRC", True),
-                                  ("cov_at_5risk", "Cov@5Risk", True),
-                                  ("risk_at_80cov", "Risk@80Cov", True)]),
+    (
+        "Selective classification",
+        [
+            ("aurc", "AURC", True),
+            ("augrc", "AUGRC", True),
+            ("cov_at_5risk", "Cov@5Risk", True),
+            ("risk_at_80cov", "Risk@80Cov", True),
+        ],
+    ),
 ]
 OOD_SCORES = [("msp", "max prob"), ("entropy", "entropy"), ("mi", "mutual info")]
 
@@ -44,8 +57,11 @@ def metrics_table(metrics: dict[str, float], split: str = "test", width: int = 4
     plus the OOD, shift and complexity groups when the run has them."""
     lines: list[str] = []
     for group, items in GROUPS:
-        rows = [(label, _fmt(metrics[f"{split}/{key}"], pct)) for key, label, pct in items
-                if f"{split}/{key}" in metrics]
+        rows = [
+            (label, _fmt(metrics[f"{split}/{key}"], pct))
+            for key, label, pct in items
+            if f"{split}/{key}" in metrics
+        ]
         if rows:
             lines += _section(f"{group} ({split})", rows, width)
     if any(k.startswith("ood/auroc") for k in metrics):
@@ -54,19 +70,24 @@ def metrics_table(metrics: dict[str, float], split: str = "test", width: int = 4
         for key, label in OOD_SCORES:
             vals = [_fmt(metrics.get(f"ood/{m}_{key}"), True) for m in ("auroc", "aupr", "fpr95")]
             lines.append(f"│ {label:<14}" + "".join(f"{v:>10}" for v in vals))
-    shift = sorted({tuple(k.split("/")[1:3]) for k in metrics
-                    if k.startswith("shift/") and k.count("/") == 3},
-                   key=lambda t: (t[0], float(t[1])))
+    shift = sorted(
+        {tuple(k.split("/")[1:3]) for k in metrics if k.startswith("shift/") and k.count("/") == 3},
+        key=lambda t: (t[0], float(t[1])),
+    )
     if shift:
         lines.append("┌─ Shift (corrupted test set) " + "─" * max(0, width - 29))
         lines.append(f"│ {'corruption':<16}{'level':>7}{'Acc':>9}{'NLL':>8}{'ECE':>8}")
         for name, level in shift:
             m = lambda k: metrics.get(f"shift/{name}/{level}/{k}")  # noqa: B023
-            lines.append(f"│ {name:<16}{level:>7}{_fmt(m('acc'), True):>9}"
-                         f"{_fmt(m('nll'), False)[:7]:>8}{_fmt(m('ece'), True):>8}")
-    rows = [(label, _fmt(metrics[key], False)) for key, label in
-            (("model/params", "Parameters"), ("model/flops", "FLOPs per input (XLA)"))
-            if key in metrics]
+            lines.append(
+                f"│ {name:<16}{level:>7}{_fmt(m('acc'), True):>9}"
+                f"{_fmt(m('nll'), False)[:7]:>8}{_fmt(m('ece'), True):>8}"
+            )
+    rows = [
+        (label, _fmt(metrics[key], False))
+        for key, label in (("model/params", "Parameters"), ("model/flops", "FLOPs per input (XLA)"))
+        if key in metrics
+    ]
     if rows:
         lines += _section("Complexity", rows, width)
     return "\n".join(lines)

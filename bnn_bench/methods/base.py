@@ -27,8 +27,9 @@ def no_log(values: dict[str, float], step: int) -> None:
 class Method(Protocol):
     """What ``run.py`` needs of a method."""
 
-    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
-            log: LogFn = no_log) -> Posterior:
+    def fit(
+        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+    ) -> Posterior:
         """Infers the posterior. ``plan`` lists the evaluation inputs (samplers fold
         members into them while sampling); ``log`` receives training curves."""
         ...
@@ -38,8 +39,9 @@ class Method(Protocol):
         chunk sizes add up to S. The same key gives the same members for any x."""
         ...
 
-    def predict(self, key: jax.Array, posterior: Posterior,
-                plan: EvalPlan) -> dict[str, PredictiveSummary]:
+    def predict(
+        self, key: jax.Array, posterior: Posterior, plan: EvalPlan
+    ) -> dict[str, PredictiveSummary]:
         """One summary per evaluation set of ``plan``."""
         ...
 
@@ -57,8 +59,9 @@ class MemberMethod:
     """Base for methods whose members are produced on demand: ``predict`` streams
     ``members`` into the summaries, chunk by chunk, so memory stays O(N·C)."""
 
-    def predict(self, key: jax.Array, posterior: Posterior,
-                plan: EvalPlan) -> dict[str, PredictiveSummary]:
+    def predict(
+        self, key: jax.Array, posterior: Posterior, plan: EvalPlan
+    ) -> dict[str, PredictiveSummary]:
         summaries = plan.empty(posterior.model.spec.num_classes)
         for name, x in plan.inputs.items():
             for probs in self.members(key, posterior, x):  # type: ignore[attr-defined]

@@ -65,8 +65,15 @@ def loss_hessian_factor(logits: jax.Array, labels: jax.Array, approximation: str
     return r[:, :, None]  # (B, C, 1)
 
 
-def curvature_mv(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Array,
-                 weights: jax.Array, v: jax.Array, approximation: str = "ggn") -> jax.Array:
+def curvature_mv(
+    logits_fn: LogitsFn,
+    theta: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    weights: jax.Array,
+    v: jax.Array,
+    approximation: str = "ggn",
+) -> jax.Array:
     """(Σ_i w_i J_iᵀ H_i J_i) v for one batch, by one jvp and one vjp; nothing P x P is formed.
 
     Args:
@@ -93,12 +100,19 @@ def curvature_mv(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Arr
     return out
 
 
-def per_example_factors(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Array,
-                        weights: jax.Array, approximation: str = "ggn") -> jax.Array:
+def per_example_factors(
+    logits_fn: LogitsFn,
+    theta: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    weights: jax.Array,
+    approximation: str = "ggn",
+) -> jax.Array:
     """M (B, K, P) with Σ_i M_iᵀ M_i = Σ_i w_i J_iᵀ H_i J_i: rows √w_i (J_iᵀ L_i)ᵀ.
 
     K per-example vjps per input (K = C for the GGN, 1 for the empirical Fisher).
     """
+
     def one(xi, yi, wi):
         f = lambda t: logits_fn(t, xi[None])[0]
         logits, vjp_fn = jax.vjp(f, theta)
@@ -108,16 +122,28 @@ def per_example_factors(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: 
     return jax.vmap(one)(x, y, weights)
 
 
-def diagonal_batch(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Array,
-                   weights: jax.Array, approximation: str = "ggn") -> jax.Array:
+def diagonal_batch(
+    logits_fn: LogitsFn,
+    theta: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    weights: jax.Array,
+    approximation: str = "ggn",
+) -> jax.Array:
     """(P,) the exact diagonal of Σ_i w_i J_iᵀ H_i J_i for one batch (not a Hutchinson
     estimate): Σ_i Σ_k M_ik², M from ``per_example_factors``."""
     m = per_example_factors(logits_fn, theta, x, y, weights, approximation)
     return jnp.sum(jnp.square(m), axis=(0, 1))
 
 
-def dense_batch(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Array,
-                weights: jax.Array, approximation: str = "ggn") -> jax.Array:
+def dense_batch(
+    logits_fn: LogitsFn,
+    theta: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    weights: jax.Array,
+    approximation: str = "ggn",
+) -> jax.Array:
     """(P, P) Σ_i w_i J_iᵀ H_i J_i for one batch; for the last layer or tiny networks."""
     m = per_example_factors(logits_fn, theta, x, y, weights, approximation)
     m = m.reshape(-1, m.shape[-1])
@@ -127,8 +153,13 @@ def dense_batch(logits_fn: LogitsFn, theta: jax.Array, x: jax.Array, y: jax.Arra
 # --------------------------------------------------------------------------- Lanczos
 
 
-def lanczos(key: jax.Array, mv: Callable[[jax.Array], jax.Array], dim: int, rank: int,
-            progress: Callable[[int], None] | None = None) -> tuple[jax.Array, jax.Array]:
+def lanczos(
+    key: jax.Array,
+    mv: Callable[[jax.Array], jax.Array],
+    dim: int,
+    rank: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Leading eigenpairs of a symmetric PSD operator by ``rank`` Lanczos iterations.
 
     Full re-orthogonalisation (classical Gram-Schmidt, twice) against all previous
@@ -217,8 +248,9 @@ def from_dense(g: jax.Array) -> Curvature:
 
 
 def from_diagonal(d: jax.Array) -> Curvature:
-    return Curvature(jnp.zeros((d.shape[0], 0), d.dtype), jnp.zeros((0,), d.dtype),
-                     jnp.maximum(d, 0.0))
+    return Curvature(
+        jnp.zeros((d.shape[0], 0), d.dtype), jnp.zeros((0,), d.dtype), jnp.maximum(d, 0.0)
+    )
 
 
 def covariance(curv: Curvature, prior_precision) -> jax.Array:
@@ -258,12 +290,14 @@ def log_det_precision(curv: Curvature, prior_precision) -> jax.Array:
     """log det(G + τ I) = Σ_k log(s_k + τ) − k log τ + Σ_j log(d_j + τ)."""
     tau = prior_precision
     k = curv.eigvals.shape[0]
-    return (jnp.sum(jnp.log(curv.eigvals + tau)) - k * jnp.log(tau)
-            + jnp.sum(jnp.log(curv.diag + tau)))
+    return (
+        jnp.sum(jnp.log(curv.eigvals + tau)) - k * jnp.log(tau) + jnp.sum(jnp.log(curv.diag + tau))
+    )
 
 
-def log_marginal_likelihood(curv: Curvature, prior_precision, log_likelihood,
-                            theta_sq_norm) -> jax.Array:
+def log_marginal_likelihood(
+    curv: Curvature, prior_precision, log_likelihood, theta_sq_norm
+) -> jax.Array:
     """The Laplace evidence of an isotropic prior N(0, τ⁻¹ I) (MacKay, 1992; Immer et al., 2021):
 
         log p(D | τ) ≈ log p(D | θ*) − τ/2 ‖θ*‖² + P/2 log τ − ½ log det(G + τ I).
@@ -275,21 +309,28 @@ def log_marginal_likelihood(curv: Curvature, prior_precision, log_likelihood,
       theta_sq_norm: ‖θ*‖² of the parameters the curvature is over.
     """
     tau = prior_precision
-    return (log_likelihood - 0.5 * tau * theta_sq_norm + 0.5 * curv.dim * jnp.log(tau)
-            - 0.5 * log_det_precision(curv, tau))
+    return (
+        log_likelihood
+        - 0.5 * tau * theta_sq_norm
+        + 0.5 * curv.dim * jnp.log(tau)
+        - 0.5 * log_det_precision(curv, tau)
+    )
 
 
-def maximise_marginal_likelihood(curv: Curvature, log_likelihood, theta_sq_norm,
-                                 low: float, high: float,
-                                 num: int = 1001) -> tuple[float, float]:
+def maximise_marginal_likelihood(
+    curv: Curvature, log_likelihood, theta_sq_norm, low: float, high: float, num: int = 1001
+) -> tuple[float, float]:
     """τ maximising ``log_marginal_likelihood`` over [low, high]: a log-uniform grid of
     ``num`` points, then golden-section search between the best point's neighbours.
 
     Returns:
       (τ, log marginal likelihood at τ).
     """
-    fn = jax.jit(jax.vmap(lambda lt: log_marginal_likelihood(
-        curv, jnp.exp(lt), log_likelihood, theta_sq_norm)))
+    fn = jax.jit(
+        jax.vmap(
+            lambda lt: log_marginal_likelihood(curv, jnp.exp(lt), log_likelihood, theta_sq_norm)
+        )
+    )
     grid = np.linspace(math.log(low), math.log(high), num)
     values = np.asarray(fn(jnp.asarray(grid, jnp.float32)), np.float64)
     values = np.where(np.isfinite(values), values, -np.inf)

@@ -46,8 +46,9 @@ def stacked_probs(posterior: StackedPosterior, x: jax.Array) -> jax.Array:
     return fn(posterior.params, posterior.state, x)
 
 
-def member_metrics(probs: jax.Array, labels: jax.Array, num_bins: int,
-                   prefix: str) -> dict[str, float]:
+def member_metrics(
+    probs: jax.Array, labels: jax.Array, num_bins: int, prefix: str
+) -> dict[str, float]:
     """Each member's own accuracy, NLL and ECE: ``{prefix}member_<k>_{acc,nll,ece}``, and
     their means over members ``{prefix}member_mean_{acc,nll,ece}``.
 
@@ -56,8 +57,11 @@ def member_metrics(probs: jax.Array, labels: jax.Array, num_bins: int,
       labels: (N,) integer labels.
     """
     out: dict[str, float] = {}
-    for name, fn in (("acc", M.accuracy), ("nll", M.nll),
-                     ("ece", lambda p, y: M.ece(p, y, num_bins))):
+    for name, fn in (
+        ("acc", M.accuracy),
+        ("nll", M.nll),
+        ("ece", lambda p, y: M.ece(p, y, num_bins)),
+    ):
         values = [fn(p, labels) for p in probs]
         out |= {f"{prefix}member_{k}_{name}": v for k, v in enumerate(values)}
         out[f"{prefix}member_mean_{name}"] = float(sum(values) / len(values))
@@ -73,21 +77,26 @@ class StackedMethod(MemberMethod):
     """Members are K stacked networks (deep ensembles, voters): each member's probabilities,
     and each member's own metrics beside the ensemble's."""
 
-    def members(self, key: jax.Array, posterior: StackedPosterior,
-                x: jax.Array) -> Iterator[jax.Array]:
+    def members(
+        self, key: jax.Array, posterior: StackedPosterior, x: jax.Array
+    ) -> Iterator[jax.Array]:
         del key  # deterministic
         yield stacked_probs(posterior, x)  # (K, N, C)
 
-    def extra_metrics(self, key: jax.Array, posterior: StackedPosterior,
-                      summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
-                      num_bins: int) -> dict[str, float]:
+    def extra_metrics(
+        self,
+        key: jax.Array,
+        posterior: StackedPosterior,
+        summaries: dict[str, PredictiveSummary],
+        evalsets: dict[str, Split],
+        num_bins: int,
+    ) -> dict[str, float]:
         """Each member's own metrics (``test/member_<k>_nll``, ``test/member_mean_nll``, ...):
         the single networks the ensemble is made of, measured in the same run."""
         del key, summaries
         out: dict[str, float] = {}
         for name, split in evalsets.items():
-            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins,
-                                  f"{name}/")
+            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins, f"{name}/")
         return out
 
 
@@ -114,8 +123,9 @@ class Ensemble(StackedMethod):
         """The ``map`` seeds of the members, in order."""
         return [self.seed * self.size + k for k in range(self.size)]
 
-    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
-            log: LogFn = no_log) -> StackedPosterior:
+    def fit(
+        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+    ) -> StackedPosterior:
         # The members' keys come from the config's seed, not from ``key``, so that each
         # member is reproducible as a single ``map`` run (see the module docstring).
         del key, plan

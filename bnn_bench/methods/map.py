@@ -18,6 +18,7 @@ from bnn_bench.models import Model, Params, State
 
 CHECKPOINT = Path("checkpoint") / "map.msgpack"  # inside a run folder
 
+
 @struct.dataclass
 class PointPosterior:
     """A point estimate: one set of parameters and model state."""
@@ -37,14 +38,16 @@ class MAP(MemberMethod):
 
     trainer: Trainer
 
-    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
-            log: LogFn = no_log) -> PointPosterior:
+    def fit(
+        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+    ) -> PointPosterior:
         del plan  # members are produced on demand
         ts = self.trainer.train(key, model, data, log)
         return PointPosterior(model=model, params=ts.params, state=ts.state)
 
-    def members(self, key: jax.Array, posterior: PointPosterior,
-                x: jax.Array) -> Iterator[jax.Array]:
+    def members(
+        self, key: jax.Array, posterior: PointPosterior, x: jax.Array
+    ) -> Iterator[jax.Array]:
         del key  # deterministic
         model = posterior.model
         yield jax.jit(model.probs)(posterior.params, posterior.state, x)[None]  # (1, N, C)
@@ -67,9 +70,11 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     """The MAP checkpoint of a run folder; a UserError if there is none."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
-        raise UserError(f"init_from={run_dir}: no {CHECKPOINT} there. Point it at the folder "
-                        f"of a finished `method=map` (or laplace) run, or drop init_from to "
-                        f"train a network.")
+        raise UserError(
+            f"init_from={run_dir}: no {CHECKPOINT} there. Point it at the folder "
+            f"of a finished `method=map` (or laplace) run, or drop init_from to "
+            f"train a network."
+        )
     return path
 
 
@@ -86,16 +91,20 @@ def load_point(run_dir: str | Path, model: Model) -> tuple[Params, State]:
         raw = serialization.msgpack_restore(path.read_bytes())
         loaded = serialization.from_state_dict({"params": params, "state": state}, raw)
     except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing here
-        raise UserError(f"init_from={run_dir}: {path} does not hold this model's parameters "
-                        f"({str(e).splitlines()[0][:200]}); was it saved with another "
-                        f"model or dataset?") from e
+        raise UserError(
+            f"init_from={run_dir}: {path} does not hold this model's parameters "
+            f"({str(e).splitlines()[0][:200]}); was it saved with another "
+            f"model or dataset?"
+        ) from e
     want = jax.tree_util.tree_leaves_with_path({"params": params, "state": state})
     got = jax.tree.leaves(loaded)
     for (where, w), g in zip(want, got, strict=True):
         if tuple(w.shape) != tuple(g.shape):
-            raise UserError(f"init_from={run_dir}: {jax.tree_util.keystr(where)} has shape "
-                            f"{tuple(g.shape)} in {path} but {tuple(w.shape)} in model "
-                            f"{model.name or type(model.module).__name__}; use the model and "
-                            f"dataset settings of that run.")
+            raise UserError(
+                f"init_from={run_dir}: {jax.tree_util.keystr(where)} has shape "
+                f"{tuple(g.shape)} in {path} but {tuple(w.shape)} in model "
+                f"{model.name or type(model.module).__name__}; use the model and "
+                f"dataset settings of that run."
+            )
     loaded = jax.tree.map(jax.numpy.asarray, loaded)
     return loaded["params"], loaded["state"]

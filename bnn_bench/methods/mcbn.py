@@ -120,60 +120,88 @@ class MCBN(MemberMethod):
         if self.num_estimators < 1:
             raise UserError(f"method.num_estimators must be >= 1; got {self.num_estimators}.")
         if self.mc_batch_size < 2:
-            raise UserError(f"method.mc_batch_size must be >= 2 (a variance needs two "
-                            f"inputs); got {self.mc_batch_size}.")
+            raise UserError(
+                f"method.mc_batch_size must be >= 2 (a variance needs two "
+                f"inputs); got {self.mc_batch_size}."
+            )
 
-    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
-            log: LogFn = no_log) -> MCBNPosterior:
+    def fit(
+        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+    ) -> MCBNPosterior:
         del plan  # members are produced on demand
         if not model.has_batch_norm:
-            raise UserError(f"method=mcbn needs a model with BatchNorm, and model "
-                            f"{model.name or type(model.module).__name__} has none. Use "
-                            f"model=lenet model.norm=batchnorm, or model=mobilenet "
-                            f"model.use_bn=true.")
+            raise UserError(
+                f"method=mcbn needs a model with BatchNorm, and model "
+                f"{model.name or type(model.module).__name__} has none. Use "
+                f"model=lenet model.norm=batchnorm, or model=mobilenet "
+                f"model.use_bn=true."
+            )
         if self.mc_batch_size > data.train.size:  # before training
-            raise UserError(f"method.mc_batch_size={self.mc_batch_size} is larger than the "
-                            f"training split ({data.train.size} inputs); lower it.")
+            raise UserError(
+                f"method.mc_batch_size={self.mc_batch_size} is larger than the "
+                f"training split ({data.train.size} inputs); lower it."
+            )
         ts = self.trainer.train(key, model, data, log)  # the `map` run's network
-        return self.fit_statistics(jax.random.fold_in(key, _MC_SALT), model, ts.params,
-                                   ts.state, data.train)
+        return self.fit_statistics(
+            jax.random.fold_in(key, _MC_SALT), model, ts.params, ts.state, data.train
+        )
 
-    def fit_statistics(self, key: jax.Array, model: Model, params: Params, state: State,
-                       train: Split) -> MCBNPosterior:
+    def fit_statistics(
+        self, key: jax.Array, model: Model, params: Params, state: State, train: Split
+    ) -> MCBNPosterior:
         """Draws ``num_estimators`` random minibatches of ``mc_batch_size`` distinct training
         inputs and stores each one's BatchNorm statistics (TorchUncertainty's
         ``MCBatchNorm.fit``). ``params``/``state`` are the trained network's, kept as is."""
         n = train.size
         if self.mc_batch_size > n:
-            raise UserError(f"method.mc_batch_size={self.mc_batch_size} is larger than the "
-                            f"training split ({n} inputs); lower it.")
-        idx = jax.vmap(lambda s: jax.random.permutation(jax.random.fold_in(key, s), n)
-                       [: self.mc_batch_size])(jnp.arange(self.num_estimators))  # (S, m)
-        fit_stats = jax.jit(lambda p, st, x, i: jax.lax.map(
-            lambda ii: batch_norm_statistics(model, p, st, x[ii]), i))
+            raise UserError(
+                f"method.mc_batch_size={self.mc_batch_size} is larger than the "
+                f"training split ({n} inputs); lower it."
+            )
+        idx = jax.vmap(
+            lambda s: jax.random.permutation(jax.random.fold_in(key, s), n)[: self.mc_batch_size]
+        )(jnp.arange(self.num_estimators))  # (S, m)
+        fit_stats = jax.jit(
+            lambda p, st, x, i: jax.lax.map(
+                lambda ii: batch_norm_statistics(model, p, st, x[ii]), i
+            )
+        )
         mc_stats = fit_stats(params, state, train.x, idx)
         return MCBNPosterior(model=model, params=params, state=state, mc_stats=mc_stats)
 
-    def members(self, key: jax.Array, posterior: MCBNPosterior,
-                x: jax.Array) -> Iterator[jax.Array]:
+    def members(
+        self, key: jax.Array, posterior: MCBNPosterior, x: jax.Array
+    ) -> Iterator[jax.Array]:
         del key  # the statistics were drawn in fit
         model = posterior.model
-        probs = jax.jit(jax.vmap(lambda p, st, stats, x: model.probs(
-            p, {**st, "batch_stats": stats}, x), in_axes=(None, None, 0, None)))
+        probs = jax.jit(
+            jax.vmap(
+                lambda p, st, stats, x: model.probs(p, {**st, "batch_stats": stats}, x),
+                in_axes=(None, None, 0, None),
+            )
+        )
         s = posterior.num_estimators
         for start in range(0, s, _CHUNK):
-            stats = jax.tree.map(lambda a, i=start: a[i:i + _CHUNK], posterior.mc_stats)
+            stats = jax.tree.map(lambda a, i=start: a[i : i + _CHUNK], posterior.mc_stats)
             yield probs(posterior.params, posterior.state, stats, x)  # (s, N, C)
 
-    def extra_metrics(self, key: jax.Array, posterior: MCBNPosterior,
-                      summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
-                      num_bins: int) -> dict[str, float]:
+    def extra_metrics(
+        self,
+        key: jax.Array,
+        posterior: MCBNPosterior,
+        summaries: dict[str, PredictiveSummary],
+        evalsets: dict[str, Split],
+        num_bins: int,
+    ) -> dict[str, float]:
         """The MAP prediction (trained running statistics): ``<split>/map_{acc,nll,ece,brier}``."""
         del key, summaries
         model, out = posterior.model, {}
         for name, split in evalsets.items():
             p = jax.jit(model.probs)(posterior.params, posterior.state, split.x)
-            out |= {f"{name}/map_acc": M.accuracy(p, split.y), f"{name}/map_nll": M.nll(p, split.y),
-                    f"{name}/map_ece": M.ece(p, split.y, num_bins),
-                    f"{name}/map_brier": M.brier(p, split.y)}
+            out |= {
+                f"{name}/map_acc": M.accuracy(p, split.y),
+                f"{name}/map_nll": M.nll(p, split.y),
+                f"{name}/map_ece": M.ece(p, split.y, num_bins),
+                f"{name}/map_brier": M.brier(p, split.y),
+            }
         return out

@@ -85,8 +85,9 @@ def constant(step_size: float) -> Constant:
     return Constant(float(step_size))
 
 
-def polynomial(step_size: float, last_step_size: float | None = None,
-               gamma: float = 0.33) -> Polynomial:
+def polynomial(
+    step_size: float, last_step_size: float | None = None, gamma: float = 0.33
+) -> Polynomial:
     """Polynomial decay from ``step_size`` (JaxSGMC's ``first_step_size``) to
     ``last_step_size``. Every schedule names its first step ``step_size``, so a config
     can switch schedules by overriding ``_target_`` alone."""
@@ -95,10 +96,15 @@ def polynomial(step_size: float, last_step_size: float | None = None,
     if last_step_size is not None:
         _check_positive(last_step_size=last_step_size)
         if last_step_size > first_step_size:
-            raise UserError("method.step_size.last_step_size must not exceed step_size "
-                            f"({last_step_size} > {first_step_size}).")
-    return Polynomial(float(first_step_size),
-                      None if last_step_size is None else float(last_step_size), float(gamma))
+            raise UserError(
+                "method.step_size.last_step_size must not exceed step_size "
+                f"({last_step_size} > {first_step_size})."
+            )
+    return Polynomial(
+        float(first_step_size),
+        None if last_step_size is None else float(last_step_size),
+        float(gamma),
+    )
 
 
 def cyclical(step_size: float, num_cycles: int = 4) -> Cyclical:

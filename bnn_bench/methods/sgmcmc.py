@@ -63,8 +63,9 @@ def make_log_density(model: Model, data_size: int, prior_scale: float = 1.0):
     return log_density
 
 
-def accepted_steps(num_steps: int, burn_in: int, accepted_samples: int | None = None,
-                   thinning: int | None = None) -> np.ndarray:
+def accepted_steps(
+    num_steps: int, burn_in: int, accepted_samples: int | None = None, thinning: int | None = None
+) -> np.ndarray:
     """0-based indices of the steps whose sample is kept (the state after that step).
 
     ``accepted_samples`` M spreads M samples evenly over the K = num_steps - burn_in
@@ -76,8 +77,10 @@ def accepted_steps(num_steps: int, burn_in: int, accepted_samples: int | None = 
         return burn_in + np.arange(thinning - 1, k, thinning)
     assert accepted_samples is not None
     if accepted_samples > k:
-        raise UserError(f"method.accepted_samples={accepted_samples} exceeds the {k} steps after "
-                        f"burn-in; lower it or run more iterations.")
+        raise UserError(
+            f"method.accepted_samples={accepted_samples} exceeds the {k} steps after "
+            f"burn-in; lower it or run more iterations."
+        )
     j = np.arange(1, accepted_samples + 1)
     return burn_in + (j * k) // accepted_samples - 1
 
@@ -144,12 +147,21 @@ class SGMCMC:
 
     def __post_init__(self):
         if (self.accepted_samples is None) == (self.thinning is None):
-            raise UserError("set exactly one of method.accepted_samples and method.thinning "
-                            "(the other to null).")
+            raise UserError(
+                "set exactly one of method.accepted_samples and method.thinning "
+                "(the other to null)."
+            )
         if self.iterations is None and self.epochs is None:
             raise UserError("set method.iterations or method.epochs.")
-        for name in ("batch_size", "num_chains", "chunk_size", "accepted_samples", "thinning",
-                     "iterations", "epochs"):
+        for name in (
+            "batch_size",
+            "num_chains",
+            "chunk_size",
+            "accepted_samples",
+            "thinning",
+            "iterations",
+            "epochs",
+        ):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise UserError(f"method.{name} must be positive; got {v}.")
@@ -160,11 +172,14 @@ class SGMCMC:
     def budget(self, n: int) -> tuple[int, int, np.ndarray]:
         """(num_steps, burn_in, accepted step indices) for N = n training examples."""
         if self.batch_size > n:
-            raise UserError(f"method.batch_size={self.batch_size} is larger than the training "
-                            f"split ({n} examples); lower it.")
+            raise UserError(
+                f"method.batch_size={self.batch_size} is larger than the training "
+                f"split ({n} examples); lower it."
+            )
         per_epoch = n // self.batch_size
-        total = (self.iterations if self.iterations is not None
-                 else int(round(self.epochs * per_epoch)))
+        total = (
+            self.iterations if self.iterations is not None else int(round(self.epochs * per_epoch))
+        )
         if self.burn_in is not None:
             burn = self.burn_in
         elif self.burn_in_epochs is not None:
@@ -172,19 +187,23 @@ class SGMCMC:
         else:
             burn = 0
         if not 0 <= burn < total:
-            raise UserError(f"method burn-in ({burn} steps) must be >= 0 and shorter than the "
-                            f"run ({total} steps).")
+            raise UserError(
+                f"method burn-in ({burn} steps) must be >= 0 and shorter than the "
+                f"run ({total} steps)."
+            )
         return total, burn, accepted_steps(total, burn, self.accepted_samples, self.thinning)
 
     # --------------------------------------------------------------------- fit
-    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
-            log_fn: LogFn = no_log) -> SamplePosterior:
+    def fit(
+        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log_fn: LogFn = no_log
+    ) -> SamplePosterior:
         """Samples ``num_chains`` chains, folding every accepted sample into ``plan``'s sets."""
         if model.has_batch_norm:
             raise UserError(
                 f"SG-MCMC needs a model without batch norm, but model {model.name or ''} has "
                 f"batch_stats. Choose one without: model.use_bn=false (mobilenet), "
-                f"model.norm=none (lenet), or model=mlp/cnn.")
+                f"model.norm=none (lenet), or model=mlp/cnn."
+            )
         k_init, k_run = jax.random.split(key)
         train = data.train
         n = train.size
@@ -198,8 +217,11 @@ class SGMCMC:
         params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
         states = jax.vmap(self.kernel.init)(params)
         summaries = plan.empty(model.spec.num_classes)
-        buffer = (jax.tree.map(lambda p: jnp.zeros((len(accept_idx), *p.shape), p.dtype), params)
-                  if self.save_samples else None)
+        buffer = (
+            jax.tree.map(lambda p: jnp.zeros((len(accept_idx), *p.shape), p.dtype), params)
+            if self.save_samples
+            else None
+        )
         carry = (states, summaries, buffer, jnp.asarray(-1, jnp.int32))
         runner = _ChunkRunner(self, model, n, total)
 
@@ -214,18 +236,33 @@ class SGMCMC:
         compiled = {}
         for *_, length, sampling in chunks:
             if (length, sampling) not in compiled:
-                compiled[length, sampling] = runner.compile(length, sampling, carry, train,
-                                                            plan.inputs)
+                compiled[length, sampling] = runner.compile(
+                    length, sampling, carry, train, plan.inputs
+                )
         compile_s = time.perf_counter() - tic
-        log.info("%s: %d chain(s) x %d steps (burn-in %d), %d samples per chain; compiled in "
-                 "%.1fs", self.name, chains, total, burn, len(accept_idx), compile_s)
+        log.info(
+            "%s: %d chain(s) x %d steps (burn-in %d), %d samples per chain; compiled in %.1fs",
+            self.name,
+            chains,
+            total,
+            burn,
+            len(accept_idx),
+            compile_s,
+        )
         pad = max(length for *_, length, _ in chunks)
         mask, slot = np.pad(mask, (0, pad)), np.pad(slot, (0, pad))
 
         ckpt = checkpoint.loop("sgmcmc")  # the carry holds states, summaries, samples
         done, carry = ckpt.restore(carry) or (0, carry)
-        bar = tqdm(total=total, initial=done, desc=self.name, unit="step", file=sys.stderr,
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=done,
+            desc=self.name,
+            unit="step",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
         phase_time = {"burn_in": 0.0, "sampling": 0.0}
         last_note = time.perf_counter()
         for s, e, length, sampling in chunks:
@@ -233,9 +270,16 @@ class SGMCMC:
                 continue
             steps = np.arange(s, s + length, dtype=np.int32)
             tic = time.perf_counter()
-            carry = compiled[length, sampling](carry, k_run, steps, steps < e,
-                                               mask[s:s + length], slot[s:s + length], train,
-                                               plan.inputs)
+            carry = compiled[length, sampling](
+                carry,
+                k_run,
+                steps,
+                steps < e,
+                mask[s : s + length],
+                slot[s : s + length],
+                train,
+                plan.inputs,
+            )
             bad = int(carry[3])  # blocks until the chunk is done
             phase_time["sampling" if sampling else "burn_in"] += time.perf_counter() - tic
             if bad >= 0:
@@ -244,29 +288,46 @@ class SGMCMC:
                 raise UserError(
                     f"{self.name}: the parameters became non-finite at step {bad + 1} of {total} "
                     f"(step size {eps:.3g}). Lower method.step_size (e.g. by 10x) or raise "
-                    f"method.prior_scale.")
+                    f"method.prior_scale."
+                )
             collected = int(mask[:e].sum()) * chains
             bar.update(e - s)
             bar.set_postfix_str(f"collected {collected} of {num_samples} samples", refresh=False)
             if bar.disable and time.perf_counter() - last_note > 30:  # no bar: note progress
                 last_note = time.perf_counter()
-                log.info("%s: step %d of %d, collected %d of %d samples", self.name, e, total,
-                         collected, num_samples)
-            log_fn({"sampler/step_size": float(self.step_size(e - 1, total)),
-                    "sampler/collected": collected}, e)
+                log.info(
+                    "%s: step %d of %d, collected %d of %d samples",
+                    self.name,
+                    e,
+                    total,
+                    collected,
+                    num_samples,
+                )
+            log_fn(
+                {
+                    "sampler/step_size": float(self.step_size(e - 1, total)),
+                    "sampler/collected": collected,
+                },
+                e,
+            )
             ckpt.maybe_save(e, carry)
         bar.close()
         ckpt.maybe_save(total, carry, final=True)
-        cost.count(grad_evals=total * chains * self.kernel.grads_per_step,
-                   samples=num_samples)
+        cost.count(grad_evals=total * chains * self.kernel.grads_per_step, samples=num_samples)
 
         metrics: dict[str, Any] = {"time/compile": compile_s}
         for phase, steps in (("burn_in", burn), ("sampling", total - burn)):
             if steps and phase_time[phase] > 0:
                 metrics[f"sampler/{phase}_steps_per_s"] = steps / phase_time[phase]
-        log.info("%s: burn-in %d steps in %.1fs, sampling %d steps in %.1fs; %d members",
-                 self.name, burn, phase_time["burn_in"], total - burn, phase_time["sampling"],
-                 num_samples)
+        log.info(
+            "%s: burn-in %d steps in %.1fs, sampling %d steps in %.1fs; %d members",
+            self.name,
+            burn,
+            phase_time["burn_in"],
+            total - burn,
+            phase_time["sampling"],
+            num_samples,
+        )
         states, summaries, buffer, _ = carry
         last = states.params
         if "test" in plan.inputs and data.test is not None:
@@ -280,33 +341,40 @@ class SGMCMC:
         samples = None
         if buffer is not None:  # (M, chains, ...) -> (M * chains, ...)
             samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), buffer)
-        return SamplePosterior(model=model, summaries=summaries, last=last, samples=samples,
-                               metrics=metrics)
+        return SamplePosterior(
+            model=model, summaries=summaries, last=last, samples=samples, metrics=metrics
+        )
 
     # ----------------------------------------------------------------- members
-    def predict(self, key: jax.Array, posterior: SamplePosterior,
-                plan: EvalPlan) -> dict[str, PredictiveSummary]:
+    def predict(
+        self, key: jax.Array, posterior: SamplePosterior, plan: EvalPlan
+    ) -> dict[str, PredictiveSummary]:
         """The summaries folded while sampling (the key is unused)."""
         del key
         missing = set(plan.inputs) - set(posterior.summaries)
         if missing:
-            raise UserError(f"evaluation sets {sorted(missing)} were not known when sampling; "
-                            f"SG-MCMC folds members in while it samples.")
+            raise UserError(
+                f"evaluation sets {sorted(missing)} were not known when sampling; "
+                f"SG-MCMC folds members in while it samples."
+            )
         return {name: posterior.summaries[name] for name in plan.inputs}
 
-    def members(self, key: jax.Array, posterior: SamplePosterior, x: jax.Array,
-                chunk: int = 16) -> Iterator[jax.Array]:
+    def members(
+        self, key: jax.Array, posterior: SamplePosterior, x: jax.Array, chunk: int = 16
+    ) -> Iterator[jax.Array]:
         """Class probabilities (s, N, C) of the kept samples, ``chunk`` samples at a time."""
         del key  # the samples are fixed
         if posterior.samples is None:
-            raise UserError("SG-MCMC does not keep its samples by default (members are folded "
-                            "into the evaluation while sampling); set method.save_samples=true "
-                            "to keep them for re-evaluation.")
+            raise UserError(
+                "SG-MCMC does not keep its samples by default (members are folded "
+                "into the evaluation while sampling); set method.save_samples=true "
+                "to keep them for re-evaluation."
+            )
         model = posterior.model
         probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, x)))
         num = jax.tree.leaves(posterior.samples)[0].shape[0]
         for s in range(0, num, chunk):
-            yield probs(jax.tree.map(lambda a, s=s: a[s:s + chunk], posterior.samples))
+            yield probs(jax.tree.map(lambda a, s=s: a[s : s + chunk], posterior.samples))
 
     def save(self, out_dir: str | Path, posterior: SamplePosterior) -> Path | None:
         """Writes the kept samples to ``out_dir/samples.msgpack`` (flax serialization)."""
@@ -338,8 +406,9 @@ class _ChunkRunner:
         fn = jax.jit(lambda *a: self._run(sampling, *a))
         steps = jax.ShapeDtypeStruct((length,), jnp.int32)
         flags = jax.ShapeDtypeStruct((length,), jnp.bool_)
-        return fn.lower(carry, jax.random.key(0), steps, flags, flags, steps, train,
-                        inputs).compile()
+        return fn.lower(
+            carry, jax.random.key(0), steps, flags, flags, steps, train, inputs
+        ).compile()
 
     def _run(self, sampling, carry, key, steps, active, accept, slot, train, inputs):
         m, model, grad = self.method, self.model, self.grad
@@ -349,16 +418,20 @@ class _ChunkRunner:
             k_batch, k_step = jax.random.split(k)
             idx = jax.random.randint(k_batch, (b,), 0, self.n)
             x, y = train.x[idx], train.y[idx]
-            return m.kernel.step(k_step, state, lambda p: grad(p, x, y), step_size,
-                                 m.temperature)
+            return m.kernel.step(k_step, state, lambda p: grad(p, x, y), step_size, m.temperature)
 
         def fold(summaries, buffer, params, j):
             for name, x in inputs.items():
                 probs = jax.vmap(lambda p, x=x: model.probs(p, {}, x))(params)  # (chains, N, C)
                 summaries = {**summaries, name: summaries[name].add(probs)}
             if buffer is not None:
-                buffer = jax.tree.map(lambda buf, p: jax.lax.dynamic_update_index_in_dim(
-                    buf, p.astype(buf.dtype), j, 0), buffer, params)
+                buffer = jax.tree.map(
+                    lambda buf, p: jax.lax.dynamic_update_index_in_dim(
+                        buf, p.astype(buf.dtype), j, 0
+                    ),
+                    buffer,
+                    params,
+                )
             return summaries, buffer
 
         def body(carry, inp):
@@ -375,16 +448,22 @@ class _ChunkRunner:
                 states = jax.tree.map(lambda a: a[None], one)
             else:
                 states = jax.vmap(chain_step, in_axes=(0, 0, None))(keys, states, step_size)
-            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p))
-                                        for p in jax.tree.leaves(states.params)]))
+            finite = jnp.all(
+                jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(states.params)])
+            )
             bad = jnp.where((bad < 0) & ~finite, t, bad)
             if sampling:
                 # an unbatched predicate: lax.cond skips the prediction on other steps
                 summaries, buffer = jax.lax.cond(
-                    acc & finite, fold, lambda s, bu, p, j: (s, bu),
-                    summaries, buffer, states.params, j)
+                    acc & finite,
+                    fold,
+                    lambda s, bu, p, j: (s, bu),
+                    summaries,
+                    buffer,
+                    states.params,
+                    j,
+                )
             return states, summaries, buffer, bad
 
         carry, _ = jax.lax.scan(body, carry, (steps, active, accept, slot))
         return carry
-

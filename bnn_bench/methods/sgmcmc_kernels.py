@@ -89,8 +89,9 @@ def sgld() -> Kernel:
         grad = grad_fn(state.params)
         noise = gaussian_noise(key, state.params)
         scale = jnp.sqrt(2.0 * temperature * step_size)
-        params = jax.tree.map(lambda p, g, n: p + step_size * g + scale * n,
-                              state.params, grad, noise)
+        params = jax.tree.map(
+            lambda p, g, n: p + step_size * g + scale * n, state.params, grad, noise
+        )
         return SGLDState(params)
 
     return Kernel(init, step)
@@ -106,8 +107,12 @@ class PSGLDState(NamedTuple):
     sq_avg: Params
 
 
-def psgld(alpha: float = 0.99, eps: float = 1e-5, initial_sq_avg: float = 1.0,
-          gamma_correction: bool = False) -> Kernel:
+def psgld(
+    alpha: float = 0.99,
+    eps: float = 1e-5,
+    initial_sq_avg: float = 1.0,
+    gamma_correction: bool = False,
+) -> Kernel:
     """Preconditioned SGLD with an RMSProp preconditioner (Li et al., AAAI 2016).
 
     Update, with g the stochastic gradient of the log-density and ξ ~ N(0, I)::
@@ -135,8 +140,7 @@ def psgld(alpha: float = 0.99, eps: float = 1e-5, initial_sq_avg: float = 1.0,
     """
 
     def init(params: Params) -> PSGLDState:
-        return PSGLDState(params, jax.tree.map(lambda p: jnp.full_like(p, initial_sq_avg),
-                                               params))
+        return PSGLDState(params, jax.tree.map(lambda p: jnp.full_like(p, initial_sq_avg), params))
 
     def step(key, state: PSGLDState, grad_fn: GradFn, step_size, temperature=1.0) -> PSGLDState:
         if gamma_correction:
@@ -151,13 +155,24 @@ def psgld(alpha: float = 0.99, eps: float = 1e-5, initial_sq_avg: float = 1.0,
         if gamma_correction:
             # d G/d θ through V's dependence on the current gradient; H_ii ≈ z_i (H z)_i.
             drift = jax.tree.map(
-                lambda d, c, g, v, z, hz: d - c * c * (1.0 - alpha) * g * (z * hz)
-                / jnp.maximum(jnp.sqrt(v), 1e-30),
-                drift, precond, grad, sq_avg, probe, hvp)
+                lambda d, c, g, v, z, hz: (
+                    d - c * c * (1.0 - alpha) * g * (z * hz) / jnp.maximum(jnp.sqrt(v), 1e-30)
+                ),
+                drift,
+                precond,
+                grad,
+                sq_avg,
+                probe,
+                hvp,
+            )
         noise = gaussian_noise(key, state.params)
         params = jax.tree.map(
             lambda p, d, c, n: p + step_size * d + jnp.sqrt(2.0 * temperature * step_size * c) * n,
-            state.params, drift, precond, noise)
+            state.params,
+            drift,
+            precond,
+            noise,
+        )
         return PSGLDState(params, sq_avg)
 
     return Kernel(init, step)
@@ -179,8 +194,12 @@ class SGHMCState(NamedTuple):
     momentum: Params
 
 
-def sghmc(num_integration_steps: int = 10, friction: float = 0.01,
-          noise_estimate: float = 0.0, resample_momentum: bool = True) -> Kernel:
+def sghmc(
+    num_integration_steps: int = 10,
+    friction: float = 0.01,
+    noise_estimate: float = 0.0,
+    resample_momentum: bool = True,
+) -> Kernel:
     """Stochastic gradient Hamiltonian Monte Carlo (Chen, Fox & Guestrin, ICML 2014).
 
     One step draws the momentum r ~ N(0, I) (as BlackJAX), then runs
@@ -216,16 +235,21 @@ def sghmc(num_integration_steps: int = 10, friction: float = 0.01,
         # exactly as blackjax.sgmcmc.sghmc does; step equality depends on it.
         momentum = gaussian_noise(key, state.params) if resample_momentum else state.momentum
         keys = jax.random.split(key, num_integration_steps)
-        scale = jnp.sqrt(step_size * temperature
-                         * (2.0 * friction - step_size * temperature * noise_estimate))
+        scale = jnp.sqrt(
+            step_size * temperature * (2.0 * friction - step_size * temperature * noise_estimate)
+        )
 
         def integrate(carry, k):
             params, r = carry
             grad = grad_fn(params)
             noise = gaussian_noise(k, params)
             params = jax.tree.map(lambda p, m: p + step_size * m, params, r)
-            r = jax.tree.map(lambda m, g, n: (1.0 - friction * step_size) * m
-                             + step_size * g + scale * n, r, grad, noise)
+            r = jax.tree.map(
+                lambda m, g, n: (1.0 - friction * step_size) * m + step_size * g + scale * n,
+                r,
+                grad,
+                noise,
+            )
             return (params, r), None
 
         (params, momentum), _ = jax.lax.scan(integrate, (state.params, momentum), keys)

@@ -93,21 +93,26 @@ class Trainer:
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"trainer.optimizer must be one of {', '.join(OPTIMIZERS)}; "
-                            f"got {self.optimizer!r}.")
+            raise UserError(
+                f"trainer.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}."
+            )
         if self.schedule not in SCHEDULES:
-            raise UserError(f"trainer.schedule must be one of {', '.join(SCHEDULES)}; "
-                            f"got {self.schedule!r}.")
+            raise UserError(
+                f"trainer.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}."
+            )
         if self.batch_size < 1 or self.chunk_size < 1 or self.learning_rate <= 0:
-            raise UserError("trainer.batch_size, trainer.chunk_size and trainer.learning_rate "
-                            "must be positive.")
+            raise UserError(
+                "trainer.batch_size, trainer.chunk_size and trainer.learning_rate must be positive."
+            )
         if self.steps is None and self.epochs < 1:
             raise UserError("trainer.epochs must be >= 1 (or set trainer.steps).")
 
     def steps_per_epoch(self, n: int) -> int:
         if self.batch_size > n:
-            raise UserError(f"trainer.batch_size={self.batch_size} is larger than the training "
-                            f"split ({n} examples); lower it.")
+            raise UserError(
+                f"trainer.batch_size={self.batch_size} is larger than the training "
+                f"split ({n} examples); lower it."
+            )
         return n // self.batch_size
 
     def num_steps(self, n: int) -> int:
@@ -133,9 +138,14 @@ class Trainer:
             return optax.chain(optax.add_decayed_weights(self.weight_decay), base)
         return base
 
-    def train(self, key: jax.Array, model: Model, data: Dataset,
-              log_fn: Callable[[dict[str, float], int], None] | None = None,
-              init: tuple[Params, State] | None = None) -> TrainState:
+    def train(
+        self,
+        key: jax.Array,
+        model: Model,
+        data: Dataset,
+        log_fn: Callable[[dict[str, float], int], None] | None = None,
+        init: tuple[Params, State] | None = None,
+    ) -> TrainState:
         """Trains ``model`` on ``data.train``; validates on ``data.val`` every ``eval_every``
         epochs. Returns the final ``TrainState``.
 
@@ -148,14 +158,24 @@ class Trainer:
         tx = self.make_optimizer(self.num_steps(n), self.steps_per_epoch(n))
         evaluate = jax.jit(lambda ts, x, y: _loss_acc(model.logits(ts.params, ts.state, x), y))
         return self._loop(
-            TrainState(params, state, tx.init(params)), data, make_chunk_runner(model, tx),
+            TrainState(params, state, tx.init(params)),
+            data,
+            make_chunk_runner(model, tx),
             epoch_idx=lambda e: epoch_batches(jax.random.fold_in(k_data, e), n, self.batch_size),
             chunk_keys=lambda s, z: jax.random.split(jax.random.fold_in(k_drop, s), z),
-            evaluate=evaluate, log_fn=log_fn, desc="train")
+            evaluate=evaluate,
+            log_fn=log_fn,
+            desc="train",
+        )
 
-    def train_members(self, keys: jax.Array, model: Model, data: Dataset,
-                      log_fn: Callable[[dict[str, float], int], None] | None = None,
-                      shared_batches: jax.Array | None = None) -> TrainState:
+    def train_members(
+        self,
+        keys: jax.Array,
+        model: Model,
+        data: Dataset,
+        log_fn: Callable[[dict[str, float], int], None] | None = None,
+        shared_batches: jax.Array | None = None,
+    ) -> TrainState:
         """Trains K networks together, vmapped in one compiled loop.
 
         Member k derives its keys from ``keys[k]`` exactly as ``train(keys[k], ...)``
@@ -187,17 +207,21 @@ class Trainer:
         per_epoch = self.steps_per_epoch(n)
         total = self.num_steps(n)
         if shared_batches is not None and self.batch_size % k_members:
-            raise UserError(f"trainer.batch_size={self.batch_size} is not a multiple of the "
-                            f"{k_members} voters; each batch is split among them. Use a "
-                            f"multiple, e.g. trainer.batch_size="
-                            f"{max(k_members, self.batch_size // k_members * k_members)}.")
+            raise UserError(
+                f"trainer.batch_size={self.batch_size} is not a multiple of the "
+                f"{k_members} voters; each batch is split among them. Use a "
+                f"multiple, e.g. trainer.batch_size="
+                f"{max(k_members, self.batch_size // k_members * k_members)}."
+            )
         params, state = jax.vmap(model.init)(k_init)
         tx = self.make_optimizer(total, per_epoch)
 
         def epoch_idx(epoch: int) -> jax.Array:  # (per_epoch, K, b)
             if shared_batches is None:
-                return jax.vmap(lambda k: epoch_batches(jax.random.fold_in(k, epoch), n,
-                                                        self.batch_size), out_axes=1)(k_data)
+                return jax.vmap(
+                    lambda k: epoch_batches(jax.random.fold_in(k, epoch), n, self.batch_size),
+                    out_axes=1,
+                )(k_data)
             b = epoch_batches(jax.random.fold_in(shared_batches, epoch), n, self.batch_size)
             return b.reshape(per_epoch, k_members, -1)
 
@@ -208,14 +232,31 @@ class Trainer:
             return -jnp.mean(jnp.log(jnp.clip(p, 1e-12))), jnp.mean(probs.argmax(-1) == y)
 
         return self._loop(
-            TrainState(params, state, jax.vmap(tx.init)(params)), data,
-            make_chunk_runner(model, tx, members=True), epoch_idx=epoch_idx,
+            TrainState(params, state, jax.vmap(tx.init)(params)),
+            data,
+            make_chunk_runner(model, tx, members=True),
+            epoch_idx=epoch_idx,
             chunk_keys=lambda s, z: jax.vmap(
-                lambda k: jax.random.split(jax.random.fold_in(k, s), z), out_axes=1)(k_drop),
-            evaluate=evaluate, log_fn=log_fn, desc=f"train x{k_members}", members=k_members)
+                lambda k: jax.random.split(jax.random.fold_in(k, s), z), out_axes=1
+            )(k_drop),
+            evaluate=evaluate,
+            log_fn=log_fn,
+            desc=f"train x{k_members}",
+            members=k_members,
+        )
 
-    def _loop(self, ts: TrainState, data: Dataset, run_chunk, epoch_idx, chunk_keys, evaluate,
-              log_fn, desc: str, members: int = 1) -> TrainState:
+    def _loop(
+        self,
+        ts: TrainState,
+        data: Dataset,
+        run_chunk,
+        epoch_idx,
+        chunk_keys,
+        evaluate,
+        log_fn,
+        desc: str,
+        members: int = 1,
+    ) -> TrainState:
         """The chunked loop of ``train`` and ``train_members``.
 
         Args:
@@ -234,19 +275,29 @@ class Trainer:
         ckpt = checkpoint.loop("trainer")
         step, ts = ckpt.restore(ts) or (0, ts)
         t0, epoch = time.perf_counter(), step // per_epoch
-        bar = tqdm(total=total, initial=step, desc=desc, unit="step", file=sys.stderr,
-                   disable=not sys.stderr.isatty(), dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=desc,
+            unit="step",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+            dynamic_ncols=True,
+        )
         while step < total:
             batches = epoch_idx(epoch)
             start = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
             while start < per_epoch and step < total:
                 size = min(self.chunk_size, per_epoch - start, total - step)
-                ts, (loss, acc) = run_chunk(ts, data.train, batches[start:start + size],
-                                            chunk_keys(step, size))
+                ts, (loss, acc) = run_chunk(
+                    ts, data.train, batches[start : start + size], chunk_keys(step, size)
+                )
                 loss, acc = float(loss.mean()), float(acc.mean())
                 if not math.isfinite(loss):
-                    raise UserError(f"training diverged at step {step + size} (loss {loss}); "
-                                    f"lower trainer.learning_rate.")
+                    raise UserError(
+                        f"training diverged at step {step + size} (loss {loss}); "
+                        f"lower trainer.learning_rate."
+                    )
                 start, step = start + size, step + size
                 bar.update(size)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
@@ -257,8 +308,15 @@ class Trainer:
             last = step >= total
             if data.val is not None and self.eval_every and (epoch % self.eval_every == 0 or last):
                 vl, va = (float(v) for v in evaluate(ts, data.val.x, data.val.y))
-                log.info("epoch %d step %d: train loss %.4f acc %.4f | val nll %.4f acc %.4f",
-                         epoch, step, loss, acc, vl, va)
+                log.info(
+                    "epoch %d step %d: train loss %.4f acc %.4f | val nll %.4f acc %.4f",
+                    epoch,
+                    step,
+                    loss,
+                    acc,
+                    vl,
+                    va,
+                )
                 if log_fn:
                     log_fn({"val/nll": vl, "val/acc": va, "epoch": epoch}, step)
             else:

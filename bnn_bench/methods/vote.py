@@ -59,19 +59,26 @@ class Vote(StackedMethod):
             raise UserError(
                 f"trainer.batch_size={b} is not a multiple of method.n_voters={k}: each "
                 f"batch is split evenly among the voters. Use trainer.batch_size={lo} or "
-                f"{lo + k}, or change method.n_voters.")
+                f"{lo + k}, or change method.n_voters."
+            )
 
-    def fit(self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan,
-            log: LogFn = no_log) -> StackedPosterior:
+    def fit(
+        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+    ) -> StackedPosterior:
         del plan  # members are produced on demand
         k_voters, k_batches = jax.random.split(key)
         keys = jax.random.split(k_voters, self.n_voters)
         ts = self.trainer.train_members(keys, model, data, log, shared_batches=k_batches)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
 
-    def extra_metrics(self, key: jax.Array, posterior: StackedPosterior,
-                      summaries: dict[str, PredictiveSummary], evalsets: dict[str, Split],
-                      num_bins: int) -> dict[str, float]:
+    def extra_metrics(
+        self,
+        key: jax.Array,
+        posterior: StackedPosterior,
+        summaries: dict[str, PredictiveSummary],
+        evalsets: dict[str, Split],
+        num_bins: int,
+    ) -> dict[str, float]:
         """Per-class risk of every evaluation set (``test/risk_class_<c>``, ``test/risk``) and
         each voter's own metrics (``test/member_<k>_{acc,nll,ece}``, ``test/member_mean_*``)."""
         out = super().extra_metrics(key, posterior, summaries, evalsets, num_bins)

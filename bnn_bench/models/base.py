@@ -41,14 +41,21 @@ class Model:
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Initial ``(params, state)``; ``state`` holds batch-norm statistics if any."""
         x = jnp.zeros((1, *self.spec.shape), jnp.uint8)
-        variables = self.module.init({"params": key, "dropout": key},
-                                     self.spec.preprocess(x), train=False)
+        variables = self.module.init(
+            {"params": key, "dropout": key}, self.spec.preprocess(x), train=False
+        )
         variables = dict(variables)
         params = variables.pop("params")
         return params, variables
 
-    def apply(self, params: Params, state: State, x: jax.Array, train: bool = False,
-              key: jax.Array | None = None) -> tuple[jax.Array, State]:
+    def apply(
+        self,
+        params: Params,
+        state: State,
+        x: jax.Array,
+        train: bool = False,
+        key: jax.Array | None = None,
+    ) -> tuple[jax.Array, State]:
         """Logits (B, C) for uint8 images x (B, H, W, C), and the updated state.
 
         In training mode batch norm uses batch statistics and returns updated
@@ -58,8 +65,9 @@ class Model:
         rngs = {"dropout": key} if key is not None else {}
         xs = self.spec.preprocess(x)
         if train and state:
-            logits, new_state = self.module.apply(variables, xs, train=True,
-                                                  mutable=list(state), rngs=rngs)
+            logits, new_state = self.module.apply(
+                variables, xs, train=True, mutable=list(state), rngs=rngs
+            )
             return logits, dict(new_state)
         return self.module.apply(variables, xs, train=train, rngs=rngs), state
 
@@ -101,8 +109,12 @@ def build_model(module: nn.Module, spec: Spec, name: str = "", batch_size: int =
         params, state = model.init(key)
         # Every layer's output shape: a VALID conv on too small an input yields
         # an empty feature map, which flax does not reject by itself.
-        out, inter = module.apply({"params": params, **state}, spec.preprocess(x),
-                                  capture_intermediates=True, mutable=["intermediates"])
+        out, inter = module.apply(
+            {"params": params, **state},
+            spec.preprocess(x),
+            capture_intermediates=True,
+            mutable=["intermediates"],
+        )
         return out, inter
 
     try:
@@ -117,8 +129,10 @@ def build_model(module: nn.Module, spec: Spec, name: str = "", batch_size: int =
     if empty:
         raise _shape_error(model, ValueError(f"a layer's output would be empty {empty[0]}"))
     if out.shape != (2, spec.num_classes):
-        raise UserError(f"model {name} gives outputs of shape {out.shape[1:]} for "
-                        f"{spec.num_classes} classes; set its num_classes to the dataset's.")
+        raise UserError(
+            f"model {name} gives outputs of shape {out.shape[1:]} for "
+            f"{spec.num_classes} classes; set its num_classes to the dataset's."
+        )
     return model
 
 

@@ -28,8 +28,14 @@ def _pads(size: int, k: int, s: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
-           padding: Padding = "VALID", groups: int = 1, im2col: bool | None = None) -> jax.Array:
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: Padding = "VALID",
+    groups: int = 1,
+    im2col: bool | None = None,
+) -> jax.Array:
     """NHWC convolution of x (B, H, W, C_in) with kernel (kh, kw, C_in / groups, C_out).
 
     Args:
@@ -45,8 +51,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
         im2col = jax.default_backend() == "cpu"
     if not im2col:
         return jax.lax.conv_general_dilated(
-            x, kernel, tuple(strides), padding if isinstance(padding, str) else tuple(padding),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+            x,
+            kernel,
+            tuple(strides),
+            padding if isinstance(padding, str) else tuple(padding),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+        )
     if groups != 1 and (groups != cin or cout != cin):
         raise ValueError(f"conv2d: groups must be 1 or C_in with C_out = C_in; got {groups}")
     sh, sw = strides
@@ -60,10 +71,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
     h = (x.shape[1] - kh) // sh + 1
     w = (x.shape[2] - kw) // sw + 1
     if h <= 0 or w <= 0:
-        raise ValueError(f"conv2d: a {kh}x{kw} kernel does not fit a {x.shape[1]}x{x.shape[2]} "
-                         f"input")
-    patches = [x[:, i:i + (h - 1) * sh + 1:sh, j:j + (w - 1) * sw + 1:sw, :]
-               for i in range(kh) for j in range(kw)]  # kh*kw of (B, h, w, C_in)
+        raise ValueError(
+            f"conv2d: a {kh}x{kw} kernel does not fit a {x.shape[1]}x{x.shape[2]} input"
+        )
+    patches = [
+        x[:, i : i + (h - 1) * sh + 1 : sh, j : j + (w - 1) * sw + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]  # kh*kw of (B, h, w, C_in)
     if groups == 1:
         cols = jnp.concatenate(patches, axis=-1)  # (B, h, w, kh*kw*C_in), (i, j, c) order
         return cols @ kernel.reshape(kh * kw * cin, cout)

@@ -14,9 +14,12 @@ def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     def windows(n_in, n_out):
         return [(i * n_in // n_out, -(-(i + 1) * n_in // n_out)) for i in range(n_out)]
 
-    rows = [jnp.stack([x[:, r0:r1, c0:c1].mean(axis=(1, 2)) for c0, c1 in windows(w_in, size[1])],
-                      axis=1)
-            for r0, r1 in windows(h_in, size[0])]
+    rows = [
+        jnp.stack(
+            [x[:, r0:r1, c0:c1].mean(axis=(1, 2)) for c0, c1 in windows(w_in, size[1])], axis=1
+        )
+        for r0, r1 in windows(h_in, size[0])
+    ]
     return jnp.stack(rows, axis=1)
 
 
@@ -45,8 +48,9 @@ class LeNet(nn.Module):
         def norm(y):
             if not bn:
                 return y
-            return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                epsilon=1e-5)(y)
+            return nn.BatchNorm(
+                use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5
+            )(y)
 
         conv_drop = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), deterministic=not train)
         fc_drop = nn.Dropout(self.dropout_rate, deterministic=not train)

@@ -51,8 +51,14 @@ class MobileNetV1(nn.Module):
         bias = not self.use_bn
         x = norm_relu(Conv(width(32), (3, 3), (2, 2), padding="VALID", use_bias=bias)(x))
         for c, s in zip(self.channels, self.strides, strict=True):
-            x = Conv(x.shape[-1], (3, 3), (s, s), padding=((1, 1), (1, 1)),
-                        feature_group_count=x.shape[-1], use_bias=bias)(x)  # depthwise
+            x = Conv(
+                x.shape[-1],
+                (3, 3),
+                (s, s),
+                padding=((1, 1), (1, 1)),
+                feature_group_count=x.shape[-1],
+                use_bias=bias,
+            )(x)  # depthwise
             x = norm_relu(x)
             x = norm_relu(Conv(width(c), (1, 1), padding="VALID", use_bias=bias)(x))
         x = jnp.mean(x, axis=(1, 2))

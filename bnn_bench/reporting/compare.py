@@ -32,8 +32,7 @@ import numpy as np
 from bnn_bench.reporting.loggers import NOT_IDENTITY, override_key, read_overrides
 
 # The columns of the printed table unless --metrics says otherwise.
-DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/brier", "cost/grad_evals",
-                   "time/fit")
+DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/brier", "cost/grad_evals", "time/fit")
 AGGREGATED = ("seed",)  # varied to measure spread, not to compare
 
 
@@ -59,8 +58,14 @@ class Group:
         return " ".join(f"{k}={v}" for k, v in self.label.items()) or "all runs"
 
     def values(self, metric: str) -> np.ndarray:
-        return np.array([r.metrics[metric] for r in self.runs
-                         if isinstance(r.metrics.get(metric), int | float)], dtype=float)
+        return np.array(
+            [
+                r.metrics[metric]
+                for r in self.runs
+                if isinstance(r.metrics.get(metric), int | float)
+            ],
+            dtype=float,
+        )
 
     def mean_std(self, metric: str) -> tuple[float, float]:
         v = self.values(metric)
@@ -89,15 +94,19 @@ def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
     return runs
 
 
-def group_runs(runs: Sequence[Run], by: Sequence[str] | None = None) -> tuple[list[str],
-                                                                               list[Group]]:
+def group_runs(
+    runs: Sequence[Run], by: Sequence[str] | None = None
+) -> tuple[list[str], list[Group]]:
     """Groups runs by ``by`` or, if None, by every override whose value differs
     between runs (a missing override counts as ``default``), the seed excepted.
     Returns the grouping keys and the groups in first-seen order."""
     if by is None:
         keys = sorted({k for r in runs for k in r.overrides})
-        by = [k for k in keys if k not in AGGREGATED
-              and len({r.overrides.get(k, "default") for r in runs}) > 1]
+        by = [
+            k
+            for k in keys
+            if k not in AGGREGATED and len({r.overrides.get(k, "default") for r in runs}) > 1
+        ]
     groups: dict[tuple, Group] = {}
     for r in runs:
         label = {k: r.overrides.get(k, "default") for k in by}
@@ -134,8 +143,9 @@ def markdown_table(by: Sequence[str], groups: Sequence[Group], metrics: Sequence
     return "\n".join(lines)
 
 
-def write_csv(path: Path, by: Sequence[str], groups: Sequence[Group],
-              metrics: Sequence[str]) -> None:
+def write_csv(
+    path: Path, by: Sequence[str], groups: Sequence[Group], metrics: Sequence[str]
+) -> None:
     """Full-precision means and stds; one row per group."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -163,10 +173,23 @@ def plot_comparison(out: Path, groups: Sequence[Group], split: str = "test") -> 
         (acc, acc_sd), (ece, ece_sd) = g.mean_std(f"{split}/acc"), g.mean_std(f"{split}/ece")
         if math.isnan(acc) or math.isnan(ece):
             continue
-        ax.errorbar(ece, acc, xerr=np.nan_to_num(ece_sd), yerr=np.nan_to_num(acc_sd), fmt="o",
-                    capsize=3, color=colors[i % len(colors)], label=g.name)
-        ax.scatter(g.values(f"{split}/ece"), g.values(f"{split}/acc"), s=8, alpha=0.4,
-                   color=colors[i % len(colors)])
+        ax.errorbar(
+            ece,
+            acc,
+            xerr=np.nan_to_num(ece_sd),
+            yerr=np.nan_to_num(acc_sd),
+            fmt="o",
+            capsize=3,
+            color=colors[i % len(colors)],
+            label=g.name,
+        )
+        ax.scatter(
+            g.values(f"{split}/ece"),
+            g.values(f"{split}/acc"),
+            s=8,
+            alpha=0.4,
+            color=colors[i % len(colors)],
+        )
     ax.set_xlabel(f"{split} ECE (lower is better)")
     ax.set_ylabel(f"{split} accuracy (higher is better)")
     ax.set_title("accuracy vs calibration (mean ± std over seeds)")
@@ -175,13 +198,24 @@ def plot_comparison(out: Path, groups: Sequence[Group], split: str = "test") -> 
 
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) + 2), 4))
     stats = [g.mean_std(f"{split}/nll") for g in groups]
-    ax.bar(range(len(groups)), [m for m, _ in stats], yerr=[np.nan_to_num(s) for _, s in stats],
-           capsize=4, color=[colors[i % len(colors)] for i in range(len(groups))])
+    ax.bar(
+        range(len(groups)),
+        [m for m, _ in stats],
+        yerr=[np.nan_to_num(s) for _, s in stats],
+        capsize=4,
+        color=[colors[i % len(colors)] for i in range(len(groups))],
+    )
     for i, g in enumerate(groups):
-        ax.scatter(np.full(len(g.values(f"{split}/nll")), i), g.values(f"{split}/nll"),
-                   color="black", s=8, zorder=3)
-    ax.set_xticks(range(len(groups)), [g.name for g in groups], rotation=20, ha="right",
-                  fontsize="small")
+        ax.scatter(
+            np.full(len(g.values(f"{split}/nll")), i),
+            g.values(f"{split}/nll"),
+            color="black",
+            s=8,
+            zorder=3,
+        )
+    ax.set_xticks(
+        range(len(groups)), [g.name for g in groups], rotation=20, ha="right", fontsize="small"
+    )
     ax.set_ylabel(f"{split} NLL (lower is better)")
     ax.set_title("NLL per group (bar: mean, error bar: std, dots: runs)")
     paths.append(_save(fig, out / "nll.png"))
@@ -222,21 +256,29 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def compare(dirs: Sequence[str | Path], out: str | Path | None = None,
-            metrics: Sequence[str] = DEFAULT_METRICS, by: Sequence[str] | None = None,
-            plots: bool = True) -> tuple[str, Path]:
+def compare(
+    dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    by: Sequence[str] | None = None,
+    plots: bool = True,
+) -> tuple[str, Path]:
     """Compares the runs below ``dirs``; returns the Markdown table and the output folder."""
     runs = find_runs(dirs)
     if not runs:
-        raise FileNotFoundError(f"no metrics.json below {', '.join(map(str, dirs))}; "
-                                f"only finished runs can be compared.")
+        raise FileNotFoundError(
+            f"no metrics.json below {', '.join(map(str, dirs))}; "
+            f"only finished runs can be compared."
+        )
     out = Path(out) if out is not None else Path(dirs[0]) / "comparison"
     out.mkdir(parents=True, exist_ok=True)
     keys, groups = group_runs(runs, by)
     shown = pick_metrics(runs, metrics)
     table = markdown_table(keys, groups, shown)
-    header = (f"{len(runs)} runs in {len(groups)} groups"
-              f"{' by ' + ', '.join(keys) if keys else ''}; mean ± std (ddof=1) over seeds.")
+    header = (
+        f"{len(runs)} runs in {len(groups)} groups"
+        f"{' by ' + ', '.join(keys) if keys else ''}; mean ± std (ddof=1) over seeds."
+    )
     (out / "comparison.md").write_text(header + "\n\n" + table + "\n")
     write_csv(out / "comparison.csv", keys, groups, pick_metrics(runs, ["*"]))
     if plots:
@@ -248,26 +290,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bnn-bench-compare",
         description="Compare finished bnn-bench runs: mean ± std over seeds per group of "
-                    "differing overrides, as a table (Markdown, CSV) and plots.",
-        epilog="example: bnn-bench-compare outputs/multirun/2026-11-23/10-00-00")
+        "differing overrides, as a table (Markdown, CSV) and plots.",
+        epilog="example: bnn-bench-compare outputs/multirun/2026-11-23/10-00-00",
+    )
     parser.add_argument("dirs", nargs="+", help="run or sweep folders (searched recursively)")
     parser.add_argument("--out", help="output folder (default: <first DIR>/comparison)")
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                        help="comma-separated metric names or globs for the printed table "
-                             "(the CSV has all); default: %(default)s")
-    parser.add_argument("--by", help="comma-separated override keys to group by "
-                                     "(default: every override that differs, except seed)")
+    parser.add_argument(
+        "--metrics",
+        default=",".join(DEFAULT_METRICS),
+        help="comma-separated metric names or globs for the printed table "
+        "(the CSV has all); default: %(default)s",
+    )
+    parser.add_argument(
+        "--by",
+        help="comma-separated override keys to group by "
+        "(default: every override that differs, except seed)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
     args = parser.parse_args(argv)
     try:
-        table, out = compare(args.dirs, args.out, args.metrics.split(","),
-                             args.by.split(",") if args.by else None, not args.no_plots)
+        table, out = compare(
+            args.dirs,
+            args.out,
+            args.metrics.split(","),
+            args.by.split(",") if args.by else None,
+            not args.no_plots,
+        )
     except FileNotFoundError as e:
         print(f"bnn-bench-compare: error: {e}", file=sys.stderr)
         return 2
     print(table)
-    print(f"\nwrote {out}/comparison.md, comparison.csv"
-          f"{', acc_vs_ece.png, nll.png, reliability.png' if not args.no_plots else ''}")
+    print(
+        f"\nwrote {out}/comparison.md, comparison.csv"
+        f"{', acc_vs_ece.png, nll.png, reliability.png' if not args.no_plots else ''}"
+    )
     return 0
 
 

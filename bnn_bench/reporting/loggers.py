@@ -78,8 +78,9 @@ def read_overrides(run_dir: Path) -> list[str]:
 class Logger(Protocol):
     """What ``run.py`` hands training curves, final metrics, plots and curves to."""
 
-    def start(self, out_dir: Path, config: dict, info: RunInfo,
-              run_id: str | None = None) -> str | None:
+    def start(
+        self, out_dir: Path, config: dict, info: RunInfo, run_id: str | None = None
+    ) -> str | None:
         """Opens the run; ``run_id`` continues an earlier one (resume). Returns the
         tracker's run id to save with the checkpoint, or None."""
         ...
@@ -98,8 +99,9 @@ class Logger(Protocol):
 class NoLogger:
     """``logger=none``: the run folder alone keeps the results."""
 
-    def start(self, out_dir: Path, config: dict, info: RunInfo,
-              run_id: str | None = None) -> str | None:
+    def start(
+        self, out_dir: Path, config: dict, info: RunInfo, run_id: str | None = None
+    ) -> str | None:
         del out_dir, config, info, run_id
         return None
 
@@ -126,8 +128,9 @@ class HistoryLogger(NoLogger):
         self.filename = filename
         self._file = None
 
-    def start(self, out_dir: Path, config: dict, info: RunInfo,
-              run_id: str | None = None) -> str | None:
+    def start(
+        self, out_dir: Path, config: dict, info: RunInfo, run_id: str | None = None
+    ) -> str | None:
         del config, info, run_id
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         self._file = open(Path(out_dir) / self.filename, "a", buffering=1)  # noqa: SIM115
@@ -193,23 +196,34 @@ class WandbLogger:
         if self.mode not in ("online", "offline", "disabled"):
             raise UserError(f"logger.mode must be online, offline or disabled; got {self.mode!r}.")
 
-    def start(self, out_dir: Path, config: dict, info: RunInfo,
-              run_id: str | None = None) -> str | None:
+    def start(
+        self, out_dir: Path, config: dict, info: RunInfo, run_id: str | None = None
+    ) -> str | None:
         import wandb
 
         mode = self.mode
         if mode == "online":
             reason = _offline_reason(self.reach_timeout)
             if reason:
-                log.warning("wandb: %s; logging offline to %s/wandb (upload later with "
-                            "`wandb sync`).", reason, out_dir)
+                log.warning(
+                    "wandb: %s; logging offline to %s/wandb (upload later with `wandb sync`).",
+                    reason,
+                    out_dir,
+                )
                 mode = "offline"
-        kwargs = dict(project=self.project, entity=self.entity,
-                      group=self.group or info.sweep_dir, tags=list(self.tags),
-                      name=self.name or info.name(), notes=self.notes,
-                      config={**config, "overrides": list(info.overrides)},
-                      dir=str(out_dir), id=run_id,
-                      resume="allow", settings=wandb.Settings(init_timeout=self.init_timeout))
+        kwargs = dict(
+            project=self.project,
+            entity=self.entity,
+            group=self.group or info.sweep_dir,
+            tags=list(self.tags),
+            name=self.name or info.name(),
+            notes=self.notes,
+            config={**config, "overrides": list(info.overrides)},
+            dir=str(out_dir),
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(init_timeout=self.init_timeout),
+        )
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         try:
             self.run = wandb.init(mode=mode, **kwargs)
@@ -262,8 +276,9 @@ class Loggers:
     def __init__(self, *loggers: Logger):
         self.loggers = loggers
 
-    def start(self, out_dir: Path, config: dict, info: RunInfo,
-              run_id: str | None = None) -> str | None:
+    def start(
+        self, out_dir: Path, config: dict, info: RunInfo, run_id: str | None = None
+    ) -> str | None:
         ids = [lg.start(out_dir, config, info, run_id) for lg in self.loggers]
         return next((i for i in ids if i), None)
 

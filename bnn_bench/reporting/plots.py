@@ -39,8 +39,9 @@ def _save(fig, path: Path, title: str | None = None) -> Path:
 
 def _class_ticks(ax, class_names, start: int = 0) -> None:
     """Class names (shortened) as vertical x tick labels at start, start + 1, ..."""
-    ax.set_xticks(np.arange(start, start + len(class_names)), _short(class_names, 8),
-                  rotation=90, fontsize=7)
+    ax.set_xticks(
+        np.arange(start, start + len(class_names)), _short(class_names, 8), rotation=90, fontsize=7
+    )
 
 
 def _show(ax, image: np.ndarray) -> None:
@@ -65,15 +66,30 @@ def reliability_diagram(path: Path, bins: dict, title: str) -> Path:
     centers = edges[:-1] + width / 2
     count = np.asarray(bins["count"])
     acc, conf = np.asarray(bins["accuracy"]), np.asarray(bins["confidence"])
-    fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
-                                 gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, hx) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     filled = count > 0
-    ax.bar(centers[filled], acc[filled], width=width[filled], edgecolor="black",
-           color="tab:blue", label="accuracy in bin")
+    ax.bar(
+        centers[filled],
+        acc[filled],
+        width=width[filled],
+        edgecolor="black",
+        color="tab:blue",
+        label="accuracy in bin",
+    )
     # hatched only, so the gap stays visible where it lies inside an accuracy bar
-    ax.bar(centers[filled], (conf - acc)[filled], bottom=acc[filled], width=width[filled],
-           fill=False, edgecolor="tab:red", hatch="///", linewidth=0.8,
-           label="gap to the bin's mean confidence")
+    ax.bar(
+        centers[filled],
+        (conf - acc)[filled],
+        bottom=acc[filled],
+        width=width[filled],
+        fill=False,
+        edgecolor="tab:red",
+        hatch="///",
+        linewidth=0.8,
+        label="gap to the bin's mean confidence",
+    )
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -130,8 +146,9 @@ def risk_coverage(path: Path, curve: dict, aurc: float, title: str) -> Path:
     return _save(fig, path)
 
 
-def uncertain_images(path: Path, images: np.ndarray, labels, preds, conf, entropy,
-                     class_names, title: str) -> Path:
+def uncertain_images(
+    path: Path, images: np.ndarray, labels, preds, conf, entropy, class_names, title: str
+) -> Path:
     """A grid of the most uncertain test images (highest predictive entropy) with
     their true and predicted labels; wrong predictions in red."""
     n = len(images)
@@ -144,8 +161,12 @@ def uncertain_images(path: Path, images: np.ndarray, labels, preds, conf, entrop
             continue
         _show(ax, images[i])
         color = "tab:green" if labels[i] == preds[i] else "tab:red"
-        ax.set_title(f"true: {class_names[labels[i]]}\npred: {class_names[preds[i]]} "
-                     f"(p={conf[i]:.2f})\nentropy {entropy[i]:.2f}", fontsize=8, color=color)
+        ax.set_title(
+            f"true: {class_names[labels[i]]}\npred: {class_names[preds[i]]} "
+            f"(p={conf[i]:.2f})\nentropy {entropy[i]:.2f}",
+            fontsize=8,
+            color=color,
+        )
     return _save(fig, path, title)
 
 
@@ -157,8 +178,13 @@ def uncertain_per_class(path: Path, curve: dict, class_names, title: str) -> Pat
     x = np.arange(len(count))
     bars = ax.bar(x, count, color="tab:purple")
     for b, c, t in zip(bars, count, total, strict=True):
-        ax.annotate(f"{100 * c / t:.1f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{100 * c / t:.1f}%",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(x, _short(class_names, 12), rotation=30, ha="right")
     ax.set_xlabel("true class")
     ax.set_ylabel(f"inputs with confidence < {curve['below']:g}")
@@ -168,19 +194,20 @@ def uncertain_per_class(path: Path, curve: dict, class_names, title: str) -> Pat
     return _save(fig, path)
 
 
-def member_boxplots(path: Path, images: np.ndarray, kept: np.ndarray, labels, idx,
-                    class_names, title: str) -> Path:
+def member_boxplots(
+    path: Path, images: np.ndarray, kept: np.ndarray, labels, idx, class_names, title: str
+) -> Path:
     """Box plots of the members' class probabilities for a few fixed test images
     (JaxSGMC CIFAR-10 tutorial), each under its image."""
     k = kept.shape[1]
-    fig, axes = plt.subplots(2, k, figsize=(3.0 * k, 5.6), squeeze=False,
-                             gridspec_kw={"height_ratios": [1, 1.6]})
+    fig, axes = plt.subplots(
+        2, k, figsize=(3.0 * k, 5.6), squeeze=False, gridspec_kw={"height_ratios": [1, 1.6]}
+    )
     for j in range(k):
         _show(axes[0, j], images[j])
         axes[0, j].set_title(f"test #{int(idx[j])}\ntrue: {class_names[labels[j]]}", fontsize=9)
         ax = axes[1, j]
-        ax.boxplot(kept[:, j, :], showfliers=True, widths=0.6,
-                   flierprops={"markersize": 2})
+        ax.boxplot(kept[:, j, :], showfliers=True, widths=0.6, flierprops={"markersize": 2})
         _class_ticks(ax, class_names, start=1)
         ax.set_ylim(-0.02, 1.02)
         if j == 0:
@@ -214,14 +241,28 @@ def accuracy_over_certainty(path: Path, curve: dict, title: str) -> Path:
     return _save(fig, path)
 
 
-def risk_extremes(path: Path, images: np.ndarray, mean: np.ndarray, std: np.ndarray, labels,
-                  risk: np.ndarray, n_low: int, class_names, title: str) -> Path:
+def risk_extremes(
+    path: Path,
+    images: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    labels,
+    risk: np.ndarray,
+    n_low: int,
+    class_names,
+    title: str,
+) -> Path:
     """Mean class probabilities with ±1 std over members (the "risk" error bars of
     capsa's vote wrapper) for the lowest-risk (top row) and highest-risk (bottom row)
     test images."""
     n = len(images)
-    fig, axes = plt.subplots(2, 2 * (n // 2), figsize=(3.2 * n, 5.2), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 2.2] * (n // 2)})
+    fig, axes = plt.subplots(
+        2,
+        2 * (n // 2),
+        figsize=(3.2 * n, 5.2),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1, 2.2] * (n // 2)},
+    )
     for i in range(n):
         row, col = divmod(i, n // 2)
         _show(axes[row, 2 * col], images[i])
@@ -229,8 +270,14 @@ def risk_extremes(path: Path, images: np.ndarray, mean: np.ndarray, std: np.ndar
         axes[row, 2 * col].set_title(f"{kind} risk\n{risk[i]:.3g}", fontsize=8)
         ax = axes[row, 2 * col + 1]
         colors = ["tab:green" if c == labels[i] else "tab:gray" for c in range(mean.shape[1])]
-        ax.bar(np.arange(mean.shape[1]), mean[i], yerr=std[i], color=colors, capsize=2,
-               error_kw={"elinewidth": 1})
+        ax.bar(
+            np.arange(mean.shape[1]),
+            mean[i],
+            yerr=std[i],
+            color=colors,
+            capsize=2,
+            error_kw={"elinewidth": 1},
+        )
         ax.set_ylim(0, 1.05)
         _class_ticks(ax, class_names)
         ax.set_title(f"true: {class_names[labels[i]]} (green)", fontsize=8)
@@ -247,11 +294,15 @@ def shift_curves(path: Path, shift: dict, title: str) -> Path:
         c = shift[name]
         level = np.asarray(c["level"])
         for j, (key, label, scale) in enumerate(
-                (("acc", "accuracy (%)", 100), ("nll", "NLL (nats)", 1), ("ece", "ECE (%)", 100))):
+            (("acc", "accuracy (%)", 100), ("nll", "NLL (nats)", 1), ("ece", "ECE (%)", 100))
+        ):
             ax = axes[r, j]
             ax.plot(level, scale * np.asarray(c[key], dtype=float), "o-")
-            ax.set_xlabel(SHIFT_AXIS.get(name, "CIFAR-10-C severity" if name.startswith("cifar10c_")
-                                         else "intensity"))
+            ax.set_xlabel(
+                SHIFT_AXIS.get(
+                    name, "CIFAR-10-C severity" if name.startswith("cifar10c_") else "intensity"
+                )
+            )
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             ax.set_title(f"{name}: {label.split(' (')[0]}", fontsize=9)
@@ -262,8 +313,12 @@ def shift_curves(path: Path, shift: dict, title: str) -> Path:
     return _save(fig, path)
 
 
-def ood_histograms(path: Path, scores: dict[str, tuple[np.ndarray, np.ndarray]],
-                   aurocs: dict[str, float], title: str) -> Path:
+def ood_histograms(
+    path: Path,
+    scores: dict[str, tuple[np.ndarray, np.ndarray]],
+    aurocs: dict[str, float],
+    title: str,
+) -> Path:
     """Histograms of each OOD score on the test set and on the OOD set."""
     fig, axes = plt.subplots(1, len(scores), figsize=(4.5 * len(scores), 3.6), squeeze=False)
     for ax, (name, (s_in, s_out)) in zip(axes[0], scores.items(), strict=True):
@@ -279,8 +334,17 @@ def ood_histograms(path: Path, scores: dict[str, tuple[np.ndarray, np.ndarray]],
     return _save(fig, path, title)
 
 
-def write_all(folder: Path, title: str, summaries: dict, sets: dict, metrics: dict,
-              curves: dict, spec, num_images: int = 16, num_extremes: int = 3) -> dict[str, Path]:
+def write_all(
+    folder: Path,
+    title: str,
+    summaries: dict,
+    sets: dict,
+    metrics: dict,
+    curves: dict,
+    spec,
+    num_images: int = 16,
+    num_extremes: int = 3,
+) -> dict[str, Path]:
     """Every plot of a run; returns ``{name: path}`` for the logger.
 
     Args:
@@ -300,67 +364,113 @@ def write_all(folder: Path, title: str, summaries: dict, sets: dict, metrics: di
     m = lambda k: metrics.get(f"test/{k}", float("nan"))  # noqa: E731
 
     out["reliability"] = reliability_diagram(
-        folder / "reliability.png", c["reliability"],
-        f"{head}\nacc {100 * m('acc'):.2f}%, ECE {100 * m('ece'):.2f}%, "
-        f"MCE {100 * m('mce'):.2f}%")
+        folder / "reliability.png",
+        c["reliability"],
+        f"{head}\nacc {100 * m('acc'):.2f}%, ECE {100 * m('ece'):.2f}%, MCE {100 * m('mce'):.2f}%",
+    )
     out["accuracy_vs_threshold"] = accuracy_vs_threshold(
-        folder / "accuracy_vs_threshold.png", c["accuracy_over_confidence"],
-        f"{head}\naccuracy and inputs dropped vs confidence threshold")
-    out["risk_coverage"] = risk_coverage(folder / "risk_coverage.png", c["risk_coverage"],
-                                         m("aurc"), f"{head}\nrisk-coverage (selective prediction)")
+        folder / "accuracy_vs_threshold.png",
+        c["accuracy_over_confidence"],
+        f"{head}\naccuracy and inputs dropped vs confidence threshold",
+    )
+    out["risk_coverage"] = risk_coverage(
+        folder / "risk_coverage.png",
+        c["risk_coverage"],
+        m("aurc"),
+        f"{head}\nrisk-coverage (selective prediction)",
+    )
     out["uncertain_per_class"] = uncertain_per_class(
-        folder / "uncertain_per_class.png", c["uncertain_per_class"], names,
-        f"{head}\nuncertain predictions per class")
+        folder / "uncertain_per_class.png",
+        c["uncertain_per_class"],
+        names,
+        f"{head}\nuncertain predictions per class",
+    )
 
     mean = np.asarray(test.mean(), np.float64)
     y = np.asarray(split.y)
     entropy = np.asarray(test.predictive_entropy(), np.float64)
     top = np.argsort(-entropy, kind="stable")[:num_images]
     out["uncertain_images"] = uncertain_images(
-        folder / "uncertain_images.png", np.asarray(split.x[top]), y[top],
-        mean[top].argmax(-1), mean[top].max(-1), entropy[top], _short(names, 14),
-        textwrap.fill(f"{head}: the {len(top)} most uncertain test images "
-                      "(highest predictive entropy); red = wrong", 90))
+        folder / "uncertain_images.png",
+        np.asarray(split.x[top]),
+        y[top],
+        mean[top].argmax(-1),
+        mean[top].max(-1),
+        entropy[top],
+        _short(names, 14),
+        textwrap.fill(
+            f"{head}: the {len(top)} most uncertain test images "
+            "(highest predictive entropy); red = wrong",
+            90,
+        ),
+    )
 
     if s > 1:
         kept = np.asarray(test.kept_members())
         idx = np.asarray(test.keep_idx)
         if kept.size:
             out["member_boxplots"] = member_boxplots(
-                folder / "member_boxplots.png", np.asarray(split.x[idx]), kept, y[idx], idx,
-                names, f"{head}: class probabilities of {kept.shape[0]} members, "
-                f"{len(idx)} fixed test images")
+                folder / "member_boxplots.png",
+                np.asarray(split.x[idx]),
+                kept,
+                y[idx],
+                idx,
+                names,
+                f"{head}: class probabilities of {kept.shape[0]} members, "
+                f"{len(idx)} fixed test images",
+            )
         out["accuracy_over_certainty"] = accuracy_over_certainty(
-            folder / "accuracy_over_certainty.png", c["accuracy_over_certainty"],
-            f"{head}\nhard-vote accuracy over member agreement (certainty)")
+            folder / "accuracy_over_certainty.png",
+            c["accuracy_over_certainty"],
+            f"{head}\nhard-vote accuracy over member agreement (certainty)",
+        )
         std = np.sqrt(np.asarray(test.variance(), np.float64))
         risk = std.sum(-1)  # summed over classes
         order = np.argsort(risk, kind="stable")
         pick = np.r_[order[:num_extremes], order[-num_extremes:]]
         out["risk_extremes"] = risk_extremes(
-            folder / "risk_extremes.png", np.asarray(split.x[pick]), mean[pick], std[pick],
-            y[pick], risk[pick], num_extremes, names,
+            folder / "risk_extremes.png",
+            np.asarray(split.x[pick]),
+            mean[pick],
+            std[pick],
+            y[pick],
+            risk[pick],
+            num_extremes,
+            names,
             f"{head}: lowest (top) and highest (bottom) risk = sum over classes of the "
-            "members' std")
+            "members' std",
+        )
     else:
-        log.info("plots: S = 1, so member box plots, accuracy over member agreement and "
-                 "risk error bars are skipped (they need several members)")
+        log.info(
+            "plots: S = 1, so member box plots, accuracy over member agreement and "
+            "risk error bars are skipped (they need several members)"
+        )
 
     if "shift" in curves:
-        out["shift"] = shift_curves(folder / "shift.png", curves["shift"],
-                                    f"{title}: metrics under distribution shift")
+        out["shift"] = shift_curves(
+            folder / "shift.png", curves["shift"], f"{title}: metrics under distribution shift"
+        )
     if "ood" in summaries:
         from bnn_bench.evaluation import OOD_SCORES
 
-        scores = {"max prob": (-OOD_SCORES["msp"](test), -OOD_SCORES["msp"](summaries["ood"])),
-                  "predictive entropy": (OOD_SCORES["entropy"](test),
-                                         OOD_SCORES["entropy"](summaries["ood"]))}
+        scores = {
+            "max prob": (-OOD_SCORES["msp"](test), -OOD_SCORES["msp"](summaries["ood"])),
+            "predictive entropy": (
+                OOD_SCORES["entropy"](test),
+                OOD_SCORES["entropy"](summaries["ood"]),
+            ),
+        }
         if s > 1:
-            scores["mutual information"] = (OOD_SCORES["mi"](test),
-                                            OOD_SCORES["mi"](summaries["ood"]))
-        aurocs = {"max prob": metrics.get("ood/auroc_msp", float("nan")),
-                  "predictive entropy": metrics.get("ood/auroc_entropy", float("nan")),
-                  "mutual information": metrics.get("ood/auroc_mi", float("nan"))}
-        out["ood_scores"] = ood_histograms(folder / "ood_scores.png", scores, aurocs,
-                                           f"{title}: test vs OOD inputs")
+            scores["mutual information"] = (
+                OOD_SCORES["mi"](test),
+                OOD_SCORES["mi"](summaries["ood"]),
+            )
+        aurocs = {
+            "max prob": metrics.get("ood/auroc_msp", float("nan")),
+            "predictive entropy": metrics.get("ood/auroc_entropy", float("nan")),
+            "mutual information": metrics.get("ood/auroc_mi", float("nan")),
+        }
+        out["ood_scores"] = ood_histograms(
+            folder / "ood_scores.png", scores, aurocs, f"{title}: test vs OOD inputs"
+        )
     return out

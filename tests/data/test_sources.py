@@ -109,8 +109,7 @@ def test_load_local_mnist_family_with_validation(tmp_path):
     original = arrays["train"][0][..., None]
     assert sorted(map(bytes, together)) == sorted(map(bytes, original))
     # half of the test split validates, as in the JaxSGMC tutorial
-    half = load("mnist", source="local", data_dir=str(tmp_path), val_from="test",
-                val_fraction=0.5)
+    half = load("mnist", source="local", data_dir=str(tmp_path), val_from="test", val_fraction=0.5)
     assert (half.train.size, half.val.size, half.test.size) == (120, 20, 20)
 
 
@@ -133,8 +132,10 @@ def test_missing_data_without_download_is_one_clear_error(tmp_path, monkeypatch)
 def test_wrong_shape_files_are_rejected(tmp_path):
     rng = np.random.default_rng(0)
     for prefix in ("train", "t10k"):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz",
-                  rng.integers(0, 256, size=(8, 32, 32), dtype=np.uint8))
+        write_idx(
+            tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, size=(8, 32, 32), dtype=np.uint8),
+        )
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.zeros(8, np.uint8))
     with pytest.raises(UserError, match=r"shape \(32, 32, 1\), expected \(28, 28, 1\)"):
         load("mnist", source="local", data_dir=str(tmp_path))
@@ -145,8 +146,13 @@ def test_tfds_source_through_tfds_mock(tmp_path):
     the real feature spec; our reader must turn them into the usual arrays."""
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=24):
-        data = load("fashion_mnist", source="tfds", tfds_data_dir=str(tmp_path),
-                    download=True, val_fraction=0.25)
+        data = load(
+            "fashion_mnist",
+            source="tfds",
+            tfds_data_dir=str(tmp_path),
+            download=True,
+            val_fraction=0.25,
+        )
     assert data.source == "TFDS download"
     assert data.train.x.shape == (18, 28, 28, 1) and data.val.size == 6
     assert data.test.x.shape == (24, 28, 28, 1) and data.test.x.dtype == np.uint8

@@ -39,8 +39,18 @@ def test_perfect_classifier():
     m = evaluation.compute(_summary(probs), labels)
     assert m["acc"] == m["acc_hard"] == 1.0
     assert m["nll"] == pytest.approx(0.0, abs=1e-9)
-    for key in ("brier", "ece", "aece", "mce", "aurc", "augrc", "risk_at_80cov", "entropy",
-                "mutual_info", "uncertain"):
+    for key in (
+        "brier",
+        "ece",
+        "aece",
+        "mce",
+        "aurc",
+        "augrc",
+        "risk_at_80cov",
+        "entropy",
+        "mutual_info",
+        "uncertain",
+    ):
         assert m[key] == pytest.approx(0.0, abs=1e-6), key
     assert m["cov_at_5risk"] == 1.0 and m["certainty"] == 1.0 and m["members"] == 1.0
 
@@ -112,8 +122,9 @@ def test_accuracy_over_certainty_and_confidence():
     np.testing.assert_allclose(r["kept"], [1.0, 0.75, 0.25, 0.0])
     np.testing.assert_allclose(r["accuracy"][:3], [0.5, 2 / 3, 1.0])
     assert math.isnan(r["accuracy"][3])
-    counts = M.uncertain_per_class(np.array([[0.4, 0.3, 0.3], [0.9, 0.05, 0.05],
-                                             [0.45, 0.1, 0.45]]), np.array([2, 2, 0]), 3)
+    counts = M.uncertain_per_class(
+        np.array([[0.4, 0.3, 0.3], [0.9, 0.05, 0.05], [0.45, 0.1, 0.45]]), np.array([2, 2, 0]), 3
+    )
     np.testing.assert_array_equal(counts, [1, 0, 1])
 
 
@@ -152,7 +163,7 @@ def test_calibration_matches_direct_loops():
     order = np.argsort(conf)
     aece, start = 0.0, 0
     for size in [500 // 15 + 1] * (500 % 15) + [500 // 15] * (15 - 500 % 15):
-        idx = order[start:start + size]
+        idx = order[start : start + size]
         aece += size / 500 * abs((pred[idx] == labels[idx]).mean() - conf[idx].mean())
         start += size
     assert M.aece(probs, labels) == pytest.approx(aece)
@@ -167,8 +178,10 @@ def test_selective_metrics_match_direct_computation():
     risks = [sum(errors[order[j]] for j in range(k)) / k for k in range(1, n + 1)]
     cov = [k / n for k in range(1, n + 1)]
     area = sum((cov[i + 1] - cov[i]) * (risks[i + 1] + risks[i]) / 2 for i in range(n - 1))
-    garea = sum((cov[i + 1] - cov[i]) * (risks[i + 1] * cov[i + 1] + risks[i] * cov[i]) / 2
-                for i in range(n - 1))
+    garea = sum(
+        (cov[i + 1] - cov[i]) * (risks[i + 1] * cov[i + 1] + risks[i] * cov[i]) / 2
+        for i in range(n - 1)
+    )
     assert M.aurc(conf, errors) == pytest.approx(area / (1 - 1 / n))
     assert M.augrc(conf, errors) == pytest.approx(garea / (1 - 1 / n))
     assert M.risk_at_coverage(conf, errors, 0.8) == pytest.approx(risks[319])
@@ -213,11 +226,16 @@ def test_evaluate_names_every_set_and_scores_ood():
     test = _random_probs(rng, 4, 50, 3, sharp=4.0)
     ood = _random_probs(rng, 4, 40, 3, sharp=0.5)  # flatter: higher entropy
     labels = test.mean(0).argmax(-1)
-    summaries = {"test": _summary(test), "ood": _summary(ood),
-                 "shift/rotate/30": _summary(test), "shift/rotate/90": _summary(ood[:, :30])}
+    summaries = {
+        "test": _summary(test),
+        "ood": _summary(ood),
+        "shift/rotate/30": _summary(test),
+        "shift/rotate/90": _summary(ood[:, :30]),
+    }
     metrics, curves = evaluation.evaluate(
-        summaries, {"test": labels, "ood": None, "shift/rotate/30": labels,
-                    "shift/rotate/90": labels[:30]})
+        summaries,
+        {"test": labels, "ood": None, "shift/rotate/30": labels, "shift/rotate/90": labels[:30]},
+    )
     assert metrics["test/acc"] == 1.0 and "ood/acc" not in metrics
     assert metrics["ood/entropy"] > metrics["test/entropy"]
     for score in evaluation.OOD_SCORES:
@@ -231,6 +249,7 @@ def test_evaluate_names_every_set_and_scores_ood():
 
 def test_ood_mutual_information_is_nan_for_one_member():
     rng = np.random.default_rng(6)
-    m = evaluation.ood_metrics(_summary(_random_probs(rng, 1, 20, 3)),
-                               _summary(_random_probs(rng, 1, 20, 3)))
+    m = evaluation.ood_metrics(
+        _summary(_random_probs(rng, 1, 20, 3)), _summary(_random_probs(rng, 1, 20, 3))
+    )
     assert math.isnan(m["auroc_mi"]) and not math.isnan(m["auroc_msp"])

@@ -16,8 +16,15 @@ from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.reporting import plots
 
 MEMBER_PLOTS = {"member_boxplots", "accuracy_over_certainty", "risk_extremes"}
-ALWAYS = {"reliability", "accuracy_vs_threshold", "risk_coverage", "uncertain_per_class",
-          "uncertain_images", "shift", "ood_scores"}
+ALWAYS = {
+    "reliability",
+    "accuracy_vs_threshold",
+    "risk_coverage",
+    "uncertain_per_class",
+    "uncertain_images",
+    "shift",
+    "ood_scores",
+}
 
 
 def _fake_run(members: int):
@@ -26,15 +33,19 @@ def _fake_run(members: int):
     y = np.asarray(data.test.y)
     logits = 3 * np.eye(10)[y][None] + rng.standard_normal((members, 64, 10))
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
     def summary(p):
         return PredictiveSummary.empty(p.shape[1], 10, keep_idx=range(5), capacity=50).add(
-            jnp.asarray(p, jnp.float32))
-    summaries = {"test": summary(probs), "ood": summary(probs[:, ::-1] * 0 + 0.1),
-                 "shift/rotate/90": summary(probs[:, ::-1])}
-    sets = {"test": data.test, "ood": Split(data.test.x, data.test.y),
-            "shift/rotate/90": data.test}
-    metrics, curves = evaluation.evaluate(
-        summaries, {"test": y, "ood": None, "shift/rotate/90": y})
+            jnp.asarray(p, jnp.float32)
+        )
+
+    summaries = {
+        "test": summary(probs),
+        "ood": summary(probs[:, ::-1] * 0 + 0.1),
+        "shift/rotate/90": summary(probs[:, ::-1]),
+    }
+    sets = {"test": data.test, "ood": Split(data.test.x, data.test.y), "shift/rotate/90": data.test}
+    metrics, curves = evaluation.evaluate(summaries, {"test": y, "ood": None, "shift/rotate/90": y})
     return data, summaries, sets, metrics, curves
 
 
@@ -42,8 +53,9 @@ def _fake_run(members: int):
 def test_write_all_draws_each_plot(members, tmp_path, caplog):
     data, summaries, sets, metrics, curves = _fake_run(members)
     with caplog.at_level(logging.INFO, logger="bnn_bench.reporting.plots"):
-        out = plots.write_all(tmp_path, "Fake · mlp · synthetic", summaries, sets, metrics,
-                              curves, data.spec)
+        out = plots.write_all(
+            tmp_path, "Fake · mlp · synthetic", summaries, sets, metrics, curves, data.spec
+        )
     expected = ALWAYS | (MEMBER_PLOTS if members > 1 else set())
     assert set(out) == expected
     for path in out.values():

@@ -16,10 +16,17 @@ from bnn_bench.methods.map import MAP
 from bnn_bench.run import run
 from tests.conftest import ROOT, TINY, compose_cfg
 
-OOD = ["dataset@eval.ood_dataset=synthetic", "eval.ood_dataset.data_seed=1",
-       "eval.ood_dataset.test_size=128", "eval.ood_dataset.train_size=8"]
-SHIFT = ["eval.shift=[rotate,invert]", "eval.shift_levels.rotate=[90]",
-         "eval.shift_levels.invert=[1.0]"]
+OOD = [
+    "dataset@eval.ood_dataset=synthetic",
+    "eval.ood_dataset.data_seed=1",
+    "eval.ood_dataset.test_size=128",
+    "eval.ood_dataset.train_size=8",
+]
+SHIFT = [
+    "eval.shift=[rotate,invert]",
+    "eval.shift_levels.rotate=[90]",
+    "eval.shift_levels.invert=[1.0]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +41,25 @@ def test_metrics_json_has_every_set_and_group(tiny_run):
     out, metrics = tiny_run
     saved = json.loads((out / "metrics.json").read_text())
     for name in ("test", "val", "shift/rotate/90", "shift/invert/1"):
-        for key in ("acc", "acc_hard", "nll", "brier", "entropy", "mutual_info",
-                    "expected_entropy", "ece", "aece", "mce", "aurc", "augrc", "cov_at_5risk",
-                    "risk_at_80cov", "certainty", "uncertain", "members"):
+        for key in (
+            "acc",
+            "acc_hard",
+            "nll",
+            "brier",
+            "entropy",
+            "mutual_info",
+            "expected_entropy",
+            "ece",
+            "aece",
+            "mce",
+            "aurc",
+            "augrc",
+            "cov_at_5risk",
+            "risk_at_80cov",
+            "certainty",
+            "uncertain",
+            "members",
+        ):
             assert f"{name}/{key}" in saved, f"{name}/{key}"
     assert "ood/acc" not in saved and "ood/entropy" in saved
     for score in ("msp", "entropy"):
@@ -57,18 +80,42 @@ def test_metrics_json_has_every_set_and_group(tiny_run):
 def test_plots_written(tiny_run):
     out, _ = tiny_run
     written = {p.stem for p in (out / "plots").glob("*.png")}
-    assert written == {"reliability", "accuracy_vs_threshold", "risk_coverage",
-                       "uncertain_per_class", "uncertain_images", "shift", "ood_scores"}
+    assert written == {
+        "reliability",
+        "accuracy_vs_threshold",
+        "risk_coverage",
+        "uncertain_per_class",
+        "uncertain_images",
+        "shift",
+        "ood_scores",
+    }
 
 
 def test_table_lists_every_group():
     from bnn_bench.evaluation.tables import metrics_table
 
-    metrics = {"test/acc": 0.9, "test/ece": 0.05, "test/aurc": 0.01, "ood/auroc_msp": 0.8,
-               "ood/auroc_mi": float("nan"), "shift/rotate/90/acc": 0.2, "model/params": 1234.0}
+    metrics = {
+        "test/acc": 0.9,
+        "test/ece": 0.05,
+        "test/aurc": 0.01,
+        "ood/auroc_msp": 0.8,
+        "ood/auroc_mi": float("nan"),
+        "shift/rotate/90/acc": 0.2,
+        "model/params": 1234.0,
+    }
     table = metrics_table(metrics)
-    for text in ("Classification", "Calibration", "Selective classification", "OOD detection",
-                 "Shift", "Complexity", "90.00%", "80.00%", "n/a", "1,234"):
+    for text in (
+        "Classification",
+        "Calibration",
+        "Selective classification",
+        "OOD detection",
+        "Shift",
+        "Complexity",
+        "90.00%",
+        "80.00%",
+        "n/a",
+        "1,234",
+    ):
         assert text in table, text
 
 
@@ -84,8 +131,9 @@ def test_ood_shape_mismatch_stops_before_training(tmp_path, monkeypatch):
 
 
 def test_resized_ood_set_takes_the_data_shape():
-    cfg = compose_cfg(*TINY, *OOD, "eval.ood_dataset.shape=[32,32,1]",
-                      "eval.ood_dataset.resize=[28,28]")
+    cfg = compose_cfg(
+        *TINY, *OOD, "eval.ood_dataset.shape=[32,32,1]", "eval.ood_dataset.resize=[28,28]"
+    )
     sets = evaluation_sets(build(cfg.dataset, "dataset"), build(cfg.eval, "eval"))
     assert sets["ood"].x.shape == (128, 28, 28, 1) and sets["ood"].x.dtype == "uint8"
 

@@ -31,8 +31,7 @@ def test_rotation_keeps_shape_and_fills_black():
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_level_zero_is_identity_and_shapes_are_kept(images, name):
-    np.testing.assert_array_equal(np.asarray(corrupt(jax.random.key(0), images, name, 0.0)),
-                                  images)
+    np.testing.assert_array_equal(np.asarray(corrupt(jax.random.key(0), images, name, 0.0)), images)
     out = corrupt(jax.random.key(0), images, name, 0.5)
     assert out.shape == images.shape and out.dtype == np.uint8
 
@@ -61,8 +60,13 @@ def test_settings_reject_bad_shift_and_ood():
     with pytest.raises(UserError, match=r"dataset@eval.ood_dataset=NAME"):
         EvalSettings(ood_dataset="mnist")
     s = EvalSettings(shift=["invert", "rotate"], shift_levels={"rotate": [90]})
-    assert s.shift_sets() == [("invert", 0.25), ("invert", 0.5), ("invert", 0.75),
-                              ("invert", 1.0), ("rotate", 90.0)]
+    assert s.shift_sets() == [
+        ("invert", 0.25),
+        ("invert", 0.5),
+        ("invert", 0.75),
+        ("invert", 1.0),
+        ("rotate", 90.0),
+    ]
 
 
 def test_rotation_matches_scipy_at_any_angle():
@@ -74,8 +78,9 @@ def test_rotation_matches_scipy_at_any_angle():
     for angle in (15.0, 37.0, 150.0):
         ours = np.asarray(corrupt(jax.random.key(0), x, "rotate", angle)).astype(float)
         # scipy: a positive angle turns the (row, column) image counter-clockwise on screen
-        ref = ndimage.rotate(x.astype(float), angle, axes=(2, 1), reshape=False, order=1,
-                             mode="constant", cval=0.0)
+        ref = ndimage.rotate(
+            x.astype(float), angle, axes=(2, 1), reshape=False, order=1, mode="constant", cval=0.0
+        )
         assert np.abs(ours - ref).mean() < 1.0 and np.abs(ours - ref).max() < 40
 
 

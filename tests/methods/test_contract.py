@@ -17,21 +17,35 @@ from bnn_bench.models import build_model
 from tests.conftest import TINY, compose_cfg, config_choices
 
 # Overrides that make each method quick on the TINY synthetic run.
-_TINY_SGMCMC = ["method.save_samples=true", "method.batch_size=64", "method.iterations=60",
-                "method.burn_in=30", "method.accepted_samples=4", "method.num_chains=2",
-                "method.chunk_size=30"]
+_TINY_SGMCMC = [
+    "method.save_samples=true",
+    "method.batch_size=64",
+    "method.iterations=60",
+    "method.burn_in=30",
+    "method.accepted_samples=4",
+    "method.num_chains=2",
+    "method.chunk_size=30",
+]
 TINY_METHOD: dict[str, list[str]] = {
     "map": [],
     "sgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
     "psgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
     # friction 10, ε = 0.01: a Langevin step ε/α = 1e-3 like sgld's, momentum decay 0.9
     "sghmc": [*_TINY_SGMCMC, "method.step_size.step_size=1e-2", "method.kernel.friction=10"],
-    "laplace": ["method.rank=8", "method.curvature_batches=2", "method.num_samples=4",
-                "method.chunk_size=3"],
+    "laplace": [
+        "method.rank=8",
+        "method.curvature_batches=2",
+        "method.num_samples=4",
+        "method.chunk_size=3",
+    ],
     "ensemble": ["method.size=2"],
     "vote": ["method.n_voters=2"],
-    "mcbn": ["model=lenet", "model.norm=batchnorm", "method.num_estimators=3",
-             "method.mc_batch_size=16"],
+    "mcbn": [
+        "model=lenet",
+        "model.norm=batchnorm",
+        "method.num_estimators=3",
+        "method.mc_batch_size=16",
+    ],
 }
 
 
@@ -43,8 +57,9 @@ def _setup(name: str):
     cfg = compose_cfg(*base, f"method={name}", *TINY_METHOD[name])
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
-    model = build_model(module, data.spec, cfg.model._target_.rsplit(".", 1)[-1].lower(),
-                        cfg.eval.batch_size)
+    model = build_model(
+        module, data.spec, cfg.model._target_.rsplit(".", 1)[-1].lower(), cfg.eval.batch_size
+    )
     method = build(cfg.method, "method")
     return data, model, method
 

@@ -12,21 +12,20 @@ SMALL = [*TINY, "trainer.epochs=2", "dataset.train_size=256", "dataset.test_size
 
 
 def test_member_seeds():
-    ens = build(compose_cfg(*SMALL, "method=ensemble", "method.size=3", "seed=2").method,
-                "method")
+    ens = build(compose_cfg(*SMALL, "method=ensemble", "method.size=3", "seed=2").method, "method")
     assert ens.member_seeds() == [6, 7, 8]  # disjoint from seeds 1 (3..5) and 3 (9..11)
 
 
 def test_members_differ_and_each_is_its_map_run(tmp_path):
     """Through ``run``: member 1 of a size-2 ensemble with seed 1 is ``method=map seed=3``,
     metric for metric; the two members are different networks."""
-    ens = run(compose_cfg(*SMALL, "method=ensemble", "method.size=2", "seed=1"),
-              tmp_path / "ens")
+    ens = run(compose_cfg(*SMALL, "method=ensemble", "method.size=2", "seed=1"), tmp_path / "ens")
     single = run(compose_cfg(*SMALL, "method=map", "seed=3"), tmp_path / "map")
     assert ens["test/members"] == 2.0
     for m in ("acc", "nll", "ece"):
-        np.testing.assert_allclose(ens[f"test/member_1_{m}"], single[f"test/{m}"],
-                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            ens[f"test/member_1_{m}"], single[f"test/{m}"], rtol=1e-4, atol=1e-6
+        )
     assert abs(ens["test/member_0_nll"] - ens["test/member_1_nll"]) > 1e-3
     # soft voting of two different members is not either member
     assert abs(ens["test/nll"] - ens["test/member_1_nll"]) > 1e-4

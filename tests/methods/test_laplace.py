@@ -23,9 +23,18 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 
-SMALL = [*TINY, "dataset.shape=[6,6,1]", "dataset.num_classes=3", "dataset.train_size=72",
-         "dataset.test_size=32", "model.hidden=[3]", "trainer.epochs=30",
-         "trainer.batch_size=16", "method=laplace", "method.curvature_batch_size=16"]
+SMALL = [
+    *TINY,
+    "dataset.shape=[6,6,1]",
+    "dataset.num_classes=3",
+    "dataset.train_size=72",
+    "dataset.test_size=32",
+    "model.hidden=[3]",
+    "trainer.epochs=30",
+    "trainer.batch_size=16",
+    "method=laplace",
+    "method.curvature_batch_size=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +60,8 @@ def _dense_ggn(post, split):
     f = lambda t: post.logits_fn(t, split.x)
     jac = np.asarray(jax.jacfwd(f)(post.theta), np.float64)  # (N, C, P)
     hess = jax.vmap(jax.hessian(optax.softmax_cross_entropy_with_integer_labels))(
-        f(post.theta), split.y)
+        f(post.theta), split.y
+    )
     return np.einsum("ncp,ncd,ndq->pq", jac, np.asarray(hess, np.float64), jac)
 
 
@@ -68,8 +78,9 @@ def lanczos_fit(map_dir):
 @pytest.mark.parametrize("structure", ["full", "diagonal", "last_layer", "lanczos"])
 def test_curvature_over_the_training_split_matches_dense_ggn(map_dir, structure):
     extra = ["method.rank=200"] if structure == "lanczos" else []  # rank >= P: exact
-    data, _, post = _fit(map_dir, f"method.curvature={structure}", "method.prior_precision=1.0",
-                         *extra)
+    data, _, post = _fit(
+        map_dir, f"method.curvature={structure}", "method.prior_precision=1.0", *extra
+    )
     p = post.theta.shape[0]
     ref = _dense_ggn(post, data.train)
     got = _curvature_matrix(post.curvature)
@@ -116,8 +127,12 @@ def test_members_collapse_onto_map_as_prior_precision_grows(lanczos_fit, predict
 
 
 def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
-    data, _, post = _fit(map_dir, "method.curvature=full", "method.prior_precision=optimize",
-                         "method.optimize_by=marglik")
+    data, _, post = _fit(
+        map_dir,
+        "method.curvature=full",
+        "method.prior_precision=optimize",
+        "method.optimize_by=marglik",
+    )
     info = post.extra_metrics()
     ref = _dense_ggn(post, data.train)
     p = ref.shape[0]
@@ -126,8 +141,12 @@ def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
     sq = float(jnp.sum(post.theta.astype(jnp.float64) ** 2))
 
     def lml(tau):  # log p(D|θ*) + log N(θ*; 0, I/τ) + P/2 log 2π − ½ log det(G + τI)
-        return (loglik - 0.5 * tau * sq + 0.5 * p * np.log(tau)
-                - 0.5 * np.linalg.slogdet(ref + tau * np.eye(p))[1])
+        return (
+            loglik
+            - 0.5 * tau * sq
+            + 0.5 * p * np.log(tau)
+            - 0.5 * np.linalg.slogdet(ref + tau * np.eye(p))[1]
+        )
 
     grid = np.logspace(-4, 6, 1001)
     values = np.array([lml(t) for t in grid])
@@ -138,10 +157,15 @@ def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
 
 
 def test_val_nll_picks_the_grid_minimiser(map_dir):
-    data, method, post = _fit(map_dir, "method.prior_precision=optimize",
-                              "method.optimize_by=val_nll", "method.grid_size=5",
-                              "method.prior_range=[1.0e-2,1.0e2]", "method.rank=10",
-                              "method.predictive=probit")
+    data, method, post = _fit(
+        map_dir,
+        "method.prior_precision=optimize",
+        "method.optimize_by=val_nll",
+        "method.grid_size=5",
+        "method.prior_range=[1.0e-2,1.0e2]",
+        "method.rank=10",
+        "method.predictive=probit",
+    )
     info = post.extra_metrics()
     nlls = {}
     for tau in np.logspace(-2, 2, 5):
@@ -161,12 +185,22 @@ def test_full_refuses_a_large_network_before_training(map_dir):
 def test_map_checkpoint_feeds_init_from_and_metrics_are_written(map_dir, tmp_path):
     ckpt = map_dir / "checkpoint" / "map.msgpack"
     assert ckpt.is_file()
-    cfg = compose_cfg(*SMALL, f"method.init_from={map_dir}", "method.rank=10",
-                      "method.num_samples=5", "method.grid_size=3")
+    cfg = compose_cfg(
+        *SMALL,
+        f"method.init_from={map_dir}",
+        "method.rank=10",
+        "method.num_samples=5",
+        "method.grid_size=3",
+    )
     metrics = run(cfg, tmp_path / "laplace")
     saved = json.loads((tmp_path / "laplace" / "metrics.json").read_text())
-    for key in ("laplace/prior_precision", "laplace/log_marglik", "laplace/time_curvature",
-                "test/nll", "test/ece"):
+    for key in (
+        "laplace/prior_precision",
+        "laplace/log_marglik",
+        "laplace/time_curvature",
+        "test/nll",
+        "test/ece",
+    ):
         assert key in saved and saved[key] == pytest.approx(metrics[key])
     assert saved["laplace/prior_precision"] > 0
     # the Laplace run starts from the map run's network: its checkpoint holds the same bytes
@@ -186,8 +220,13 @@ def compose_and_build(*overrides):
 @pytest.mark.parametrize("structure", ["lanczos", "last_layer"])
 def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
     """The τ grid reuses J U and J z (d = 0); it must agree with the members themselves."""
-    data, method, post = _fit(map_dir, f"method.curvature={structure}", "method.rank=10",
-                              "method.prior_precision=1.0", "method.num_samples=6")
+    data, method, post = _fit(
+        map_dir,
+        f"method.curvature={structure}",
+        "method.rank=10",
+        "method.prior_precision=1.0",
+        "method.num_samples=6",
+    )
     key = jax.random.key(7)
     fast = method._val_nll_fn(key, post, data.val)
     for tau in (0.3, 30.0):

@@ -23,8 +23,12 @@ N, D, H, C = 40, 4, 5, 3
 def _tiny(n=N, seed=0):
     """A tanh MLP D-H-C on random inputs: (logits_fn, theta (P,), x, y)."""
     k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-    params = {"w1": jax.random.normal(k1, (D, H)) / np.sqrt(D), "b1": jnp.zeros(H) + 0.1,
-              "w2": jax.random.normal(k2, (H, C)), "b2": jnp.array([0.2, -0.1, 0.0])}
+    params = {
+        "w1": jax.random.normal(k1, (D, H)) / np.sqrt(D),
+        "b1": jnp.zeros(H) + 0.1,
+        "w2": jax.random.normal(k2, (H, C)),
+        "b2": jnp.array([0.2, -0.1, 0.0]),
+    }
     theta, unravel = ravel_pytree(params)
 
     def logits_fn(t, x):
@@ -39,8 +43,9 @@ def _tiny(n=N, seed=0):
 def _dense_ggn(logits_fn, theta, x, y, weights=None):
     jac = jax.jacfwd(lambda t: logits_fn(t, x))(theta)  # (N, C, P)
     logits = logits_fn(theta, x)
-    hess = jax.vmap(jax.hessian(lambda lg, yi: optax.softmax_cross_entropy_with_integer_labels(
-        lg, yi)))(logits, y)  # (N, C, C)
+    hess = jax.vmap(
+        jax.hessian(lambda lg, yi: optax.softmax_cross_entropy_with_integer_labels(lg, yi))
+    )(logits, y)  # (N, C, C)
     w = np.ones(x.shape[0]) if weights is None else np.asarray(weights)
     jac, hess = np.asarray(jac, np.float64), np.asarray(hess, np.float64)
     return np.einsum("n,ncp,ncd,ndq->pq", w, jac, hess, jac)
@@ -55,16 +60,24 @@ def _dense_ef(logits_fn, theta, x, y):
 @pytest.mark.parametrize("approximation", cv.APPROXIMATIONS)
 def test_mv_diagonal_dense_match_reference(approximation):
     logits_fn, theta, x, y = _tiny()
-    ref = (_dense_ggn(logits_fn, theta, x, y) if approximation == "ggn"
-           else _dense_ef(logits_fn, theta, x, y))
+    ref = (
+        _dense_ggn(logits_fn, theta, x, y)
+        if approximation == "ggn"
+        else _dense_ef(logits_fn, theta, x, y)
+    )
     w = jnp.ones(N)
     v = jax.random.normal(jax.random.key(5), theta.shape)
     mv = cv.curvature_mv(logits_fn, theta, x, y, w, v, approximation)
     np.testing.assert_allclose(mv, ref @ np.asarray(v), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(cv.diagonal_batch(logits_fn, theta, x, y, w, approximation),
-                               np.diag(ref), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(cv.dense_batch(logits_fn, theta, x, y, w, approximation),
-                               ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        cv.diagonal_batch(logits_fn, theta, x, y, w, approximation),
+        np.diag(ref),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        cv.dense_batch(logits_fn, theta, x, y, w, approximation), ref, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_weights_mask_inputs():
@@ -72,10 +85,12 @@ def test_weights_mask_inputs():
     w = jnp.where(jnp.arange(N) < 25, 1.0, 0.0)
     v = jax.random.normal(jax.random.key(6), theta.shape)
     ref = _dense_ggn(logits_fn, theta, x[:25], y[:25])
-    np.testing.assert_allclose(cv.curvature_mv(logits_fn, theta, x, y, w, v), ref @ np.asarray(v),
-                               rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(cv.diagonal_batch(logits_fn, theta, x, y, w), np.diag(ref),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        cv.curvature_mv(logits_fn, theta, x, y, w, v), ref @ np.asarray(v), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        cv.diagonal_batch(logits_fn, theta, x, y, w), np.diag(ref), rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("n", [N, 4])  # full-rank GGN; rank 8 < P (Lanczos must restart)
@@ -91,8 +106,9 @@ def test_full_rank_lanczos_recovers_dense_posterior(n):
     curv = cv.Curvature(evecs, evals, jnp.zeros(p))
     for tau in (0.5, 10.0):
         ref_cov = np.linalg.inv(g + tau * np.eye(p))
-        np.testing.assert_allclose(cv.covariance(curv, tau), ref_cov, rtol=2e-3,
-                                   atol=2e-3 * np.abs(ref_cov).max())
+        np.testing.assert_allclose(
+            cv.covariance(curv, tau), ref_cov, rtol=2e-3, atol=2e-3 * np.abs(ref_cov).max()
+        )
 
 
 def test_low_rank_lanczos_keeps_top_eigenvalues():
@@ -128,8 +144,7 @@ def test_sampling_covariance_and_function_variance(structure):
     np.testing.assert_allclose(s.T @ s, cov, atol=1e-5)
     jac = jax.jacfwd(lambda t: logits_fn(t, x[:3]))(theta)  # (3, C, P)
     ref_var = np.einsum("ncp,pq,ncq->nc", jac, cov, jac)
-    np.testing.assert_allclose(cv.function_variance(curv, tau, jac), ref_var, rtol=1e-4,
-                               atol=1e-6)
+    np.testing.assert_allclose(cv.function_variance(curv, tau, jac), ref_var, rtol=1e-4, atol=1e-6)
 
 
 def test_log_marginal_likelihood_matches_dense_and_optimum_is_grid_maximiser():
@@ -141,14 +156,19 @@ def test_log_marginal_likelihood_matches_dense_and_optimum_is_grid_maximiser():
 
     def dense_lml(tau):  # Gaussian integral of likelihood x prior around θ*
         prior = multivariate_normal(np.zeros(p), np.eye(p) / tau).logpdf(th)
-        return loglik + prior + 0.5 * p * np.log(2 * np.pi) - 0.5 * np.linalg.slogdet(
-            g + tau * np.eye(p))[1]
+        return (
+            loglik
+            + prior
+            + 0.5 * p * np.log(2 * np.pi)
+            - 0.5 * np.linalg.slogdet(g + tau * np.eye(p))[1]
+        )
 
     curv = cv.from_dense(jnp.asarray(g, jnp.float32))
-    sq = float(jnp.sum(theta ** 2))
+    sq = float(jnp.sum(theta**2))
     for tau in (0.01, 1.0, 30.0):
-        np.testing.assert_allclose(cv.log_marginal_likelihood(curv, tau, loglik, sq),
-                                   dense_lml(tau), rtol=1e-4)
+        np.testing.assert_allclose(
+            cv.log_marginal_likelihood(curv, tau, loglik, sq), dense_lml(tau), rtol=1e-4
+        )
     tau_star, lml_star = cv.maximise_marginal_likelihood(curv, loglik, sq, 1e-4, 1e4)
     grid = np.logspace(-4, 4, 2001)
     dense = np.array([dense_lml(t) for t in grid])

@@ -17,9 +17,16 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 
-SMALL = [*(o for o in TINY if not o.startswith("model")), "model=lenet",
-         "model.norm=batchnorm", "dataset.train_size=256", "dataset.test_size=64",
-         "trainer.epochs=2", "method=mcbn", "method.num_estimators=3"]
+SMALL = [
+    *(o for o in TINY if not o.startswith("model")),
+    "model=lenet",
+    "model.norm=batchnorm",
+    "dataset.train_size=256",
+    "dataset.test_size=64",
+    "trainer.epochs=2",
+    "method=mcbn",
+    "method.num_estimators=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +60,7 @@ def test_whole_training_set_gives_population_statistics(fitted):
     pop = _population_stats(post.params, data.spec, data.train.x)
     for s in range(post.num_estimators):
         got = jax.tree.map(lambda a, s=s: a[s], post.mc_stats)
-        jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-5),
-                     got, pop)
+        jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-5), got, pop)
     probs = np.concatenate(list(method.members(jax.random.key(0), post, data.test.x)))
     ref = model.probs(post.params, {"batch_stats": pop}, data.test.x)
     assert probs.shape == (3, data.test.size, 10)
@@ -64,8 +70,9 @@ def test_whole_training_set_gives_population_statistics(fitted):
     assert np.abs(np.asarray(running - pop["BatchNorm_0"]["var"])).max() > 1e-3
     extra = method.extra_metrics(jax.random.key(0), post, {}, {"test": data.test}, 15)
     map_probs = model.probs(post.params, post.state, data.test.x)
-    np.testing.assert_allclose(extra["test/map_acc"],
-                               float((map_probs.argmax(-1) == data.test.y).mean()))
+    np.testing.assert_allclose(
+        extra["test/map_acc"], float((map_probs.argmax(-1) == data.test.y).mean())
+    )
 
 
 def test_small_minibatches_give_different_members(fitted):

@@ -21,9 +21,14 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import CLI, TINY, cli_env, compose_cfg
 
-SAMPLER = ["method.batch_size=64", "method.iterations=40", "method.burn_in=20",
-           "method.accepted_samples=5", "method.chunk_size=20",
-           "method.step_size.step_size=1e-3"]
+SAMPLER = [
+    "method.batch_size=64",
+    "method.iterations=40",
+    "method.burn_in=20",
+    "method.accepted_samples=5",
+    "method.chunk_size=20",
+    "method.step_size.step_size=1e-3",
+]
 
 
 def _setup(*overrides):
@@ -85,11 +90,13 @@ def test_bad_schedule_is_a_user_error():
 # ------------------------------------------------------------------ run control
 def test_accepted_steps_are_exactly_as_configured():
     # 20 samples evenly over 100 post-burn-in steps: every 5th, ending on the last step
-    np.testing.assert_array_equal(accepted_steps(150, 50, accepted_samples=20),
-                                  50 + np.arange(4, 100, 5))
+    np.testing.assert_array_equal(
+        accepted_steps(150, 50, accepted_samples=20), 50 + np.arange(4, 100, 5)
+    )
     # as many samples as steps: every post-burn-in step (the BlackJAX tutorial)
-    np.testing.assert_array_equal(accepted_steps(3340, 2340, accepted_samples=1000),
-                                  np.arange(2340, 3340))
+    np.testing.assert_array_equal(
+        accepted_steps(3340, 2340, accepted_samples=1000), np.arange(2340, 3340)
+    )
     np.testing.assert_array_equal(accepted_steps(30, 10, thinning=7), [16, 23])
     idx = accepted_steps(1000, 0, accepted_samples=3)
     np.testing.assert_array_equal(idx, [332, 665, 999])
@@ -99,9 +106,17 @@ def test_accepted_steps_are_exactly_as_configured():
 
 def test_budget_in_epochs():
     cfg, data, _, _ = _setup()
-    method = build(compose_cfg(*TINY, "method=sgld", "method.batch_size=64", "method.epochs=4",
-                               "method.burn_in_epochs=1.5", "method.accepted_samples=3").method,
-                   "method")
+    method = build(
+        compose_cfg(
+            *TINY,
+            "method=sgld",
+            "method.batch_size=64",
+            "method.epochs=4",
+            "method.burn_in_epochs=1.5",
+            "method.accepted_samples=3",
+        ).method,
+        "method",
+    )
     per_epoch = data.train.size // 64
     total, burn, idx = method.budget(data.train.size)
     assert (total, burn) == (4 * per_epoch, round(1.5 * per_epoch))
@@ -135,8 +150,16 @@ def test_chains_multiply_members_and_same_seed_gives_same_metrics(tmp_path):
     two, _ = _run(tmp_path, "two", "method.num_chains=2", "method.save_samples=true")
     again, _ = _run(tmp_path, "again", "method.num_chains=2")
     assert one["test/members"] == 5 and two["test/members"] == 10
-    for key in ("test/acc", "test/nll", "test/ece", "test/brier", "test/members",
-                "test/last_sample_acc", "val/acc", "val/nll"):
+    for key in (
+        "test/acc",
+        "test/nll",
+        "test/ece",
+        "test/brier",
+        "test/members",
+        "test/last_sample_acc",
+        "val/acc",
+        "val/nll",
+    ):
         assert two[key] == again[key], key
     assert two["test/acc"] > 0.5  # learnable synthetic data
     # save_samples=true left the 10 samples in the run folder
@@ -146,8 +169,9 @@ def test_chains_multiply_members_and_same_seed_gives_same_metrics(tmp_path):
 
 
 def test_members_need_save_samples():
-    _, data, model, method = _setup("method.iterations=4", "method.burn_in=2",
-                                    "method.accepted_samples=1")
+    _, data, model, method = _setup(
+        "method.iterations=4", "method.burn_in=2", "method.accepted_samples=1"
+    )
     plan = EvalPlan({"test": data.test.x[:10]})
     posterior = method.fit(jax.random.key(0), model, data, plan)
     with pytest.raises(UserError, match="save_samples=true"):
@@ -165,15 +189,27 @@ def test_batch_norm_model_is_refused(tmp_path):
 def test_huge_step_size_stops_with_a_clear_error_and_no_metrics(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [*CLI, *TINY, "method=sgld", *SAMPLER, "method.step_size.step_size=1e3",
-         f"hydra.run.dir={out}"], env=cli_env(), capture_output=True, text=True, timeout=300)
+        [
+            *CLI,
+            *TINY,
+            "method=sgld",
+            *SAMPLER,
+            "method.step_size.step_size=1e3",
+            f"hydra.run.dir={out}",
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "non-finite at step" in proc.stderr and "Lower method.step_size" in proc.stderr
     assert not (out / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("preset", ["blackjax_mnist_sgld", "blackjax_mnist_sghmc",
-                                    "jaxsgmc_cifar10_psgld"])
+@pytest.mark.parametrize(
+    "preset", ["blackjax_mnist_sgld", "blackjax_mnist_sghmc", "jaxsgmc_cifar10_psgld"]
+)
 def test_presets_compose_validate_and_build(preset):
     from bnn_bench.config import validate
 
@@ -185,8 +221,9 @@ def test_presets_compose_validate_and_build(preset):
         total, burn, idx = method.budget(50000)
         assert (total, burn, len(idx)) == (39000, 35100, 20)
         assert list(cfg.dataset.resize) == [112, 112] and cfg.model.use_bn is False
-        np.testing.assert_allclose(float(method.step_size(total - 1, total)),
-                                   1e-3 * 39000**-0.33, rtol=1e-4)
+        np.testing.assert_allclose(
+            float(method.step_size(total - 1, total)), 1e-3 * 39000**-0.33, rtol=1e-4
+        )
     else:
         total, burn, idx = method.budget(60000)
         assert (total, burn, len(idx)) == (3340, 2340, 1000)

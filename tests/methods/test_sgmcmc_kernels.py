@@ -18,8 +18,12 @@ D_IN, H, C, N = 6, 5, 3, 40
 def _tiny_problem(key):
     kw, kx, ky = jax.random.split(key, 3)
     k1, k2 = jax.random.split(kw)
-    params = {"w1": jax.random.normal(k1, (D_IN, H)) * 0.5, "b1": jnp.zeros(H),
-              "w2": jax.random.normal(k2, (H, C)) * 0.5, "b2": jnp.zeros(C)}
+    params = {
+        "w1": jax.random.normal(k1, (D_IN, H)) * 0.5,
+        "b1": jnp.zeros(H),
+        "w2": jax.random.normal(k2, (H, C)) * 0.5,
+        "b2": jnp.zeros(C),
+    }
     x = jax.random.normal(kx, (N, D_IN))
     y = jax.nn.one_hot(jax.random.randint(ky, (N,), 0, C), C)
 
@@ -47,11 +51,12 @@ def test_sgld_matches_blackjax_step_for_step(temperature):
     our_step = jax.jit(lambda k, s, b, e, T: kernel.step(k, s, lambda p: bj_grad(p, b), e, T))
     for t in range(5):
         key = jax.random.key(10 + t)
-        batch = tuple(a[t * 8:(t + 1) * 8] for a in data)
+        batch = tuple(a[t * 8 : (t + 1) * 8] for a in data)
         theirs = bj_step(key, theirs, batch, 1e-3, temperature)
         ours = our_step(key, ours, batch, 1e-3, temperature)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                     ours.params, theirs)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours.params, theirs
+        )
 
 
 @pytest.mark.parametrize("friction", [0.01, 0.5])
@@ -65,11 +70,12 @@ def test_sghmc_matches_blackjax_step_for_step(friction):
     our_step = jax.jit(lambda k, s, b: kernel.step(k, s, lambda p: bj_grad(p, b), 1e-3, 1.0))
     for t in range(3):
         key = jax.random.key(20 + t)
-        batch = tuple(a[t * 8:(t + 1) * 8] for a in data)
+        batch = tuple(a[t * 8 : (t + 1) * 8] for a in data)
         theirs = bj_step(key, theirs, batch, 1e-3)
         ours = our_step(key, ours, batch)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                     ours.params, theirs)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours.params, theirs
+        )
 
 
 def test_psgld_preconditioner_matches_its_formula():
@@ -81,8 +87,9 @@ def test_psgld_preconditioner_matches_its_formula():
     v, p = np.ones(3), np.asarray(theta["w"], np.float64)
     for t, g in enumerate(grads):
         key = jax.random.key(t)
-        state = kernel.step(key, state, lambda _, g=g: {"w": jnp.asarray(g, jnp.float32)},
-                            step, temp)
+        state = kernel.step(
+            key, state, lambda _, g=g: {"w": jnp.asarray(g, jnp.float32)}, step, temp
+        )
         v = alpha * v + (1 - alpha) * g * g
         G = 1.0 / (eps + np.sqrt(v))
         xi = np.asarray(jax.random.normal(key, (3,)))
@@ -103,12 +110,14 @@ def test_psgld_gamma_correction_matches_its_formula():
     g = -np.asarray(prec * theta["w"])
     v = alpha * 1.0 + (1 - alpha) * g * g
     G = 1.0 / (eps + np.sqrt(v))
-    gamma = -G**2 * (1 - alpha) * g * (-np.asarray(prec)) / np.sqrt(v)
+    gamma = -(G**2) * (1 - alpha) * g * (-np.asarray(prec)) / np.sqrt(v)
     expected = np.asarray(theta["w"]) + step * (G * g + gamma)
     np.testing.assert_allclose(state.params["w"], expected, rtol=1e-5)
     # and Γ = dG/dθ by automatic differentiation of G(θ) = 1/(eps + sqrt(αV + (1-α)g(θ)²))
-    dG = jax.vmap(jax.grad(lambda t, i: 1.0 / (eps + jnp.sqrt(
-        alpha + (1 - alpha) * (prec[i] * t) ** 2))), in_axes=(0, 0))(theta["w"], jnp.arange(3))
+    dG = jax.vmap(
+        jax.grad(lambda t, i: 1.0 / (eps + jnp.sqrt(alpha + (1 - alpha) * (prec[i] * t) ** 2))),
+        in_axes=(0, 0),
+    )(theta["w"], jnp.arange(3))
     np.testing.assert_allclose(gamma, dG, rtol=1e-5)
 
 
@@ -116,8 +125,12 @@ def test_zero_gradient_at_zero_temperature_is_a_fixed_point():
     theta = {"w": jnp.array([0.3, -0.2]), "b": jnp.ones(())}
     for kernel in (sgld(), psgld(), sghmc(num_integration_steps=3, resample_momentum=False)):
         state = jax.jit(kernel.step, static_argnums=2)(
-            jax.random.key(0), kernel.init(theta), lambda p: jax.tree.map(jnp.zeros_like, p),
-            1e-2, 0.0)
+            jax.random.key(0),
+            kernel.init(theta),
+            lambda p: jax.tree.map(jnp.zeros_like, p),
+            1e-2,
+            0.0,
+        )
         jax.tree.map(np.testing.assert_array_equal, state.params, theta)
 
 
@@ -137,6 +150,7 @@ def _linear_regression(n=200, d=2, sigma=1.0, s=1.0):
             xb, yb = x[idx], y[idx]
             loglik = -0.5 * jnp.sum((yb - xb @ w) ** 2) / sigma**2
             return -0.5 * jnp.sum(w**2) / s**2 + n / idx.shape[0] * loglik
+
         return jax.grad(log_density)
 
     return n, mean, cov, grad_fn_for
@@ -151,8 +165,10 @@ def _run_chains(kernel, step_size, batch, chains=64, burn_in=2000, steps=4000):
             idx = jax.random.randint(k_batch, (batch,), 0, n) if batch < n else jnp.arange(n)
             state = kernel.step(k_step, state, grad_fn_for(idx), step_size, 1.0)
             return state, state.params
-        _, samples = jax.lax.scan(body, kernel.init(jnp.zeros(2)),
-                                  jax.random.split(key, burn_in + steps))
+
+        _, samples = jax.lax.scan(
+            body, kernel.init(jnp.zeros(2)), jax.random.split(key, burn_in + steps)
+        )
         return samples[burn_in:]
 
     samples = jax.jit(jax.vmap(one_chain))(jax.random.split(jax.random.key(7), chains))
@@ -162,15 +178,24 @@ def _run_chains(kernel, step_size, batch, chains=64, burn_in=2000, steps=4000):
 # Minibatches of 100 of the 200 points. Step sizes: ε·λ_max(Σ⁻¹) ≈ 0.02 for SGLD (pSGLD:
 # ε·G·λ_max, G ≈ 0.05 here), small enough that the discretisation and gradient-noise
 # biases stay inside the tolerances; the chains start at 0, ~10 posterior sd away.
-@pytest.mark.parametrize("name,kernel,step_size,burn_in,steps", [
-    ("sgld", sgld(), 1e-4, 2000, 4000),
-    ("psgld", psgld(alpha=0.99), 5e-3, 2000, 4000),
-    # Chen et al.'s SGHMC: the momentum is carried over (friction ~ 2 sqrt(λ_min))
-    ("sghmc", sghmc(num_integration_steps=5, friction=20.0, resample_momentum=False), 1e-3,
-     1000, 2000),
-])
-def test_samples_match_the_exact_linear_regression_posterior(name, kernel, step_size, burn_in,
-                                                            steps):
+@pytest.mark.parametrize(
+    "name,kernel,step_size,burn_in,steps",
+    [
+        ("sgld", sgld(), 1e-4, 2000, 4000),
+        ("psgld", psgld(alpha=0.99), 5e-3, 2000, 4000),
+        # Chen et al.'s SGHMC: the momentum is carried over (friction ~ 2 sqrt(λ_min))
+        (
+            "sghmc",
+            sghmc(num_integration_steps=5, friction=20.0, resample_momentum=False),
+            1e-3,
+            1000,
+            2000,
+        ),
+    ],
+)
+def test_samples_match_the_exact_linear_regression_posterior(
+    name, kernel, step_size, burn_in, steps
+):
     samples, mean, cov = _run_chains(kernel, step_size, 100, burn_in=burn_in, steps=steps)
     std = np.sqrt(np.diag(cov))
     # mean within 0.1 posterior standard deviations; covariance entries within 15% of
@@ -185,7 +210,13 @@ def test_sghmc_with_momentum_resampling_inflates_the_variance_by_L_over_L_minus_
     # h = (Lε)²/2 whose drift is short by (L-1)/L. Even with exact gradients and a small
     # ε, its stationary variance is the posterior's times L/(L-1) (1.25 for L=5).
     # Measured here so the behaviour of the BlackJAX-equal default is on record.
-    samples, _, cov = _run_chains(sghmc(num_integration_steps=5, friction=10.0), 2e-3, 200,
-                                  chains=64, burn_in=1000, steps=2000)
+    samples, _, cov = _run_chains(
+        sghmc(num_integration_steps=5, friction=10.0),
+        2e-3,
+        200,
+        chains=64,
+        burn_in=1000,
+        steps=2000,
+    )
     ratio = np.diag(np.cov(samples.T)) / np.diag(cov)
     np.testing.assert_allclose(ratio, 1.25, atol=0.06)

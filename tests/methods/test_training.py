@@ -18,7 +18,8 @@ def test_schedules():
     t = Trainer(schedule="multistep", milestones=[2, 3], gamma=0.1, learning_rate=0.5)
     lr = t.learning_rate_fn(num_steps=40, steps_per_epoch=10)
     assert [float(lr(s)) for s in (0, 19, 20, 29, 30, 39)] == pytest.approx(
-        [0.5, 0.5, 0.05, 0.05, 0.005, 0.005])
+        [0.5, 0.5, 0.05, 0.05, 0.005, 0.005]
+    )
     cos = Trainer(schedule="cosine", learning_rate=1.0).learning_rate_fn(100, 10)
     assert float(cos(0)) == pytest.approx(1.0) and float(cos(50)) == pytest.approx(0.5)
     assert float(cos(100)) == pytest.approx(0.0, abs=1e-7)
@@ -62,5 +63,4 @@ def test_divergence_stops_with_a_clear_error():
     data = load(train_size=256, test_size=64)
     model = build_model(MLP(10, hidden=(16,)), data.spec, "mlp")
     with pytest.raises(UserError, match="diverged"):
-        Trainer(learning_rate=1e30, epochs=2, batch_size=64).train(
-            jax.random.key(0), model, data)
+        Trainer(learning_rate=1e30, epochs=2, batch_size=64).train(jax.random.key(0), model, data)

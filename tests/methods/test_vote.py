@@ -15,8 +15,14 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 
-SMALL = [*TINY, "dataset.train_size=256", "dataset.test_size=64", "trainer.chunk_size=1000",
-         "method=vote", "method.n_voters=4"]
+SMALL = [
+    *TINY,
+    "dataset.train_size=256",
+    "dataset.test_size=64",
+    "trainer.chunk_size=1000",
+    "method=vote",
+    "method.n_voters=4",
+]
 # ConvMod has dropout, so each voter's dropout keys are checked too.
 CONV = [*(o for o in SMALL if not o.startswith("model")), "model=convmod", "trainer.epochs=1"]
 
@@ -40,7 +46,7 @@ def test_vmapped_voters_equal_each_voter_alone_on_its_slice():
         k_init, _, k_drop = jax.random.split(vkey, 3)
         params, state = model.init(k_init)
         ts = TrainState(params, state, tx.init(params))
-        idx = batches[:, k * width:(k + 1) * width]  # voter k's slice of every batch
+        idx = batches[:, k * width : (k + 1) * width]  # voter k's slice of every batch
         drop = jax.random.split(jax.random.fold_in(k_drop, 0), steps)
         ts, _ = run_chunk(ts, data.train, idx, drop)
         got = jax.tree.map(lambda a, k=k: a[k], post.params)

@@ -21,8 +21,13 @@ def spec_of(name: str, resize=None) -> Spec:
     return Spec(name, k.shape, len(k.class_names), k.class_names, k.mean, k.std, resize)
 
 
-CASES = [("mnist", None), ("fashion_mnist", None), ("cifar10", None), ("cifar10", (112, 112)),
-         ("fashion_mnist", (32, 32))]
+CASES = [
+    ("mnist", None),
+    ("fashion_mnist", None),
+    ("cifar10", None),
+    ("cifar10", (112, 112)),
+    ("fashion_mnist", (32, 32)),
+]
 
 
 @pytest.mark.parametrize("model_name", config_choices("model"))
@@ -87,8 +92,9 @@ def test_resize_matches_tensorflow_bilinear_with_aspect_ratio():
     spec = Spec("t", (20, 30, 3), 2, ("a", "b"), (0.0,), (1.0,), resize=(45, 45))
     assert spec.input_shape == (30, 45, 3)  # scale min(45/20, 45/30) = 1.5
     ours = np.asarray(spec.preprocess(jnp.asarray(x)))
-    ref = tf.image.resize(x.astype(np.float32) / 255.0, (45, 45), method="bilinear",
-                          preserve_aspect_ratio=True).numpy()
+    ref = tf.image.resize(
+        x.astype(np.float32) / 255.0, (45, 45), method="bilinear", preserve_aspect_ratio=True
+    ).numpy()
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -103,8 +109,13 @@ def test_adaptive_avg_pool_matches_torch_windows():
     x = jnp.arange(2 * 5 * 5 * 1, dtype=jnp.float32).reshape(2, 5, 5, 1)
     out = adaptive_avg_pool(x, (4, 4))
     # torch's windows for 5 -> 4: [0,2), [1,3), [2,4), [3,5)
-    ref = np.stack([np.stack([np.asarray(x)[:, r:r + 2, c:c + 2].mean((1, 2))
-                              for c in range(4)], 1) for r in range(4)], 1)
+    ref = np.stack(
+        [
+            np.stack([np.asarray(x)[:, r : r + 2, c : c + 2].mean((1, 2)) for c in range(4)], 1)
+            for r in range(4)
+        ],
+        1,
+    )
     np.testing.assert_allclose(out, ref, rtol=1e-6)
 
 

@@ -19,10 +19,12 @@ class SigtermAt(NoLogger):
         self.step, self.seed, self.once = step, seed, once
         self.armed = False
 
-    def start(self, out_dir: Path, config: dict, info: RunInfo,
-              run_id: str | None = None) -> str | None:
-        self.armed = ((self.seed is None or config["seed"] == self.seed)
-                      and (self.once is None or not Path(self.once).exists()))
+    def start(
+        self, out_dir: Path, config: dict, info: RunInfo, run_id: str | None = None
+    ) -> str | None:
+        self.armed = (self.seed is None or config["seed"] == self.seed) and (
+            self.once is None or not Path(self.once).exists()
+        )
         return None
 
     def log(self, values: dict[str, float], step: int) -> None:

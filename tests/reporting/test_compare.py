@@ -20,9 +20,19 @@ def sweep(tmp_path_factory):
     """trainer.epochs in {1, 2} x seed in {0, 1}: four finished runs in one sweep folder."""
     root = tmp_path_factory.mktemp("sweep")
     proc = subprocess.run(
-        [*CLI, "-m", *[o for o in TINY if not o.startswith("trainer.epochs")],
-         "trainer.epochs=1,2", "seed=0,1", f"hydra.sweep.dir={root}"],
-        env=cli_env(), capture_output=True, text=True, timeout=600)
+        [
+            *CLI,
+            "-m",
+            *[o for o in TINY if not o.startswith("trainer.epochs")],
+            "trainer.epochs=1,2",
+            "seed=0,1",
+            f"hydra.sweep.dir={root}",
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
@@ -66,15 +76,20 @@ def test_table_numbers_are_mean_and_std_of_the_runs(sweep, tmp_path):
 
 def test_command_line_prints_the_table_and_fails_clearly_without_runs(sweep, tmp_path):
     cmd = [sys.executable, "-m", "bnn_bench.reporting.compare"]
-    proc = subprocess.run([*cmd, str(sweep), "--out", str(tmp_path / "c"), "--no-plots",
-                           "--metrics", "test/*"], env=cli_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, str(sweep), "--out", str(tmp_path / "c"), "--no-plots", "--metrics", "test/*"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| trainer.epochs | n | test/acc | test/acc_hard |" in proc.stdout
     assert (tmp_path / "c" / "comparison.csv").is_file()
     assert not (tmp_path / "c" / "nll.png").exists()
 
-    proc = subprocess.run([*cmd, str(tmp_path / "empty")], env=cli_env(),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "empty")], env=cli_env(), capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "no metrics.json" in proc.stderr
 
 

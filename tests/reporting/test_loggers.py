@@ -24,10 +24,23 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     env = cli_env() | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
     proc = subprocess.run(
-        [*CLI, *TINY, "trainer.chunk_size=3", "seed=3", "logger=wandb", "logger.project=tests",
-         "logger.tags=[a,b]", "device.preallocate=false", "device.mem_fraction=0.3",
-         f"hydra.run.dir={run_dir}"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            *CLI,
+            *TINY,
+            "trainer.chunk_size=3",
+            "seed=3",
+            "logger=wandb",
+            "logger.project=tests",
+            "logger.tags=[a,b]",
+            "device.preallocate=false",
+            "device.mem_fraction=0.3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history = _history(run_dir)
@@ -51,8 +64,15 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     assert [h["epoch"] for h in history if "val/acc" in h] == [1, 2, 3, 4]
     assert any("val/acc" in h for h in wb["history"])
     # the final metrics in the summary, equal to metrics.json
-    for key in ("test/acc", "test/nll", "test/ece", "val/acc", "time/fit", "cost/grad_evals",
-                "cost/compile_s"):
+    for key in (
+        "test/acc",
+        "test/nll",
+        "test/ece",
+        "val/acc",
+        "time/fit",
+        "cost/grad_evals",
+        "cost/compile_s",
+    ):
         assert wb["summary"][key] == pytest.approx(metrics[key], rel=1e-12)
     # cost next to the result: 4 epochs x 7 steps, one member, compiling took time
     assert metrics["cost/grad_evals"] == 28 and metrics["cost/samples"] == 1
@@ -67,12 +87,14 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     assert any(h.get("plots/reliability._type") == "image-file" for h in wb["history"])
     images = list(run_dir.glob("wandb/offline-run-*/files/media/images/plots/*.png"))
     assert any(p.name.startswith("reliability") for p in images)  # every plot, reliability too
-    tables = list(run_dir.glob(
-        "wandb/offline-run-*/files/media/table/curves/test/reliability*.table.json"))
+    tables = list(
+        run_dir.glob("wandb/offline-run-*/files/media/table/curves/test/reliability*.table.json")
+    )
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
-    assert [row[table["columns"].index("count")] for row in table["data"]] == \
-        metrics["curves"]["test"]["reliability"]["count"]
+    assert [row[table["columns"].index("count")] for row in table["data"]] == metrics["curves"][
+        "test"
+    ]["reliability"]["count"]
 
 
 def test_online_without_network_goes_offline_quickly(tmp_path, monkeypatch):
@@ -113,8 +135,10 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
 
 
 def test_run_info_names_and_identity():
-    info = RunInfo(("method=psgld", "seed=1", "resume=true", "logger=wandb",
-                    "+trainer.steps=5"), sweep_dir="outputs/multirun/x")
+    info = RunInfo(
+        ("method=psgld", "seed=1", "resume=true", "logger=wandb", "+trainer.steps=5"),
+        sweep_dir="outputs/multirun/x",
+    )
     assert info.identity() == ["method=psgld", "seed=1", "+trainer.steps=5"]
     assert info.name() == "method=psgld,seed=1,trainer.steps=5"
 

@@ -27,11 +27,11 @@ def records(path: Path) -> Iterator[pb.Record]:
         if left < 7:  # block trailer: padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         payload = chunk if kind in (1, 2) else payload + chunk
         if kind in (1, 4):
