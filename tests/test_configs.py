@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
-from tests.conftest import CLI, cli_env, compose_cfg, config_choices
+from tests.conftest import CLI, CONF, cli_env, compose_cfg, config_choices
 
 GROUPS = ["dataset", "model", "method", "trainer", "eval", "logger"]
 
@@ -33,6 +33,49 @@ def test_every_dataset_model_method_combination_composes(dataset, model, method)
 @pytest.mark.parametrize("experiment", config_choices("experiment"))
 def test_every_experiment_preset_composes(experiment):
     validate(compose_cfg(f"experiment={experiment}"))
+
+
+# The training recipe of each preset that trains, as its source gives it (the preset
+# YAMLs' opening comments name the sources).
+PRESET_TRAINERS = {
+    "laplax_mnist": dict(
+        optimizer="adamw",
+        learning_rate=3e-4,
+        b1=0.9,
+        weight_decay=1e-4,
+        schedule="constant",
+        steps=2200,
+        batch_size=32,
+    ),
+    "tu_mnist_mcbn": dict(
+        optimizer="sgd",
+        learning_rate=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="multistep",
+        epochs=2,
+        batch_size=128,
+    ),
+    "capsa_mnist_vote": dict(
+        optimizer="adam",
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        schedule="constant",
+        epochs=5,
+        batch_size=128,
+    ),
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(PRESET_TRAINERS))
+def test_training_presets_pin_their_recipe(experiment):
+    """A preset states every key of its recipe, so changing the trainer default (as the
+    move to cosine, 20 epochs did) cannot change a tutorial's reproduction."""
+    cfg = compose_cfg(f"experiment={experiment}")
+    for key, value in PRESET_TRAINERS[experiment].items():
+        assert cfg.trainer[key] == pytest.approx(value), key
+    preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    assert set(PRESET_TRAINERS[experiment]) <= set(preset.trainer)
 
 
 def test_non_data_groups_instantiate():
