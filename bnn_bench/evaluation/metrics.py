@@ -195,17 +195,10 @@ def accuracy_over_certainty(
       (the share of inputs that qualify), each (T,).
     """
     hard_pred, certainty, labels = map(np.asarray, (hard_pred, certainty, labels))
-    correct = hard_pred == labels
-    acc, share = [], []
-    for t in thresholds:
-        sel = certainty >= t - 1e-6  # k/S computed in float32 must still reach t
-        share.append(sel.mean())
-        acc.append(correct[sel].mean() if sel.any() else math.nan)
-    return {
-        "threshold": np.asarray(thresholds, np.float64),
-        "accuracy": np.asarray(acc),
-        "share": np.asarray(share, np.float64),
-    }
+    # k/S computed in float32 must still reach t
+    slack = [t - 1e-6 for t in thresholds]
+    acc, share = _accuracy_above(certainty, hard_pred == labels, slack)
+    return {"threshold": np.asarray(thresholds, np.float64), "accuracy": acc, "share": share}
 
 
 def accuracy_over_confidence(
@@ -219,18 +212,19 @@ def accuracy_over_confidence(
       ``threshold``, ``accuracy`` (NaN where nothing is kept), ``kept`` (T,).
     """
     probs, labels = _np(probs, labels)
-    conf = probs.max(-1)
-    correct = probs.argmax(-1) == labels
-    acc, kept = [], []
+    acc, kept = _accuracy_above(probs.max(-1), probs.argmax(-1) == labels, thresholds)
+    return {"threshold": np.asarray(thresholds, np.float64), "accuracy": acc, "kept": kept}
+
+
+def _accuracy_above(score, correct, thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """(T,) accuracy among the inputs with ``score >= t`` (NaN where none) and (T,) their
+    share, for each threshold t."""
+    acc, share = [], []
     for t in thresholds:
-        sel = conf >= t
-        kept.append(sel.mean())
+        sel = score >= t
+        share.append(sel.mean())
         acc.append(correct[sel].mean() if sel.any() else math.nan)
-    return {
-        "threshold": np.asarray(thresholds, np.float64),
-        "accuracy": np.asarray(acc),
-        "kept": np.asarray(kept, np.float64),
-    }
+    return np.asarray(acc), np.asarray(share, np.float64)
 
 
 def uncertain_per_class(probs, labels, num_classes: int, below: float = 0.5) -> np.ndarray:

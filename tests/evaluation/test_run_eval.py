@@ -15,6 +15,7 @@ from bnn_bench.evaluation.sets import evaluation_sets
 from bnn_bench.methods.map import MAP
 from bnn_bench.run import run
 from tests.conftest import ROOT, TINY, compose_cfg
+from tests.evaluation.test_plots import ALWAYS
 
 OOD = [
     "dataset@eval.ood_dataset=synthetic",
@@ -80,15 +81,7 @@ def test_metrics_json_has_every_set_and_group(tiny_run):
 def test_plots_written(tiny_run):
     out, _ = tiny_run
     written = {p.stem for p in (out / "plots").glob("*.png")}
-    assert written == {
-        "reliability",
-        "accuracy_vs_threshold",
-        "risk_coverage",
-        "uncertain_per_class",
-        "uncertain_images",
-        "shift",
-        "ood_scores",
-    }
+    assert written == ALWAYS  # a point estimate: none of the member plots
 
 
 def test_table_lists_every_group():
