@@ -23,8 +23,15 @@ A stored key missing from the new run and a new key with the same value are repo
 as a probable rename; a rename the code made on purpose is declared in ``RENAMES``
 (or with ``--rename old=new``) and then compared under the new name. Overrides that
 differ from the ones stored with the case are printed, so a case adapted to renamed
-config keys stays visible. Exit status: 0 when every case matches, 1 on any
-difference, 2 when a run failed.
+config keys stays visible. Keys added on purpose (say ``map/*``) can be left out with
+``--ignore``. Exit status: 0 when every case matches, 1 on any difference, 2 when a
+run failed.
+
+Recorded from commit 54d3857 (before the methods-layer refactor of issue 12). Changes
+of that issue that may change a case: MC-BN's biased variance (mcbn, tu_mnist_mcbn,
+unless the preset keeps TorchUncertainty's unbiased one) and the ensemble's use of
+its key (ensemble). blackjax_mnist_sghmc resamples the momentum at T = 1, where the
+N(0, T·I) fix changes nothing.
 
   python scripts/check_regression.py                      # every case (~15 min, 2 idle cores)
   python scripts/check_regression.py --cases default,map  # some cases
@@ -213,10 +220,12 @@ def compare(
     return sorted(rows, key=lambda r: r["key"])
 
 
-def _show(value: Value) -> str:
+def _show(value: Value, at: int | None = None) -> str:
+    """A value for the table; a list by its entry ``at`` (the first that differs)."""
     if isinstance(value, list):
-        head = ", ".join(_show(v) for v in value[:3])
-        return f"[{head}{', ...' if len(value) > 3 else ''}] (len {len(value)})"
+        if at is not None and at < len(value):
+            return f"[{at}] {value[at]!r} (len {len(value)})"
+        return f"list (len {len(value)})"
     return "-" if value is None else repr(value)
 
 
@@ -224,9 +233,19 @@ def _is_num(x: Value) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _first_diff(a: Value, b: Value) -> int | None:
+    """The first index where two lists differ (None unless both are lists)."""
+    if not (isinstance(a, list) and isinstance(b, list)):
+        return None
+    pairs = enumerate(zip(a, b, strict=False))  # past the shorter one: its length
+    return next((i for i, (x, y) in pairs if not _same(x, y)), min(len(a), len(b)))
+
+
 def _delta(a: Value, b: Value) -> str:
     """How far apart two numbers (or two equally long lists) are."""
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"length {len(a)} -> {len(b)}"
         pairs = [(x, y) for x, y in zip(a, b, strict=True) if not _same(x, y)]
         nums = [abs(x - y) for x, y in pairs if _is_num(x) and _is_num(y)]
         worst = max(nums, default=None)
@@ -238,12 +257,15 @@ def _delta(a: Value, b: Value) -> str:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of ``compare``'s rows: key, kind, stored, now, difference."""
+    """A plain-text table of ``compare``'s rows: key, kind, stored, now, difference.
+    Numbers are shown in full (repr), so a last-digit change is visible."""
     table = [("key", "kind", "stored", "now", "difference")]
     for r in rows:
-        delta = _delta(r["stored"], r["now"]) if r["kind"] == "changed" else ""
-        table.append((r["key"], r["kind"], _show(r["stored"]), _show(r["now"]), delta))
-    widths = [min(max(len(row[i]) for row in table), 60) for i in range(5)]
+        a, b = r["stored"], r["now"]
+        at = _first_diff(a, b)
+        delta = _delta(a, b) if r["kind"] == "changed" else ""
+        table.append((r["key"], r["kind"], _show(a, at), _show(b, at), delta))
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in table
