@@ -33,7 +33,8 @@ unless the preset keeps TorchUncertainty's unbiased one) and the ensemble's use 
 its key (ensemble). blackjax_mnist_sghmc resamples the momentum at T = 1, where the
 N(0, T·I) fix changes nothing.
 
-  python scripts/check_regression.py                      # every case (~15 min, 2 idle cores)
+  python scripts/check_regression.py                      # every case: 39 min on 2 cores at
+                                                          # load 15; idle ~5-10 min (estimated)
   python scripts/check_regression.py --cases default,map  # some cases
   python scripts/check_regression.py --record             # (re)write the stored files
   python scripts/check_regression.py --list               # the cases and their overrides
