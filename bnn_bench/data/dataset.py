@@ -96,112 +96,75 @@ class Dataset:
     source: str = ""
 
 
-@dataclass(frozen=True)
-class _Known:
-    tfds_name: str
-    shape: tuple[int, int, int]
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    reader: str  # "idx" or "cifar"
-    system_dirs: tuple[str, ...] = ()
-
-
-_DIGITS = tuple(str(i) for i in range(10))
-KNOWN = {
-    "mnist": _Known(
-        "mnist", (28, 28, 1), _DIGITS, (0.1307,), (0.3081,), "idx", ("/usr/share/datasets/mnist",)
-    ),
-    "fashion_mnist": _Known(
-        "fashion_mnist",
-        (28, 28, 1),
-        (
-            "T-shirt/top",
-            "Trouser",
-            "Pullover",
-            "Dress",
-            "Coat",
-            "Sandal",
-            "Shirt",
-            "Sneaker",
-            "Bag",
-            "Ankle boot",
-        ),
-        (0.2860,),
-        (0.3530,),
-        "idx",
-        ("/usr/share/datasets/fashion-mnist",),
-    ),
-    "cifar10": _Known(
-        "cifar10",
-        (32, 32, 3),
-        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        (0.4914, 0.4822, 0.4465),
-        (0.2470, 0.2435, 0.2616),
-        "cifar",
-    ),
-}
 SOURCES = ("auto", "local", "tfds", "system")
+Files = sources.IdxFiles | sources.CifarBatches
 
 
-def _read_local(known: _Known, folder: str) -> sources.Arrays:
-    if not Path(folder).is_dir():
-        raise sources.DataNotFound(f"data_dir {folder} does not exist")
-    if known.reader == "idx":
-        return sources.read_idx_folder(folder)
-    return sources.read_cifar10_folder(folder)
+def _offline_hint(files: Files, tfds_name: str | None) -> str:
+    steps = [f"put {files.describe()} in a folder and pass dataset.data_dir=PATH"]
+    if tfds_name:
+        steps.append(
+            f"run `tfds build {tfds_name} --data_dir=DIR` on a machine with network, "
+            f"copy DIR here and pass dataset.tfds_data_dir=DIR"
+        )
+    return "To run without network, " + ", or ".join(steps) + "."
 
 
 def _read(
     name: str,
-    known: _Known,
+    files: Files,
+    tfds_name: str | None,
+    system_dirs: Sequence[str],
     source: str,
     data_dir: str | None,
     tfds_data_dir: str | None,
     download: bool,
 ) -> tuple[sources.Arrays, str]:
-    """Tries the sources in order; returns the arrays and where they came from."""
-    tfds_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR")
-    attempts: list[tuple[str, object]] = []
-    if source in ("auto", "local") and data_dir:
-        attempts.append((f"local files in {data_dir}", lambda: _read_local(known, data_dir)))
-    if source in ("auto", "tfds"):
-        # Prepared TFDS data first; a download is the last resort because it is slow
-        # and, without network, fails only after a timeout.
-        attempts.append(
-            (
-                f"TFDS data dir {tfds_dir or '~/tensorflow_datasets'}",
-                lambda: sources.read_tfds(known.tfds_name, tfds_dir, download=False),
-            )
+    """Reads from the first source that holds the data; returns the arrays and where from.
+
+    A ``data_dir`` the user names is the only source then: when it is missing or
+    incomplete, that is the error (not a silent fall back to another copy).
+    """
+    if data_dir and source in ("auto", "local"):
+        where = f"local files in {data_dir}"
+        return sources.read_folder(files, data_dir, "dataset.data_dir"), where
+    if source == "local":
+        raise UserError(
+            f"dataset.source=local needs dataset.data_dir=PATH, a folder with {files.describe()}."
         )
-    if source in ("auto", "system"):
-        for d in known.system_dirs:
-            attempts.append((f"system copy {d}", lambda d=d: _read_local(known, d)))
-    if source in ("auto", "tfds") and download:
-        attempts.append(
-            ("TFDS download", lambda: sources.read_tfds(known.tfds_name, tfds_dir, download=True))
-        )
-    failures = []
-    for where, read in attempts:
+    tfds_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    use_tfds = source in ("auto", "tfds") and tfds_name is not None
+    tried = []
+    if use_tfds:
+        # Prepared TFDS data first; a download is the last resort (slow, needs network).
         try:
-            return read(), where  # type: ignore[operator]
+            return sources.read_tfds(
+                tfds_name, tfds_dir, download=False
+            ), f"TFDS data dir {tfds_dir}"
         except sources.DataNotFound as e:
-            failures.append(f"  - {where}: {e}")
-        except Exception as e:  # noqa: BLE001 - e.g. no network during a TFDS download
-            if where != "TFDS download":
-                raise
-            failures.append(f"  - {where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    tried = "\n".join(failures) or "  (no source was enabled)"
+            tried.append(f"TFDS data dir: {e}")
+    if source in ("auto", "system"):
+        for d in system_dirs:
+            lacking = files.missing(d) if Path(d).is_dir() else None
+            if lacking == []:
+                return files.read(d), f"system copy {d}"
+            tried.append(f"system copy {d}: " + ("absent" if lacking is None else "incomplete"))
+    if use_tfds and download:
+        try:
+            return sources.read_tfds(tfds_name, tfds_dir, download=True), "TFDS download"
+        except sources.DownloadFailed as e:
+            raise UserError(
+                f"Could not download dataset {name!r} with TFDS into {tfds_dir}: {e}\n"
+                f"{_offline_hint(files, tfds_name)}"
+            ) from None
+    ways = [f"put {files.describe()} in a folder and pass dataset.data_dir=PATH"]
+    if use_tfds:
+        ways.append("allow a TFDS download with dataset.download=true (needs network)")
+        ways.append("point dataset.tfds_data_dir at TFDS data prepared with `tfds build`")
     raise UserError(
-        f"Could not find dataset {name!r} (source={source}, download={download}). Tried:\n"
-        f"{tried}\nPut the files in a folder and pass dataset.data_dir=PATH, point "
-        f"dataset.tfds_data_dir at prepared TFDS data, or allow dataset.download=true "
-        f"on a machine with network."
-        + (
-            "\nOn Debian/Ubuntu: apt-get install dataset-fashion-mnist."
-            if name == "fashion_mnist"
-            else ""
-        )
+        f"Could not find dataset {name!r} (dataset.source={source}, "
+        f"dataset.download={str(download).lower()}). Tried: {'; '.join(tried) or 'nothing'}.\n"
+        f"Either {', or '.join(ways)}."
     )
 
 
@@ -247,6 +210,13 @@ def to_device(arrays: tuple[np.ndarray, np.ndarray]) -> Split:
 
 def load(
     name: str,
+    shape: Sequence[int],
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    files: Files,
+    tfds_name: str | None = None,
+    system_dirs: Sequence[str] = (),
     source: str = "auto",
     data_dir: str | None = None,
     tfds_data_dir: str | None = None,
@@ -254,46 +224,55 @@ def load(
     val_from: str = "train",
     val_fraction: float = 0.1,
     resize: Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
     subset: int | None = None,
 ) -> Dataset:
-    """Loads a known dataset from the first source that holds it, onto the device.
+    """Loads an image-classification dataset from the first source that holds it.
+
+    The facts (``shape`` to ``system_dirs``) come from the dataset's YAML
+    (``conf/dataset/<name>.yaml``); the rest says where to look and how to split.
 
     Args:
-      name: ``mnist``, ``fashion_mnist`` or ``cifar10``.
-      source: ``auto`` (local files, prepared TFDS data, system copies, then a TFDS
-        download), or one of ``local``, ``tfds``, ``system``.
-      data_dir: a folder with the IDX ``.gz`` files or CIFAR-10 python batches.
-      tfds_data_dir: the TFDS data directory (default ``TFDS_DATA_DIR``).
+      name: the dataset's name (in logs and metrics).
+      shape: (H, W, C) of the stored images.
+      class_names: one name per class; their number is the number of classes.
+      mean, std: per-channel normalisation after scaling to [0, 1] (1 or C values).
+      files: the file format a ``data_dir`` holds (``sources.IdxFiles``, ``sources.CifarBatches``).
+      tfds_name: the TFDS name, or None when TFDS does not have it.
+      system_dirs: folders where a system package installs the files.
+      source: ``auto`` (``data_dir`` when given; else prepared TFDS data, system
+        copies, then a TFDS download), or one of ``local``, ``tfds``, ``system``.
+      data_dir: a folder with ``files``; when given, the only source.
+      tfds_data_dir: the TFDS data directory (default ``$TFDS_DATA_DIR``, else
+        ``~/tensorflow_datasets``).
       download: allow TFDS to download when nothing else has the data.
       val_from, val_fraction: where validation comes from (see ``split_validation``).
       resize: [H, W] to resize into on the device (aspect ratio kept), or None.
-      mean, std: per-channel normalisation (default: the dataset's own statistics).
       subset: keep only the first ``subset`` training examples (quick runs).
     """
-    if name not in KNOWN:
-        raise UserError(f"Unknown dataset {name!r}. Known: {', '.join(sorted(KNOWN))}, synthetic.")
     if source not in SOURCES:
         raise UserError(f"dataset.source must be one of {', '.join(SOURCES)}; got {source!r}.")
-    known = KNOWN[name]
+    shape = tuple(int(s) for s in shape)
+    class_names = tuple(str(c) for c in class_names)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(shape) != 3 or len(class_names) < 2:
+        raise UserError(f"dataset.shape must be [H, W, C] and class_names 2 or more; got {shape}.")
+    if len(mean) not in (1, shape[2]) or len(std) != len(mean):
+        raise UserError(f"dataset.mean/std need 1 or {shape[2]} values each.")
     resize = _check_resize(resize)
-    arrays, where = _read(name, known, source, data_dir, tfds_data_dir, download)
+    arrays, where = _read(
+        name, files, tfds_name, system_dirs, source, data_dir, tfds_data_dir, download
+    )
     for split, (x, _) in arrays.items():
-        if x.shape[1:] != known.shape:
+        if x.shape[1:] != shape:
             raise UserError(
                 f"{name} {split} images from {where} have shape {x.shape[1:]}, "
-                f"expected {known.shape}. Check dataset.data_dir."
+                f"expected {shape}. Check dataset.data_dir."
             )
     train = arrays["train"]
     if subset is not None:
         train = (train[0][:subset], train[1][:subset])
     train, test, val = split_validation(train, arrays["test"], val_from, val_fraction)
-    mean = tuple(mean) if mean is not None else known.mean
-    std = tuple(std) if std is not None else known.std
-    if len(mean) not in (1, known.shape[2]) or len(std) != len(mean):
-        raise UserError(f"dataset.mean/std need 1 or {known.shape[2]} values each.")
-    spec = Spec(name, known.shape, len(known.class_names), known.class_names, mean, std, resize)
+    spec = Spec(name, shape, len(class_names), class_names, mean, std, resize)
     log.info(
         "dataset %s from %s: train %d, val %d, test %d, input %s",
         name,
@@ -310,3 +289,21 @@ def load(
         None if val is None else to_device(val),
         source=where,
     )
+
+
+def preset(name: str, **overrides) -> Dataset:
+    """Loads the dataset of ``conf/dataset/<name>.yaml``, for scripts outside the CLI.
+
+    Example: ``preset("fashion_mnist", val_fraction=0.0)``.
+    """
+    from omegaconf import OmegaConf
+
+    from bnn_bench.config import build
+
+    here = Path(__file__).resolve().parents[1]
+    conf = here / "conf" if (here / "conf").is_dir() else here.parent / "conf"
+    path = conf / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise UserError(f"Unknown dataset {name!r}. Known: {', '.join(known)}.")
+    return build(OmegaConf.merge(OmegaConf.load(path), overrides), "dataset")
