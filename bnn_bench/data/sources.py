@@ -254,7 +254,12 @@ def check_reachable(urls: Iterable[str], timeout: float = 10.0) -> None:
         try:
             requests.head(url, timeout=timeout, allow_redirects=False)
         except requests.RequestException as e:
-            errors[netloc] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            # urllib3 nests the cause (e.g. NameResolutionError) in a MaxRetryError.
+            cause = getattr(e.args[0], "reason", None) if e.args else None
+            text = str(cause or e).splitlines()[0]
+            if text.startswith("HTTP") and "): " in text:  # "HTTPSConnection(host=...): why"
+                text = text.split("): ", 1)[1]
+            errors[netloc] = text[:300]
 
     # Daemon threads: getaddrinfo has no timeout, and a hung lookup must not hold the run.
     threads = [
@@ -339,6 +344,8 @@ def tfds_builder(name: str, data_dir: str | None, download: bool, probe_timeout:
     import tensorflow_datasets as tfds
 
     cleanup = _Cleanup(root, name)
+    absl = logging.getLogger("absl")
+    absl.addFilter(_quiet_variant_folders)
     try:
         builder = tfds.builder(name, data_dir=str(root))
         if builder.is_prepared():
@@ -358,6 +365,13 @@ def tfds_builder(name: str, data_dir: str | None, download: bool, probe_timeout:
     except Exception as e:  # noqa: BLE001 - TFDS raises many types for one failed download
         cleanup()
         raise DownloadFailed(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    finally:
+        absl.removeFilter(_quiet_variant_folders)
+
+
+def _quiet_variant_folders(record: logging.LogRecord) -> bool:
+    """Drops TFDS's warning about each version folder of a dataset not prepared yet."""
+    return not str(record.msg).startswith("Variant folder")
 
 
 def read_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:

@@ -232,3 +232,22 @@ def test_failed_download_removes_only_what_it_created(tmp_path, server, monkeypa
     assert not any(".tmp." in p for p in left), left
     assert not [p for p in tfds_dir.rglob("*") if p.is_dir() and not any(p.iterdir())], left
     assert "downloads/older.bin" in left
+
+
+def test_cifar10_corrupted_without_network_fails_fast_and_leaves_nothing(tmp_path, monkeypatch):
+    from bnn_bench.evaluation.shift import load_cifar10_corrupted
+
+    url = closed_port_url() + "CIFAR-10-C.tar"
+    monkeypatch.setattr(builder_module("cifar10_corrupted"), "_DOWNLOAD_URL", url)
+    info = tfds.core.download.checksums.UrlInfo(size=1, checksum="0" * 64, filename="x.tar")
+    monkeypatch.setattr(tfds.builder_cls("cifar10_corrupted"), "url_infos", {url: info})
+    tfds_dir = tmp_path / "tfds"
+    start = time.monotonic()
+    with pytest.raises(UserError) as e:
+        load_cifar10_corrupted("cifar10c_fog", 1, str(tfds_dir), download=True)
+    assert time.monotonic() - start < 30
+    msg = str(e.value)
+    assert "could not download cifar10_corrupted/fog_1: cannot reach 127.0.0.1" in msg
+    assert "tfds build cifar10_corrupted/fog_1" in msg and "eval.tfds_data_dir=DIR" in msg
+    assert "eval.download=true" not in msg
+    assert not tfds_dir.exists()
