@@ -13,6 +13,7 @@ The file formats are ``_target_`` nodes of the dataset YAMLs (``files:``):
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import pickle
@@ -99,6 +100,19 @@ class IdxFiles:
         """The files ``folder`` lacks (empty when it holds them all)."""
         return [n for n in self.names if self._find(Path(folder), n) is None]
 
+    def count(self, folder: str | os.PathLike) -> dict[str, int]:
+        """Examples per split, from the image files' headers alone."""
+        out = {}
+        for split, (images, _) in self.splits.items():
+            path = self._find(Path(folder), images)
+            try:
+                with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+                    head = f.read(8)
+            except _BROKEN as e:
+                raise UserError(f"{path} is truncated or corrupt ({e}). {_REPLACE}") from None
+            out[split] = int.from_bytes(head[4:8], "big")
+        return out
+
     def read(self, folder: str | os.PathLike) -> Arrays:
         """Reads train and test from ``folder``, which must hold every file."""
         folder = Path(folder)
@@ -151,6 +165,10 @@ class CifarBatches:
             return [n for n in self.names if n not in present]
         return [self.archive]
 
+    def count(self, folder: str | os.PathLike) -> None:
+        """Unknown without unpickling every batch."""
+        del folder
+
     def _blobs(self, folder: Path) -> dict[str, bytes]:
         batch_dir = self._batch_dir(folder)
         if batch_dir is not None:
@@ -191,8 +209,8 @@ class CifarBatches:
         return out
 
 
-def read_folder(files: IdxFiles | CifarBatches, folder: str | os.PathLike, what: str) -> Arrays:
-    """Reads a folder the user named: a missing folder or file is an error, not a miss.
+def check_folder(files: IdxFiles | CifarBatches, folder: str | os.PathLike, what: str) -> None:
+    """Checks a folder the user named: a missing folder or file is an error, not a miss.
 
     Args:
       files: the format (from the dataset YAML's ``files``).
@@ -210,7 +228,6 @@ def read_folder(files: IdxFiles | CifarBatches, folder: str | os.PathLike, what:
         raise UserError(
             f"{what}={folder} lacks {', '.join(lacking)}. It should hold {files.describe()}."
         )
-    return files.read(folder)
 
 
 # --- TFDS ---------------------------------------------------------------------
@@ -372,6 +389,24 @@ def tfds_builder(name: str, data_dir: str | None, download: bool, probe_timeout:
 def _quiet_variant_folders(record: logging.LogRecord) -> bool:
     """Drops TFDS's warning about each version folder of a dataset not prepared yet."""
     return not str(record.msg).startswith("Variant folder")
+
+
+def tfds_prepared_sizes(name: str, data_dir: str | None) -> dict[str, int]:
+    """Examples per split of prepared TFDS data, from its ``dataset_info.json`` alone
+    (no TensorFlow import). The newest prepared version counts.
+
+    Raises:
+      DataNotFound: no prepared version in the data dir.
+    """
+    root = Path(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+    infos = sorted(
+        (root.expanduser() / name).glob("*/dataset_info.json"),
+        key=lambda p: tuple(int(v) for v in p.parent.name.split(".") if v.isdigit()),
+    )
+    if not infos:
+        raise DataNotFound(f"no prepared {name} in {root}")
+    splits = json.loads(infos[-1].read_text())["splits"]
+    return {s["name"]: sum(int(n) for n in s["shardLengths"]) for s in splits}
 
 
 def read_tfds(name: str, data_dir: str | None, download: bool) -> Arrays:

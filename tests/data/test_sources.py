@@ -193,3 +193,71 @@ def test_unknown_dataset_and_source():
         preset("imagenet")
     with pytest.raises(UserError, match="dataset.source must be one of"):
         preset("mnist", source="ftp")
+
+
+def located(*overrides: str):
+    """What a dry run does: the dataset node with ``locate`` in place of ``load``."""
+    from bnn_bench.config import build
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(*overrides).dataset
+    return build(cfg, "dataset", _target_=cfg._target_.rsplit(".", 1)[0] + ".locate")
+
+
+@pytest.mark.parametrize(
+    "split", [[], ["dataset.subset=50", "dataset.val_fraction=0.2"], ["dataset.val_from=test"]]
+)
+def test_locate_agrees_with_load_without_reading(tmp_path, split):
+    make_idx_folder(tmp_path)
+    overrides = ["dataset=mnist", f"dataset.data_dir={tmp_path}", *split]
+    where = located(*overrides)
+    from bnn_bench.config import build
+    from tests.conftest import compose_cfg
+
+    data = build(compose_cfg(*overrides).dataset, "dataset")
+    assert where.source == data.source and where.spec == data.spec
+    assert where.sizes == {"train": data.train.size, "val": data.val.size, "test": data.test.size}
+
+
+def test_locate_synthetic_and_cifar(tmp_path):
+    from bnn_bench.data.synthetic import load as synthetic
+
+    data = synthetic(train_size=100, test_size=30, val_from="test", val_fraction=0.5)
+    where = located("dataset=synthetic", "dataset.train_size=100", "dataset.test_size=30",
+                    "dataset.val_from=test", "dataset.val_fraction=0.5")  # fmt: skip
+    assert where.sizes == {"train": data.train.size, "val": data.val.size, "test": data.test.size}
+    assert where.spec == data.spec
+    make_cifar_batches(tmp_path)
+    cifar = located("dataset=cifar10", f"dataset.data_dir={tmp_path}")
+    assert cifar.source == f"local files in {tmp_path}" and cifar.sizes is None
+
+
+def test_locate_refuses_what_load_refuses(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="does not exist"):
+        located("dataset=mnist", f"dataset.data_dir={tmp_path / 'nowhere'}")
+    with pytest.raises(UserError, match="dataset.val_fraction must be in"):
+        located("dataset=mnist", "dataset.val_fraction=1.5")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="Could not find dataset 'mnist'"):
+        located("dataset=mnist", "dataset.download=false")
+
+
+def test_locate_a_download_without_tensorflow(tmp_path):
+    """A dry run of a dataset TFDS would download: named as such, in a process that never
+    imports TensorFlow (seconds per job in a sweep)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    code = (
+        "import sys\n"
+        "from tests.data.test_sources import located\n"
+        f"w = located('dataset=cifar10', 'dataset.tfds_data_dir={tmp_path}')\n"
+        "print(w.source, w.sizes, 'tensorflow' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "TFDS download None False"

@@ -32,7 +32,7 @@ import pytest
 
 from bnn_bench.data import preset
 from bnn_bench.errors import UserError
-from tests.data.test_sources import write_idx
+from tests.data.test_sources import located, write_idx
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -113,6 +113,9 @@ def test_mnist_downloads_prepares_and_reads_through_tfds(tmp_path, server, monke
     # Prepared now: the next load reads it without the server.
     again = preset("mnist", tfds_data_dir=str(tfds_dir), download=False, val_fraction=0.0)
     assert again.source.startswith("TFDS data dir") and again.test.size == 24
+    # A dry run finds it too, and its sizes, from dataset_info.json alone.
+    where = located("dataset=mnist", f"dataset.tfds_data_dir={tfds_dir}", "dataset.val_fraction=0")
+    assert where.source == again.source and where.sizes == {"train": 48, "val": 0, "test": 24}
 
 
 def serve_cifar10(www: Path, base: str, monkeypatch, per_batch=6):
