@@ -353,10 +353,18 @@ def tfds_builder(name: str, data_dir: str | None, download: bool, probe_timeout:
         Nothing this call created is left behind, so a later run starts clean.
     """
     root = Path(data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
-    root = root.expanduser()
-    if not download and not (root / name.split("/")[0]).is_dir():
+    root, base = root.expanduser(), name.split("/")[0]
+    if not download and not (root / base).is_dir():
         # Skips importing TensorFlow (seconds) when there is nothing to read.
-        raise DataNotFound(f"no {name.split('/')[0]} folder in {root}")
+        raise DataNotFound(f"no {base} folder in {root}")
+    probed = False
+    if download and not list((root / name).glob("*/dataset_info.json")):
+        # Not prepared: check the download hosts before importing TensorFlow (10-30 s),
+        # so that a run without network stops soon. TFDS alone does not import it.
+        import tensorflow_datasets as tfds
+
+        check_reachable(tfds.builder_cls(base).url_infos or (), probe_timeout)
+        probed = True
     keep_tensorflow_off_gpu()
     import tensorflow_datasets as tfds
 
@@ -369,7 +377,8 @@ def tfds_builder(name: str, data_dir: str | None, download: bool, probe_timeout:
             return builder
         if not download:
             raise DataNotFound(f"TFDS {name!r} is not prepared in {builder.data_dir}")
-        check_reachable(type(builder).url_infos or (), probe_timeout)
+        if not probed:
+            check_reachable(type(builder).url_infos or (), probe_timeout)
         log.info("downloading %s with TFDS into %s", name, root)
         builder.download_and_prepare()
         return builder
