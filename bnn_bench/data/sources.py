@@ -299,7 +299,7 @@ class _Cleanup:
 
     TFDS creates ``<root>/<name>/``, ``downloads/``, ``downloads/<name>/`` and
     ``downloads/extracted/`` before its first request, and ``*.tmp.*`` /
-    ``*.incomplete*`` entries while it works. After a failure, temporary entries this
+    ``incomplete.*`` entries while it works. After a failure, temporary entries this
     run created are deleted, then every folder this run created that is empty.
     """
 
@@ -308,28 +308,34 @@ class _Cleanup:
         self.subtrees = [root / name.split("/")[0], root / "downloads"]
         self.before = self._snapshot()
 
+    def _entries(self, top: Path) -> list[Path]:
+        """Entries up to two levels below ``top``, deepest first. TFDS works no deeper
+        (``downloads/<name>/<file>.tmp.<id>``, ``<name>/<config>/incomplete.<id>``), and a
+        shared data dir may hold millions of extracted files further down."""
+        level1 = list(top.iterdir()) if top.is_dir() else []
+        level2 = [q for p in level1 if p.is_dir() for q in p.iterdir()]
+        return level2 + level1
+
     def _snapshot(self) -> set[Path]:
         seen = {self.root} if self.root.exists() else set()
         for top in self.subtrees:
             if top.exists():
                 seen.add(top)
-                for dirpath, dirnames, filenames in os.walk(top):
-                    seen.update(Path(dirpath) / n for n in dirnames + filenames)
+                seen.update(self._entries(top))
         return seen
 
     def __call__(self) -> None:
         for top in self.subtrees:
-            if not top.exists():
-                continue
-            for dirpath, dirnames, filenames in os.walk(top, topdown=False):
-                d = Path(dirpath)
-                for n in dirnames + filenames:
-                    p = d / n
-                    if p in self.before or not (".tmp." in n or ".incomplete" in n):
-                        continue
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(True)
-                for n in dirnames:
-                    self._rmdir_if_new_and_empty(d / n)
+            for p in self._entries(top):
+                if p in self.before:
+                    continue
+                if ".tmp." in p.name or ".incomplete" in p.name or "incomplete." in p.name:
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+                else:
+                    self._rmdir_if_new_and_empty(p)
             self._rmdir_if_new_and_empty(top)
         self._rmdir_if_new_and_empty(self.root)
 
