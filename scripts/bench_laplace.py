@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnn_bench.data import load
+from bnn_bench.data import preset
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.laplace import Laplace
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         )
         return 2
 
-    data = load(args.dataset)
+    data = preset(args.dataset)
     model = build_model(CNN(data.spec.num_classes), data.spec, "cnn", 1000)
     params, state = load_point(args.map_run, model)
     x_test, y_test = data.test.x, data.test.y

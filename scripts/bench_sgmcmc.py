@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from blackjax.sgmcmc.gradients import grad_estimator
 
-from bnn_bench.data import load
+from bnn_bench.data import preset
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.schedules import constant
@@ -68,7 +68,7 @@ def scores(probs, y) -> dict[str, float]:
 def main() -> None:
     args = parse()
     variants = set(args.variants.split(","))
-    data = load("fashion_mnist", val_fraction=0.0, mean=[0.0], std=[1.0])
+    data = preset("fashion_mnist", val_fraction=0.0, mean=[0.0], std=[1.0])
     model = build_model(MLP(num_classes=10, hidden=(500,)), data.spec, "mlp", batch_size=1000)
     n, b, eps = data.train.size, args.batch_size, args.step_size
     W, S = args.warmup, args.samples

@@ -1,4 +1,4 @@
-"""Real Fashion-MNIST (Debian's dataset-fashion-mnist), through the CLI. Slow."""
+"""Real Fashion-MNIST (Debian's dataset-fashion-mnist): as a data_dir, and through the CLI."""
 
 from __future__ import annotations
 
@@ -35,3 +35,21 @@ def test_map_cnn_on_fashion_mnist(tmp_path):
     assert metrics["test/ece"] < 0.05
     log = (tmp_path / "run" / "run.log").read_text()
     assert "system copy /usr/share/datasets/fashion-mnist" in log
+
+
+@needs_data
+def test_real_fashion_mnist_from_data_dir_matches_the_system_copy():
+    """The same files read as a user's data_dir and as the system copy: the real
+    60k/10k split, every class present, and identical arrays."""
+    import numpy as np
+
+    from bnn_bench.data import preset
+
+    mine = preset("fashion_mnist", data_dir=str(FASHION.parent), val_fraction=0.0)
+    system = preset("fashion_mnist", source="system", val_fraction=0.0)
+    assert mine.source == f"local files in {FASHION.parent}"
+    assert system.source == f"system copy {FASHION.parent}"
+    assert (mine.train.size, mine.test.size) == (60_000, 10_000)
+    assert np.bincount(np.asarray(mine.test.y)).tolist() == [1000] * 10
+    np.testing.assert_array_equal(np.asarray(mine.train.x), np.asarray(system.train.x))
+    assert mine.spec.class_names[9] == "Ankle boot"

@@ -60,9 +60,9 @@ BAD_INPUT = {
     "unknown model": (["model=resnet"], ["Could not find 'model/resnet'", "mobilenet"]),
     "unknown method": (["method=hmc"], ["Could not find 'method/hmc'", "map"]),
     "misspelt key": (["trainer.learnig_rate=0.1"], ["learnig_rate"]),
-    "missing data, no download": (
+    "missing data_dir": (
         ["dataset=cifar10", "dataset.data_dir=/nonexistent/cifar", "dataset.download=false"],
-        ["Could not find dataset 'cifar10'", "dataset.data_dir"],
+        ["dataset.data_dir=/nonexistent/cifar does not exist", "cifar-10-python.tar.gz"],
     ),
     "resize the model cannot take": (
         [*(o for o in TINY if not o.startswith("model")), "model=cnn", "dataset.resize=[6,6]"],

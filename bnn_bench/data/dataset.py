@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -96,113 +96,115 @@ class Dataset:
     source: str = ""
 
 
-@dataclass(frozen=True)
-class _Known:
-    tfds_name: str
-    shape: tuple[int, int, int]
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    reader: str  # "idx" or "cifar"
-    system_dirs: tuple[str, ...] = ()
-
-
-_DIGITS = tuple(str(i) for i in range(10))
-KNOWN = {
-    "mnist": _Known(
-        "mnist", (28, 28, 1), _DIGITS, (0.1307,), (0.3081,), "idx", ("/usr/share/datasets/mnist",)
-    ),
-    "fashion_mnist": _Known(
-        "fashion_mnist",
-        (28, 28, 1),
-        (
-            "T-shirt/top",
-            "Trouser",
-            "Pullover",
-            "Dress",
-            "Coat",
-            "Sandal",
-            "Shirt",
-            "Sneaker",
-            "Bag",
-            "Ankle boot",
-        ),
-        (0.2860,),
-        (0.3530,),
-        "idx",
-        ("/usr/share/datasets/fashion-mnist",),
-    ),
-    "cifar10": _Known(
-        "cifar10",
-        (32, 32, 3),
-        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        (0.4914, 0.4822, 0.4465),
-        (0.2470, 0.2435, 0.2616),
-        "cifar",
-    ),
-}
 SOURCES = ("auto", "local", "tfds", "system")
+Files = sources.IdxFiles | sources.CifarBatches
 
 
-def _read_local(known: _Known, folder: str) -> sources.Arrays:
-    if not Path(folder).is_dir():
-        raise sources.DataNotFound(f"data_dir {folder} does not exist")
-    if known.reader == "idx":
-        return sources.read_idx_folder(folder)
-    return sources.read_cifar10_folder(folder)
+def _offline_hint(files: Files, tfds_name: str | None) -> str:
+    steps = [f"put {files.describe()} in a folder and pass dataset.data_dir=PATH"]
+    if tfds_name:
+        steps.append(
+            f"run `tfds build {tfds_name} --data_dir=DIR` on a machine with network, "
+            f"copy DIR here and pass dataset.tfds_data_dir=DIR"
+        )
+    return "To run without network, " + ", or ".join(steps) + "."
 
 
-def _read(
-    name: str,
-    known: _Known,
+class _Candidate(NamedTuple):
+    where: str
+    read: Callable[[], sources.Arrays]  # raises DataNotFound when the source lacks the data
+    count: Callable[[], dict[str, int] | None]  # the same, cheaply: split sizes if known
+
+
+def _candidates(
+    files: Files,
+    tfds_name: str | None,
+    system_dirs: Sequence[str],
     source: str,
     data_dir: str | None,
-    tfds_data_dir: str | None,
+    tfds_dir: str,
     download: bool,
-) -> tuple[sources.Arrays, str]:
-    """Tries the sources in order; returns the arrays and where they came from."""
-    tfds_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR")
-    attempts: list[tuple[str, object]] = []
-    if source in ("auto", "local") and data_dir:
-        attempts.append((f"local files in {data_dir}", lambda: _read_local(known, data_dir)))
-    if source in ("auto", "tfds"):
-        # Prepared TFDS data first; a download is the last resort because it is slow
-        # and, without network, fails only after a timeout.
-        attempts.append(
-            (
-                f"TFDS data dir {tfds_dir or '~/tensorflow_datasets'}",
-                lambda: sources.read_tfds(known.tfds_name, tfds_dir, download=False),
+) -> list[_Candidate]:
+    """The sources to try, in order. A ``data_dir`` the user names is the only one:
+    when it is missing or incomplete, that is the error (never a fall back)."""
+    if data_dir and source in ("auto", "local"):
+        sources.check_folder(files, data_dir, "dataset.data_dir")
+        return [
+            _Candidate(
+                f"local files in {data_dir}",
+                lambda: files.read(data_dir),
+                lambda: files.count(data_dir),
+            )
+        ]
+    if source == "local":
+        raise UserError(
+            f"dataset.source=local needs dataset.data_dir=PATH, a folder with {files.describe()}."
+        )
+    out = []
+    use_tfds = source in ("auto", "tfds") and tfds_name is not None
+    if use_tfds:
+        # Prepared TFDS data first; a download is the last resort (slow, needs network).
+        out.append(
+            _Candidate(
+                f"TFDS data dir {tfds_dir}",
+                lambda: sources.read_tfds(tfds_name, tfds_dir, download=False),
+                lambda: sources.tfds_prepared_sizes(tfds_name, tfds_dir),
             )
         )
     if source in ("auto", "system"):
-        for d in known.system_dirs:
-            attempts.append((f"system copy {d}", lambda d=d: _read_local(known, d)))
-    if source in ("auto", "tfds") and download:
-        attempts.append(
-            ("TFDS download", lambda: sources.read_tfds(known.tfds_name, tfds_dir, download=True))
+        for d in system_dirs:
+
+            def found(d=d) -> str:
+                if not Path(d).is_dir():
+                    raise sources.DataNotFound("absent")
+                if files.missing(d):
+                    raise sources.DataNotFound("incomplete")
+                return d
+
+            out.append(
+                _Candidate(
+                    f"system copy {d}",
+                    lambda found=found: files.read(found()),
+                    lambda found=found: files.count(found()),
+                )
+            )
+    if use_tfds and download:
+        out.append(
+            _Candidate(
+                "TFDS download",
+                lambda: sources.read_tfds(tfds_name, tfds_dir, download=True),
+                lambda: None,  # not checked: a dry run does not download
+            )
         )
-    failures = []
-    for where, read in attempts:
-        try:
-            return read(), where  # type: ignore[operator]
-        except sources.DataNotFound as e:
-            failures.append(f"  - {where}: {e}")
-        except Exception as e:  # noqa: BLE001 - e.g. no network during a TFDS download
-            if where != "TFDS download":
-                raise
-            failures.append(f"  - {where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    tried = "\n".join(failures) or "  (no source was enabled)"
-    raise UserError(
-        f"Could not find dataset {name!r} (source={source}, download={download}). Tried:\n"
-        f"{tried}\nPut the files in a folder and pass dataset.data_dir=PATH, point "
-        f"dataset.tfds_data_dir at prepared TFDS data, or allow dataset.download=true "
-        f"on a machine with network."
-        + (
-            "\nOn Debian/Ubuntu: apt-get install dataset-fashion-mnist."
-            if name == "fashion_mnist"
-            else ""
-        )
+    return out
+
+
+def _not_found(name, files, tfds_name, source, download, tried) -> UserError:
+    ways = [f"put {files.describe()} in a folder and pass dataset.data_dir=PATH"]
+    if source in ("auto", "tfds") and tfds_name is not None:
+        ways.append("allow a TFDS download with dataset.download=true (needs network)")
+        ways.append("point dataset.tfds_data_dir at TFDS data prepared with `tfds build`")
+    return UserError(
+        f"Could not find dataset {name!r} (dataset.source={source}, "
+        f"dataset.download={str(download).lower()}). Tried: {'; '.join(tried) or 'nothing'}.\n"
+        f"Either {', or '.join(ways)}."
     )
+
+
+def _read(name, files, tfds_name, candidates, source, download, tfds_dir):
+    """Reads from the first candidate that holds the data; returns the arrays and where from."""
+    tried = []
+    for c in candidates:
+        try:
+            return c.read(), c.where
+        except sources.DataNotFound as e:
+            tried.append(f"{c.where}: {e}")
+        except sources.DownloadFailed as e:
+            raise UserError(
+                f"Could not download dataset {name!r} with TFDS into {tfds_dir}: {e}\n"
+                f"{_offline_hint(files, tfds_name)}"
+            ) from None
+    raise _not_found(name, files, tfds_name, source, download, tried)
 
 
 def _check_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
@@ -212,6 +214,29 @@ def _check_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
     if len(r) != 2 or not all(isinstance(v, int) and v > 0 for v in r):
         raise UserError(f"dataset.resize must be two positive integers [H, W]; got {list(r)}.")
     return (int(r[0]), int(r[1]))
+
+
+def _check_split(val_from: str, val_fraction: float) -> None:
+    if val_from not in ("train", "test"):
+        raise UserError(f"dataset.val_from must be 'train' or 'test'; got {val_from!r}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"dataset.val_fraction must be in [0, 1); got {val_fraction}.")
+
+
+def _num_val(n: int, val_fraction: float) -> int:
+    return 0 if val_fraction == 0.0 else max(1, int(round(n * val_fraction)))
+
+
+def split_sizes(
+    n_train: int, n_test: int, val_from: str, val_fraction: float, subset: int | None = None
+) -> dict[str, int]:
+    """The sizes ``split_validation`` gives (after ``subset``), from the split sizes alone."""
+    _check_split(val_from, val_fraction)
+    n_train = n_train if subset is None else min(n_train, subset)
+    n_val = _num_val(n_train if val_from == "train" else n_test, val_fraction)
+    if val_from == "train":
+        return {"train": n_train - n_val, "val": n_val, "test": n_test}
+    return {"train": n_train, "val": n_val, "test": n_test - n_val}
 
 
 def split_validation(
@@ -225,16 +250,13 @@ def split_validation(
     ``val_from="test"`` with ``val_fraction=0.5`` is the JaxSGMC tutorial's choice:
     half of the test split validates, the other half tests.
     """
-    if val_from not in ("train", "test"):
-        raise UserError(f"dataset.val_from must be 'train' or 'test'; got {val_from!r}.")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"dataset.val_fraction must be in [0, 1); got {val_fraction}.")
+    _check_split(val_from, val_fraction)
     if val_fraction == 0.0:
         return train, test, None
     src = train if val_from == "train" else test
     n = src[0].shape[0]
     perm = np.random.default_rng(0).permutation(n)  # fixed: the split never moves with seed
-    n_val = max(1, int(round(n * val_fraction)))
+    n_val = _num_val(n, val_fraction)
     keep, val = perm[n_val:], perm[:n_val]
     rest = (src[0][keep], src[1][keep])
     val_split = (src[0][val], src[1][val])
@@ -245,8 +267,49 @@ def to_device(arrays: tuple[np.ndarray, np.ndarray]) -> Split:
     return Split(jnp.asarray(arrays[0], jnp.uint8), jnp.asarray(arrays[1], jnp.int32))
 
 
+def _setup(
+    name,
+    shape,
+    class_names,
+    mean,
+    std,
+    files,
+    tfds_name,
+    system_dirs,
+    source,
+    data_dir,
+    tfds_data_dir,
+    download,
+    val_from,
+    val_fraction,
+    resize,
+):
+    """Checks every argument before any data is read; returns the spec and the sources."""
+    if source not in SOURCES:
+        raise UserError(f"dataset.source must be one of {', '.join(SOURCES)}; got {source!r}.")
+    shape = tuple(int(s) for s in shape)
+    class_names = tuple(str(c) for c in class_names)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(shape) != 3 or len(class_names) < 2:
+        raise UserError(f"dataset.shape must be [H, W, C] and class_names 2 or more; got {shape}.")
+    if len(mean) not in (1, shape[2]) or len(std) != len(mean):
+        raise UserError(f"dataset.mean/std need 1 or {shape[2]} values each.")
+    _check_split(val_from, val_fraction)
+    spec = Spec(name, shape, len(class_names), class_names, mean, std, _check_resize(resize))
+    tfds_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    candidates = _candidates(files, tfds_name, system_dirs, source, data_dir, tfds_dir, download)
+    return spec, candidates, tfds_dir
+
+
 def load(
     name: str,
+    shape: Sequence[int],
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    files: Files,
+    tfds_name: str | None = None,
+    system_dirs: Sequence[str] = (),
     source: str = "auto",
     data_dir: str | None = None,
     tfds_data_dir: str | None = None,
@@ -254,46 +317,46 @@ def load(
     val_from: str = "train",
     val_fraction: float = 0.1,
     resize: Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
     subset: int | None = None,
 ) -> Dataset:
-    """Loads a known dataset from the first source that holds it, onto the device.
+    """Loads an image-classification dataset from the first source that holds it.
+
+    The facts (``shape`` to ``system_dirs``) come from the dataset's YAML
+    (``conf/dataset/<name>.yaml``); the rest says where to look and how to split.
 
     Args:
-      name: ``mnist``, ``fashion_mnist`` or ``cifar10``.
-      source: ``auto`` (local files, prepared TFDS data, system copies, then a TFDS
-        download), or one of ``local``, ``tfds``, ``system``.
-      data_dir: a folder with the IDX ``.gz`` files or CIFAR-10 python batches.
-      tfds_data_dir: the TFDS data directory (default ``TFDS_DATA_DIR``).
+      name: the dataset's name (in logs and metrics).
+      shape: (H, W, C) of the stored images.
+      class_names: one name per class; their number is the number of classes.
+      mean, std: per-channel normalisation after scaling to [0, 1] (1 or C values).
+      files: the file format a ``data_dir`` holds (``sources.IdxFiles``, ``sources.CifarBatches``).
+      tfds_name: the TFDS name, or None when TFDS does not have it.
+      system_dirs: folders where a system package installs the files.
+      source: ``auto`` (``data_dir`` when given; else prepared TFDS data, system
+        copies, then a TFDS download), or one of ``local``, ``tfds``, ``system``.
+      data_dir: a folder with ``files``; when given, the only source.
+      tfds_data_dir: the TFDS data directory (default ``$TFDS_DATA_DIR``, else
+        ``~/tensorflow_datasets``).
       download: allow TFDS to download when nothing else has the data.
       val_from, val_fraction: where validation comes from (see ``split_validation``).
       resize: [H, W] to resize into on the device (aspect ratio kept), or None.
-      mean, std: per-channel normalisation (default: the dataset's own statistics).
       subset: keep only the first ``subset`` training examples (quick runs).
     """
-    if name not in KNOWN:
-        raise UserError(f"Unknown dataset {name!r}. Known: {', '.join(sorted(KNOWN))}, synthetic.")
-    if source not in SOURCES:
-        raise UserError(f"dataset.source must be one of {', '.join(SOURCES)}; got {source!r}.")
-    known = KNOWN[name]
-    resize = _check_resize(resize)
-    arrays, where = _read(name, known, source, data_dir, tfds_data_dir, download)
+    spec, candidates, tfds_dir = _setup(
+        name, shape, class_names, mean, std, files, tfds_name, system_dirs, source,
+        data_dir, tfds_data_dir, download, val_from, val_fraction, resize,
+    )  # fmt: skip
+    arrays, where = _read(name, files, tfds_name, candidates, source, download, tfds_dir)
     for split, (x, _) in arrays.items():
-        if x.shape[1:] != known.shape:
+        if x.shape[1:] != spec.shape:
             raise UserError(
                 f"{name} {split} images from {where} have shape {x.shape[1:]}, "
-                f"expected {known.shape}. Check dataset.data_dir."
+                f"expected {spec.shape}. Check dataset.data_dir."
             )
     train = arrays["train"]
     if subset is not None:
         train = (train[0][:subset], train[1][:subset])
     train, test, val = split_validation(train, arrays["test"], val_from, val_fraction)
-    mean = tuple(mean) if mean is not None else known.mean
-    std = tuple(std) if std is not None else known.std
-    if len(mean) not in (1, known.shape[2]) or len(std) != len(mean):
-        raise UserError(f"dataset.mean/std need 1 or {known.shape[2]} values each.")
-    spec = Spec(name, known.shape, len(known.class_names), known.class_names, mean, std, resize)
     log.info(
         "dataset %s from %s: train %d, val %d, test %d, input %s",
         name,
@@ -310,3 +373,81 @@ def load(
         None if val is None else to_device(val),
         source=where,
     )
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a dataset would be read from, found without reading its data.
+
+    Attributes:
+      spec: as the loaded dataset's.
+      source: the source ``load`` would read (as ``Dataset.source``).
+      sizes: ``{"train", "val", "test"}`` examples after ``subset`` and the
+        validation split, or None where they cannot be known without reading
+        (CIFAR-10's pickles, a download).
+    """
+
+    spec: Spec
+    source: str
+    sizes: dict[str, int] | None
+
+
+def locate(
+    name: str,
+    shape: Sequence[int],
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    files: Files,
+    tfds_name: str | None = None,
+    system_dirs: Sequence[str] = (),
+    source: str = "auto",
+    data_dir: str | None = None,
+    tfds_data_dir: str | None = None,
+    download: bool = True,
+    val_from: str = "train",
+    val_fraction: float = 0.1,
+    resize: Sequence[int] | None = None,
+    subset: int | None = None,
+) -> Located:
+    """``load``'s checks and choice of source, without reading the data (for dry runs).
+
+    Takes ``load``'s arguments and raises the same errors for bad arguments, a
+    missing or incomplete ``data_dir``, or no source at all. Reads only file
+    headers and TFDS's ``dataset_info.json``; imports neither TensorFlow nor TFDS,
+    and never downloads.
+    """
+    spec, candidates, _ = _setup(
+        name, shape, class_names, mean, std, files, tfds_name, system_dirs, source,
+        data_dir, tfds_data_dir, download, val_from, val_fraction, resize,
+    )  # fmt: skip
+    tried = []
+    for c in candidates:
+        try:
+            counts = c.count()
+        except sources.DataNotFound as e:
+            tried.append(f"{c.where}: {e}")
+            continue
+        sizes = None
+        if counts is not None:
+            sizes = split_sizes(counts["train"], counts["test"], val_from, val_fraction, subset)
+        return Located(spec, c.where, sizes)
+    raise _not_found(name, files, tfds_name, source, download, tried)
+
+
+def preset(name: str, **overrides) -> Dataset:
+    """Loads the dataset of ``conf/dataset/<name>.yaml``, for scripts outside the CLI.
+
+    Example: ``preset("fashion_mnist", val_fraction=0.0)``.
+    """
+    from omegaconf import OmegaConf
+
+    from bnn_bench.config import build
+
+    here = Path(__file__).resolve().parents[1]
+    conf = here / "conf" if (here / "conf").is_dir() else here.parent / "conf"
+    path = conf / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise UserError(f"Unknown dataset {name!r}. Known: {', '.join(known)}.")
+    return build(OmegaConf.merge(OmegaConf.load(path), overrides), "dataset")

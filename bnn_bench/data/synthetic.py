@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bnn_bench.data.dataset import Dataset, Spec, _check_resize, split_validation, to_device
+from bnn_bench.data.dataset import (
+    Dataset,
+    Located,
+    Spec,
+    _check_resize,
+    split_sizes,
+    split_validation,
+    to_device,
+)
 from bnn_bench.errors import UserError
 
 
@@ -23,6 +31,20 @@ def make_arrays(
     gain = rng.uniform(0.6, 1.0, size=(size, 1, 1, 1))
     x = prototypes[y] * gain + noise * rng.standard_normal((size, *shape))
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8), y
+
+
+def _spec(shape: Sequence[int], num_classes: int, resize: Sequence[int] | None) -> Spec:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1 or num_classes < 2:
+        raise UserError(
+            f"synthetic: shape must be [H, W, C] and num_classes >= 2; "
+            f"got {list(shape)}, {num_classes}."
+        )
+    names = tuple(f"class {i}" for i in range(num_classes))
+    c = shape[2]
+    return Spec(
+        "synthetic", shape, num_classes, names, (0.5,) * c, (0.25,) * c, _check_resize(resize)
+    )
 
 
 def load(
@@ -52,12 +74,8 @@ def load(
       data_seed: seed of the generator.
       val_from, val_fraction, resize: as for ``bnn_bench.data.load``.
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1 or num_classes < 2:
-        raise UserError(
-            f"synthetic: shape must be [H, W, C] and num_classes >= 2; "
-            f"got {list(shape)}, {num_classes}."
-        )
+    spec = _spec(shape, num_classes, resize)
+    shape = spec.shape
     rng = np.random.default_rng(data_seed)
     h, w, c = shape
     # Smooth prototypes: low-frequency random fields upsampled to the image size.
@@ -68,15 +86,6 @@ def load(
     train = make_arrays(shape, num_classes, train_size, noise, rng, prototypes)
     test = make_arrays(shape, num_classes, test_size, noise, rng, prototypes)
     train, test, val = split_validation(train, test, val_from, val_fraction)
-    spec = Spec(
-        "synthetic",
-        shape,
-        num_classes,
-        tuple(f"class {i}" for i in range(num_classes)),
-        (0.5,) * c,
-        (0.25,) * c,
-        _check_resize(resize),
-    )
     return Dataset(
         spec,
         to_device(train),
@@ -84,3 +93,21 @@ def load(
         None if val is None else to_device(val),
         source="generated in memory",
     )
+
+
+def locate(
+    shape: Sequence[int] = (28, 28, 1),
+    num_classes: int = 10,
+    train_size: int = 2048,
+    test_size: int = 512,
+    noise: float = 0.35,
+    contrast: float = 0.25,
+    data_seed: int = 0,
+    val_from: str = "train",
+    val_fraction: float = 0.1,
+    resize: Sequence[int] | None = None,
+) -> Located:
+    """``load``'s checks and split sizes without generating the images (for dry runs)."""
+    del noise, contrast, data_seed
+    sizes = split_sizes(train_size, test_size, val_from, val_fraction)
+    return Located(_spec(shape, num_classes, resize), "generated in memory", sizes)

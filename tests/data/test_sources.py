@@ -1,5 +1,7 @@
-"""Readers on files written here in the real formats, TFDS through its own mock, and
-the order in which sources are tried."""
+"""Readers on files written here in the real formats, through the dataset YAMLs; the
+order in which sources are tried; one clear error for each way the files can be wrong.
+
+The TFDS download path itself is tested in ``test_tfds_download.py``."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from bnn_bench.data import load
-from bnn_bench.data.sources import read_cifar10_folder, read_idx, read_idx_folder
+from bnn_bench.data import preset
+from bnn_bench.data.sources import read_idx
 from bnn_bench.errors import UserError
 
 
@@ -63,70 +65,115 @@ def test_idx_roundtrip_gz_and_raw(tmp_path):
     np.testing.assert_array_equal(read_idx(tmp_path / "b"), x)
 
 
-def test_idx_rejects_bad_magic_and_truncation(tmp_path):
+def test_idx_rejects_bad_magic_and_short_payload(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
-    with pytest.raises(ValueError, match="not an IDX file"):
+    with pytest.raises(UserError, match=r"bad is not an IDX file .* Re-download it"):
         read_idx(tmp_path / "bad")
-    x = np.zeros((4, 5), np.uint8)
-    write_idx(tmp_path / "short", x, gz=False)
+    write_idx(tmp_path / "short", np.zeros((4, 5), np.uint8), gz=False)
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-3])
-    with pytest.raises(ValueError, match="header says"):
+    with pytest.raises(UserError, match=r"short is truncated: its header says \(4, 5\)"):
         read_idx(tmp_path / "short")
 
 
+def test_truncated_gz_names_the_file_and_what_to_do(tmp_path):
+    make_idx_folder(tmp_path)
+    bad = tmp_path / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:-40])
+    with pytest.raises(UserError) as e:
+        preset("mnist", data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert f"{bad} is truncated or corrupt" in msg and "Re-download it or replace it" in msg
+    assert e.value.__cause__ is None  # one message, not a wrapped EOFError
+
+
 @pytest.mark.parametrize("gz", [True, False])
-def test_idx_folder_reader(tmp_path, gz):
+def test_mnist_from_data_dir(tmp_path, gz):
     arrays = make_idx_folder(tmp_path, gz=gz)
-    out = read_idx_folder(tmp_path)
-    assert out["train"][0].shape == (120, 28, 28, 1) and out["train"][0].dtype == np.uint8
-    np.testing.assert_array_equal(out["train"][0][..., 0], arrays["train"][0])
-    np.testing.assert_array_equal(out["test"][1], arrays["t10k"][1])
+    data = preset("mnist", data_dir=str(tmp_path), val_fraction=0.0)
+    assert data.source == f"local files in {tmp_path}"
+    assert data.train.x.shape == (120, 28, 28, 1) and data.train.x.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(data.train.x)[..., 0], arrays["train"][0])
+    np.testing.assert_array_equal(np.asarray(data.test.y), arrays["t10k"][1])
+    assert data.spec.class_names == tuple("0123456789") and data.spec.mean == (0.1307,)
 
 
-def test_cifar10_folder_subfolder_and_archive(tmp_path):
+def test_cifar10_from_batches_subfolder_and_archive(tmp_path):
     images = make_cifar_batches(tmp_path / "cifar-10-batches-py")
     for where in (tmp_path / "cifar-10-batches-py", tmp_path):
-        out = read_cifar10_folder(where)
-        assert out["train"][0].shape == (100, 32, 32, 3)
-        np.testing.assert_array_equal(out["train"][0][:20], images["data_batch_1"][0])
-        np.testing.assert_array_equal(out["test"][0], images["test_batch"][0])
-        np.testing.assert_array_equal(out["test"][1], images["test_batch"][1])
+        data = preset("cifar10", data_dir=str(where), val_fraction=0.0)
+        assert data.train.x.shape == (100, 32, 32, 3)
+        np.testing.assert_array_equal(np.asarray(data.train.x)[:20], images["data_batch_1"][0])
+        np.testing.assert_array_equal(np.asarray(data.test.x), images["test_batch"][0])
+        np.testing.assert_array_equal(np.asarray(data.test.y), images["test_batch"][1])
     archive_dir = tmp_path / "archive"
     archive_dir.mkdir()
     with tarfile.open(archive_dir / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    out = read_cifar10_folder(archive_dir)
-    np.testing.assert_array_equal(out["train"][0][-20:], images["data_batch_5"][0])
+    data = preset("cifar10", data_dir=str(archive_dir), val_fraction=0.0)
+    np.testing.assert_array_equal(np.asarray(data.train.x)[-20:], images["data_batch_5"][0])
+    assert data.spec.input_shape == (32, 32, 3) and data.spec.class_names[0] == "airplane"
 
 
-def test_load_local_mnist_family_with_validation(tmp_path):
+def test_truncated_cifar_archive_names_the_file(tmp_path):
+    make_cifar_batches(tmp_path / "cifar-10-batches-py")
+    archive = tmp_path / "a" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"{archive} is truncated or corrupt"):
+        preset("cifar10", data_dir=str(archive.parent))
+
+
+def test_validation_carved_from_train_or_test(tmp_path):
     arrays = make_idx_folder(tmp_path)
-    data = load("mnist", source="local", data_dir=str(tmp_path), val_fraction=0.25)
+    data = preset("mnist", data_dir=str(tmp_path), val_fraction=0.25)
     assert (data.train.size, data.val.size, data.test.size) == (90, 30, 40)
-    assert data.train.x.dtype == np.uint8 and data.train.x.shape[1:] == (28, 28, 1)
     # train + val are exactly the original training set, no example lost or repeated
     together = np.concatenate([np.asarray(data.train.x), np.asarray(data.val.x)])
     original = arrays["train"][0][..., None]
     assert sorted(map(bytes, together)) == sorted(map(bytes, original))
     # half of the test split validates, as in the JaxSGMC tutorial
-    half = load("mnist", source="local", data_dir=str(tmp_path), val_from="test", val_fraction=0.5)
+    half = preset("mnist", data_dir=str(tmp_path), val_from="test", val_fraction=0.5)
     assert (half.train.size, half.val.size, half.test.size) == (120, 20, 20)
 
 
-def test_load_local_cifar10(tmp_path):
-    make_cifar_batches(tmp_path)
-    data = load("cifar10", data_dir=str(tmp_path), download=False, val_fraction=0.0)
-    assert data.val is None and data.train.x.shape == (100, 32, 32, 3)
-    assert data.spec.input_shape == (32, 32, 3) and "local files" in data.source
+def test_missing_data_dir_is_an_error_not_a_fallback(tmp_path):
+    """A data_dir the user names is the source: Fashion-MNIST's system copy (when
+    installed) must not be used instead."""
+    with pytest.raises(UserError) as e:
+        preset("fashion_mnist", data_dir=str(tmp_path / "nowhere"))
+    msg = str(e.value)
+    assert f"dataset.data_dir={tmp_path / 'nowhere'} does not exist" in msg
+    assert "train-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
 
 
-def test_missing_data_without_download_is_one_clear_error(tmp_path, monkeypatch):
+def test_data_dir_without_test_files_names_them(tmp_path):
+    make_idx_folder(tmp_path)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).unlink()
+    with pytest.raises(UserError) as e:
+        preset("fashion_mnist", data_dir=str(tmp_path))
+    assert str(e.value).startswith(
+        f"dataset.data_dir={tmp_path} lacks t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz."
+    )
+    make_cifar_batches(tmp_path / "c")
+    (tmp_path / "c" / "test_batch").unlink()
+    with pytest.raises(UserError, match=r"c lacks test_batch\. It should hold cifar-10-python"):
+        preset("cifar10", data_dir=str(tmp_path / "c"))
+
+
+def test_nothing_found_without_download_says_how(tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     with pytest.raises(UserError) as e:
-        load("cifar10", data_dir=str(tmp_path / "nowhere"), download=False)
+        preset("cifar10", download=False)
     msg = str(e.value)
-    assert "Could not find dataset 'cifar10'" in msg and "dataset.data_dir" in msg
-    assert "nowhere" in msg
+    assert msg.startswith("Could not find dataset 'cifar10' (dataset.source=auto, dataset.down")
+    assert f"no cifar10 folder in {tmp_path / 'tfds'}" in msg
+    assert "dataset.download=true" in msg and "cifar-10-python.tar.gz" in msg
+    assert "dataset.tfds_data_dir" in msg
+    with pytest.raises(UserError, match="dataset.source=local needs dataset.data_dir=PATH"):
+        preset("mnist", source="local")
 
 
 def test_wrong_shape_files_are_rejected(tmp_path):
@@ -138,32 +185,79 @@ def test_wrong_shape_files_are_rejected(tmp_path):
         )
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.zeros(8, np.uint8))
     with pytest.raises(UserError, match=r"shape \(32, 32, 1\), expected \(28, 28, 1\)"):
-        load("mnist", source="local", data_dir=str(tmp_path))
-
-
-def test_tfds_source_through_tfds_mock(tmp_path):
-    """TFDS's own testing facility replaces download and reading with random examples of
-    the real feature spec; our reader must turn them into the usual arrays."""
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=24):
-        data = load(
-            "fashion_mnist",
-            source="tfds",
-            tfds_data_dir=str(tmp_path),
-            download=True,
-            val_fraction=0.25,
-        )
-    assert data.source == "TFDS download"
-    assert data.train.x.shape == (18, 28, 28, 1) and data.val.size == 6
-    assert data.test.x.shape == (24, 28, 28, 1) and data.test.x.dtype == np.uint8
-    assert int(data.train.y.max()) < 10
-    with tfds.testing.mock_data(num_examples=8):
-        cifar = load("cifar10", source="tfds", tfds_data_dir=str(tmp_path), val_fraction=0.0)
-    assert cifar.train.x.shape == (8, 32, 32, 3)
+        preset("mnist", data_dir=str(tmp_path))
 
 
 def test_unknown_dataset_and_source():
-    with pytest.raises(UserError, match="Unknown dataset 'imagenet'"):
-        load("imagenet")
+    with pytest.raises(UserError, match="Unknown dataset 'imagenet'. Known: cifar10, fashion"):
+        preset("imagenet")
     with pytest.raises(UserError, match="dataset.source must be one of"):
-        load("mnist", source="ftp")
+        preset("mnist", source="ftp")
+
+
+def located(*overrides: str):
+    """What a dry run does: the dataset node with ``locate`` in place of ``load``."""
+    from bnn_bench.config import build
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(*overrides).dataset
+    return build(cfg, "dataset", _target_=cfg._target_.rsplit(".", 1)[0] + ".locate")
+
+
+@pytest.mark.parametrize(
+    "split", [[], ["dataset.subset=50", "dataset.val_fraction=0.2"], ["dataset.val_from=test"]]
+)
+def test_locate_agrees_with_load_without_reading(tmp_path, split):
+    make_idx_folder(tmp_path)
+    overrides = ["dataset=mnist", f"dataset.data_dir={tmp_path}", *split]
+    where = located(*overrides)
+    from bnn_bench.config import build
+    from tests.conftest import compose_cfg
+
+    data = build(compose_cfg(*overrides).dataset, "dataset")
+    assert where.source == data.source and where.spec == data.spec
+    assert where.sizes == {"train": data.train.size, "val": data.val.size, "test": data.test.size}
+
+
+def test_locate_synthetic_and_cifar(tmp_path):
+    from bnn_bench.data.synthetic import load as synthetic
+
+    data = synthetic(train_size=100, test_size=30, val_from="test", val_fraction=0.5)
+    where = located("dataset=synthetic", "dataset.train_size=100", "dataset.test_size=30",
+                    "dataset.val_from=test", "dataset.val_fraction=0.5")  # fmt: skip
+    assert where.sizes == {"train": data.train.size, "val": data.val.size, "test": data.test.size}
+    assert where.spec == data.spec
+    make_cifar_batches(tmp_path)
+    cifar = located("dataset=cifar10", f"dataset.data_dir={tmp_path}")
+    assert cifar.source == f"local files in {tmp_path}" and cifar.sizes is None
+
+
+def test_locate_refuses_what_load_refuses(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="does not exist"):
+        located("dataset=mnist", f"dataset.data_dir={tmp_path / 'nowhere'}")
+    with pytest.raises(UserError, match="dataset.val_fraction must be in"):
+        located("dataset=mnist", "dataset.val_fraction=1.5")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="Could not find dataset 'mnist'"):
+        located("dataset=mnist", "dataset.download=false")
+
+
+def test_locate_a_download_without_tensorflow(tmp_path):
+    """A dry run of a dataset TFDS would download: named as such, in a process that never
+    imports TensorFlow (seconds per job in a sweep)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    code = (
+        "import sys\n"
+        "from tests.data.test_sources import located\n"
+        f"w = located('dataset=cifar10', 'dataset.tfds_data_dir={tmp_path}')\n"
+        "print(w.source, w.sizes, 'tensorflow' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "TFDS download None False"

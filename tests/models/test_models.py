@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bnn_bench.config import build
-from bnn_bench.data import KNOWN, Spec
+from bnn_bench.data import Spec
 from bnn_bench.errors import UserError
 from bnn_bench.models import build_model, num_params
 from bnn_bench.models.lenet import adaptive_avg_pool
@@ -17,8 +17,10 @@ from tests.conftest import compose_cfg, config_choices
 
 
 def spec_of(name: str, resize=None) -> Spec:
-    k = KNOWN[name]
-    return Spec(name, k.shape, len(k.class_names), k.class_names, k.mean, k.std, resize)
+    """The spec of ``conf/dataset/<name>.yaml``, without reading its data."""
+    d = compose_cfg(f"dataset={name}").dataset
+    names = tuple(d.class_names)
+    return Spec(name, tuple(d.shape), len(names), names, tuple(d.mean), tuple(d.std), resize)
 
 
 CASES = [
