@@ -243,7 +243,7 @@ def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
     data, method, post = _fit(
         map_dir,
         f"method/laplace/structure={structure}",
-        "method.structure.rank=10",
+        *(["method.structure.rank=10"] if structure == "lanczos" else []),
         "method.prior_precision=1.0",
         "method.predictive.num_samples=6",
     )
