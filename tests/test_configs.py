@@ -12,26 +12,27 @@ from bnn_bench.errors import UserError
 from tests.conftest import CLI, cli_env, compose_cfg, config_choices
 
 GROUPS = ["dataset", "model", "method", "trainer", "eval", "logger"]
-# groups composed by a method's YAML (trainer: by the methods that train)
+# groups composed by a method's YAML (trainer: by the methods that train): the method
+# that composes each, and where its node lands
 NESTED = {
-    "trainer/optimizer": "method=map",
-    "trainer/schedule": "method=map",
-    "method/laplace/structure": "method=laplace",
-    "method/laplace/curvature": "method=laplace",
-    "method/laplace/predictive": "method=laplace",
-    "method/laplace/prior_precision": "method=laplace",
+    "trainer/optimizer": ("method=map", "trainer.optimizer"),
+    "trainer/schedule": ("method=map", "trainer.schedule"),
+    "method/laplace/structure": ("method=laplace", "method.structure"),
+    "method/laplace/curvature": ("method=laplace", "method.curvature"),
+    "method/laplace/predictive": ("method=laplace", "method.predictive"),
+    "method/laplace/prior_precision": ("method=laplace", "method.prior_precision"),
 }
 CHOICES = [
-    *[(g, c, ()) for g in GROUPS if g != "trainer" for c in config_choices(g)],
-    *[(g, c, (base,)) for g, base in NESTED.items() for c in config_choices(g)],
+    *[(g, c, (), g) for g in GROUPS if g != "trainer" for c in config_choices(g)],
+    *[(g, c, (base,), node) for g, (base, node) in NESTED.items() for c in config_choices(g)],
 ]
 
 
-@pytest.mark.parametrize("group,choice,base", CHOICES)
-def test_every_choice_composes_and_validates(group, choice, base):
+@pytest.mark.parametrize("group,choice,base,node", CHOICES)
+def test_every_choice_composes_and_validates(group, choice, base, node):
     cfg = compose_cfg(*base, f"{group}={choice}")
     validate(cfg)  # every _target_ exists and takes exactly its YAML's keys
-    assert OmegaConf.select(cfg, f"{group.replace('/', '.')}._target_")
+    assert OmegaConf.select(cfg, f"{node}._target_")
 
 
 @pytest.mark.parametrize("dataset", config_choices("dataset"))
