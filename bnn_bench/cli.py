@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from bnn_bench.checkpoint import Preempted
 from bnn_bench.errors import UserError
+from bnn_bench.groups import check_overrides
 from bnn_bench.run import run
 
 _HERE = Path(__file__).resolve().parent
@@ -80,5 +81,17 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("test/acc")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``bnn-bench`` command: refuses ``trainer.*`` overrides for a method that does
+    not train (Hydra would stop with "Key 'trainer' is not in struct" before ``main``),
+    then runs ``main``."""
+    try:
+        check_overrides(sys.argv[1:], CONF)
+    except UserError as e:
+        print(f"bnn-bench: error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -16,6 +16,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bnn_bench.errors import UserError
+from bnn_bench.groups import check_composed
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -39,6 +40,8 @@ def validate(cfg: Any, path: str = "") -> None:
       UserError: naming the first unknown target or unknown key, with the
         accepted keys and the closest match.
     """
+    if not path and isinstance(cfg, DictConfig):
+        check_composed(cfg)  # a trainer node reached a method that does not train
     if isinstance(cfg, ListConfig):
         for i, item in enumerate(cfg):
             validate(item, f"{path}[{i}]")

@@ -12,9 +12,8 @@ shared environment, e.g.:
 
     python -m venv --system-site-packages /tmp/laplax_venv
     /tmp/laplax_venv/bin/pip install laplax
-    bnn-bench method=map model=cnn dataset=fashion_mnist trainer.optimizer=adamw \\
-        trainer.learning_rate=3e-4 trainer.weight_decay=1e-4 trainer.steps=2200 \\
-        trainer.batch_size=32 hydra.run.dir=outputs/fmnist_map
+    bnn-bench experiment=laplax_mnist dataset=fashion_mnist method=map \\
+        hydra.run.dir=outputs/fmnist_map
     PYTHONPATH=. /tmp/laplax_venv/bin/python scripts/bench_laplace.py --map-run outputs/fmnist_map
 """
 
@@ -32,7 +31,8 @@ import numpy as np
 from bnn_bench.data import preset
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.methods.laplace import Laplace
+from bnn_bench.methods.curvature import GGN
+from bnn_bench.methods.laplace import Fixed, Lanczos, Laplace, Linearised
 from bnn_bench.methods.map import load_point
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import build_model
@@ -107,13 +107,12 @@ def main(argv=None) -> int:
     method = Laplace(
         trainer=Trainer(),
         init_from=args.map_run,
-        curvature="lanczos",
-        rank=args.rank,
+        structure=Lanczos(rank=args.rank),
+        curvature=GGN(),
         curvature_batches=args.batches,
         curvature_batch_size=args.batch_size,
-        prior_precision=args.prior_precision,
-        predictive="linearised",
-        num_samples=args.samples,
+        prior_precision=Fixed(args.prior_precision),
+        predictive=Linearised(num_samples=args.samples),
     )
     plan = EvalPlan({"test": x_test})
     ours: dict[str, float] = {}

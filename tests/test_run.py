@@ -69,8 +69,12 @@ BAD_INPUT = {
         ["model cnn cannot take synthetic inputs of shape (6, 6, 1)", "dataset.resize"],
     ),
     "bad optimizer": (
-        [*TINY, "trainer.optimizer=adagrad"],
-        ["trainer.optimizer must be one of adam, adamw, sgd"],
+        [*TINY, "trainer/optimizer=adagrad"],
+        ["Could not find 'trainer/optimizer/adagrad'", "adamw"],
+    ),
+    "trainer keys for a sampler": (
+        [*(o for o in TINY if not o.startswith("method")), "method=sgld"],
+        ["method=sgld does not train a network", "method.epochs=4"],
     ),
 }
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -40,29 +41,52 @@ import jax.numpy as jnp
 import numpy as np
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (theta (P,), x (B, ...)) -> (B, C)
-APPROXIMATIONS = ("ggn", "empirical_fisher")
 
 
 # --------------------------------------------------------------------------- curvature
 
 
-def loss_hessian_factor(logits: jax.Array, labels: jax.Array, approximation: str) -> jax.Array:
-    """L (B, C, K) with L Lᵀ the per-input curvature of the cross-entropy at the logits.
+@dataclass(frozen=True)
+class GGN:
+    """The generalised Gauss-Newton: H_i = diag(p_i) − p_i p_iᵀ, the cross-entropy's
+    Hessian at the logits (``method/laplace/curvature=ggn``)."""
 
-    GGN: L = diag(√p) − p √pᵀ (K = C), so L Lᵀ = diag(p) − p pᵀ because Σ p = 1.
-    Empirical Fisher: L = p − onehot(y) (K = 1).
-
-    Args:
-      logits: (B, C).
-      labels: (B,) integer labels (used by the empirical Fisher only).
-      approximation: ``ggn`` or ``empirical_fisher``.
-    """
-    p = jax.nn.softmax(logits, axis=-1)
-    if approximation == "ggn":
+    def factor(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """L (B, C, C) = diag(√p) − p √pᵀ, so L Lᵀ = diag(p) − p pᵀ because Σ p = 1."""
+        del labels
+        p = jax.nn.softmax(logits, axis=-1)
         sq = jnp.sqrt(p)
-        return jax.vmap(jnp.diag)(sq) - p[:, :, None] * sq[:, None, :]  # (B, C, C)
-    r = p - jax.nn.one_hot(labels, logits.shape[-1], dtype=p.dtype)
-    return r[:, :, None]  # (B, C, 1)
+        return jax.vmap(jnp.diag)(sq) - p[:, :, None] * sq[:, None, :]
+
+    def product(self, logits: jax.Array, labels: jax.Array, jv: jax.Array) -> jax.Array:
+        """H jv (B, C) without forming H."""
+        del labels
+        p = jax.nn.softmax(logits, axis=-1)
+        return p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class EmpiricalFisher:
+    """The empirical Fisher: H_i = r_i r_iᵀ, r_i = p_i − onehot(y_i), so J_iᵀ H_i J_i is
+    the outer product of the per-example loss gradient (``method/laplace/curvature=
+    empirical_fisher``)."""
+
+    def factor(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """L (B, C, 1) = p − onehot(y)."""
+        return _residual(logits, labels)[:, :, None]
+
+    def product(self, logits: jax.Array, labels: jax.Array, jv: jax.Array) -> jax.Array:
+        """H jv (B, C) = r (rᵀ jv)."""
+        r = _residual(logits, labels)
+        return r * jnp.sum(r * jv, axis=-1, keepdims=True)
+
+
+LossCurvature = GGN | EmpiricalFisher
+
+
+def _residual(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    p = jax.nn.softmax(logits, axis=-1)
+    return p - jax.nn.one_hot(labels, logits.shape[-1], dtype=p.dtype)
 
 
 def curvature_mv(
@@ -72,7 +96,7 @@ def curvature_mv(
     y: jax.Array,
     weights: jax.Array,
     v: jax.Array,
-    approximation: str = "ggn",
+    kind: LossCurvature = GGN(),
 ) -> jax.Array:
     """(Σ_i w_i J_iᵀ H_i J_i) v for one batch, by one jvp and one vjp; nothing P x P is formed.
 
@@ -83,19 +107,13 @@ def curvature_mv(
       weights: (B,) per-input weights (0 masks padding; the data-size scaling is the
         caller's).
       v: (P,) the vector.
-      approximation: ``ggn`` or ``empirical_fisher``.
+      kind: the loss curvature, ``GGN()`` or ``EmpiricalFisher()``.
 
     Returns:
       (P,) the product.
     """
     logits, jvp_fn = jax.linearize(lambda t: logits_fn(t, x), theta)
-    jv = jvp_fn(v)  # (B, C)
-    p = jax.nn.softmax(logits, axis=-1)
-    if approximation == "ggn":
-        hjv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
-    else:
-        r = p - jax.nn.one_hot(y, logits.shape[-1], dtype=p.dtype)
-        hjv = r * jnp.sum(r * jv, axis=-1, keepdims=True)
+    hjv = kind.product(logits, y, jvp_fn(v))  # (B, C)
     (out,) = jax.linear_transpose(jvp_fn, theta)(hjv * weights[:, None])
     return out
 
@@ -106,7 +124,7 @@ def per_example_factors(
     x: jax.Array,
     y: jax.Array,
     weights: jax.Array,
-    approximation: str = "ggn",
+    kind: LossCurvature = GGN(),
 ) -> jax.Array:
     """M (B, K, P) with Σ_i M_iᵀ M_i = Σ_i w_i J_iᵀ H_i J_i: rows √w_i (J_iᵀ L_i)ᵀ.
 
@@ -116,7 +134,7 @@ def per_example_factors(
     def one(xi, yi, wi):
         f = lambda t: logits_fn(t, xi[None])[0]
         logits, vjp_fn = jax.vjp(f, theta)
-        L = loss_hessian_factor(logits[None], yi[None], approximation)[0] * jnp.sqrt(wi)
+        L = kind.factor(logits[None], yi[None])[0] * jnp.sqrt(wi)
         return jax.vmap(lambda col: vjp_fn(col)[0])(L.T)  # (K, P)
 
     return jax.vmap(one)(x, y, weights)
@@ -128,11 +146,11 @@ def diagonal_batch(
     x: jax.Array,
     y: jax.Array,
     weights: jax.Array,
-    approximation: str = "ggn",
+    kind: LossCurvature = GGN(),
 ) -> jax.Array:
     """(P,) the exact diagonal of Σ_i w_i J_iᵀ H_i J_i for one batch (not a Hutchinson
     estimate): Σ_i Σ_k M_ik², M from ``per_example_factors``."""
-    m = per_example_factors(logits_fn, theta, x, y, weights, approximation)
+    m = per_example_factors(logits_fn, theta, x, y, weights, kind)
     return jnp.sum(jnp.square(m), axis=(0, 1))
 
 
@@ -142,10 +160,10 @@ def dense_batch(
     x: jax.Array,
     y: jax.Array,
     weights: jax.Array,
-    approximation: str = "ggn",
+    kind: LossCurvature = GGN(),
 ) -> jax.Array:
     """(P, P) Σ_i w_i J_iᵀ H_i J_i for one batch; for the last layer or tiny networks."""
-    m = per_example_factors(logits_fn, theta, x, y, weights, approximation)
+    m = per_example_factors(logits_fn, theta, x, y, weights, kind)
     m = m.reshape(-1, m.shape[-1])
     return m.T @ m
 

@@ -6,21 +6,18 @@
 the same seed) or loaded from an earlier run (``init_from``). G comes from
 matrix-vector products over ``curvature_batches`` training batches (all of them by
 default), scaled to the N training examples as laplax's ``create_ggn_mv(...,
-num_total_samples=N)``; its structure is
+num_total_samples=N)``. Each choice is an object, chosen by a config group under
+``conf/method/laplace/``:
 
-* ``lanczos``: rank-k eigenpairs by Lanczos (laplax's ``create_posterior_fn("lanczos")``);
-  the other directions keep the prior variance 1/τ;
-* ``diagonal``: the exact diagonal of G (per-example vector-Jacobian products, not a
-  Hutchinson estimate);
-* ``last_layer``: G dense over the last layer's parameters, the rest fixed at θ*;
-* ``full``: G dense over all parameters (tiny networks and tests).
-
-The prior precision τ is fixed, or ``optimize``d: the maximiser of the Laplace
-evidence (``optimize_by=marglik``) or the minimiser of validation NLL on a grid
-(``optimize_by=val_nll``). Members are posterior samples pushed through the
-linearised network f(x, θ*) + J(x) δ (``linearised``, laplax's ``lin_mc_pred_act``)
-or the network itself f(x, θ* + δ) (``weights``), or one member from the probit
-approximation softmax(μ / √(1 + π/8 σ²)) (``probit``; MacKay, 1992).
+* ``structure``: ``lanczos`` (rank-k eigenpairs; laplax's ``create_posterior_fn
+  ("lanczos")``), ``diagonal`` (the exact diagonal), ``last_layer`` (dense over the
+  last layer) or ``full`` (dense over all parameters);
+* ``curvature``: ``ggn`` or ``empirical_fisher`` (``curvature.py``);
+* ``prior_precision``: ``val_nll`` (the validation-NLL minimiser on a grid),
+  ``marglik`` (the maximiser of the Laplace evidence) or ``fixed`` (or a number);
+* ``predictive``: ``linearised`` (f(x, θ*) + J(x) δ; laplax's ``lin_mc_pred_act``),
+  ``weights`` (f(x, θ* + δ)) or ``probit`` (one member, softmax(μ / √(1 + π/8 σ²));
+  MacKay, 1992).
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -53,11 +50,9 @@ from bnn_bench.models import Model, Params, State, num_params
 
 logger = logging.getLogger(__name__)
 
-STRUCTURES = ("lanczos", "diagonal", "last_layer", "full")
-PREDICTIVES = ("linearised", "probit", "weights")
-OPTIMIZE_BY = ("marglik", "val_nll")
 FULL_MAX_PARAMS = 5000  # a dense P x P eigendecomposition beyond this is impractical
 _JACOBIAN_FLOATS = 2**24  # per-example Jacobians per probit batch: (b, C, P) <= this
+_bar = partial(tqdm, file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
 @struct.dataclass
@@ -97,6 +92,356 @@ class LaplacePosterior:
         return dict(self.info)
 
 
+# ---------------------------------------------------------------------- structure
+# Which parameters the Gaussian covers and the form of its curvature:
+# ``method/laplace/structure=lanczos|diagonal|last_layer|full``.
+
+
+class Structure:
+    """The form of G: ``head`` picks the parameters, ``fit`` builds G from the curvature
+    batches."""
+
+    def head(self, shapes: Params) -> str | None:
+        """The key in ``params`` the Gaussian is over, or None for all parameters."""
+        del shapes
+        return None
+
+    def check(self, dim: int) -> None:
+        """Refuses a structure that cannot hold ``dim`` parameters (before training)."""
+        del dim
+
+    def fit(
+        self,
+        key: jax.Array,
+        post: LaplacePosterior,
+        train: Split,
+        idx: jax.Array,
+        weights: jax.Array,
+        factor: float,
+        kind: cv.LossCurvature,
+    ) -> cv.Curvature:
+        """G over the batches ``train[idx]`` (weights mask padding), times ``factor``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Lanczos(Structure):
+    """Rank-k eigenpairs of G by Lanczos (laplax's ``create_posterior_fn("lanczos")``); the
+    other directions keep the prior variance 1/τ.
+
+    Attributes:
+      rank: Lanczos iterations k = the rank of the curvature.
+    """
+
+    rank: int = 100
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise UserError(f"method.structure.rank must be >= 1; got {self.rank}.")
+
+    def fit(self, key, post, train, idx, weights, factor, kind):
+        dim = post.theta.shape[0]
+        xs, ys = train.x[idx], train.y[idx]  # (nb, B, H, W, C), (nb, B)
+        with _bar(total=min(self.rank, dim), desc="lanczos", unit="mv") as pbar:
+            evals, evecs = cv.lanczos(
+                key,
+                lambda v: factor * _curvature_mv(post, xs, ys, weights, v, kind),
+                dim,
+                self.rank,
+                progress=pbar.update,
+            )
+        return cv.Curvature(evecs, evals, jnp.zeros(dim, jnp.float32))
+
+
+@dataclass(frozen=True)
+class Diagonal(Structure):
+    """The exact diagonal of G (per-example vector-Jacobian products, not a Hutchinson
+    estimate)."""
+
+    def fit(self, key, post, train, idx, weights, factor, kind):
+        del key
+        return cv.from_diagonal(factor * _summed(post, train, idx, weights, kind, dense=False))
+
+
+@dataclass(frozen=True)
+class Full(Structure):
+    """G dense over all parameters (tiny networks and tests)."""
+
+    def check(self, dim: int) -> None:
+        if dim > FULL_MAX_PARAMS:
+            raise UserError(
+                f"method/laplace/structure=full needs a dense {dim:,} x {dim:,} matrix; "
+                f"it is limited to {FULL_MAX_PARAMS:,} parameters. Use "
+                f"method/laplace/structure=lanczos, diagonal or last_layer."
+            )
+
+    def fit(self, key, post, train, idx, weights, factor, kind):
+        del key
+        return cv.from_dense(factor * _summed(post, train, idx, weights, kind, dense=True))
+
+
+@dataclass(frozen=True)
+class LastLayer(Full):
+    """G dense over the last layer's parameters; the rest stay at θ*."""
+
+    def head(self, shapes: Params) -> str | None:
+        return list(shapes)[-1]
+
+    def check(self, dim: int) -> None:
+        del dim  # a last layer is small
+
+
+def _summed(post, train: Split, idx, weights, kind: cv.LossCurvature, dense: bool) -> jax.Array:
+    """The unscaled dense (P, P) curvature or its diagonal (P,), batch by batch."""
+    dim = post.theta.shape[0]
+    acc = jnp.zeros((dim, dim) if dense else (dim,), jnp.float32)
+    desc = f"{'dense' if dense else 'diagonal'} curvature"
+    for i in _bar(range(idx.shape[0]), desc=desc, unit="batch"):
+        acc = _accumulate(
+            acc, post, train.x[idx[i]], train.y[idx[i]], weights[i], dense=dense, kind=kind
+        )
+    return acc
+
+
+# ---------------------------------------------------------------------- predictive
+# How members are drawn: ``method/laplace/predictive=linearised|weights|probit``.
+
+
+class Predictive:
+    """Members of the Laplace posterior: ``members`` streams their probabilities."""
+
+    size: int  # members S
+
+    def members(
+        self, key: jax.Array, post: LaplacePosterior, x: jax.Array, chunk_size: int
+    ) -> Iterator[jax.Array]:
+        """Probabilities (s, N, C) of chunks of members."""
+        raise NotImplementedError
+
+    def nll_fn(
+        self, key: jax.Array, post: LaplacePosterior, val: Split, chunk_size: int
+    ) -> Callable[[float], float]:
+        """τ -> validation NLL of this predictive (members drawn with ``key``)."""
+
+        def nll(tau):
+            p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
+            probs = sum(c.sum(0) for c in self.members(key, p, val.x, chunk_size))
+            return M.nll(probs / self.size, val.y)
+
+        return nll
+
+
+@dataclass(frozen=True)
+class _Sampled(Predictive):
+    num_samples: int = 30
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise UserError(f"method.predictive.num_samples must be >= 1; got {self.num_samples}.")
+
+    @property
+    def size(self) -> int:
+        return self.num_samples
+
+    linearised = True
+
+    def members(self, key, post, x, chunk_size):
+        """Member s uses the deviation δ_s = Σ^{1/2} z_s, z_s ~ N(0, I) from
+        ``fold_in(key, s)``, whatever x is."""
+        for start in range(0, self.num_samples, chunk_size):
+            ids = jnp.arange(start, min(start + chunk_size, self.num_samples))
+            yield _sampled_probs(
+                post, x, key, ids, batch_size=post.model.batch_size, linearised=self.linearised
+            )  # (s, N, C)
+
+
+@dataclass(frozen=True)
+class Linearised(_Sampled):
+    """Monte Carlo in function space: members f(x, θ*) + J(x) δ (laplax's
+    ``lin_mc_pred_act``).
+
+    Attributes:
+      num_samples: members S.
+    """
+
+    def nll_fn(self, key, post, val, chunk_size):
+        if bool(jnp.any(post.curvature.diag)):
+            return super().nll_fn(key, post, val, chunk_size)
+        # d = 0: one pass of k + S tangents serves every τ of a grid
+        ids = jnp.arange(self.num_samples)
+        z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), post.theta.shape))(
+            ids
+        )  # (S, P)
+        terms = _function_space_terms(post, val.x, z, batch_size=post.model.batch_size)
+        uz = z @ post.curvature.basis  # (S, k)
+        return lambda tau: float(
+            _linearised_nll(terms, uz, post.curvature.eigvals, jnp.asarray(tau, jnp.float32), val.y)
+        )
+
+
+@dataclass(frozen=True)
+class WeightSpace(_Sampled):
+    """Monte Carlo in weight space: members are the network itself, f(x, θ* + δ).
+
+    Attributes:
+      num_samples: members S.
+    """
+
+    linearised = False
+
+
+@dataclass(frozen=True)
+class Probit(Predictive):
+    """One member from the probit approximation softmax(μ / √(1 + π/8 σ²)) of the
+    linearised predictive (MacKay, 1992)."""
+
+    size = 1
+
+    def members(self, key, post, x, chunk_size):
+        del key, chunk_size
+        c = post.model.spec.num_classes
+        b = max(1, min(post.model.batch_size, _JACOBIAN_FLOATS // (c * post.theta.shape[0])))
+        yield _probit_probs(post, x, batch_size=b)[None]  # (1, N, C)
+
+
+# ---------------------------------------------------------------------- prior precision
+# How τ is chosen: ``method/laplace/prior_precision=val_nll|marglik|fixed`` (or a number).
+
+
+class PriorPrecision:
+    """Chooses τ once the curvature is known."""
+
+    def check(self, data: Dataset) -> None:
+        """Refuses data this choice cannot work with (before training)."""
+        del data
+
+    def choose(
+        self,
+        key: jax.Array,
+        post: LaplacePosterior,
+        loglik: float,
+        sq: float,
+        val: Split | None,
+        predictive: Predictive,
+        chunk_size: int,
+    ) -> tuple[float, dict[str, float]]:
+        """τ and the numbers measured on the way (for metrics.json)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Fixed(PriorPrecision):
+    """A given τ (``method.prior_precision=<a number>`` is the same).
+
+    Attributes:
+      value: τ > 0.
+    """
+
+    value: float = 1.0
+
+    def __post_init__(self):
+        if not self.value > 0:
+            raise UserError(f"method.prior_precision must be positive; got {self.value}.")
+
+    def choose(self, key, post, loglik, sq, val, predictive, chunk_size):
+        return float(self.value), {}
+
+    def __str__(self) -> str:
+        return "fixed"
+
+
+def _check_range(prior_range) -> tuple[float, float]:
+    low, high = (float(v) for v in prior_range)
+    if not 0 < low < high:
+        raise UserError(
+            f"method.prior_precision.prior_range must be [low, high] with 0 < low < high; "
+            f"got {list(prior_range)}."
+        )
+    return low, high
+
+
+@dataclass(frozen=True)
+class ValNLL(PriorPrecision):
+    """The τ of a log-uniform grid whose predictive has the lowest validation NLL.
+
+    Attributes:
+      grid_size: points of the grid.
+      prior_range: [low, high], the range of the grid.
+    """
+
+    grid_size: int = 21
+    prior_range: tuple[float, float] = (1e-4, 1e6)
+
+    def __post_init__(self):
+        _check_range(self.prior_range)
+        if self.grid_size < 1:
+            raise UserError(f"method.prior_precision.grid_size must be >= 1; got {self.grid_size}.")
+
+    def check(self, data: Dataset) -> None:
+        if data.val is None:
+            raise UserError(
+                "method/laplace/prior_precision=val_nll needs a validation split; set "
+                "dataset.val_fraction=0.1 or use method/laplace/prior_precision=marglik."
+            )
+
+    def choose(self, key, post, loglik, sq, val, predictive, chunk_size):
+        low, high = (math.log(v) for v in _check_range(self.prior_range))
+        grid = np.exp(np.linspace(low, high, self.grid_size))
+        nll_fn = predictive.nll_fn(key, post, val, chunk_size)
+        nlls = []
+        for tau in _bar(grid, desc="prior precision (val NLL)"):
+            nlls.append(nll_fn(float(tau)))
+            logger.info("prior precision %.4g: val NLL %.4f", tau, nlls[-1])
+        best = int(np.nanargmin(nlls))
+        if best in (0, len(grid) - 1):
+            logger.warning(
+                "the best prior precision %.4g is at the end of "
+                "method.prior_precision.prior_range; widen the range if the optimum lies "
+                "beyond it.",
+                grid[best],
+            )
+        return float(grid[best]), {"laplace/val_nll": float(nlls[best])}
+
+    def __str__(self) -> str:
+        return "optimised by val_nll"
+
+
+@dataclass(frozen=True)
+class MargLik(PriorPrecision):
+    """The maximiser of the Laplace evidence log p(D | τ).
+
+    Attributes:
+      prior_range: [low, high], the range searched (1001 log-uniform points, then refined).
+    """
+
+    prior_range: tuple[float, float] = (1e-4, 1e6)
+
+    def __post_init__(self):
+        _check_range(self.prior_range)
+
+    def choose(self, key, post, loglik, sq, val, predictive, chunk_size):
+        curv = post.curvature
+        tau, _ = cv.maximise_marginal_likelihood(curv, loglik, sq, *self.prior_range)
+        rank, dim = curv.eigvals.shape[0], post.theta.shape[0]
+        if rank < dim and not bool(jnp.any(curv.diag)):
+            # Only k directions carry an Occam factor, while ‖θ*‖² spans all P: the
+            # evidence then favours τ near k/‖θ*‖², far too wide for the P − k rest.
+            logger.warning(
+                "the evidence of a rank-%d curvature over %d parameters tends to pick a "
+                "too small prior precision; prefer method/laplace/prior_precision=val_nll "
+                "for lanczos.",
+                rank,
+                dim,
+            )
+        return tau, {}
+
+    def __str__(self) -> str:
+        return "optimised by marglik"
+
+
+# ---------------------------------------------------------------------- the method
+
+
 @dataclass(frozen=True)
 class Laplace(MemberMethod):
     """Post-hoc Laplace approximation with a GGN (or empirical Fisher) curvature.
@@ -105,69 +450,46 @@ class Laplace(MemberMethod):
       trainer: trains the MAP network (ignored with ``init_from``).
       init_from: a run folder whose ``checkpoint/map.msgpack`` holds the MAP network
         (written by every ``map`` and ``laplace`` run); None to train.
-      curvature: posterior structure, ``lanczos``, ``diagonal``, ``last_layer`` or ``full``.
-      approximation: ``ggn`` (generalised Gauss-Newton) or ``empirical_fisher``.
-      rank: Lanczos iterations = rank of the low-rank curvature.
+      structure: the form of G: ``Lanczos``, ``Diagonal``, ``LastLayer`` or ``Full``.
+      curvature: the loss curvature: ``GGN`` or ``EmpiricalFisher``.
+      prior_precision: how τ is chosen: ``ValNLL``, ``MargLik``, ``Fixed``, or a number.
+      predictive: how members are drawn: ``Linearised``, ``WeightSpace`` or ``Probit``.
       curvature_batches: training batches the curvature is summed over (scaled to the
         full data size); None for the whole training split.
       curvature_batch_size: inputs per curvature batch.
-      prior_precision: τ, a positive number or ``optimize``.
-      optimize_by: ``marglik`` (maximise the Laplace evidence) or ``val_nll`` (minimise
-        the validation NLL of the predictive on a grid; needs a validation split).
-      prior_range: [low, high], the log-uniform range searched by ``optimize``.
-      grid_size: points of the ``val_nll`` grid (``marglik`` searches 1001, then refines).
-      predictive: ``linearised`` (MC in function space), ``probit`` (closed form, one
-        member) or ``weights`` (MC weight samples through the network).
-      num_samples: members S of the sampled predictives.
       chunk_size: members per streamed chunk (s, N, C).
     """
 
     trainer: Trainer
     init_from: str | None = None
-    curvature: str = "lanczos"
-    approximation: str = "ggn"
-    rank: int = 100
+    structure: Structure = field(default_factory=Lanczos)
+    curvature: cv.LossCurvature = field(default_factory=cv.GGN)
+    prior_precision: PriorPrecision | float = field(default_factory=ValNLL)
+    predictive: Predictive = field(default_factory=Linearised)
     curvature_batches: int | None = 50
     curvature_batch_size: int = 32
-    prior_precision: float | str = "optimize"
-    optimize_by: str = "val_nll"
-    prior_range: tuple[float, float] = (1e-4, 1e6)
-    grid_size: int = 21
-    predictive: str = "linearised"
-    num_samples: int = 30
     chunk_size: int = 10
 
     def __post_init__(self):
-        for name, value, allowed in (
-            ("curvature", self.curvature, STRUCTURES),
-            ("approximation", self.approximation, cv.APPROXIMATIONS),
-            ("predictive", self.predictive, PREDICTIVES),
-            ("optimize_by", self.optimize_by, OPTIMIZE_BY),
-        ):
-            if value not in allowed:
-                raise UserError(
-                    f"method.{name} must be one of {', '.join(allowed)}; got {value!r}."
-                )
         tau = self.prior_precision
-        if isinstance(tau, str):
-            if tau != "optimize":
+        if isinstance(tau, int | float) and not isinstance(tau, bool):
+            object.__setattr__(self, "prior_precision", Fixed(float(tau)))
+        for name, kind in (
+            ("structure", Structure),
+            ("curvature", cv.GGN | cv.EmpiricalFisher),
+            ("prior_precision", PriorPrecision),
+            ("predictive", Predictive),
+        ):
+            if not isinstance(getattr(self, name), kind):
                 raise UserError(
-                    f"method.prior_precision must be a positive number or 'optimize'; got {tau!r}."
+                    f"method.{name} must be a choice of method/laplace/{name} "
+                    f"(conf/method/laplace/{name}/); got {getattr(self, name)!r}."
                 )
-        elif not tau > 0:
-            raise UserError(f"method.prior_precision must be positive; got {tau}.")
-        low, high = (float(v) for v in self.prior_range)
-        if not 0 < low < high:
+        if min(self.curvature_batch_size, self.chunk_size) < 1 or (
+            self.curvature_batches is not None and self.curvature_batches < 1
+        ):
             raise UserError(
-                f"method.prior_range must be [low, high] with 0 < low < high; "
-                f"got {list(self.prior_range)}."
-            )
-        if min(
-            self.rank, self.curvature_batch_size, self.num_samples, self.chunk_size, self.grid_size
-        ) < 1 or (self.curvature_batches is not None and self.curvature_batches < 1):
-            raise UserError(
-                "method.rank, curvature_batches, curvature_batch_size, num_samples, "
-                "chunk_size and grid_size must be >= 1."
+                "method.curvature_batches, curvature_batch_size and chunk_size must be >= 1."
             )
         if self.init_from is not None:
             checkpoint_path(self.init_from)  # fails now, before data or training
@@ -179,23 +501,10 @@ class Laplace(MemberMethod):
     ) -> LaplacePosterior:
         del plan  # members are produced on demand
         shapes, _ = jax.eval_shape(model.init, key)
-        head = list(shapes)[-1] if self.curvature == "last_layer" else None
+        head = self.structure.head(shapes)
         dim = num_params(shapes[head] if head is not None else shapes)
-        if self.curvature == "full" and dim > FULL_MAX_PARAMS:
-            raise UserError(
-                f"method.curvature=full needs a dense {dim:,} x {dim:,} matrix; "
-                f"it is limited to {FULL_MAX_PARAMS:,} parameters. Use lanczos, "
-                f"diagonal or last_layer."
-            )
-        if (
-            self.prior_precision == "optimize"
-            and self.optimize_by == "val_nll"
-            and data.val is None
-        ):
-            raise UserError(
-                "method.optimize_by=val_nll needs a validation split; set "
-                "dataset.val_fraction > 0 or use optimize_by=marglik."
-            )
+        self.structure.check(dim)
+        self.prior_precision.check(data)
 
         # --- the MAP network: the same key as `method=map`, so the same network
         tic = time.perf_counter()
@@ -224,15 +533,17 @@ class Laplace(MemberMethod):
         )
         idx, weights = self._curvature_batches(jax.random.fold_in(key, 1), data.train.size)
         factor = data.train.size / float(weights.sum())
-        curv = self._curvature(jax.random.fold_in(key, 2), post, data.train, idx, weights, factor)
+        curv = self.structure.fit(
+            jax.random.fold_in(key, 2), post, data.train, idx, weights, factor, self.curvature
+        )
         loglik = factor * float(_log_likelihood(post, data.train, idx, weights))
         post = post.replace(curvature=curv)
         jax.block_until_ready(curv)
         t_curv = time.perf_counter() - tic
         logger.info(
             "%s %s curvature over %d parameters from %d examples (x%.1f) in %.1fs",
-            self.curvature,
-            self.approximation,
+            type(self.structure).__name__,
+            type(self.curvature).__name__,
             dim,
             int(weights.sum()),
             factor,
@@ -242,31 +553,15 @@ class Laplace(MemberMethod):
         # --- prior precision
         tic = time.perf_counter()
         sq = float(jnp.sum(jnp.square(theta)))
-        info: dict[str, float] = {}
-        if self.prior_precision != "optimize":
-            tau = float(self.prior_precision)
-        elif self.optimize_by == "marglik":
-            tau, _ = cv.maximise_marginal_likelihood(curv, loglik, sq, *self.prior_range)
-            if self.curvature == "lanczos":
-                # Only k directions carry an Occam factor, while ‖θ*‖² spans all P: the
-                # evidence then favours τ near k/‖θ*‖², far too wide for the P − k rest.
-                logger.warning(
-                    "the evidence of a rank-%d curvature over %d parameters "
-                    "tends to pick a too small prior precision; prefer "
-                    "optimize_by=val_nll for lanczos.",
-                    curv.eigvals.shape[0],
-                    dim,
-                )
-        else:
-            tau, info["laplace/val_nll"] = self._tune_on_validation(
-                jax.random.fold_in(key, 3), post, data.val
-            )
+        tau, info = self.prior_precision.choose(
+            jax.random.fold_in(key, 3), post, loglik, sq, data.val, self.predictive, self.chunk_size
+        )
         lml = float(cv.log_marginal_likelihood(curv, tau, loglik, sq))
         t_prior = time.perf_counter() - tic
         logger.info(
             "prior precision %.4g (%s); log marginal likelihood %.1f",
             tau,
-            "fixed" if self.prior_precision != "optimize" else f"optimised by {self.optimize_by}",
+            self.prior_precision,
             lml,
         )
         info |= {
@@ -295,97 +590,13 @@ class Laplace(MemberMethod):
         weights = (jnp.arange(nb * b) < n).astype(jnp.float32)
         return perm.reshape(nb, b), weights.reshape(nb, b)
 
-    def _curvature(
-        self, key, post: LaplacePosterior, train: Split, idx, weights, factor: float
-    ) -> cv.Curvature:
-        nb, dim = idx.shape[0], post.theta.shape[0]
-        bar = partial(tqdm, file=sys.stderr, disable=not sys.stderr.isatty(), dynamic_ncols=True)
-        if self.curvature == "lanczos":
-            xs, ys = train.x[idx], train.y[idx]  # (nb, B, H, W, C), (nb, B)
-            with bar(total=min(self.rank, dim), desc="lanczos", unit="mv") as pbar:
-                evals, evecs = cv.lanczos(
-                    key,
-                    lambda v: factor * _curvature_mv(post, xs, ys, weights, v, self.approximation),
-                    dim,
-                    self.rank,
-                    progress=pbar.update,
-                )
-            return cv.Curvature(evecs, evals, jnp.zeros(dim, jnp.float32))
-        dense = self.curvature in ("full", "last_layer")
-        acc = jnp.zeros((dim, dim) if dense else (dim,), jnp.float32)
-        for i in bar(range(nb), desc=f"{self.curvature} curvature", unit="batch"):
-            acc = _accumulate(
-                acc,
-                post,
-                train.x[idx[i]],
-                train.y[idx[i]],
-                weights[i],
-                dense=dense,
-                approximation=self.approximation,
-            )
-        acc = factor * acc
-        return cv.from_dense(acc) if dense else cv.from_diagonal(acc)
-
-    def _tune_on_validation(self, key, post: LaplacePosterior, val: Split) -> tuple[float, float]:
-        """The τ of a log-uniform grid whose predictive has the lowest validation NLL."""
-        low, high = (math.log(float(v)) for v in self.prior_range)
-        grid = np.exp(np.linspace(low, high, self.grid_size))
-        nll_fn = self._val_nll_fn(key, post, val)
-        nlls = []
-        for tau in tqdm(
-            grid, desc="prior precision (val NLL)", file=sys.stderr, disable=not sys.stderr.isatty()
-        ):
-            nlls.append(nll_fn(float(tau)))
-            logger.info("prior precision %.4g: val NLL %.4f", tau, nlls[-1])
-        best = int(np.nanargmin(nlls))
-        if best in (0, len(grid) - 1):
-            logger.warning(
-                "the best prior precision %.4g is at the end of method.prior_range; "
-                "widen the range if the optimum lies beyond it.",
-                grid[best],
-            )
-        return float(grid[best]), float(nlls[best])
-
-    def _val_nll_fn(self, key, post: LaplacePosterior, val: Split) -> Callable[[float], float]:
-        """τ -> validation NLL of this method's predictive (members drawn with ``key``)."""
-        if self.predictive == "linearised" and not bool(jnp.any(post.curvature.diag)):
-            ids = jnp.arange(self.num_samples)
-            z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), post.theta.shape))(
-                ids
-            )  # (S, P)
-            terms = _function_space_terms(post, val.x, z, batch_size=post.model.batch_size)
-            uz = z @ post.curvature.basis  # (S, k)
-            return lambda tau: float(
-                _linearised_nll(
-                    terms, uz, post.curvature.eigvals, jnp.asarray(tau, jnp.float32), val.y
-                )
-            )
-
-        def nll(tau):
-            p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-            probs = sum(c.sum(0) for c in self.members(key, p, val.x))
-            return M.nll(probs / (self.num_samples if self.predictive != "probit" else 1), val.y)
-
-        return nll
-
     # ------------------------------------------------------------------ members
 
     def members(
         self, key: jax.Array, posterior: LaplacePosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
-        """Probabilities (s, N, C) of members. Member s uses the deviation
-        δ_s = Σ^{1/2} z_s, z_s ~ N(0, I) from ``fold_in(key, s)``, whatever x is."""
-        batch = posterior.model.batch_size
-        if self.predictive == "probit":
-            c = posterior.model.spec.num_classes
-            b = max(1, min(batch, _JACOBIAN_FLOATS // (c * posterior.theta.shape[0])))
-            yield _probit_probs(posterior, x, batch_size=b)[None]  # (1, N, C)
-            return
-        for start in range(0, self.num_samples, self.chunk_size):
-            ids = jnp.arange(start, min(start + self.chunk_size, self.num_samples))
-            yield _sampled_probs(
-                posterior, x, key, ids, batch_size=batch, linearised=self.predictive == "linearised"
-            )  # (s, N, C)
+        """Probabilities (s, N, C) of chunks of the predictive's members."""
+        return self.predictive.members(key, posterior, x, self.chunk_size)
 
     def save(self, out_dir: Path, posterior: LaplacePosterior) -> Path:
         """Writes the MAP network, so a later run can reuse it with ``init_from``."""
@@ -497,7 +708,7 @@ def _probit_probs(post: LaplacePosterior, x: jax.Array, batch_size: int) -> jax.
     return _map_batches(batch_fn, x, batch_size)
 
 
-@partial(jax.jit, static_argnames=("dense", "approximation"))
+@partial(jax.jit, static_argnames=("dense", "kind"))
 def _accumulate(
     acc: jax.Array,
     post: LaplacePosterior,
@@ -505,11 +716,11 @@ def _accumulate(
     y: jax.Array,
     weights: jax.Array,
     dense: bool,
-    approximation: str,
+    kind: cv.LossCurvature,
 ) -> jax.Array:
     """acc + the batch's dense (P, P) curvature or its diagonal (P,)."""
     batch_fn = cv.dense_batch if dense else cv.diagonal_batch
-    return acc + batch_fn(post.logits_fn, post.theta, x, y, weights, approximation)
+    return acc + batch_fn(post.logits_fn, post.theta, x, y, weights, kind)
 
 
 _MV_BATCH = 256  # inputs per jitted curvature-vector product (whole curvature batches)
@@ -521,7 +732,7 @@ def _curvature_mv(
     ys: jax.Array,
     weights: jax.Array,
     v: jax.Array,
-    approximation: str,
+    kind: cv.LossCurvature,
 ) -> jax.Array:
     """Σ over the curvature batches xs (nb, B, ...), ys, weights (nb, B) of the
     curvature-vector product (unscaled), as a host loop over groups of batches: the
@@ -538,21 +749,21 @@ def _curvature_mv(
             ys[i:j].reshape(-1),
             weights[i:j].reshape(-1),
             v,
-            approximation,
+            kind,
         )
     return out
 
 
-@partial(jax.jit, static_argnames=("approximation",))
+@partial(jax.jit, static_argnames=("kind",))
 def _batch_mv(
     post: LaplacePosterior,
     x: jax.Array,
     y: jax.Array,
     w: jax.Array,
     v: jax.Array,
-    approximation: str,
+    kind: cv.LossCurvature,
 ) -> jax.Array:
-    return cv.curvature_mv(post.logits_fn, post.theta, x, y, w, v, approximation)
+    return cv.curvature_mv(post.logits_fn, post.theta, x, y, w, v, kind)
 
 
 def _log_likelihood(

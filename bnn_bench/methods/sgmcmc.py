@@ -34,6 +34,7 @@ from bnn_bench import checkpoint
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.methods import schedules
 from bnn_bench.methods.base import LogFn, no_log
 from bnn_bench.methods.sgmcmc_kernels import Kernel
 from bnn_bench.models import Model, Params
@@ -115,7 +116,8 @@ class SGMCMC:
 
     Attributes:
       kernel: a ``Kernel`` from ``sgmcmc_kernels`` (``sgld``, ``psgld``, ``sghmc``).
-      step_size: a schedule from ``schedules`` (``constant``, ``polynomial``, ``cyclical``).
+      step_size: a schedule from ``schedules`` (``constant``, ``polynomial``, ``cyclical``),
+        or a number: a constant step size (``method.step_size=3e-6``).
       temperature: T scales the injected noise (T = 1: the Bayes posterior; T < 1 cold).
       prior_scale: s of the Gaussian prior N(0, s² I) on all parameters.
       batch_size: minibatch size B.
@@ -131,7 +133,7 @@ class SGMCMC:
     """
 
     kernel: Kernel
-    step_size: Schedule
+    step_size: Schedule | float
     temperature: float = 1.0
     prior_scale: float = 1.0
     batch_size: int = 512
@@ -146,6 +148,8 @@ class SGMCMC:
     chunk_size: int = 100
 
     def __post_init__(self):
+        if isinstance(self.step_size, int | float) and not isinstance(self.step_size, bool):
+            object.__setattr__(self, "step_size", schedules.constant(self.step_size))
         if (self.accepted_samples is None) == (self.thinning is None):
             raise UserError(
                 "set exactly one of method.accepted_samples and method.thinning "

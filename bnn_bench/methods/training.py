@@ -13,8 +13,9 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -29,9 +30,6 @@ from bnn_bench.models import Model, Params, State
 from bnn_bench.reporting import cost
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "multistep")
 
 
 class TrainState(NamedTuple):
@@ -55,19 +53,17 @@ def epoch_batches(key: jax.Array, n: int, batch_size: int) -> jax.Array:
 
 @dataclass(frozen=True)
 class Trainer:
-    """Optimiser, schedule and budget for training a point estimate.
+    """Optimiser, learning-rate schedule and budget for training a point estimate.
 
     Attributes:
-      optimizer: ``adam``, ``adamw`` (decoupled weight decay) or ``sgd``.
-      learning_rate: peak learning rate.
-      momentum: SGD momentum (0 for plain SGD).
-      nesterov: Nesterov momentum for SGD.
-      b1, b2: Adam's moment decays.
-      weight_decay: L2 coefficient, added to the gradient for adam/sgd (PyTorch's
-        convention), decoupled for adamw.
-      schedule: ``constant``, ``cosine`` (to zero over the run) or ``multistep``.
-      milestones: epochs at which ``multistep`` multiplies the rate by ``gamma``.
-      gamma: the ``multistep`` factor.
+      optimizer: an optax optimiser waiting for its learning rate (``optax.adam`` with
+        ``_partial_: true``); the trainer passes ``learning_rate=<the schedule>``.
+      schedule: the learning rate per step: an optax schedule, a ``functools.partial``
+        of one that takes ``decay_steps`` (the trainer supplies the run's number of
+        steps), or a number (a constant rate).
+      l2: coupled weight decay: l2 · θ is added to the gradient before the optimiser
+        (PyTorch's ``weight_decay`` for SGD and Adam). ``optax.adamw``'s own
+        ``weight_decay`` is the decoupled kind.
       epochs: passes over the training split (ignored when ``steps`` is set).
       steps: total optimiser steps, or None to use ``epochs``.
       batch_size: minibatch size.
@@ -75,16 +71,11 @@ class Trainer:
       chunk_size: steps per compiled ``lax.scan`` call (the progress-bar granularity).
     """
 
-    optimizer: str = "adam"
-    learning_rate: float = 3e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    milestones: Sequence[float] = ()
-    gamma: float = 0.1
+    optimizer: Callable[..., optax.GradientTransformation] = partial(optax.adam)
+    schedule: optax.Schedule | Callable[..., optax.Schedule] | float = partial(
+        optax.cosine_decay_schedule, init_value=3e-3
+    )
+    l2: float = 0.0
     epochs: int = 20
     steps: int | None = None
     batch_size: int = 128
@@ -92,17 +83,23 @@ class Trainer:
     chunk_size: int = 200
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
+        if not callable(self.optimizer):
             raise UserError(
-                f"trainer.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}."
+                f"trainer.optimizer must be an optax optimiser node (e.g. "
+                f"trainer/optimizer=adam); got {self.optimizer!r}."
             )
-        if self.schedule not in SCHEDULES:
+        if isinstance(self.schedule, bool) or not (
+            callable(self.schedule) or isinstance(self.schedule, int | float)
+        ):
             raise UserError(
-                f"trainer.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}."
+                f"trainer.schedule must be an optax schedule node (e.g. "
+                f"trainer/schedule=cosine) or a number (a constant rate); got {self.schedule!r}."
             )
-        if self.batch_size < 1 or self.chunk_size < 1 or self.learning_rate <= 0:
+        if isinstance(self.schedule, int | float) and not self.schedule > 0:
+            raise UserError(f"trainer.schedule (a constant rate) must be > 0; got {self.schedule}.")
+        if self.batch_size < 1 or self.chunk_size < 1 or self.l2 < 0:
             raise UserError(
-                "trainer.batch_size, trainer.chunk_size and trainer.learning_rate must be positive."
+                "trainer.batch_size and trainer.chunk_size must be positive, trainer.l2 >= 0."
             )
         if self.steps is None and self.epochs < 1:
             raise UserError("trainer.epochs must be >= 1 (or set trainer.steps).")
@@ -118,25 +115,25 @@ class Trainer:
     def num_steps(self, n: int) -> int:
         return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch(n)
 
-    def learning_rate_fn(self, num_steps: int, steps_per_epoch: int) -> optax.Schedule:
-        if self.schedule == "cosine":
-            return optax.cosine_decay_schedule(self.learning_rate, max(num_steps, 1))
-        if self.schedule == "multistep":
-            bounds = {int(round(m * steps_per_epoch)): self.gamma for m in self.milestones}
-            return optax.piecewise_constant_schedule(self.learning_rate, bounds)
-        return optax.constant_schedule(self.learning_rate)
+    def learning_rate_fn(self, num_steps: int) -> optax.ScalarOrSchedule:
+        """The learning rate of a run of ``num_steps`` steps: a schedule or a number."""
+        if not isinstance(self.schedule, partial):
+            return self.schedule
+        try:
+            return self.schedule(decay_steps=max(num_steps, 1))
+        except TypeError as e:
+            name = getattr(self.schedule.func, "__name__", self.schedule.func)
+            raise UserError(
+                f"trainer.schedule: a _partial_ schedule is completed with the run's "
+                f"decay_steps, which {name} does not take ({e}); drop _partial_ from it."
+            ) from e
 
-    def make_optimizer(self, num_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
-        lr = self.learning_rate_fn(num_steps, steps_per_epoch)
-        if self.optimizer == "adamw":
-            return optax.adamw(lr, self.b1, self.b2, weight_decay=self.weight_decay)
-        if self.optimizer == "adam":
-            base = optax.adam(lr, self.b1, self.b2)
-        else:
-            base = optax.sgd(lr, momentum=self.momentum or None, nesterov=self.nesterov)
-        if self.weight_decay:
-            return optax.chain(optax.add_decayed_weights(self.weight_decay), base)
-        return base
+    def make_optimizer(self, num_steps: int) -> optax.GradientTransformation:
+        """``optimizer(learning_rate=schedule)``, after the coupled ``l2`` decay if any."""
+        tx = self.optimizer(learning_rate=self.learning_rate_fn(num_steps))
+        if self.l2:
+            return optax.chain(optax.add_decayed_weights(self.l2), tx)
+        return tx
 
     def train(
         self,
@@ -155,7 +152,7 @@ class Trainer:
         k_init, k_data, k_drop = jax.random.split(key, 3)
         params, state = init if init is not None else model.init(k_init)
         n = data.train.size
-        tx = self.make_optimizer(self.num_steps(n), self.steps_per_epoch(n))
+        tx = self.make_optimizer(self.num_steps(n))
         evaluate = jax.jit(lambda ts, x, y: _loss_acc(model.logits(ts.params, ts.state, x), y))
         return self._loop(
             TrainState(params, state, tx.init(params)),
@@ -214,7 +211,7 @@ class Trainer:
                 f"{max(k_members, self.batch_size // k_members * k_members)}."
             )
         params, state = jax.vmap(model.init)(k_init)
-        tx = self.make_optimizer(total, per_epoch)
+        tx = self.make_optimizer(total)
 
         def epoch_idx(epoch: int) -> jax.Array:  # (per_epoch, K, b)
             if shared_batches is None:
@@ -296,7 +293,8 @@ class Trainer:
                 if not math.isfinite(loss):
                     raise UserError(
                         f"training diverged at step {step + size} (loss {loss}); "
-                        f"lower trainer.learning_rate."
+                        f"lower the learning rate: trainer.schedule.init_value, or a "
+                        f"constant rate such as trainer.schedule=1e-4."
                     )
                 start, step = start + size, step + size
                 bar.update(size)

@@ -33,9 +33,9 @@ TINY_METHOD: dict[str, list[str]] = {
     # friction 10, ε = 0.01: a Langevin step ε/α = 1e-3 like sgld's, momentum decay 0.9
     "sghmc": [*_TINY_SGMCMC, "method.step_size.step_size=1e-2", "method.kernel.friction=10"],
     "laplace": [
-        "method.rank=8",
+        "method.structure.rank=8",
         "method.curvature_batches=2",
-        "method.num_samples=4",
+        "method.predictive.num_samples=4",
         "method.chunk_size=3",
     ],
     "ensemble": ["method.size=2"],

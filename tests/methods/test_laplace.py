@@ -7,6 +7,7 @@ built from ``jax.jacfwd`` on the same training split.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -14,11 +15,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
-from bnn_bench.config import build
+from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import EvalPlan
-from bnn_bench.methods.laplace import sampled_logits
+from bnn_bench.methods.curvature import GGN, EmpiricalFisher
+from bnn_bench.methods.laplace import (
+    Diagonal,
+    Fixed,
+    Full,
+    Lanczos,
+    LastLayer,
+    Linearised,
+    MargLik,
+    Probit,
+    ValNLL,
+    WeightSpace,
+    sampled_logits,
+)
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
@@ -72,14 +88,14 @@ def _curvature_matrix(curv):
 
 @pytest.fixture(scope="module")
 def lanczos_fit(map_dir):
-    return _fit(map_dir, "method.prior_precision=1.0", "method.rank=20")
+    return _fit(map_dir, "method.prior_precision=1.0", "method.structure.rank=20")
 
 
 @pytest.mark.parametrize("structure", ["full", "diagonal", "last_layer", "lanczos"])
 def test_curvature_over_the_training_split_matches_dense_ggn(map_dir, structure):
-    extra = ["method.rank=200"] if structure == "lanczos" else []  # rank >= P: exact
+    extra = ["method.structure.rank=200"] if structure == "lanczos" else []  # rank >= P: exact
     data, _, post = _fit(
-        map_dir, f"method.curvature={structure}", "method.prior_precision=1.0", *extra
+        map_dir, f"method/laplace/structure={structure}", "method.prior_precision=1.0", *extra
     )
     p = post.theta.shape[0]
     ref = _dense_ggn(post, data.train)
@@ -115,11 +131,12 @@ def test_linearised_mean_is_the_map_output(lanczos_fit):
 @pytest.mark.parametrize("predictive", ["linearised", "weights", "probit"])
 def test_members_collapse_onto_map_as_prior_precision_grows(lanczos_fit, predictive):
     data, method, post = lanczos_fit
-    method = type(method)(**{**method.__dict__, "predictive": predictive})
+    choice = compose_cfg(*SMALL, f"method/laplace/predictive={predictive}").method.predictive
+    method = dataclasses.replace(method, predictive=build(choice, "method.predictive"))
     x = data.test.x
     map_probs = jax.nn.softmax(post.logits_fn(post.theta, x), -1)
     wide = jnp.concatenate(list(method.members(jax.random.key(1), post, x)))
-    assert wide.shape[0] == (1 if predictive == "probit" else method.num_samples)
+    assert wide.shape[0] == (1 if predictive == "probit" else 30)
     assert float(jnp.abs(wide.mean(0) - map_probs).max()) > 1e-2  # τ = 1 is visibly wide
     tight = post.replace(prior_precision=jnp.asarray(1e9, jnp.float32))
     probs = jnp.concatenate(list(method.members(jax.random.key(1), tight, x)))
@@ -129,9 +146,8 @@ def test_members_collapse_onto_map_as_prior_precision_grows(lanczos_fit, predict
 def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
     data, _, post = _fit(
         map_dir,
-        "method.curvature=full",
-        "method.prior_precision=optimize",
-        "method.optimize_by=marglik",
+        "method/laplace/structure=full",
+        "method/laplace/prior_precision=marglik",
     )
     info = post.extra_metrics()
     ref = _dense_ggn(post, data.train)
@@ -159,12 +175,11 @@ def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
 def test_val_nll_picks_the_grid_minimiser(map_dir):
     data, method, post = _fit(
         map_dir,
-        "method.prior_precision=optimize",
-        "method.optimize_by=val_nll",
-        "method.grid_size=5",
-        "method.prior_range=[1.0e-2,1.0e2]",
-        "method.rank=10",
-        "method.predictive=probit",
+        "method/laplace/prior_precision=val_nll",
+        "method.prior_precision.grid_size=5",
+        "method.prior_precision.prior_range=[1.0e-2,1.0e2]",
+        "method.structure.rank=10",
+        "method/laplace/predictive=probit",
     )
     info = post.extra_metrics()
     nlls = {}
@@ -178,8 +193,13 @@ def test_val_nll_picks_the_grid_minimiser(map_dir):
 
 
 def test_full_refuses_a_large_network_before_training(map_dir):
-    with pytest.raises(UserError, match="curvature=full"):
-        _fit(map_dir, "method.curvature=full", "model.hidden=[64]", "dataset.shape=[28,28,1]")
+    with pytest.raises(UserError, match="structure=full"):
+        _fit(
+            map_dir,
+            "method/laplace/structure=full",
+            "model.hidden=[64]",
+            "dataset.shape=[28,28,1]",
+        )
 
 
 def test_map_checkpoint_feeds_init_from_and_metrics_are_written(map_dir, tmp_path):
@@ -188,9 +208,9 @@ def test_map_checkpoint_feeds_init_from_and_metrics_are_written(map_dir, tmp_pat
     cfg = compose_cfg(
         *SMALL,
         f"method.init_from={map_dir}",
-        "method.rank=10",
-        "method.num_samples=5",
-        "method.grid_size=3",
+        "method.structure.rank=10",
+        "method.predictive.num_samples=5",
+        "method.prior_precision.grid_size=3",
     )
     metrics = run(cfg, tmp_path / "laplace")
     saved = json.loads((tmp_path / "laplace" / "metrics.json").read_text())
@@ -222,15 +242,65 @@ def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
     """The τ grid reuses J U and J z (d = 0); it must agree with the members themselves."""
     data, method, post = _fit(
         map_dir,
-        f"method.curvature={structure}",
-        "method.rank=10",
+        f"method/laplace/structure={structure}",
+        *(["method.structure.rank=10"] if structure == "lanczos" else []),
         "method.prior_precision=1.0",
-        "method.num_samples=6",
+        "method.predictive.num_samples=6",
     )
     key = jax.random.key(7)
-    fast = method._val_nll_fn(key, post, data.val)
+    fast = method.predictive.nll_fn(key, post, data.val, method.chunk_size)
     for tau in (0.3, 30.0):
         p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
         probs = jnp.concatenate(list(method.members(key, p, data.val.x))).mean(0)
         ref = float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
         np.testing.assert_allclose(fast(tau), ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "group,choice,target",
+    [
+        ("structure", "lanczos", Lanczos(rank=100)),
+        ("structure", "diagonal", Diagonal()),
+        ("structure", "last_layer", LastLayer()),
+        ("structure", "full", Full()),
+        ("curvature", "ggn", GGN()),
+        ("curvature", "empirical_fisher", EmpiricalFisher()),
+        ("predictive", "linearised", Linearised(num_samples=30)),
+        ("predictive", "weights", WeightSpace(num_samples=30)),
+        ("predictive", "probit", Probit()),
+        ("prior_precision", "val_nll", ValNLL(grid_size=21, prior_range=(1e-4, 1e6))),
+        ("prior_precision", "marglik", MargLik(prior_range=(1e-4, 1e6))),
+        ("prior_precision", "fixed", Fixed(value=1.0)),
+    ],
+)
+def test_each_choice_is_its_object(group, choice, target):
+    """``method/laplace/<group>=<choice>`` builds that choice's object, with its own keys."""
+    cfg = compose_cfg(*SMALL, f"method/laplace/{group}={choice}")
+    validate(cfg)
+    got = getattr(build(cfg.method, "method"), group)
+    assert type(got) is type(target)
+    assert {k: tuple(v) if k == "prior_range" else v for k, v in vars(got).items()} == vars(target)
+
+
+def test_a_key_lives_only_in_its_choice():
+    """rank belongs to lanczos: with diagonal it is refused, naming the accepted keys."""
+    cfg = compose_cfg(*SMALL, "method/laplace/structure=diagonal")
+    OmegaConf.set_struct(cfg, False)  # as a preset's leftover key would arrive
+    cfg.method.structure.rank = 10
+    with pytest.raises(UserError, match="method.structure.rank"):
+        validate(cfg)
+    with pytest.raises(HydraException):  # and on the command line, Hydra refuses it
+        compose_cfg(*SMALL, "method/laplace/structure=diagonal", "method.structure.rank=10")
+
+
+def test_a_number_for_prior_precision_is_the_fixed_choice():
+    a = build(compose_cfg(*SMALL, "method.prior_precision=1e4").method, "method")
+    b = build(
+        compose_cfg(
+            *SMALL, "method/laplace/prior_precision=fixed", "method.prior_precision.value=1e4"
+        ).method,
+        "method",
+    )
+    assert a.prior_precision == b.prior_precision == Fixed(1e4)
+    with pytest.raises(UserError, match="method.prior_precision"):
+        build(compose_cfg(*SMALL, "method.prior_precision=optimize").method, "method")

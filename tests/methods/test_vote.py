@@ -40,7 +40,7 @@ def test_vmapped_voters_equal_each_voter_alone_on_its_slice():
     n, b, voters = data.train.size, tr.batch_size, vote.n_voters
     steps, width = n // b, b // voters
     batches = epoch_batches(jax.random.fold_in(k_batches, 0), n, b)  # (steps, b)
-    tx = tr.make_optimizer(steps, steps)
+    tx = tr.make_optimizer(steps)
     run_chunk = make_chunk_runner(model, tx)
     for k, vkey in enumerate(jax.random.split(k_voters, voters)):
         k_init, _, k_drop = jax.random.split(vkey, 3)

@@ -1,0 +1,137 @@
+"""Experiment presets: each composes, pins its source's recipe, and gives its MAP baseline
+with one override (``experiment=<preset> method=map``)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from omegaconf import OmegaConf
+
+from bnn_bench.config import build, validate
+from bnn_bench.methods.laplace import Lanczos, Linearised
+from bnn_bench.methods.map import MAP
+from bnn_bench.run import run
+from tests.conftest import CLI, CONF, TINY, cli_env, compose_cfg, config_choices
+
+PRESETS = config_choices("experiment")
+
+# The training recipe of each preset that trains, as its source gives it (the preset
+# YAMLs' opening comments name the sources): composed value of each trainer key.
+PRESET_TRAINERS = {
+    "laplax_mnist": {
+        "optimizer._target_": "optax.adamw",
+        "optimizer.b1": 0.9,
+        "optimizer.weight_decay": 1e-4,
+        "schedule._target_": "optax.constant_schedule",
+        "schedule.value": 3e-4,
+        "l2": 0.0,
+        "steps": 2200,
+        "batch_size": 32,
+    },
+    "tu_mnist_mcbn": {
+        "optimizer._target_": "optax.sgd",
+        "optimizer.momentum": 0.9,
+        "optimizer.nesterov": False,
+        "schedule._target_": "optax.piecewise_constant_schedule",
+        "schedule.init_value": 0.05,
+        "l2": 5e-4,
+        "epochs": 2,
+        "batch_size": 128,
+    },
+    "capsa_mnist_vote": {
+        "optimizer._target_": "optax.adam",
+        "schedule._target_": "optax.constant_schedule",
+        "schedule.value": 1e-3,
+        "l2": 0.0,
+        "epochs": 5,
+        "batch_size": 128,
+    },
+}
+
+
+@pytest.mark.parametrize("experiment", PRESETS)
+def test_every_preset_composes_and_builds_its_method(experiment):
+    cfg = compose_cfg(f"experiment={experiment}")
+    validate(cfg)
+    method = build(cfg.method, "method")
+    assert type(method).__name__ != "MAP"  # every preset reproduces a non-MAP method
+
+
+@pytest.mark.parametrize("experiment", PRESETS)
+def test_every_preset_gives_its_map_baseline(experiment):
+    """The preset's data, model and (for presets that train) trainer, with method=map; the
+    preset's settings for its own method are not carried over."""
+    preset = compose_cfg(f"experiment={experiment}")
+    cfg = compose_cfg(f"experiment={experiment}", "method=map")
+    validate(cfg)
+    assert isinstance(build(cfg.method, "method"), MAP)
+    assert cfg.dataset == preset.dataset and cfg.model == preset.model
+    if "trainer" in preset:
+        assert cfg.trainer == preset.trainer  # the same recipe trains the baseline
+
+
+@pytest.mark.parametrize("experiment", sorted(PRESET_TRAINERS))
+def test_training_presets_pin_their_recipe(experiment):
+    """A preset states every key of its recipe, so changing the trainer default (as the
+    move to cosine, 20 epochs did) cannot change a tutorial's reproduction."""
+    cfg = compose_cfg(f"experiment={experiment}")
+    preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    for key, value in PRESET_TRAINERS[experiment].items():
+        got = OmegaConf.select(cfg.trainer, key)
+        assert got == (pytest.approx(value) if isinstance(value, float) else value), key
+        if not key.endswith("_target_"):  # the targets come from the groups it overrides
+            assert OmegaConf.select(preset.trainer, key) is not None, key
+
+
+def test_laplax_preset_is_the_tutorials_laplace():
+    """GGN, Lanczos rank 100 over 4 batches of 32, τ = 1e4, 30 linearised samples."""
+    method = build(compose_cfg("experiment=laplax_mnist").method, "method")
+    assert method.structure == Lanczos(rank=100)
+    assert type(method.curvature).__name__ == "GGN"
+    assert method.predictive == Linearised(num_samples=30)
+    assert method.prior_precision.value == 1e4
+    assert (method.curvature_batches, method.curvature_batch_size) == (4, 32)
+
+
+def test_preset_map_baseline_runs(tmp_path):
+    """`experiment=laplax_mnist method=map` trains (tiny synthetic data, a few steps)."""
+    data = [o for o in TINY if o.startswith("dataset")]
+    cfg = compose_cfg(
+        "experiment=laplax_mnist", "method=map", *data, "trainer.steps=4", "eval.plots=false"
+    )
+    metrics = run(cfg, tmp_path)
+    assert metrics["cost/grad_evals"] == 4  # trainer.steps, not the preset's 2200
+
+
+def test_cli_refuses_trainer_keys_for_a_sampler_and_names_its_own():
+    """The default method samples: trainer.epochs=1 is refused before any work, naming
+    method.epochs; with a method that trains the same key works."""
+    proc = subprocess.run(
+        [*CLI, "trainer.epochs=1"], capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+    assert proc.returncode == 2
+    assert "method=sgld does not train" in proc.stderr and "method.epochs=1" in proc.stderr
+    swept = subprocess.run(
+        [*CLI, "-m", "method=map,psgld", "trainer.steps=3"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
+    assert swept.returncode == 2 and "method.iterations=3" in swept.stderr
+    ok = subprocess.run(
+        [*CLI, "--cfg", "job", "method=map", "trainer.epochs=1"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+        check=True,
+    )
+    assert OmegaConf.create(ok.stdout).trainer.epochs == 1
+
+
+def test_a_trainer_node_reaching_a_sampler_is_refused():
+    """`+trainer...` or a preset could add a trainer node the sampler would ignore."""
+    with pytest.raises(Exception, match="would ignore the trainer"):
+        validate(compose_cfg("+trainer.epochs=1"))
