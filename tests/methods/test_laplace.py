@@ -17,7 +17,6 @@ import pytest
 
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import EvalPlan
 from bnn_bench.methods.laplace import sampled_logits
 from bnn_bench.models import build_model
 from bnn_bench.run import run
@@ -51,7 +50,7 @@ def _fit(map_dir, *overrides):
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mlp", cfg.eval.batch_size)
     method = build(cfg.method, "method")
-    post = method.fit(jax.random.key(0), model, data, EvalPlan({"test": data.test.x}))
+    post = method.fit(jax.random.key(0), model, data)
     return data, method, post
 
 
@@ -133,7 +132,7 @@ def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
         "method.prior_precision=optimize",
         "method.optimize_by=marglik",
     )
-    info = post.extra_metrics()
+    info = post.info
     ref = _dense_ggn(post, data.train)
     p = ref.shape[0]
     logits = post.logits_fn(post.theta, data.train.x)
@@ -166,7 +165,7 @@ def test_val_nll_picks_the_grid_minimiser(map_dir):
         "method.rank=10",
         "method.predictive=probit",
     )
-    info = post.extra_metrics()
+    info = post.info
     nlls = {}
     for tau in np.logspace(-2, 2, 5):
         p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
