@@ -37,6 +37,7 @@ from blackjax.sgmcmc.gradients import grad_estimator
 from bnn_bench.data import load
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
+from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.schedules import constant
 from bnn_bench.methods.sgmcmc import SGMCMC, make_log_density
 from bnn_bench.methods.sgmcmc_kernels import sgld
@@ -162,9 +163,9 @@ def main() -> None:
         )
         plan = EvalPlan({"test": test.x}, keep=5, capacity=S)
         tic = time.perf_counter()
-        post = method.fit(jax.random.key(args.seed), model, data, plan)
+        post = method.fit(jax.random.key(args.seed), model, data, RunContext(plan))
         wall = time.perf_counter() - tic
-        m = post.metrics
+        m = post.info
         results["d"] = {
             "warmup_steps_per_s": m["sampler/burn_in_steps_per_s"],
             "sampling_steps_per_s": m["sampler/sampling_steps_per_s"],

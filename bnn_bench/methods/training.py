@@ -366,13 +366,10 @@ def make_chunk_runner(model: Model, tx: optax.GradientTransformation, members: b
         idx, key, on = inp
         if on is None:
             ts, out = live(ts, split, idx, key)
-        else:
-            out_like = jax.eval_shape(live, ts, split, idx, key)[1]
+        else:  # an inactive step returns zero loss and accuracy, () or (K,)
+            zero = jnp.zeros(jax.tree.leaves(ts.params)[0].shape[:1] if members else ())
             ts, out = jax.lax.cond(
-                on,
-                lambda ts: live(ts, split, idx, key),
-                lambda ts: (ts, jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out_like)),
-                ts,
+                on, lambda ts: live(ts, split, idx, key), lambda ts: (ts, (zero, zero)), ts
             )
         return (ts, split), out
 

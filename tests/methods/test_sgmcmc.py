@@ -16,6 +16,7 @@ from bnn_bench.config import build
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.methods import schedules
+from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.sgmcmc import accepted_steps, make_log_density
 from bnn_bench.models import build_model
 from bnn_bench.run import run
@@ -133,8 +134,8 @@ def test_chunking_does_not_change_the_samples():
     _, data, model, m1 = _setup("method.chunk_size=20")
     _, _, _, m2 = _setup("method.chunk_size=7")
     plan = EvalPlan({"test": data.test.x[:50]}, keep=2, capacity=8)
-    s1 = m1.fit(jax.random.key(3), model, data, plan).summaries["test"]
-    s2 = m2.fit(jax.random.key(3), model, data, plan).summaries["test"]
+    s1 = m1.fit(jax.random.key(3), model, data, RunContext(plan)).summaries["test"]
+    s2 = m2.fit(jax.random.key(3), model, data, RunContext(plan)).summaries["test"]
     np.testing.assert_allclose(s1.prob_sum, s2.prob_sum, rtol=1e-6)
 
 
@@ -166,16 +167,6 @@ def test_chains_multiply_members_and_same_seed_gives_same_metrics(tmp_path):
     samples = serialization.msgpack_restore((tmp_path / "two" / "samples.msgpack").read_bytes())
     assert {leaf.shape[0] for leaf in jax.tree.leaves(samples)} == {10}
     assert not (tmp_path / "one" / "samples.msgpack").exists()
-
-
-def test_members_need_save_samples():
-    _, data, model, method = _setup(
-        "method.iterations=4", "method.burn_in=2", "method.accepted_samples=1"
-    )
-    plan = EvalPlan({"test": data.test.x[:10]})
-    posterior = method.fit(jax.random.key(0), model, data, plan)
-    with pytest.raises(UserError, match="save_samples=true"):
-        next(method.members(jax.random.key(0), posterior, data.test.x[:10]))
 
 
 def test_batch_norm_model_is_refused(tmp_path):
