@@ -262,17 +262,17 @@ class SGMCMC(Method):
 
         def run(carry: SamplerCarry, start: int, end: int):
             tic = time.perf_counter()
-            carry = runner(carry, k_run, start, end)
-            finite = bool(_all_finite(carry.states.params))  # blocks until the chunk is done
+            carry = jax.block_until_ready(runner(carry, k_run, start, end))
             seconds["sampling" if start >= burn else "burn_in"] += time.perf_counter() - tic
             collected = float(np.sum(accept_idx < end) * chains)
-            step_size = float(self.step_size(end - 1, total))
-            return carry, {"sampler/step_size": step_size, "sampler/collected": collected} | (
-                {} if finite else {"sampler/finite": 0.0}
-            )
+            return carry, {
+                "sampler/step_size": float(self.step_size(end - 1, total)),
+                "sampler/collected": collected,
+            }
 
         def diverged(carry: SamplerCarry, values: dict[str, float], end: int) -> str | None:
-            if "sampler/finite" not in values:
+            # once per chunk, not per step: a non-finite chain stays non-finite
+            if bool(_all_finite(carry.states.params)):
                 return None
             start = max(s for s, _ in runner.chunks if s < end)
             return (
@@ -283,17 +283,11 @@ class SGMCMC(Method):
 
         grads = total * chains * self.kernel.grads_per_step
         carry = chunked_loop(ctx, "sgmcmc", carry, runner.chunks, run, diverged, grads, self.name)
-        ctx.count(samples=kept * chains)
+        kept *= chains
+        ctx.count(samples=kept)
         log.info(
             "%s: burn-in %d steps in %.1fs, sampling %d steps in %.1fs; %d members",
-            *(
-                self.name,
-                burn,
-                seconds["burn_in"],
-                total - burn,
-                seconds["sampling"],
-                kept * chains,
-            ),
+            *(self.name, burn, seconds["burn_in"], total - burn, seconds["sampling"], kept),
         )
         info = {"time/compile": runner.compile_s}
         for phase, steps in (("burn_in", burn), ("sampling", total - burn)):
