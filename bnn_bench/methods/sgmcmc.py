@@ -380,6 +380,7 @@ class _ChunkRunner:
         mask = np.zeros(total + size, bool)
         mask[accept] = True
         self.accept = mask  # accept[t]: the state after step t is a sample
+        self.every_step = bool(mask[burn:total].all())  # then the fold needs no lax.cond
         self.slot = np.maximum(np.cumsum(mask) - 1, 0).astype(np.int32)  # its row
         self.compiled: dict[bool, Any] = {}
         self.compile_s = 0.0
@@ -445,7 +446,9 @@ class _ChunkRunner:
             else:
                 states = jax.vmap(chain_step, in_axes=(0, 0, None))(keys, carry.states, step_size)
             summaries, samples = carry.summaries, carry.samples
-            if sampling:  # an unbatched predicate: lax.cond skips the prediction on other steps
+            if sampling and self.every_step:
+                summaries, samples = fold(summaries, samples, states.params, slot[i])
+            elif sampling:  # an unbatched predicate: lax.cond skips the other steps' prediction
                 summaries, samples = jax.lax.cond(
                     accept[i],
                     fold,
