@@ -136,6 +136,18 @@ def test_sgmcmc_members_need_no_switch():
     assert np.abs(a[0] - a[-1]).max() > 1e-4  # different samples
 
 
+def test_sgmcmc_folds_every_step_when_every_step_is_a_sample():
+    """With a sample at every post-burn-in step the fold runs without a lax.cond: the
+    folded summary still equals the kept samples' members."""
+    data, model, method = _setup("sgld", "method.save_samples=true", "method.accepted_samples=30")
+    x = data.test.x[:30]
+    plan = EvalPlan({"test": x}, keep=2, capacity=60)
+    post = method.fit(jax.random.key(0), model, data, RunContext(plan))
+    probs = np.concatenate(list(method.members(jax.random.key(0), post, x)))
+    assert probs.shape[0] == int(post.summaries["test"].count) == 60  # 30 steps x 2 chains
+    np.testing.assert_allclose(post.summaries["test"].mean(), probs.mean(0), atol=1e-5)
+
+
 # ------------------------------------------------------------ one trace per loop
 
 
