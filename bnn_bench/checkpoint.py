@@ -1,26 +1,21 @@
 """Checkpoint and resume: atomic snapshots of a loop's state, SIGTERM handling.
 
 A run keeps its resume state in ``<run>/checkpoint/resume/``: ``run.json`` (what
-the job computes, its W&B run id) and one folder per checkpointed loop, named
-``<loop>-<i>`` in the order the loops start (``trainer-0``, ``trainer-1`` for a
-second network, ``sgmcmc-0``, ...), so a resumed run finds each loop's state
-again by replaying the same calls.
+the job computes, its W&B run id) and one folder per checkpointed loop, named by
+the loop (``trainer``, ``sgmcmc``, ...), so a resumed run finds each loop's state
+by name. A ``Session`` is the run's side of it: ``run.py`` opens one and hands it
+to the method in the run context, and each loop asks it for its ``Checkpointer``.
+The chunked loop in ``methods/loop.py`` is the one user::
 
-For loop authors, a few lines (the trainer loop in ``methods/training.py`` is
-the example)::
-
-    from bnn_bench import checkpoint
-
-    ckpt = checkpoint.loop("sgmcmc")              # no-op outside a run
-    step, state = 0, init_state                    # any pytree: NamedTuple states,
-    restored = ckpt.restore(state)                 #   typed PRNG keys, summaries
-    if restored is not None:
-        step, state = restored                     # same structure as the template
-    while step < total:
-        state = run_chunk(state, ...)              # one jitted lax.scan
-        step += size
-        ckpt.maybe_save(step, state)               # every ``checkpoint.every`` chunks
-    ckpt.maybe_save(step, state, final=True)       # the finished loop restores at once
+    session = checkpoint.Session(root, every=2)
+    with session:                                 # SIGTERM: save at the next chunk end
+        ckpt = session.loop("sgmcmc")
+        step, state = ckpt.restore(init_state) or (0, init_state)
+        while step < total:
+            state = run_chunk(state, ...)         # one jitted lax.scan
+            step += size
+            ckpt.maybe_save(step, state)          # every ``every`` chunks
+        ckpt.maybe_save(step, state, final=True)  # the finished loop restores at once
 
 ``maybe_save`` is where preemption lands: after SIGTERM (SLURM's preemption
 signal) it saves and raises ``Preempted``; ``bnn-bench`` then exits with
@@ -31,7 +26,9 @@ pytree, so that a resumed loop draws what an uninterrupted one would.
 Atomicity: a checkpoint is written into a temporary folder, flushed to disk and
 renamed to ``step_<n>``; the previous checkpoint is deleted only after that, so
 a process killed mid-write leaves the previous one usable. Leaves are stored
-with ``flax.serialization`` (msgpack); typed PRNG keys as their key data.
+with ``flax.serialization`` (msgpack) under their tree path (``.params['w']``)
+with their dtype; typed PRNG keys as their key data. A restore matches leaves by
+path, so a reordered state restores correctly and a renamed field fails loudly.
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,34 +67,80 @@ class Preempted(Exception):  # noqa: N818 - it is an event, not an error
         self.signum, self.step, self.path = signum, step, path
 
 
-# --- the stop request (signal handler) -----------------------------------------------------
-
-_stop: dict[str, Any] = {"signum": None, "previous": {}, "loops": 0}
+# --- the run's checkpoints and its stop request ----------------------------------------------
 
 
-def _on_signal(signum, frame):
-    del frame
-    if _stop["loops"] == 0:  # no loop running, nothing to save: requeue or stop at once
-        _chain_and_raise(signum, None, None)
-    log.warning(
-        "%s received: saving a checkpoint at the end of this chunk, then stopping.",
-        signal.Signals(signum).name,
-    )
-    _stop["signum"] = signum
+class Session:
+    """A run's checkpoints: one ``Checkpointer`` per loop name under ``root``, and the
+    stop request of a signal.
+
+    As a context manager it catches ``signals`` (SIGTERM, and submitit's preemption
+    signal where submitit handles it): while a loop runs, the signal asks it to save
+    at its next chunk end and stop; outside a loop the run stops at once. The previous
+    handlers are restored on exit. Signals are only caught in the main thread.
+
+    Args:
+      root: the folder that holds one sub-folder per loop.
+      every: a loop saves every this many chunks and when it ends; 0 saves only on
+        a stop request.
+    """
+
+    def __init__(
+        self, root: str | Path, every: int = 0, signals: tuple[int, ...] = (signal.SIGTERM,)
+    ):
+        self.root, self.every = Path(root), int(every)
+        self.signals = signals
+        self.signum: int | None = None  # the signal that asked the run to stop
+        self.running = 0  # loops between their restore and their final save
+        self._previous: dict[int, Any] = {}
+        self._names: set[str] = set()
+
+    def loop(self, name: str) -> Checkpointer:
+        """The checkpointer of the loop called ``name`` (``<root>/<name>``). Each name
+        is handed out once per run: two loops never share a folder."""
+        if name in self._names:
+            raise ValueError(f"a loop named {name!r} already ran in this run; name it apart.")
+        self._names.add(name)
+        return Checkpointer(self.root / name, every=self.every, session=self)
+
+    def __enter__(self) -> Session:
+        self.signum, self.running = None, 0
+        if threading.current_thread() is threading.main_thread():
+            for s in _extra_signals(self.signals):
+                self._previous[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame):
+        del frame
+        if self.running == 0:  # no loop running, nothing to save: requeue or stop at once
+            self.chain_and_raise(signum, None, None)
+        log.warning(
+            "%s received: saving a checkpoint at the end of this chunk, then stopping.",
+            signal.Signals(signum).name,
+        )
+        self.signum = signum
+
+    def chain_and_raise(self, signum: int, step: int | None, path: Path | None) -> None:
+        """After saving: hand over to a handler that was there before (submitit's requeue
+        on its USR2 signal), else raise ``Preempted``."""
+        previous = self._previous.get(signum)
+        if callable(previous) and signum != signal.SIGTERM:
+            previous(signum, None)  # submitit: requeue the job and exit
+        raise Preempted(signum, step, path)
 
 
-def stop_requested() -> int | None:
-    """The signal that asked the run to stop, or None."""
-    return _stop["signum"]
-
-
-def _chain_and_raise(signum: int, step: int | None, path: Path | None) -> None:
-    """After saving: hand over to a handler that was there before (submitit's requeue
-    on its USR2 signal), else raise ``Preempted``."""
-    previous = _stop["previous"].get(signum)
-    if callable(previous) and signum != signal.SIGTERM:
-        previous(signum, None)  # submitit: requeue the job and exit
-    raise Preempted(signum, step, path)
+def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
+    """``signals`` plus submitit's preemption signal when a submitit job handles it."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    usr = getattr(signal, f"SIG{name}", None)
+    if usr is not None and usr not in signals and callable(signal.getsignal(usr)):
+        return (*signals, usr)
+    return signals
 
 
 # --- one loop's checkpoints ----------------------------------------------------------------
@@ -110,13 +153,22 @@ class Checkpointer:
       directory: where ``step_<n>/`` folders go; None disables saving (restore
         finds nothing), e.g. outside a run.
       every: save every this many ``maybe_save`` calls (chunks) and when the loop
-        ends; 0 saves only on SIGTERM.
+        ends; 0 saves only on a stop request.
       keep: complete checkpoints kept (>= 1; the newest are kept).
+      session: the run's session, whose stop request ``maybe_save`` obeys; None:
+        no signal handling.
     """
 
-    def __init__(self, directory: str | Path | None, every: int = 0, keep: int = 1):
+    def __init__(
+        self,
+        directory: str | Path | None,
+        every: int = 0,
+        keep: int = 1,
+        session: Session | None = None,
+    ):
         self.directory = None if directory is None else Path(directory)
         self.every, self.keep = int(every), max(1, int(keep))
+        self.session = session
         self._chunks = 0
         self._open = False
         if self.directory is not None and self.directory.is_dir():
@@ -137,8 +189,9 @@ class Checkpointer:
     def restore(self, template: Any) -> tuple[int, Any] | None:
         """The newest readable checkpoint as ``(step, pytree)`` shaped like ``template``,
         or None. Marks the loop as running (SIGTERM then waits for ``maybe_save``)."""
+        if self.session is not None and not self._open:
+            self.session.running += 1
         self._open = True
-        _stop["loops"] += 1
         for step in reversed(self.steps()):
             path = self.directory / f"step_{step:09d}"
             try:
@@ -177,15 +230,16 @@ class Checkpointer:
         """Call once per chunk: saves every ``every`` chunks, at ``final`` (when
         ``every`` > 0), and on a stop request, after which it raises ``Preempted``."""
         self._chunks += 1
-        signum = stop_requested()
+        signum = self.session.signum if self.session is not None else None
         path = None
         if signum is not None or (self.every and (final or self._chunks % self.every == 0)):
             path = self.save(step, tree)
         if final and self._open:
             self._open = False
-            _stop["loops"] -= 1
+            if self.session is not None:
+                self.session.running -= 1
         if signum is not None:
-            _chain_and_raise(signum, step, path)
+            self.session.chain_and_raise(signum, step, path)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -208,87 +262,53 @@ def _is_key(x: Any) -> bool:
 
 
 def _dump(tree: Any) -> bytes:
-    leaves = jax.tree.leaves(tree)
-    arrays = [np.asarray(jax.random.key_data(x) if _is_key(x) else x) for x in leaves]
-    return serialization.msgpack_serialize({str(i): a for i, a in enumerate(arrays)})
+    """``{tree path: array}`` as msgpack; arrays keep their dtype, keys their key data."""
+    stored = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        stored[jax.tree_util.keystr(path)] = np.asarray(
+            jax.random.key_data(leaf) if _is_key(leaf) else leaf
+        )
+    return serialization.msgpack_serialize(stored)
 
 
 def _load(path: Path, template: Any) -> Any:
+    """The pytree of ``template``'s structure whose leaves are the arrays stored under the
+    same tree paths. A missing or extra path, another shape or another dtype is refused:
+    the checkpoint belongs to another configuration."""
     stored = serialization.msgpack_restore(path.read_bytes())
-    leaves, treedef = jax.tree.flatten(template)
-    if len(stored) != len(leaves):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [jax.tree_util.keystr(p) for p, _ in leaves]
+    fix = "Start a new run folder (or resume=false)."
+    if set(names) != set(stored):
+        missing, extra = sorted(set(names) - set(stored)), sorted(set(stored) - set(names))
         raise UserError(
-            f"checkpoint {path} holds {len(stored)} arrays but this run's state has "
-            f"{len(leaves)}: it belongs to a different configuration. Start a new "
-            f"run folder (or resume=false)."
+            f"checkpoint {path} does not match this run's state (missing {missing[:5]}, "
+            f"unexpected {extra[:5]}): it belongs to a different configuration. {fix}"
         )
-    out = []
-    for i, like in enumerate(leaves):
-        value = np.asarray(stored[str(i)])
-        if _is_key(like):
-            out.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(like)))
-            continue
-        want = np.shape(like)
-        if value.shape != want:
-            raise UserError(
-                f"checkpoint {path}: array {i} has shape {value.shape}, this run's "
-                f"state {want}: a different configuration. Start a new run folder "
-                f"(or resume=false)."
-            )
-        if isinstance(like, jax.Array | np.ndarray):
-            out.append(jnp.asarray(value, dtype=like.dtype))
-        else:  # a Python scalar
-            out.append(type(like)(value.item()))
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(
+        treedef,
+        [_leaf(path, n, stored[n], like, fix) for n, (_, like) in zip(names, leaves, strict=True)],
+    )
 
 
-# --- the run's checkpoints -----------------------------------------------------------------
-
-_session: dict[str, Any] = {"root": None, "every": 0, "counts": {}}
-
-
-def loop(name: str) -> Checkpointer:
-    """The checkpointer of the next loop called ``name`` in the active run (the i-th
-    call gives ``<root>/<name>-<i>``); a disabled one outside a run."""
-    root = _session["root"]
-    if root is None:
-        return Checkpointer(None)
-    i = _session["counts"].get(name, 0)
-    _session["counts"][name] = i + 1
-    return Checkpointer(Path(root) / f"{name}-{i}", every=_session["every"])
-
-
-@contextlib.contextmanager
-def session(
-    root: str | Path, every: int, signals: tuple[int, ...] = (signal.SIGTERM,)
-) -> Iterator[None]:
-    """Within: ``loop`` hands out checkpointers under ``root`` and ``signals`` ask the
-    run to stop at the next chunk boundary (after a save). Restores the previous
-    handlers on exit. Signals are only caught in the main thread."""
-    import threading
-
-    _session.update(root=Path(root), every=int(every), counts={})
-    _stop.update(signum=None, previous={}, loops=0)
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        for s in _extra_signals(signals):
-            _stop["previous"][s] = signal.signal(s, _on_signal)
-    try:
-        yield
-    finally:
-        for s, previous in _stop["previous"].items():
-            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
-        _session.update(root=None, every=0, counts={})
-        _stop.update(signum=None, previous={}, loops=0)
-
-
-def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
-    """``signals`` plus submitit's preemption signal when a submitit job handles it."""
-    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
-    usr = getattr(signal, f"SIG{name}", None)
-    if usr is not None and usr not in signals and callable(signal.getsignal(usr)):
-        return (*signals, usr)
-    return signals
+def _leaf(path: Path, name: str, value: Any, like: Any, fix: str) -> Any:
+    """The stored ``value`` as a leaf like ``like``, or a UserError naming ``name``."""
+    value = np.asarray(value)
+    if _is_key(like):
+        return jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
+    if value.shape != np.shape(like):
+        raise UserError(
+            f"checkpoint {path}: {name} has shape {value.shape}, this run's state "
+            f"{np.shape(like)}: a different configuration. {fix}"
+        )
+    if not isinstance(like, jax.Array | np.ndarray):  # a Python scalar
+        return type(like)(value.item())
+    if value.dtype != like.dtype:
+        raise UserError(
+            f"checkpoint {path}: {name} is {value.dtype}, this run's state {like.dtype}: "
+            f"a different configuration. {fix}"
+        )
+    return jnp.asarray(value)
 
 
 # --- which job a run folder holds ------------------------------------------------------------
@@ -324,7 +344,7 @@ class RunRecord:
             raise UserError(f"resume must be true, false or auto; got {resume!r}.")
         same = bool(self.saved) and self.saved.get("config") == identity(config)
         finished = (self.out_dir / "metrics.json").is_file()
-        has_state = any(p.is_dir() for p in self.root.glob("*-*"))
+        has_state = self.root.is_dir() and any(p.is_dir() for p in self.root.iterdir())
         if resume is False:
             return "new"
         if same and finished:

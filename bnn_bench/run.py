@@ -17,6 +17,7 @@ from bnn_bench.config import build, to_dict, validate
 from bnn_bench.evaluation import EvalPlan, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
+from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.models import build_model, num_params
 from bnn_bench.reporting import cost, plots
 from bnn_bench.reporting.loggers import HistoryLogger, Loggers, RunInfo
@@ -37,7 +38,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         )
         return read_metrics(out_dir)
     record.start(config, todo)  # a new run clears the folder's old results and checkpoints
-    meter = cost.start()  # gradient evaluations, compile time, peak memory of this run
+    with cost.Meter() as meter:  # gradient evaluations, samples, compile time, peak memory
+        return _run(cfg, out_dir, config, record, meter)
+
+
+def _run(
+    cfg: DictConfig, out_dir: Path, config: dict, record: checkpoint.RunRecord, meter: cost.Meter
+) -> dict[str, float]:
     k_fit, k_predict = jax.random.split(jax.random.key(cfg.seed))
     settings = build(cfg.eval, "eval")
     timings: dict[str, float] = {}
@@ -47,7 +54,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, type(module).__name__.lower(), settings.batch_size)
-    method = build(cfg.method, "method")
+    method: Method = build(cfg.method, "method")
     n_params = num_params(jax.eval_shape(model.init, jax.random.key(0))[0])
     log.info(
         "model %s: %s parameters, input %s; method %s; device %s",
@@ -72,11 +79,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
 
     # --- inference
     tic = time.perf_counter()
-    with checkpoint.session(record.root, cfg.checkpoint.every):  # SIGTERM: save, then stop
-        posterior = method.fit(k_fit, model, data, plan, logger.log)
+    checkpoints = checkpoint.Session(record.root, cfg.checkpoint.every)
+    with checkpoints:  # SIGTERM: save at the next chunk end, then stop
+        posterior = method.fit(k_fit, model, data, RunContext(plan, logger.log, checkpoints, meter))
     timings["time/fit"] = time.perf_counter() - tic
-    if hasattr(method, "save"):  # MAP's parameters (for init_from), SG-MCMC samples, ...
-        method.save(out_dir, posterior)
+    method.save(out_dir, posterior)  # MAP's parameters (for init_from), SG-MCMC samples, ...
     tic = time.perf_counter()
     summaries = method.predict(k_predict, posterior, plan)
     jax.block_until_ready(summaries)
@@ -92,15 +99,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         summaries, labels_of(evalsets), settings.num_bins, settings.uncertain_below
     )
     metrics.update(set_metrics)
-    if hasattr(method, "extra_metrics"):  # numbers that need the evaluation sets
-        metrics.update(
-            method.extra_metrics(k_predict, posterior, summaries, evalsets, settings.num_bins)
-        )
+    metrics.update(method.report(k_predict, posterior, evalsets, settings.num_bins))
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
-    if hasattr(posterior, "extra_metrics"):  # numbers a method measured itself
-        metrics.update(posterior.extra_metrics())
-    meter.counts.setdefault("samples", float(summaries["test"].count))
+    metrics.update({k: float(v) for k, v in posterior.info.items()})  # the method's own numbers
     meter.counts["attempts"] = record.saved["attempts"]  # > 1: time/* covers the last one only
     metrics.update(meter.metrics())
 

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     plan = EvalPlan({"test": x_test})
     ours: dict[str, float] = {}
     for run in ("cold", "warm"):
-        post, ours[f"build_{run}_s"] = _timed(lambda: method.fit(key, model, data, plan))
+        post, ours[f"build_{run}_s"] = _timed(lambda: method.fit(key, model, data))
         summ, ours[f"predict_{run}_s"] = _timed(
             lambda post=post: method.predict(jax.random.key(1), post, plan)["test"]
         )

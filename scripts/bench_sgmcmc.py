@@ -15,11 +15,20 @@ predictive. One process, one run of each variant:
   (d) bnn-bench's ``SGMCMC`` with the ``sgld`` kernel (``SGMCMC.fit``), streaming every
       sample into the predictive summary.
 
+Warm-up breakdown (where SGLD's time goes against the bare gradient), each adding one
+piece to the one before: (g) the bare gradient on one fixed batch; (a) + the batch
+gather; (n) + the noise draw and SGLD update (keys split ahead, as (b)); (k) + bnn-bench's
+per-step keys (``fold_in(key, step)``, split per chain, split batch/step).
+
+``--repeat R`` runs every variant R times, interleaved, and reports the fastest round
+of each phase: on a shared machine the load then hits every variant alike.
+
 Prints steps/s for each phase, compile times separately, ratios, and the posterior-
 predictive accuracy, NLL and ECE of (b), (c), (d) (the acceptance compares (c) and (d)).
 
   PYTHONPATH=. python scripts/bench_sgmcmc.py                      # the tutorial's budget
   PYTHONPATH=. python scripts/bench_sgmcmc.py --warmup 500 --samples 200 --variants a,d
+  PYTHONPATH=. python scripts/bench_sgmcmc.py --variants g,a,n,k,b,d --repeat 3
 """
 
 from __future__ import annotations
@@ -37,9 +46,10 @@ from blackjax.sgmcmc.gradients import grad_estimator
 from bnn_bench.data import preset
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
+from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.schedules import constant
 from bnn_bench.methods.sgmcmc import SGMCMC, make_log_density
-from bnn_bench.methods.sgmcmc_kernels import sgld
+from bnn_bench.methods.sgmcmc_kernels import gaussian_noise, sgld
 from bnn_bench.models import build_model
 from bnn_bench.models.mlp import MLP
 
@@ -55,7 +65,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--step-size", type=float, default=4.5e-5)
     p.add_argument("--chunk-size", type=int, default=100, help="(d)'s steps per scan chunk")
-    p.add_argument("--variants", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    p.add_argument("--variants", default="a,b,c,d", help="comma-separated subset of g,a,n,k,b,c,d")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="interleaved rounds; the fastest is reported"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args()
@@ -67,119 +80,195 @@ def scores(probs, y) -> dict[str, float]:
 
 def main() -> None:
     args = parse()
-    variants = set(args.variants.split(","))
+    variants = [v for v in "gankbcd" if v in args.variants.split(",")]
     data = preset("fashion_mnist", val_fraction=0.0, mean=[0.0], std=[1.0])
     model = build_model(MLP(num_classes=10, hidden=(500,)), data.spec, "mlp", batch_size=1000)
-    n, b, eps = data.train.size, args.batch_size, args.step_size
-    W, S = args.warmup, args.samples
-    log_density = make_log_density(model, n, prior_scale=1.0)
-    params0, _ = model.init(jax.random.key(args.seed))
-    train, test = data.train, data.test
-    results: dict[str, dict] = {}
+    n, W = data.train.size, args.warmup
     print(
-        f"Fashion-MNIST: train {n}, test {test.size}; {W} warm-up + {S} sampling steps; "
-        f"batch {b}; step {eps}; device {jax.devices()[0].platform}"
+        f"Fashion-MNIST: train {n}, test {data.test.size}; {W} warm-up + {args.samples} "
+        f"sampling steps; batch {args.batch_size}; step {args.step_size}; device "
+        f"{jax.devices()[0].platform}; best of {args.repeat} interleaved rounds"
     )
-
-    def timed(fn, *a):
-        tic = time.perf_counter()
-        out = jax.block_until_ready(fn(*a))
-        return out, time.perf_counter() - tic
-
-    def aot(fn, *a):
-        tic = time.perf_counter()
-        compiled = jax.jit(fn).lower(*a).compile()
-        return compiled, time.perf_counter() - tic
-
-    # ------------------------------------------------------------------ (a)
-    if "a" in variants:
-
-        def bare(params, key, x, y):
-            def body(p, k):
-                idx = jax.random.randint(k, (b,), 0, n)
-                _, g = jax.value_and_grad(log_density)(p, x[idx], y[idx])
-                return jax.tree.map(lambda a, c: a + eps * c, p, g), None
-
-            return jax.lax.scan(body, params, jax.random.split(key, W))[0]
-
-        fn, c = aot(bare, params0, jax.random.key(1), train.x, train.y)
-        _, t = timed(fn, params0, jax.random.key(1), train.x, train.y)
-        results["a"] = {"warmup_steps_per_s": W / t, "compile_s": c}
-        print("a", results["a"], flush=True)
-
-    # ------------------------------------------------------------------ (b)
-    if "b" in variants:
-        kernel = blackjax.sgld(lambda p, batch: jax.grad(log_density)(p, *batch))
-
-        def warm(params, key, x, y):
-            def body(p, k):
-                kb, ks = jax.random.split(k)
-                idx = jax.random.randint(kb, (b,), 0, n)
-                return kernel.step(ks, p, (x[idx], y[idx]), eps), None
-
-            return jax.lax.scan(body, params, jax.random.split(key, W))[0]
-
-        def sample(params, key, x, y, xt):
-            def body(carry, k):
-                p, prob_sum = carry
-                kb, ks = jax.random.split(k)
-                idx = jax.random.randint(kb, (b,), 0, n)
-                p = kernel.step(ks, p, (x[idx], y[idx]), eps)
-                return (p, prob_sum + model.probs(p, {}, xt)), None
-
-            init = (params, jnp.zeros((xt.shape[0], 10)))
-            return jax.lax.scan(body, init, jax.random.split(key, S))[0]
-
-        fw, cw = aot(warm, params0, jax.random.key(1), train.x, train.y)
-        fs, cs = aot(sample, params0, jax.random.key(2), train.x, train.y, test.x)
-        p, tw = timed(fw, params0, jax.random.key(1), train.x, train.y)
-        (_, prob_sum), ts = timed(fs, p, jax.random.key(2), train.x, train.y, test.x)
-        results["b"] = {
-            "warmup_steps_per_s": W / tw,
-            "sampling_steps_per_s": S / ts,
-            "compile_s": cw + cs,
-            **scores(prob_sum / S, test.y),
-        }
-        print("b", results["b"], flush=True)
-
-    # ------------------------------------------------------------------ (c)
-    if "c" in variants:
-        results["c"] = tutorial_loop(args, data)
-        print("c", results["c"], flush=True)
-
-    # ------------------------------------------------------------------ (d)
-    if "d" in variants:
-        method = SGMCMC(
-            kernel=sgld(),
-            step_size=constant(eps),
-            batch_size=b,
-            iterations=W + S,
-            epochs=None,
-            burn_in=W,
-            burn_in_epochs=None,
-            accepted_samples=S,
-            chunk_size=args.chunk_size,
-        )
-        plan = EvalPlan({"test": test.x}, keep=5, capacity=S)
-        tic = time.perf_counter()
-        post = method.fit(jax.random.key(args.seed), model, data, plan)
-        wall = time.perf_counter() - tic
-        m = post.metrics
-        results["d"] = {
-            "warmup_steps_per_s": m["sampler/burn_in_steps_per_s"],
-            "sampling_steps_per_s": m["sampler/sampling_steps_per_s"],
-            "compile_s": m["time/compile"],
-            "wall_s": wall,
-            **scores(post.summaries["test"].mean(), test.y),
-            "last_sample_acc": m["test/last_sample_acc"],
-        }
-        print("d", results["d"], flush=True)
-
+    runs = {v: BUILD[v](args, data, model) for v in variants}  # compiled once each
+    rounds: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(args.repeat):  # round robin: the machine's load hits every variant alike
+        for v in variants:
+            rounds[v].append(runs[v]())
+            print(r, v, rounds[v][-1], flush=True)
+    results = {v: best(rounds[v]) for v in variants}
     print()
     report(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"best": results, "rounds": rounds}, f, indent=1)
+
+
+def best(rounds: list[dict]) -> dict:
+    """The fastest round's rates (each phase on its own), the other numbers of the last."""
+    out = dict(rounds[-1])
+    for k in out:
+        if "steps_per" in k:
+            out[k] = max(r[k] for r in rounds)
+    return out
+
+
+def _timed(fn, *a) -> tuple[object, float, float]:
+    """``fn(*a)``, its wall seconds and the process's CPU seconds (all threads): on a
+    shared machine the CPU time is what the work cost, the wall time also the waiting."""
+    tic, cpu = time.perf_counter(), time.process_time()
+    out = jax.block_until_ready(fn(*a))
+    return out, time.perf_counter() - tic, time.process_time() - cpu
+
+
+def _aot(fn, *a):
+    tic = time.perf_counter()
+    compiled = jax.jit(fn).lower(*a).compile()
+    return compiled, time.perf_counter() - tic
+
+
+def _setup(args, data, model):
+    n, b, eps = data.train.size, args.batch_size, args.step_size
+    log_density = make_log_density(model, n, prior_scale=1.0)
+    params0, _ = model.init(jax.random.key(args.seed))
+    return n, b, eps, log_density, params0
+
+
+def _warmup_only(args, data, body_fn, keys_fn):
+    """A warm-up-only variant: ``body_fn(p, k, x, y)`` scanned over ``keys_fn(key)``."""
+
+    def fn(params, key, x, y):
+        return jax.lax.scan(lambda p, k: (body_fn(p, k, x, y), None), params, keys_fn(key))[0]
+
+    return fn
+
+
+def build_bare(args, data, model, gather=True, noise=False, fold=False):
+    """(g), (a), (n), (k): the bare gradient step, then SGLD's pieces added one by one."""
+    n, b, eps, log_density, params0 = _setup(args, data, model)
+    train, W = data.train, args.warmup
+    fixed = jnp.arange(b)
+
+    def body(p, k, x, y):
+        if fold:  # bnn-bench's keys: fold_in(run key, step), one per chain, then batch/step
+            k = jax.random.split(jax.random.fold_in(KEY, k), 1)[0]
+        kb, ks = jax.random.split(k) if noise else (k, k)
+        idx = jax.random.randint(kb, (b,), 0, n) if gather else fixed
+        g = jax.grad(log_density)(p, x[idx], y[idx])
+        if not noise:
+            return jax.tree.map(lambda a, c: a + eps * c, p, g)
+        z = gaussian_noise(ks, p)
+        scale = jnp.sqrt(2.0 * eps)
+        return jax.tree.map(lambda a, c, e: a + eps * c + scale * e, p, g, z)
+
+    keys = (lambda key: jnp.arange(W)) if fold else (lambda key: jax.random.split(key, W))
+    fn, c = _aot(_warmup_only(args, data, body, keys), params0, KEY, train.x, train.y)
+
+    def once():
+        _, t, cpu = _timed(fn, params0, KEY, train.x, train.y)
+        return {"warmup_steps_per_s": W / t, "warmup_steps_per_cpu_s": W / cpu, "compile_s": c}
+
+    return once
+
+
+KEY = jax.random.key(1)
+
+
+def build_blackjax(args, data, model):
+    """(b): BlackJAX's sgld kernel in lax.scan."""
+    n, b, eps, log_density, params0 = _setup(args, data, model)
+    W, S, train, test = args.warmup, args.samples, data.train, data.test
+    kernel = blackjax.sgld(lambda p, batch: jax.grad(log_density)(p, *batch))
+
+    def warm(params, key, x, y):
+        def body(p, k):
+            kb, ks = jax.random.split(k)
+            idx = jax.random.randint(kb, (b,), 0, n)
+            return kernel.step(ks, p, (x[idx], y[idx]), eps), None
+
+        return jax.lax.scan(body, params, jax.random.split(key, W))[0]
+
+    def sample(params, key, x, y, xt):
+        def body(carry, k):
+            p, prob_sum = carry
+            kb, ks = jax.random.split(k)
+            idx = jax.random.randint(kb, (b,), 0, n)
+            p = kernel.step(ks, p, (x[idx], y[idx]), eps)
+            return (p, prob_sum + model.probs(p, {}, xt)), None
+
+        init = (params, jnp.zeros((xt.shape[0], 10)))
+        return jax.lax.scan(body, init, jax.random.split(key, S))[0]
+
+    fw, cw = _aot(warm, params0, KEY, train.x, train.y)
+    fs, cs = _aot(sample, params0, jax.random.key(2), train.x, train.y, test.x)
+
+    def once():
+        p, tw, cw_cpu = _timed(fw, params0, KEY, train.x, train.y)
+        (_, prob_sum), ts, cs_cpu = _timed(fs, p, jax.random.key(2), train.x, train.y, test.x)
+        return {
+            "warmup_steps_per_s": W / tw,
+            "sampling_steps_per_s": S / ts,
+            "warmup_steps_per_cpu_s": W / cw_cpu,
+            "sampling_steps_per_cpu_s": S / cs_cpu,
+            "compile_s": cw + cs,
+            **scores(prob_sum / S, test.y),
+        }
+
+    return once
+
+
+def build_bnn_bench(args, data, model):
+    """(d): ``SGMCMC.fit`` with the sgld kernel, every sample folded into the summary."""
+    W, S = args.warmup, args.samples
+    method = SGMCMC(
+        kernel=sgld(),
+        step_size=constant(args.step_size),
+        batch_size=args.batch_size,
+        iterations=W + S,
+        epochs=None,
+        burn_in=W,
+        burn_in_epochs=None,
+        accepted_samples=S,
+        chunk_size=args.chunk_size,
+    )
+    plan = EvalPlan({"test": data.test.x}, keep=5, capacity=S)
+
+    def once():  # fit compiles ahead of time; the logger marks each chunk's end
+        marks: list[tuple[int, float, float]] = []  # (step, wall, cpu) at each chunk's end
+        on_chunk = lambda values, step: marks.append(  # noqa: E731
+            (step, time.perf_counter(), time.process_time())
+        )
+        tic = time.perf_counter()
+        post = method.fit(jax.random.key(args.seed), model, data, RunContext(plan, on_chunk))
+        m = post.info
+        # rates from the first chunk's end (after the compile) to the end of each phase
+        (s0, w0, c0), (s1, w1, c1), (s2, w2, c2) = (
+            marks[0],
+            next(mk for mk in marks if mk[0] == W),
+            marks[-1],
+        )
+        return {
+            "warmup_steps_per_s": (s1 - s0) / (w1 - w0),
+            "sampling_steps_per_s": (s2 - s1) / (w2 - w1),
+            "warmup_steps_per_cpu_s": (s1 - s0) / (c1 - c0),
+            "sampling_steps_per_cpu_s": (s2 - s1) / (c2 - c1),
+            "compile_s": m["time/compile"],
+            "wall_s": time.perf_counter() - tic,
+            **scores(post.summaries["test"].mean(), data.test.y),
+            "last_sample_acc": m["test/last_sample_acc"],
+        }
+
+    return once
+
+
+BUILD = {
+    "g": lambda a, d, m: build_bare(a, d, m, gather=False),
+    "a": build_bare,
+    "n": lambda a, d, m: build_bare(a, d, m, noise=True),
+    "k": lambda a, d, m: build_bare(a, d, m, noise=True, fold=True),
+    "b": build_blackjax,
+    "c": lambda a, d, m: lambda: tutorial_loop(a, d),
+    "d": build_bnn_bench,
+}
 
 
 def tutorial_loop(args, data) -> dict:
@@ -261,37 +350,51 @@ def tutorial_loop(args, data) -> dict:
 
 def report(r: dict) -> None:
     names = {
+        "g": "(g) bare grad, one fixed batch",
         "a": "(a) bare value_and_grad in scan",
+        "n": "(n) (a) + SGLD noise draw",
+        "k": "(k) (n) + bnn-bench's key folding",
         "b": "(b) blackjax.sgld in scan",
         "c": "(c) BlackJAX tutorial loop",
         "d": "(d) bnn-bench sgld",
     }
+    nan = float("nan")
     print(
-        f"\n{'variant':34s} {'warm-up st/s':>12s} {'sampling st/s':>13s} {'compile s':>9s}"
-        f" {'acc':>7s} {'nll':>7s} {'ece':>7s}"
+        f"{'variant':34s} {'warm-up st/s':>12s} {'(per CPU s)':>11s} {'sampling st/s':>13s}"
+        f" {'(per CPU s)':>11s} {'compile s':>9s} {'acc':>7s} {'nll':>7s} {'ece':>7s}"
     )
-    for k in sorted(r):
-        v = r[k]
+    for k, v in r.items():
         print(
             f"{names[k]:34s} {v['warmup_steps_per_s']:12.1f} "
-            f"{v.get('sampling_steps_per_s', float('nan')):13.2f} {v['compile_s']:9.1f} "
-            f"{v.get('acc', float('nan')):7.4f} {v.get('nll', float('nan')):7.4f} "
-            f"{v.get('ece', float('nan')):7.4f}"
+            f"{v.get('warmup_steps_per_cpu_s', nan):11.1f} "
+            f"{v.get('sampling_steps_per_s', nan):13.2f} "
+            f"{v.get('sampling_steps_per_cpu_s', nan):11.2f} {v['compile_s']:9.1f} "
+            f"{v.get('acc', nan):7.4f} {v.get('nll', nan):7.4f} {v.get('ece', nan):7.4f}"
         )
-    if "d" in r:
-        d = r["d"]
+    # where a warm-up step's CPU time goes, against the bare gradient: each row is what
+    # one variant adds to the one before it
+    ms = {k: 1e3 / v["warmup_steps_per_cpu_s"] for k, v in r.items() if k != "c"}
+    for k, base, what in (
+        ("a", "g", "batch gather"),
+        ("n", "a", "noise draw and update"),
+        ("k", "n", "per-step key folding"),
+        ("d", "k", "bnn-bench's loop beyond (k)"),
+        ("b", "n", "blackjax beyond (n)"),
+    ):
+        if k in ms and base in ms:
+            print(f"  ({k}) - ({base}) {what:30s} {ms[k] - ms[base]:+7.2f} CPU ms/step")
+    if "d" not in r:
+        return
+    d = r["d"]
+    for unit in ("s", "cpu_s"):
         if "a" in r:
-            print(
-                f"warm-up (d)/(a) = {d['warmup_steps_per_s'] / r['a']['warmup_steps_per_s']:.3f}"
-                "  (target >= 0.9)"
-            )
+            ratio = d[f"warmup_steps_per_{unit}"] / r["a"][f"warmup_steps_per_{unit}"]
+            print(f"per {unit}: warm-up (d)/(a) = {ratio:.3f}")
         for k in ("b", "c"):
-            if k in r:
-                print(
-                    f"(d)/({k}): warm-up "
-                    f"{d['warmup_steps_per_s'] / r[k]['warmup_steps_per_s']:.3f}, sampling "
-                    f"{d['sampling_steps_per_s'] / r[k]['sampling_steps_per_s']:.3f}"
-                )
+            if k in r and f"warmup_steps_per_{unit}" in r[k]:
+                w = d[f"warmup_steps_per_{unit}"] / r[k][f"warmup_steps_per_{unit}"]
+                sa = d[f"sampling_steps_per_{unit}"] / r[k][f"sampling_steps_per_{unit}"]
+                print(f"per {unit}: (d)/({k}) warm-up {w:.3f}, sampling {sa:.3f}")
 
 
 if __name__ == "__main__":

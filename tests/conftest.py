@@ -28,6 +28,17 @@ TINY = [
 ]
 
 
+def trains(method: str) -> bool:
+    """Whether ``method=<method>`` composes the trainer group (its YAML's defaults do)."""
+    return "/trainer@" in (CONF / "method" / f"{method}.yaml").read_text()
+
+
+def tiny(method: str) -> list[str]:
+    """TINY for ``method``: without the trainer keys when the method does not train."""
+    keep = [o for o in TINY if trains(method) or not o.startswith("trainer.")]
+    return [o if o != "method=map" else f"method={method}" for o in keep]
+
+
 def compose_cfg(*overrides: str):
     """The config the CLI would compose for these overrides (without the hydra node)."""
     with initialize_config_dir(config_dir=str(CONF), version_base=None):

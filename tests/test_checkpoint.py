@@ -81,6 +81,48 @@ def test_a_checkpoint_of_another_shape_is_refused(tmp_path):
         Checkpointer(tmp_path).restore(other)
 
 
+class Reordered(NamedTuple):  # State's fields in another order
+    count: jax.Array
+    key: jax.Array
+    params: dict
+
+
+def test_state_is_keyed_by_tree_path_with_dtypes_kept(tmp_path):
+    saved = _state(4)._replace(count=jnp.asarray(7, jnp.int16))
+    Checkpointer(tmp_path).save(3, {"a": saved, "half": jnp.ones(2, jnp.bfloat16)})
+    # reordered fields: each leaf comes back under its own name, not by position
+    template = Reordered(jnp.zeros((), jnp.int16), jax.random.key(0), _state(0).params)
+    step, restored = Checkpointer(tmp_path).restore(
+        {"a": template, "half": jnp.zeros(2, jnp.bfloat16)}
+    )
+    assert step == 3
+    _assert_same(restored["a"].params, saved.params)
+    _assert_same(restored["a"].key, saved.key)
+    assert restored["a"].count.dtype == jnp.int16 and int(restored["a"].count) == 7
+    assert restored["half"].dtype == jnp.bfloat16
+
+
+def test_a_renamed_field_or_another_dtype_fails_loudly(tmp_path):
+    Checkpointer(tmp_path).save(1, {"prob_sum": jnp.ones(3), "prob_sq_sum": jnp.full(3, 2.0)})
+    with pytest.raises(UserError, match=r"missing \[\"\['prob_sq'\]\"\]"):
+        Checkpointer(tmp_path).restore({"prob_sum": jnp.ones(3), "prob_sq": jnp.ones(3)})
+    with pytest.raises(UserError, match="float32, this run's state int32"):
+        Checkpointer(tmp_path).restore(
+            {"prob_sum": jnp.ones(3, jnp.int32), "prob_sq_sum": jnp.ones(3)}
+        )
+
+
+def test_each_loop_has_its_own_named_slot(tmp_path):
+    from bnn_bench import checkpoint
+
+    session = checkpoint.Session(tmp_path, every=1)
+    session.loop("trainer").save(2, _state(2))
+    session.loop("sgmcmc").save(5, _state(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sgmcmc", "trainer"]
+    with pytest.raises(ValueError, match="trainer"):
+        session.loop("trainer")  # two loops never share a folder
+
+
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     ckpt = Checkpointer(tmp_path, keep=2)
     ckpt.save(1, _state(1))
@@ -156,11 +198,11 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert "stopped by SIGTERM after saving step 13" in proc.stderr
     assert f"hydra.run.dir={parts}" in proc.stderr  # how to continue
     assert not (parts / "metrics.json").exists()
-    saved = sorted(p.name for p in (parts / "checkpoint/resume/trainer-0").iterdir())
+    saved = sorted(p.name for p in (parts / "checkpoint/resume/trainer").iterdir())
     assert saved == ["step_000000013"]  # the SIGTERM save replaced step 10's
 
     _cli(*RUN, *WANDB, "resume=true", f"hydra.run.dir={parts}")
-    assert "resuming trainer-0 from step 13" in (parts / "run.log").read_text()
+    assert "resuming trainer from step 13" in (parts / "run.log").read_text()
     record = json.loads((parts / "checkpoint/resume/run.json").read_text())
     assert record["attempts"] == 2
     history = [json.loads(line) for line in (parts / "history.jsonl").read_text().splitlines()]
@@ -188,7 +230,7 @@ def test_run_folder_plan(tmp_path):
         record.plan(config, True)
     record.start(config, "new")
     record.set_logger_run_id("abc")
-    (record.root / "trainer-0").mkdir()
+    (record.root / "trainer").mkdir()
     record = RunRecord(tmp_path)
     assert record.logger_run_id == "abc"
     # how-to-run keys (logger, resume) do not make it another job
@@ -199,7 +241,7 @@ def test_run_folder_plan(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     assert record.plan(config, "auto") == "skip"
     record.start({**config, "seed": 1}, "new")  # a rerun clears the old job's results
-    assert not (tmp_path / "metrics.json").exists() and not (record.root / "trainer-0").exists()
+    assert not (tmp_path / "metrics.json").exists() and not (record.root / "trainer").exists()
 
 
 def test_submitit_preemption_signal_saves_first_then_hands_over(tmp_path):
@@ -216,15 +258,15 @@ def test_submitit_preemption_signal_saves_first_then_hands_over(tmp_path):
 
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
-        with checkpoint.session(tmp_path, every=0):
-            ckpt = checkpoint.loop("sgmcmc")
+        with checkpoint.Session(tmp_path, every=0) as session:
+            ckpt = session.loop("sgmcmc")
             assert ckpt.restore(_state(0)) is None
             os.kill(os.getpid(), signal.SIGUSR2)  # caught: the loop finishes its chunk
             assert requeued == []
             with pytest.raises(SystemExit):
                 ckpt.maybe_save(7, _state(7))
             assert requeued == [signal.SIGUSR2]
-            step, restored = Checkpointer(tmp_path / "sgmcmc-0").restore(_state(0))
+            step, restored = Checkpointer(tmp_path / "sgmcmc").restore(_state(0))
             assert step == 7
             _assert_same(restored, _state(7))
         assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # handed back
@@ -239,7 +281,7 @@ def test_sigterm_outside_a_loop_stops_at_once(tmp_path):
     from bnn_bench import checkpoint
 
     with (
-        checkpoint.session(tmp_path, every=1),
+        checkpoint.Session(tmp_path, every=1),
         pytest.raises(checkpoint.Preempted, match="SIGTERM"),
     ):
         os.kill(os.getpid(), signal.SIGTERM)

@@ -3,20 +3,30 @@
 Every method, however different inside, ends in S members, each giving class
 probabilities for every evaluation input. ``predict`` folds them into one
 ``PredictiveSummary`` per evaluation set; evaluation never knows which method ran.
+
+Every method subclasses ``Method``; ``run.py`` calls each of its hooks (``fit``,
+``predict``, ``save``, ``report``) unconditionally. A method talks to the run only
+through the ``RunContext`` given to ``fit``: the logger, a checkpoint slot per loop
+name, the cost counter and the evaluation plan. No module-level state.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import jax
 
-from bnn_bench.data import Dataset
+from bnn_bench.checkpoint import Checkpointer, Session
+from bnn_bench.data import Dataset, Split
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.models import Model
+from bnn_bench.reporting.cost import Meter
 
-Posterior = Any  # a pytree; its model (static) rides along as a non-pytree field
+Posterior = Any  # a pytree with ``model`` (static) and ``info`` (a dict of numbers)
 LogFn = Callable[[dict[str, float], int], None]  # (values, step) -> None
 
 
@@ -24,46 +34,83 @@ def no_log(values: dict[str, float], step: int) -> None:
     del values, step
 
 
-class Method(Protocol):
-    """What ``run.py`` needs of a method."""
+@dataclass
+class RunContext:
+    """How a method talks to its run; ``RunContext()`` is a quiet one for use outside a run.
 
+    Attributes:
+      plan: the evaluation inputs, all known before ``fit`` (samplers fold members into
+        them while sampling); None outside a run.
+      log: receives training curves ``(values, step)``.
+      checkpoints: the run's checkpoint session; None: nothing is saved or resumed.
+      meter: the run's cost counter (gradient evaluations, samples).
+    """
+
+    plan: EvalPlan | None = None
+    log: LogFn = no_log
+    checkpoints: Session | None = None
+    meter: Meter = field(default_factory=Meter)
+
+    def checkpoint(self, name: str) -> Checkpointer:
+        """The checkpoint slot of the loop called ``name`` (a disabled one outside a run)."""
+        return Checkpointer(None) if self.checkpoints is None else self.checkpoints.loop(name)
+
+    def count(self, **amounts: float) -> None:
+        """Adds the method's own work (``grad_evals=...``, ``samples=...``) to the run's cost."""
+        self.meter.count(**amounts)
+
+
+class Method(abc.ABC):
+    """What ``run.py`` needs of a method. Subclasses implement ``fit`` and ``members``;
+    ``predict`` streams ``members`` into the summaries chunk by chunk (memory O(N·C)),
+    and ``save``, ``report`` and ``describe`` do nothing unless overridden."""
+
+    @abc.abstractmethod
     def fit(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> Posterior:
-        """Infers the posterior. ``plan`` lists the evaluation inputs (samplers fold
-        members into them while sampling); ``log`` receives training curves."""
-        ...
+        """Infers the posterior; counts its samples and gradient evaluations in ``ctx``.
+        The posterior's ``info`` holds the numbers the method measured itself."""
 
+    @abc.abstractmethod
     def members(self, key: jax.Array, posterior: Posterior, x: jax.Array) -> Iterator[jax.Array]:
         """Yields class probabilities in chunks (s, N, C) for x (N, H, W, C) uint8; the
         chunk sizes add up to S. The same key gives the same members for any x."""
-        ...
 
     def predict(
         self, key: jax.Array, posterior: Posterior, plan: EvalPlan
     ) -> dict[str, PredictiveSummary]:
         """One summary per evaluation set of ``plan``."""
-        ...
-
-
-# Optional hooks that run.py calls when present:
-#   method.save(out_dir, posterior): write what a later run can reuse (MAP parameters
-#     for init_from, SG-MCMC samples);
-#   posterior.extra_metrics() -> {name: float}: numbers the method measured itself
-#     (e.g. the prior precision Laplace chose, a sampler's last-sample accuracy);
-#   method.extra_metrics(key, posterior, summaries, evalsets, num_bins) -> {name: float}:
-#     numbers that need the evaluation sets (MC-BatchNorm's MAP prediction, each voter's).
-
-
-class MemberMethod:
-    """Base for methods whose members are produced on demand: ``predict`` streams
-    ``members`` into the summaries, chunk by chunk, so memory stays O(N·C)."""
-
-    def predict(
-        self, key: jax.Array, posterior: Posterior, plan: EvalPlan
-    ) -> dict[str, PredictiveSummary]:
         summaries = plan.empty(posterior.model.spec.num_classes)
         for name, x in plan.inputs.items():
-            for probs in self.members(key, posterior, x):  # type: ignore[attr-defined]
+            for probs in self.members(key, posterior, x):
                 summaries[name] = summaries[name].add(probs)
         return summaries
+
+    def save(self, out_dir: Path, posterior: Posterior) -> Path | None:
+        """Writes what a later run can reuse (MAP parameters for ``init_from``, SG-MCMC
+        samples) into the run folder; returns its path, or None if nothing is kept."""
+        del out_dir, posterior
+        return None
+
+    def report(
+        self,
+        key: jax.Array,
+        posterior: Posterior,
+        sets: dict[str, Split],
+        num_bins: int,
+    ) -> dict[str, float]:
+        """Numbers that need the evaluation sets, beside the predictive's metrics: e.g. the
+        MAP a method builds on (``map/test/acc``), each voter's own metrics.
+
+        Args:
+          sets: the evaluation sets (inputs and labels) by name.
+          num_bins: the calibration bins of the run's evaluation (``eval.num_bins``).
+        """
+        del key, posterior, sets, num_bins
+        return {}
+
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """The plan of a run without doing it (``dry_run=true``): steps, samples, ..."""
+        del model, data
+        return {}

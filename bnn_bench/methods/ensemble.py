@@ -4,9 +4,9 @@ p(y | x) ≈ (1/K) Σ_k softmax(f(x; θ_k)), each θ_k a MAP fit from its own ra
 initialisation and its own order of the full minibatches. The K networks train
 together, vmapped in one compiled loop (``Trainer.train_members``).
 
-Seeds: member k is exactly the network that ``bnn-bench method=map seed=<seed_k>``
-trains, with ``seed_k = seed * size + k``, so the members of runs with different
-seeds never overlap (seed 0 uses map seeds 0..K-1, seed 1 uses K..2K-1, ...).
+Keys: member k trains from ``split(key, size)[k]`` exactly as ``method=map`` trains
+from its key (``Trainer.train_members``), so a member is a MAP run of its own key
+and runs of different seeds have different members.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 from flax import struct
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
-from bnn_bench.methods.base import LogFn, MemberMethod, no_log
+from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
 
@@ -34,6 +32,7 @@ class StackedPosterior:
     model: Model = struct.field(pytree_node=False)
     params: Params
     state: State
+    info: dict[str, float] = struct.field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -68,12 +67,7 @@ def member_metrics(
     return out
 
 
-def map_fit_key(seed: int) -> jax.Array:
-    """The key a ``map`` run with this seed passes to ``fit`` (``run.py``'s ``k_fit``)."""
-    return jax.random.split(jax.random.key(seed))[0]
-
-
-class StackedMethod(MemberMethod):
+class StackedMethod(Method):
     """Members are K stacked networks (deep ensembles, voters): each member's probabilities,
     and each member's own metrics beside the ensemble's."""
 
@@ -83,19 +77,14 @@ class StackedMethod(MemberMethod):
         del key  # deterministic
         yield stacked_probs(posterior, x)  # (K, N, C)
 
-    def extra_metrics(
-        self,
-        key: jax.Array,
-        posterior: StackedPosterior,
-        summaries: dict[str, PredictiveSummary],
-        evalsets: dict[str, Split],
-        num_bins: int,
+    def report(
+        self, key: jax.Array, posterior: StackedPosterior, sets: dict[str, Split], num_bins: int
     ) -> dict[str, float]:
         """Each member's own metrics (``test/member_<k>_nll``, ``test/member_mean_nll``, ...):
         the single networks the ensemble is made of, measured in the same run."""
-        del key, summaries
+        del key
         out: dict[str, float] = {}
-        for name, split in evalsets.items():
+        for name, split in sets.items():
             out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins, f"{name}/")
         return out
 
@@ -107,28 +96,20 @@ class Ensemble(StackedMethod):
     Attributes:
       trainer: optimiser, schedule and budget of every member (the ``trainer`` group).
       size: number of members K.
-      seed: the run's seed (``${seed}``); member k is the ``map`` run with seed
-        ``seed * size + k``.
     """
 
     trainer: Trainer
     size: int = 5
-    seed: int = 0
 
     def __post_init__(self):
         if self.size < 1:
             raise UserError(f"method.size must be >= 1; got {self.size}.")
 
-    def member_seeds(self) -> list[int]:
-        """The ``map`` seeds of the members, in order."""
-        return [self.seed * self.size + k for k in range(self.size)]
-
     def fit(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> StackedPosterior:
-        # The members' keys come from the config's seed, not from ``key``, so that each
-        # member is reproducible as a single ``map`` run (see the module docstring).
-        del key, plan
-        keys = jnp.stack([map_fit_key(s) for s in self.member_seeds()])
-        ts = self.trainer.train_members(keys, model, data, log)
+        ctx = ctx or RunContext()
+        keys = jax.random.split(key, self.size)
+        ts = self.trainer.train_members(keys, model, data, ctx)
+        ctx.count(samples=self.size)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)

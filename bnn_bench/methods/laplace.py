@@ -41,10 +41,9 @@ from tqdm.auto import tqdm
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.evaluation.summary import EvalPlan
 from bnn_bench.methods import curvature as cv
-from bnn_bench.methods.base import LogFn, MemberMethod, no_log
-from bnn_bench.methods.map import checkpoint_path, load_point, save_point
+from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer, epoch_batches
 from bnn_bench.models import Model, Params, State, num_params
 
@@ -67,7 +66,7 @@ class LaplacePosterior:
       prior_precision: () τ.
       unravel: flat (P,) -> the parameter pytree ``theta`` came from.
       head: the last layer's key in ``params`` for ``last_layer``, else None.
-      info: (name, value) pairs for metrics.json (``extra_metrics``).
+      info: ``laplace/*`` numbers for metrics.json: prior precision, evidence, timings.
     """
 
     model: Model = struct.field(pytree_node=False)
@@ -78,7 +77,7 @@ class LaplacePosterior:
     prior_precision: jax.Array
     unravel: Callable = struct.field(pytree_node=False)
     head: str | None = struct.field(pytree_node=False, default=None)
-    info: tuple = struct.field(pytree_node=False, default=())
+    info: dict[str, float] = struct.field(default_factory=dict)
 
     def logits_fn(self, theta: jax.Array, x: jax.Array) -> jax.Array:
         """Evaluation-mode logits (B, C) of uint8 inputs x with the Gaussian's parameters
@@ -86,10 +85,6 @@ class LaplacePosterior:
         sub = self.unravel(theta)
         params = {**self.params, self.head: sub} if self.head is not None else sub
         return self.model.apply(params, self.state, x)[0]
-
-    def extra_metrics(self) -> dict[str, float]:
-        """``laplace/*`` scalars for metrics.json: prior precision, evidence, timings."""
-        return dict(self.info)
 
 
 # ---------------------------------------------------------------------- structure
@@ -443,7 +438,7 @@ class MargLik(PriorPrecision):
 
 
 @dataclass(frozen=True)
-class Laplace(MemberMethod):
+class Laplace(Method):
     """Post-hoc Laplace approximation with a GGN (or empirical Fisher) curvature.
 
     Attributes:
@@ -497,9 +492,9 @@ class Laplace(MemberMethod):
     # ------------------------------------------------------------------ fit
 
     def fit(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> LaplacePosterior:
-        del plan  # members are produced on demand
+        ctx = ctx or RunContext()
         shapes, _ = jax.eval_shape(model.init, key)
         head = self.structure.head(shapes)
         dim = num_params(shapes[head] if head is not None else shapes)
@@ -512,7 +507,7 @@ class Laplace(MemberMethod):
             params, state = load_point(self.init_from, model)
             log_line = f"loaded MAP from {checkpoint_path(self.init_from)}"
         else:
-            ts = self.trainer.train(key, model, data, log)
+            ts = self.trainer.train(key, model, data, ctx)
             params, state = ts.params, ts.state
             log_line = "trained MAP"
         t_map = time.perf_counter() - tic
@@ -574,10 +569,9 @@ class Laplace(MemberMethod):
             "laplace/time_curvature": t_curv,
             "laplace/time_prior": t_prior,
         }
-        log({"laplace/prior_precision": tau, "laplace/log_marglik": lml}, 0)
-        return post.replace(
-            prior_precision=jnp.asarray(tau, jnp.float32), info=tuple(sorted(info.items()))
-        )
+        ctx.log({"laplace/prior_precision": tau, "laplace/log_marglik": lml}, 0)
+        ctx.count(samples=self.predictive.size)
+        return post.replace(prior_precision=jnp.asarray(tau, jnp.float32), info=info)
 
     def _curvature_batches(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
         """Indices (nb, B) into the training split and weights (nb, B) (0 marks padding)."""
@@ -601,6 +595,13 @@ class Laplace(MemberMethod):
     def save(self, out_dir: Path, posterior: LaplacePosterior) -> Path:
         """Writes the MAP network, so a later run can reuse it with ``init_from``."""
         return save_point(out_dir, posterior.params, posterior.state)
+
+    def report(
+        self, key: jax.Array, posterior: LaplacePosterior, sets: dict[str, Split], num_bins: int
+    ) -> dict[str, float]:
+        """The MAP network's own metrics, ``map/<set>/{acc,nll,ece,brier}``."""
+        del key
+        return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
 
 
 # ---------------------------------------------------------------------- jitted pieces

@@ -9,10 +9,10 @@ from pathlib import Path
 import jax
 from flax import serialization, struct
 
-from bnn_bench.data import Dataset
+from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation.summary import EvalPlan
-from bnn_bench.methods.base import LogFn, MemberMethod, no_log
+from bnn_bench.evaluation import metrics as M
+from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
 
@@ -26,10 +26,11 @@ class PointPosterior:
     model: Model = struct.field(pytree_node=False)
     params: Params
     state: State
+    info: dict[str, float] = struct.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class MAP(MemberMethod):
+class MAP(Method):
     """Trains one network with ``trainer``; its softmax is the single member.
 
     Attributes:
@@ -39,10 +40,11 @@ class MAP(MemberMethod):
     trainer: Trainer
 
     def fit(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> PointPosterior:
-        del plan  # members are produced on demand
-        ts = self.trainer.train(key, model, data, log)
+        ctx = ctx or RunContext()
+        ts = self.trainer.train(key, model, data, ctx)
+        ctx.count(samples=1)
         return PointPosterior(model=model, params=ts.params, state=ts.state)
 
     def members(
@@ -56,6 +58,26 @@ class MAP(MemberMethod):
         """Writes the trained network to ``<out_dir>/checkpoint/map.msgpack`` (for
         post-hoc methods' ``init_from``)."""
         return save_point(out_dir, posterior.params, posterior.state)
+
+
+def map_metrics(
+    model: Model, params: Params, state: State, sets: dict[str, Split], num_bins: int
+) -> dict[str, float]:
+    """The metrics of the MAP network a method builds on, beside the method's own, so one
+    run shows the gain: ``map/<set>/{acc,nll,ece,brier}`` for every set but ``ood``."""
+    probs = jax.jit(model.probs)
+    out: dict[str, float] = {}
+    for name, split in sets.items():
+        if name == "ood":  # its labels are not classes of this task
+            continue
+        p = probs(params, state, split.x)
+        out |= {
+            f"map/{name}/acc": M.accuracy(p, split.y),
+            f"map/{name}/nll": M.nll(p, split.y),
+            f"map/{name}/ece": M.ece(p, split.y, num_bins),
+            f"map/{name}/brier": M.brier(p, split.y),
+        }
+    return out
 
 
 def save_point(out_dir: str | Path, params: Params, state: State) -> Path:

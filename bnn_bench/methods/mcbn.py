@@ -13,7 +13,8 @@ statistics are fitted once in ``fit`` (TorchUncertainty's ``MCBatchNorm.fit``) a
 reused for every test batch, so the same estimator normalises every input alike.
 
 The trained network's running statistics are kept beside them: the MAP prediction
-is reported as ``<split>/map_{acc,nll,ece,brier}``. The MAP part is trained from
+is reported as ``map/<split>/{acc,nll,ece,brier}``, and ``save`` writes the MAP
+network for a later run's ``init_from``. The MAP part is trained from
 the same key as ``method=map`` uses, so it is the network a ``map`` run with the
 same seed and trainer gives.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -31,9 +33,8 @@ from flax import struct, traverse_util
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import metrics as M
-from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
-from bnn_bench.methods.base import LogFn, MemberMethod, no_log
+from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.map import map_metrics, save_point
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
 
@@ -56,6 +57,7 @@ class MCBNPosterior:
     params: Params
     state: State
     mc_stats: dict
+    info: dict[str, float] = struct.field(default_factory=dict)
 
     @property
     def num_estimators(self) -> int:
@@ -103,7 +105,7 @@ def batch_norm_statistics(model: Model, params: Params, state: State, x: jax.Arr
 
 
 @dataclass(frozen=True)
-class MCBN(MemberMethod):
+class MCBN(Method):
     """A MAP network whose BatchNorm statistics come from random training minibatches.
 
     Attributes:
@@ -126,9 +128,9 @@ class MCBN(MemberMethod):
             )
 
     def fit(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> MCBNPosterior:
-        del plan  # members are produced on demand
+        ctx = ctx or RunContext()
         if not model.has_batch_norm:
             raise UserError(
                 f"method=mcbn needs a model with BatchNorm, and model "
@@ -141,7 +143,8 @@ class MCBN(MemberMethod):
                 f"method.mc_batch_size={self.mc_batch_size} is larger than the "
                 f"training split ({data.train.size} inputs); lower it."
             )
-        ts = self.trainer.train(key, model, data, log)  # the `map` run's network
+        ts = self.trainer.train(key, model, data, ctx)  # the `map` run's network
+        ctx.count(samples=self.num_estimators)
         return self.fit_statistics(
             jax.random.fold_in(key, _MC_SALT), model, ts.params, ts.state, data.train
         )
@@ -185,23 +188,13 @@ class MCBN(MemberMethod):
             stats = jax.tree.map(lambda a, i=start: a[i : i + _CHUNK], posterior.mc_stats)
             yield probs(posterior.params, posterior.state, stats, x)  # (s, N, C)
 
-    def extra_metrics(
-        self,
-        key: jax.Array,
-        posterior: MCBNPosterior,
-        summaries: dict[str, PredictiveSummary],
-        evalsets: dict[str, Split],
-        num_bins: int,
+    def save(self, out_dir: Path, posterior: MCBNPosterior) -> Path:
+        """Writes the MAP network (trained running statistics), for ``init_from``."""
+        return save_point(out_dir, posterior.params, posterior.state)
+
+    def report(
+        self, key: jax.Array, posterior: MCBNPosterior, sets: dict[str, Split], num_bins: int
     ) -> dict[str, float]:
-        """The MAP prediction (trained running statistics): ``<split>/map_{acc,nll,ece,brier}``."""
-        del key, summaries
-        model, out = posterior.model, {}
-        for name, split in evalsets.items():
-            p = jax.jit(model.probs)(posterior.params, posterior.state, split.x)
-            out |= {
-                f"{name}/map_acc": M.accuracy(p, split.y),
-                f"{name}/map_nll": M.nll(p, split.y),
-                f"{name}/map_ece": M.ece(p, split.y, num_bins),
-                f"{name}/map_brier": M.brier(p, split.y),
-            }
-        return out
+        """The MAP prediction (trained running statistics): ``map/<set>/{acc,nll,ece,brier}``."""
+        del key
+        return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)

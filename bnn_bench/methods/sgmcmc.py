@@ -16,29 +16,28 @@ so no weights need to be kept (``save_samples=true`` keeps them anyway, for
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization, struct
-from tqdm.auto import tqdm
 
-from bnn_bench import checkpoint
-from bnn_bench.data import Dataset
+from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods import schedules
-from bnn_bench.methods.base import LogFn, no_log
+from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.loop import chunked_loop, chunks_of
 from bnn_bench.methods.sgmcmc_kernels import Kernel
 from bnn_bench.models import Model, Params
-from bnn_bench.reporting import cost
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,21 @@ def accepted_steps(
     return burn_in + (j * k) // accepted_samples - 1
 
 
+class SamplerCarry(NamedTuple):
+    """The sampling loop's state between chunks (what a checkpoint holds).
+
+    Attributes:
+      states: the kernel state of every chain; leaves (num_chains, ...).
+      summaries: name -> PredictiveSummary of the samples accepted so far.
+      samples: with ``save_samples``, the accepted samples, leaves (M, num_chains, ...)
+        (rows past the samples accepted so far are zero); else None.
+    """
+
+    states: Any
+    summaries: dict[str, PredictiveSummary]
+    samples: Params | None
+
+
 @struct.dataclass
 class SamplePosterior:
     """What a sampler leaves: the folded summaries and, optionally, the samples.
@@ -96,22 +110,22 @@ class SamplePosterior:
       last: the final position of every chain; leaves (num_chains, ...).
       samples: the accepted samples (save_samples=true) with leaves (S, ...), ordered
         sample-major (sample j of chain c is row j * num_chains + c); else None.
-      metrics: extra numbers for metrics.json (the last sample's point accuracy, rates).
+      info: the sampler's own numbers for metrics.json (the last sample's point
+        accuracy, steps per second).
+      replay: ``x -> (S, N, C)`` probabilities of every sample, from the same chains run
+        again (what ``members`` uses when the samples were not kept).
     """
 
     model: Model = struct.field(pytree_node=False)
     summaries: dict[str, PredictiveSummary]
     last: Params
     samples: Params | None
-    metrics: dict[str, Any]
-
-    def extra_metrics(self) -> dict[str, float]:
-        """The sampler's own numbers for metrics.json."""
-        return {k: float(v) for k, v in self.metrics.items()}
+    info: dict[str, float] = struct.field(default_factory=dict)
+    replay: Callable[[jax.Array], jax.Array] | None = struct.field(pytree_node=False, default=None)
 
 
 @dataclass(frozen=True)
-class SGMCMC:
+class SGMCMC(Method):
     """A stochastic-gradient MCMC sampler (``conf/method/{sgld,psgld,sghmc}.yaml``).
 
     Attributes:
@@ -199,155 +213,100 @@ class SGMCMC:
 
     # --------------------------------------------------------------------- fit
     def fit(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log_fn: LogFn = no_log
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> SamplePosterior:
-        """Samples ``num_chains`` chains, folding every accepted sample into ``plan``'s sets."""
+        """Samples ``num_chains`` chains, folding every accepted sample into the sets of
+        ``ctx.plan`` (none outside a run: then only ``members`` gives the samples)."""
         if model.has_batch_norm:
             raise UserError(
                 f"SG-MCMC needs a model without batch norm, but model {model.name or ''} has "
                 f"batch_stats. Choose one without: model.use_bn=false (mobilenet), "
                 f"model.norm=none (lenet), or model=mlp/cnn."
             )
-        k_init, k_run = jax.random.split(key)
-        train = data.train
-        n = train.size
-        total, burn, accept_idx = self.budget(n)
-        chains = self.num_chains
-        num_samples = len(accept_idx) * chains
-        mask = np.zeros(total, bool)
-        mask[accept_idx] = True
-        slot = np.maximum(np.cumsum(mask) - 1, 0).astype(np.int32)  # row of each accepted step
-
-        params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
-        states = jax.vmap(self.kernel.init)(params)
-        summaries = plan.empty(model.spec.num_classes)
-        buffer = (
-            jax.tree.map(lambda p: jnp.zeros((len(accept_idx), *p.shape), p.dtype), params)
-            if self.save_samples
-            else None
-        )
-        carry = (states, summaries, buffer, jnp.asarray(-1, jnp.int32))
-        runner = _ChunkRunner(self, model, n, total)
-
-        # Chunks never straddle the end of burn-in: burn-in chunks carry no prediction. All
-        # chunks of a phase have one length (the last is padded with inactive steps), so
-        # each phase compiles once.
-        chunks = []  # (start, end, length, sampling)
-        for lo, hi, sampling in ((0, burn, False), (burn, total, True)):
-            length = min(self.chunk_size, hi - lo)
-            chunks += [(s, min(s + length, hi), length, sampling) for s in range(lo, hi, length)]
-        tic = time.perf_counter()
-        compiled = {}
-        for *_, length, sampling in chunks:
-            if (length, sampling) not in compiled:
-                compiled[length, sampling] = runner.compile(
-                    length, sampling, carry, train, plan.inputs
-                )
-        compile_s = time.perf_counter() - tic
-        log.info(
-            "%s: %d chain(s) x %d steps (burn-in %d), %d samples per chain; compiled in %.1fs",
-            self.name,
-            chains,
-            total,
-            burn,
-            len(accept_idx),
-            compile_s,
-        )
-        pad = max(length for *_, length, _ in chunks)
-        mask, slot = np.pad(mask, (0, pad)), np.pad(slot, (0, pad))
-
-        ckpt = checkpoint.loop("sgmcmc")  # the carry holds states, summaries, samples
-        done, carry = ckpt.restore(carry) or (0, carry)
-        bar = tqdm(
-            total=total,
-            initial=done,
-            desc=self.name,
-            unit="step",
-            file=sys.stderr,
-            disable=not sys.stderr.isatty(),
-            dynamic_ncols=True,
-        )
-        phase_time = {"burn_in": 0.0, "sampling": 0.0}
-        last_note = time.perf_counter()
-        for s, e, length, sampling in chunks:
-            if e <= done:  # resumed: this chunk ran before the checkpoint
-                continue
-            steps = np.arange(s, s + length, dtype=np.int32)
-            tic = time.perf_counter()
-            carry = compiled[length, sampling](
-                carry,
-                k_run,
-                steps,
-                steps < e,
-                mask[s : s + length],
-                slot[s : s + length],
-                train,
-                plan.inputs,
-            )
-            bad = int(carry[3])  # blocks until the chunk is done
-            phase_time["sampling" if sampling else "burn_in"] += time.perf_counter() - tic
-            if bad >= 0:
-                bar.close()
-                eps = float(self.step_size(bad, total))
-                raise UserError(
-                    f"{self.name}: the parameters became non-finite at step {bad + 1} of {total} "
-                    f"(step size {eps:.3g}). Lower method.step_size (e.g. by 10x) or raise "
-                    f"method.prior_scale."
-                )
-            collected = int(mask[:e].sum()) * chains
-            bar.update(e - s)
-            bar.set_postfix_str(f"collected {collected} of {num_samples} samples", refresh=False)
-            if bar.disable and time.perf_counter() - last_note > 30:  # no bar: note progress
-                last_note = time.perf_counter()
-                log.info(
-                    "%s: step %d of %d, collected %d of %d samples",
-                    self.name,
-                    e,
-                    total,
-                    collected,
-                    num_samples,
-                )
-            log_fn(
-                {
-                    "sampler/step_size": float(self.step_size(e - 1, total)),
-                    "sampler/collected": collected,
-                },
-                e,
-            )
-            ckpt.maybe_save(e, carry)
-        bar.close()
-        ckpt.maybe_save(total, carry, final=True)
-        cost.count(grad_evals=total * chains * self.kernel.grads_per_step, samples=num_samples)
-
-        metrics: dict[str, Any] = {"time/compile": compile_s}
-        for phase, steps in (("burn_in", burn), ("sampling", total - burn)):
-            if steps and phase_time[phase] > 0:
-                metrics[f"sampler/{phase}_steps_per_s"] = steps / phase_time[phase]
-        log.info(
-            "%s: burn-in %d steps in %.1fs, sampling %d steps in %.1fs; %d members",
-            self.name,
-            burn,
-            phase_time["burn_in"],
-            total - burn,
-            phase_time["sampling"],
-            num_samples,
-        )
-        states, summaries, buffer, _ = carry
-        last = states.params
+        ctx = ctx or RunContext()
+        plan = ctx.plan if ctx.plan is not None else EvalPlan({})
+        carry, info = self._sample(key, model, data, plan, ctx)
+        last = carry.states.params
         if "test" in plan.inputs and data.test is not None:
             # The last sample of each chain as a point estimate, for comparison with the
             # posterior predictive (the BlackJAX tutorial's closing check).
             probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, data.test.x)))(last)
             y = data.test.y
             p_true = jnp.take_along_axis(probs, y[None, :, None], axis=-1)[..., 0]
-            metrics["test/last_sample_acc"] = float(jnp.mean(probs.argmax(-1) == y))
-            metrics["test/last_sample_nll"] = float(-jnp.mean(jnp.log(jnp.clip(p_true, 1e-12))))
+            info["test/last_sample_acc"] = float(jnp.mean(probs.argmax(-1) == y))
+            info["test/last_sample_nll"] = float(-jnp.mean(jnp.log(jnp.clip(p_true, 1e-12))))
         samples = None
-        if buffer is not None:  # (M, chains, ...) -> (M * chains, ...)
-            samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), buffer)
-        return SamplePosterior(
-            model=model, summaries=summaries, last=last, samples=samples, metrics=metrics
+        if carry.samples is not None:  # (M, chains, ...) -> (M * chains, ...)
+            samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), carry.samples)
+        replay = functools.partial(self._replay, key, model, data)
+        return SamplePosterior(model, carry.summaries, last, samples, info, replay)
+
+    def _sample(
+        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, ctx: RunContext
+    ) -> tuple[SamplerCarry, dict[str, float]]:
+        """The chains from ``key``: the final carry and the sampler's timings."""
+        k_init, k_run = jax.random.split(key)
+        total, burn, accept_idx = self.budget(data.train.size)
+        chains, kept = self.num_chains, len(accept_idx)
+        params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
+        carry = SamplerCarry(
+            states=jax.vmap(self.kernel.init)(params),
+            summaries=plan.empty(model.spec.num_classes),
+            samples=jax.tree.map(lambda p: jnp.zeros((kept, *p.shape), p.dtype), params)
+            if self.save_samples
+            else None,
         )
+        runner = _ChunkRunner(self, model, data.train, plan.inputs, total, burn, accept_idx)
+        runner.compile(carry)
+        log.info(
+            "%s: %d chain(s) x %d steps (burn-in %d), %d samples per chain; compiled in %.1fs",
+            *(self.name, chains, total, burn, kept, runner.compile_s),
+        )
+        seconds = {"burn_in": 0.0, "sampling": 0.0}
+
+        def run(carry: SamplerCarry, start: int, end: int):
+            tic = time.perf_counter()
+            carry = jax.block_until_ready(runner(carry, k_run, start, end))
+            seconds["sampling" if start >= burn else "burn_in"] += time.perf_counter() - tic
+            collected = float(np.sum(accept_idx < end) * chains)
+            return carry, {
+                "sampler/step_size": float(self.step_size(end - 1, total)),
+                "sampler/collected": collected,
+            }
+
+        def diverged(carry: SamplerCarry, values: dict[str, float], end: int) -> str | None:
+            # once per chunk, not per step: a non-finite chain stays non-finite
+            if bool(_all_finite(carry.states.params)):
+                return None
+            start = max(s for s, _ in runner.chunks if s < end)
+            return (
+                f"{self.name}: the parameters became non-finite at step {end} of {total} or "
+                f"earlier (after step {start}; step size {values['sampler/step_size']:.3g}). "
+                f"Lower method.step_size (e.g. by 10x) or raise method.prior_scale."
+            )
+
+        grads = total * chains * self.kernel.grads_per_step
+        carry = chunked_loop(ctx, "sgmcmc", carry, runner.chunks, run, diverged, grads, self.name)
+        kept *= chains
+        ctx.count(samples=kept)
+        log.info(
+            "%s: burn-in %d steps in %.1fs, sampling %d steps in %.1fs; %d members",
+            *(self.name, burn, seconds["burn_in"], total - burn, seconds["sampling"], kept),
+        )
+        info = {"time/compile": runner.compile_s}
+        for phase, steps in (("burn_in", burn), ("sampling", total - burn)):
+            if steps and seconds[phase] > 0:
+                info[f"sampler/{phase}_steps_per_s"] = steps / seconds[phase]
+        return carry, info
+
+    def _replay(self, key: jax.Array, model: Model, data: Dataset, x: jax.Array) -> jax.Array:
+        """(S, N, C): every accepted sample's probabilities of x, from the chains that
+        ``fit(key, ...)`` ran again (every key derives from (run key, step), so the same
+        samples are drawn)."""
+        members = len(self.budget(data.train.size)[2]) * self.num_chains
+        plan = EvalPlan({"x": x}, keep=x.shape[0], capacity=members)
+        quiet = dataclasses.replace(self, save_samples=False)
+        return quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_members()
 
     # ----------------------------------------------------------------- members
     def predict(
@@ -366,14 +325,20 @@ class SGMCMC:
     def members(
         self, key: jax.Array, posterior: SamplePosterior, x: jax.Array, chunk: int = 16
     ) -> Iterator[jax.Array]:
-        """Class probabilities (s, N, C) of the kept samples, ``chunk`` samples at a time."""
+        """Class probabilities (s, N, C) of the accepted samples, ``chunk`` at a time, in
+        the order of ``samples``.
+
+        With ``save_samples=true`` they come from the kept samples. Otherwise the chains
+        are run again with x as their only evaluation set (the same keys draw the same
+        samples), keeping every member's probabilities of x: this costs one more run of
+        the sampler and (S, N, C) memory, and needs no switch.
+        """
         del key  # the samples are fixed
         if posterior.samples is None:
-            raise UserError(
-                "SG-MCMC does not keep its samples by default (members are folded "
-                "into the evaluation while sampling); set method.save_samples=true "
-                "to keep them for re-evaluation."
-            )
+            probs = posterior.replay(x)  # (S, N, C)
+            for s in range(0, probs.shape[0], chunk):
+                yield probs[s : s + chunk]
+            return
         model = posterior.model
         probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, x)))
         num = jax.tree.leaves(posterior.samples)[0].shape[0]
@@ -395,79 +360,108 @@ class SGMCMC:
         return self.kernel.step.__qualname__.split(".")[0]
 
 
-class _ChunkRunner:
-    """Compiles ``(carry, key, steps, active, accept, slot, train, inputs) -> carry``: a
-    ``lax.scan`` over one chunk of steps, all chains at once.
+def _all_finite(tree: Params) -> jax.Array:
+    """() bool: every leaf of ``tree`` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(tree)]))
 
-    Keys derive from (run key, step), so a run does not depend on how it is chunked.
+
+class _ChunkRunner:
+    """The compiled chunks of one sampling run: ``runner(carry, key, start, end) -> carry``
+    runs the steps ``[start, end)`` of every chain in one ``fori_loop``.
+
+    Chunks never straddle the end of burn-in (burn-in chunks carry no prediction), and
+    the trip count is an argument, so each phase compiles once whatever its chunks'
+    lengths. Keys derive from (run key, step), so a run does not depend on how it is
+    chunked.
     """
 
-    def __init__(self, method: SGMCMC, model: Model, n: int, total: int):
-        self.method, self.model, self.n, self.total = method, model, n, total
-        self.grad = jax.grad(make_log_density(model, n, method.prior_scale))
+    def __init__(self, method: SGMCMC, model: Model, train: Split, inputs, total, burn, accept):
+        self.method, self.model, self.train, self.inputs = method, model, train, inputs
+        self.total, self.burn = total, burn
+        self.grad = jax.grad(make_log_density(model, train.size, method.prior_scale))
+        size = method.chunk_size
+        self.chunks = chunks_of(0, burn, size) + chunks_of(burn, total, size)
+        mask = np.zeros(total + size, bool)
+        mask[accept] = True
+        self.accept = mask  # accept[t]: the state after step t is a sample
+        self.every_step = bool(mask[burn:total].all())  # then the fold needs no lax.cond
+        self.slot = np.maximum(np.cumsum(mask) - 1, 0).astype(np.int32)  # its row
+        self.compiled: dict[bool, Any] = {}
+        self.compile_s = 0.0
 
-    def compile(self, length: int, sampling: bool, carry, train, inputs):
-        fn = jax.jit(lambda *a: self._run(sampling, *a))
-        steps = jax.ShapeDtypeStruct((length,), jnp.int32)
-        flags = jax.ShapeDtypeStruct((length,), jnp.bool_)
-        return fn.lower(
-            carry, jax.random.key(0), steps, flags, flags, steps, train, inputs
-        ).compile()
+    def compile(self, carry: SamplerCarry) -> None:
+        """Compiles the burn-in and the sampling program (ahead of time, timed)."""
+        tic = time.perf_counter()
+        size = self.method.chunk_size
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        flags = jax.ShapeDtypeStruct((size,), jnp.bool_)
+        rows = jax.ShapeDtypeStruct((size,), jnp.int32)
+        for sampling in {start >= self.burn for start, _ in self.chunks}:
+            fn = jax.jit(functools.partial(self._run, sampling))
+            self.compiled[sampling] = fn.lower(
+                carry, jax.random.key(0), scalar, scalar, flags, rows, self.train, self.inputs
+            ).compile()
+        self.compile_s = time.perf_counter() - tic
 
-    def _run(self, sampling, carry, key, steps, active, accept, slot, train, inputs):
+    def __call__(self, carry: SamplerCarry, key: jax.Array, start: int, end: int) -> SamplerCarry:
+        size = self.method.chunk_size
+        return self.compiled[start >= self.burn](
+            carry,
+            key,
+            np.int32(start),
+            np.int32(end - start),
+            self.accept[start : start + size],
+            self.slot[start : start + size],
+            self.train,
+            self.inputs,
+        )
+
+    def _run(self, sampling, carry, key, start, length, accept, slot, train, inputs):
         m, model, grad = self.method, self.model, self.grad
         b = m.batch_size
 
         def chain_step(k, state, step_size):
             k_batch, k_step = jax.random.split(k)
-            idx = jax.random.randint(k_batch, (b,), 0, self.n)
+            idx = jax.random.randint(k_batch, (b,), 0, train.size)
             x, y = train.x[idx], train.y[idx]
             return m.kernel.step(k_step, state, lambda p: grad(p, x, y), step_size, m.temperature)
 
-        def fold(summaries, buffer, params, j):
+        def fold(summaries, samples, params, j):
             for name, x in inputs.items():
                 probs = jax.vmap(lambda p, x=x: model.probs(p, {}, x))(params)  # (chains, N, C)
                 summaries = {**summaries, name: summaries[name].add(probs)}
-            if buffer is not None:
-                buffer = jax.tree.map(
+            if samples is not None:
+                samples = jax.tree.map(
                     lambda buf, p: jax.lax.dynamic_update_index_in_dim(
                         buf, p.astype(buf.dtype), j, 0
                     ),
-                    buffer,
+                    samples,
                     params,
                 )
-            return summaries, buffer
+            return summaries, samples
 
-        def body(carry, inp):
-            t, on, acc, j = inp
-            # padding steps past the end of the run leave the carry as it is
-            return jax.lax.cond(on, lambda c: live(c, t, acc, j), lambda c: c, carry), None
-
-        def live(carry, t, acc, j):
-            states, summaries, buffer, bad = carry
+        def body(i, carry: SamplerCarry) -> SamplerCarry:
+            t = start + i
             keys = jax.random.split(jax.random.fold_in(key, t), m.num_chains)
             step_size = m.step_size(t, self.total)
             if m.num_chains == 1:  # plain (unbatched) matmuls are faster on CPU
-                one = chain_step(keys[0], jax.tree.map(lambda a: a[0], states), step_size)
+                one = chain_step(keys[0], jax.tree.map(lambda a: a[0], carry.states), step_size)
                 states = jax.tree.map(lambda a: a[None], one)
             else:
-                states = jax.vmap(chain_step, in_axes=(0, 0, None))(keys, states, step_size)
-            finite = jnp.all(
-                jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(states.params)])
-            )
-            bad = jnp.where((bad < 0) & ~finite, t, bad)
-            if sampling:
-                # an unbatched predicate: lax.cond skips the prediction on other steps
-                summaries, buffer = jax.lax.cond(
-                    acc & finite,
+                states = jax.vmap(chain_step, in_axes=(0, 0, None))(keys, carry.states, step_size)
+            summaries, samples = carry.summaries, carry.samples
+            if sampling and self.every_step:
+                summaries, samples = fold(summaries, samples, states.params, slot[i])
+            elif sampling:  # an unbatched predicate: lax.cond skips the other steps' prediction
+                summaries, samples = jax.lax.cond(
+                    accept[i],
                     fold,
                     lambda s, bu, p, j: (s, bu),
                     summaries,
-                    buffer,
+                    samples,
                     states.params,
-                    j,
+                    slot[i],
                 )
-            return states, summaries, buffer, bad
+            return SamplerCarry(states, summaries, samples)
 
-        carry, _ = jax.lax.scan(body, carry, (steps, active, accept, slot))
-        return carry
+        return jax.lax.fori_loop(0, length, body, carry)

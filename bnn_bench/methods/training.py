@@ -9,9 +9,9 @@ methods that train several networks (vote, ensembles) build on ``Trainer``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,14 +20,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from bnn_bench import checkpoint
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
+from bnn_bench.methods.base import RunContext
+from bnn_bench.methods.loop import chunked_loop, chunks_of
 from bnn_bench.models import Model, Params, State
-from bnn_bench.reporting import cost
 
 log = logging.getLogger(__name__)
 
@@ -140,29 +140,30 @@ class Trainer:
         key: jax.Array,
         model: Model,
         data: Dataset,
-        log_fn: Callable[[dict[str, float], int], None] | None = None,
+        ctx: RunContext | None = None,
         init: tuple[Params, State] | None = None,
+        name: str = "trainer",
     ) -> TrainState:
         """Trains ``model`` on ``data.train``; validates on ``data.val`` every ``eval_every``
         epochs. Returns the final ``TrainState``.
 
-        Checkpoints every ``checkpoint.every`` chunks in a run and continues from the
-        last one when the run resumes; data order and dropout keys derive from the
-        step, so a resumed run trains exactly as an uninterrupted one."""
+        Checkpoints as the loop ``name`` of the run context and continues from there when
+        the run resumes; data order and dropout keys derive from the step, so a resumed
+        run trains exactly as an uninterrupted one."""
         k_init, k_data, k_drop = jax.random.split(key, 3)
         params, state = init if init is not None else model.init(k_init)
         n = data.train.size
         tx = self.make_optimizer(self.num_steps(n))
         evaluate = jax.jit(lambda ts, x, y: _loss_acc(model.logits(ts.params, ts.state, x), y))
         return self._loop(
+            ctx or RunContext(),
+            name,
             TrainState(params, state, tx.init(params)),
             data,
             make_chunk_runner(model, tx),
             epoch_idx=lambda e: epoch_batches(jax.random.fold_in(k_data, e), n, self.batch_size),
             chunk_keys=lambda s, z: jax.random.split(jax.random.fold_in(k_drop, s), z),
             evaluate=evaluate,
-            log_fn=log_fn,
-            desc="train",
         )
 
     def train_members(
@@ -170,8 +171,9 @@ class Trainer:
         keys: jax.Array,
         model: Model,
         data: Dataset,
-        log_fn: Callable[[dict[str, float], int], None] | None = None,
+        ctx: RunContext | None = None,
         shared_batches: jax.Array | None = None,
+        name: str = "trainer",
     ) -> TrainState:
         """Trains K networks together, vmapped in one compiled loop.
 
@@ -183,16 +185,17 @@ class Trainer:
         With ``shared_batches`` (a key), every epoch draws ONE permutation from
         ``fold_in(shared_batches, epoch)`` and splits each minibatch of ``batch_size``
         into K consecutive slices of ``batch_size // K``: member k trains on slice k
-        (capsa's vote). ``batch_size`` must then be a multiple of K.
+        (capsa's vote; the method checks that ``batch_size`` is a multiple of K).
 
         Args:
           keys: (K,) keys, one per member.
           model: the network (the same architecture for every member).
           data: ``data.train`` is trained on; ``data.val``, if any, is validated on
             with the members' mean probabilities every ``eval_every`` epochs.
-          log_fn: receives member-averaged training curves.
+          ctx: the run context (logger of member-averaged curves, checkpoints, cost).
           shared_batches: a key for split batches (vote), or None for each member's
             own full batches (deep ensembles).
+          name: the loop's name (its checkpoint slot).
 
         Returns:
           The final ``TrainState``; every leaf has a leading member axis K.
@@ -202,16 +205,8 @@ class Trainer:
         k_init, k_data, k_drop = sub[:, 0], sub[:, 1], sub[:, 2]
         n = data.train.size
         per_epoch = self.steps_per_epoch(n)
-        total = self.num_steps(n)
-        if shared_batches is not None and self.batch_size % k_members:
-            raise UserError(
-                f"trainer.batch_size={self.batch_size} is not a multiple of the "
-                f"{k_members} voters; each batch is split among them. Use a "
-                f"multiple, e.g. trainer.batch_size="
-                f"{max(k_members, self.batch_size // k_members * k_members)}."
-            )
         params, state = jax.vmap(model.init)(k_init)
-        tx = self.make_optimizer(total)
+        tx = self.make_optimizer(self.num_steps(n))
 
         def epoch_idx(epoch: int) -> jax.Array:  # (per_epoch, K, b)
             if shared_batches is None:
@@ -229,6 +224,8 @@ class Trainer:
             return -jnp.mean(jnp.log(jnp.clip(p, 1e-12))), jnp.mean(probs.argmax(-1) == y)
 
         return self._loop(
+            ctx or RunContext(),
+            name,
             TrainState(params, state, jax.vmap(tx.init)(params)),
             data,
             make_chunk_runner(model, tx, members=True),
@@ -237,93 +234,89 @@ class Trainer:
                 lambda k: jax.random.split(jax.random.fold_in(k, s), z), out_axes=1
             )(k_drop),
             evaluate=evaluate,
-            log_fn=log_fn,
-            desc=f"train x{k_members}",
             members=k_members,
         )
 
     def _loop(
         self,
+        ctx: RunContext,
+        name: str,
         ts: TrainState,
         data: Dataset,
         run_chunk,
         epoch_idx,
         chunk_keys,
         evaluate,
-        log_fn,
-        desc: str,
         members: int = 1,
     ) -> TrainState:
         """The chunked loop of ``train`` and ``train_members``.
 
         Args:
           ts: the initial state (leaves with a leading member axis for several members).
-          run_chunk: ``(ts, split, idx, keys) -> (ts, (loss, acc))``, one compiled scan.
+          run_chunk: ``make_chunk_runner``'s ``(ts, split, idx, keys, active) -> (ts,
+            (loss, acc))``, one compiled scan.
           epoch_idx: epoch -> (steps_per_epoch, ...) minibatch indices of that epoch.
           chunk_keys: (step, size) -> the dropout keys of steps [step, step + size).
           evaluate: ``(ts, x, y) -> (nll, acc)`` on the validation split.
 
-        Checkpoints every ``checkpoint.every`` chunks in a run and continues from the
-        last one when the run resumes; data order and dropout keys derive from the
-        step, so a resumed run trains exactly as an uninterrupted one.
+        Chunks never straddle an epoch; every chunk is padded with inactive steps to one
+        length, so the step compiles once per run.
         """
         n = data.train.size
         per_epoch, total = self.steps_per_epoch(n), self.num_steps(n)
-        ckpt = checkpoint.loop("trainer")
-        step, ts = ckpt.restore(ts) or (0, ts)
-        t0, epoch = time.perf_counter(), step // per_epoch
-        bar = tqdm(
-            total=total,
-            initial=step,
-            desc=desc,
-            unit="step",
-            file=sys.stderr,
-            disable=not sys.stderr.isatty(),
-            dynamic_ncols=True,
-        )
-        while step < total:
-            batches = epoch_idx(epoch)
-            start = step - epoch * per_epoch  # > 0 only when resuming mid-epoch
-            while start < per_epoch and step < total:
-                size = min(self.chunk_size, per_epoch - start, total - step)
-                ts, (loss, acc) = run_chunk(
-                    ts, data.train, batches[start : start + size], chunk_keys(step, size)
-                )
-                loss, acc = float(loss.mean()), float(acc.mean())
-                if not math.isfinite(loss):
-                    raise UserError(
-                        f"training diverged at step {step + size} (loss {loss}); "
-                        f"lower the learning rate: trainer.schedule.init_value, or a "
-                        f"constant rate such as trainer.schedule=1e-4."
-                    )
-                start, step = start + size, step + size
-                bar.update(size)
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
-                if log_fn:
-                    log_fn({"train/loss": loss, "train/acc": acc}, step)
-                ckpt.maybe_save(step, ts)
-            epoch += 1
-            last = step >= total
-            if data.val is not None and self.eval_every and (epoch % self.eval_every == 0 or last):
-                vl, va = (float(v) for v in evaluate(ts, data.val.x, data.val.y))
-                log.info(
-                    "epoch %d step %d: train loss %.4f acc %.4f | val nll %.4f acc %.4f",
-                    epoch,
-                    step,
-                    loss,
-                    acc,
-                    vl,
-                    va,
-                )
-                if log_fn:
-                    log_fn({"val/nll": vl, "val/acc": va, "epoch": epoch}, step)
-            else:
-                log.info("epoch %d step %d: train loss %.4f acc %.4f", epoch, step, loss, acc)
-        bar.close()
-        ckpt.maybe_save(step, ts, final=True)
-        cost.count(grad_evals=total * members)
+        length = min(self.chunk_size, per_epoch, total)
+        chunks = [
+            c
+            for lo in range(0, total, per_epoch)
+            for c in chunks_of(lo, min(lo + per_epoch, total), length)
+        ]
+        batches = functools.lru_cache(maxsize=1)(epoch_idx)  # one permutation per epoch
+        t0 = time.perf_counter()
+
+        def run(ts: TrainState, start: int, end: int) -> tuple[TrainState, dict[str, float]]:
+            epoch, size = start // per_epoch, end - start
+            pad = np.minimum(np.arange(length), size - 1)  # padding repeats the last step
+            lo = start - epoch * per_epoch
+            idx, keys = batches(epoch)[lo : lo + size][pad], chunk_keys(start, size)[pad]
+            ts, (loss, acc) = run_chunk(ts, data.train, idx, keys, np.arange(length) < size)
+            values = {
+                "train/loss": float(loss[:size].mean()),
+                "train/acc": float(acc[:size].mean()),
+            }
+            if end % per_epoch == 0 or end == total:
+                values |= self._end_epoch(ts, epoch + 1, end, end == total, values, data, evaluate)
+            return ts, values
+
+        def diverged(ts: TrainState, values: dict[str, float], end: int) -> str | None:
+            del ts
+            if math.isfinite(values["train/loss"]):
+                return None
+            return (
+                f"training diverged at step {end} (loss {values['train/loss']}); "
+                f"lower the learning rate: trainer.schedule.init_value, or a "
+                f"constant rate such as trainer.schedule=1e-4."
+            )
+
+        desc = "train" if members == 1 else f"train x{members}"
+        ts = chunked_loop(ctx, name, ts, chunks, run, diverged, total * members, desc)
         log.info("trained %d x %d steps in %.1fs", members, total, time.perf_counter() - t0)
         return ts
+
+    def _end_epoch(
+        self, ts, epoch: int, step: int, last: bool, train: dict[str, float], data, evaluate
+    ) -> dict[str, float]:
+        """Validates at the end of every ``eval_every``-th epoch and of the run; logs the
+        epoch's line. Returns the validation values for the logger ({} without)."""
+        loss, acc = train["train/loss"], train["train/acc"]
+        if data.val is None or not self.eval_every or (epoch % self.eval_every and not last):
+            log.info("epoch %d step %d: train loss %.4f acc %.4f", epoch, step, loss, acc)
+            return {}
+        vl, va = (float(v) for v in evaluate(ts, data.val.x, data.val.y))
+        log.info(
+            "epoch %d step %d: train loss %.4f acc %.4f | val nll %.4f acc %.4f",
+            *(epoch, step, loss, acc, vl, va),
+        )
+        return {"val/nll": vl, "val/acc": va, "epoch": epoch}
 
 
 def _loss_acc(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -348,8 +341,11 @@ def _make_step(model: Model, tx: optax.GradientTransformation):
 
 
 def make_chunk_runner(model: Model, tx: optax.GradientTransformation, members: bool = False):
-    """A jitted ``(ts, split, idx (n, B), keys (n,)) -> (ts, (loss (n,), acc (n,)))`` that
-    scans n optimiser steps over the minibatches ``split[idx[i]]``.
+    """A jitted ``(ts, split, idx (n, B), keys (n,), active (n,) = None) -> (ts, (loss (n,),
+    acc (n,)))`` that scans n optimiser steps over the minibatches ``split[idx[i]]``.
+
+    Steps with ``active[i]`` false leave ``ts`` as it is (they pad a short chunk to the
+    loop's chunk length, so one compiled scan serves every chunk); None: all active.
 
     With ``members=True`` it trains K networks in the same scan, vmapped: every leaf of
     ``ts`` has a leading member axis K, ``idx`` is (n, K, b), ``keys`` (n, K), and at step
@@ -361,16 +357,23 @@ def make_chunk_runner(model: Model, tx: optax.GradientTransformation, members: b
     def one(ts, split, idx, key):
         return step_fn(ts, split.x[idx], split.y[idx], key)
 
-    many = jax.vmap(one, in_axes=(0, None, 0, 0))
+    live = jax.vmap(one, in_axes=(0, None, 0, 0)) if members else one
 
     def step(carry: tuple[TrainState, Split], inp):
         ts, split = carry
-        ts, out = (many if members else one)(ts, split, *inp)
+        idx, key, on = inp
+        if on is None:
+            ts, out = live(ts, split, idx, key)
+        else:  # an inactive step returns zero loss and accuracy, () or (K,)
+            zero = jnp.zeros(jax.tree.leaves(ts.params)[0].shape[:1] if members else ())
+            ts, out = jax.lax.cond(
+                on, lambda ts: live(ts, split, idx, key), lambda ts: (ts, (zero, zero)), ts
+            )
         return (ts, split), out
 
     @jax.jit
-    def run(ts: TrainState, split: Split, idx: jax.Array, keys: jax.Array):
-        (ts, _), out = jax.lax.scan(step, (ts, split), (idx, keys))
+    def run(ts: TrainState, split: Split, idx: jax.Array, keys: jax.Array, active=None):
+        (ts, _), out = jax.lax.scan(step, (ts, split), (idx, keys, active))
         return ts, out
 
     return run

@@ -21,9 +21,9 @@ import jax
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
-from bnn_bench.methods.base import LogFn, no_log
-from bnn_bench.methods.ensemble import StackedMethod, StackedPosterior
+from bnn_bench.evaluation.summary import PredictiveSummary
+from bnn_bench.methods.base import RunContext
+from bnn_bench.methods.ensemble import StackedMethod, StackedPosterior, stacked_probs
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model
 
@@ -63,25 +63,23 @@ class Vote(StackedMethod):
             )
 
     def fit(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, log: LogFn = no_log
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> StackedPosterior:
-        del plan  # members are produced on demand
+        ctx = ctx or RunContext()
         k_voters, k_batches = jax.random.split(key)
         keys = jax.random.split(k_voters, self.n_voters)
-        ts = self.trainer.train_members(keys, model, data, log, shared_batches=k_batches)
+        ts = self.trainer.train_members(keys, model, data, ctx, shared_batches=k_batches)
+        ctx.count(samples=self.n_voters)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
 
-    def extra_metrics(
-        self,
-        key: jax.Array,
-        posterior: StackedPosterior,
-        summaries: dict[str, PredictiveSummary],
-        evalsets: dict[str, Split],
-        num_bins: int,
+    def report(
+        self, key: jax.Array, posterior: StackedPosterior, sets: dict[str, Split], num_bins: int
     ) -> dict[str, float]:
         """Per-class risk of every evaluation set (``test/risk_class_<c>``, ``test/risk``) and
         each voter's own metrics (``test/member_<k>_{acc,nll,ece}``, ``test/member_mean_*``)."""
-        out = super().extra_metrics(key, posterior, summaries, evalsets, num_bins)
-        for name, summary in summaries.items():
+        out = super().report(key, posterior, sets, num_bins)
+        for name, split in sets.items():
+            probs = stacked_probs(posterior, split.x)  # (K, N, C), as ``predict`` folds them
+            summary = PredictiveSummary.empty(*probs.shape[1:]).add(probs)
             out |= risk_metrics(summary, f"{name}/")
         return out

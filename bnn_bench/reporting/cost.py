@@ -1,9 +1,12 @@
-"""What a result cost: gradient evaluations, compile time, peak device memory.
+"""What a result cost: gradient evaluations, samples, compile time, peak device memory.
 
-Loops report their work with ``count`` (a no-op outside a run); ``run.py`` opens a
-``meter`` around the run and writes ``cost/*`` into metrics.json::
+``run.py`` opens one ``Meter`` around a run and hands it to the method in the run
+context; loops and methods add their work to it, and ``cost/*`` goes into
+metrics.json::
 
-    cost.count(grad_evals=num_steps)          # e.g. at the end of a training loop
+    with cost.Meter() as meter:                 # listens to JAX's compile events
+        meter.count(grad_evals=num_steps)       # e.g. at the end of a training loop
+    meter.metrics()                             # {"cost/grad_evals": ..., "cost/compile_s": ...}
 
 Counts describe the algorithm's work (what an uninterrupted run does), so a loop
 reports its total once, not what one attempt of a resumed run recomputed.
@@ -24,11 +27,31 @@ _COMPILE_EVENTS = (
 
 
 class Meter:
-    """Counts of one run: ``counts[name]`` plus compile seconds."""
+    """Counts of one run: ``counts[name]`` plus the compile seconds spent while open.
+
+    Outside a ``with`` block a meter still counts, but measures no compile time.
+    """
 
     def __init__(self):
         self.counts: dict[str, float] = defaultdict(float)
         self.compile_s = 0.0
+
+    def count(self, **amounts: float) -> None:
+        """Adds ``amounts`` (e.g. ``grad_evals=1000, samples=1``) to the counts."""
+        for k, v in amounts.items():
+            self.counts[k] += float(v)
+
+    def _on_duration(self, event: str, duration: float, **kwargs) -> None:
+        del kwargs
+        if event in _COMPILE_EVENTS:
+            self.compile_s += duration
+
+    def __enter__(self) -> Meter:
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on_duration)
 
     def metrics(self) -> dict[str, float]:
         """``cost/<name>`` for every count, ``cost/compile_s``, and
@@ -39,31 +62,6 @@ class Meter:
         if peak is not None:
             out["cost/peak_device_mib"] = peak / 2**20
         return out
-
-
-_active: list[Meter] = []  # the current run's meter (at most one)
-
-
-def _on_duration(event: str, duration: float, **kwargs) -> None:
-    del kwargs
-    if _active and event in _COMPILE_EVENTS:
-        _active[0].compile_s += duration
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration)
-
-
-def count(**amounts: float) -> None:
-    """Adds ``amounts`` (e.g. ``grad_evals=1000``) to the current run's meter."""
-    if _active:
-        for k, v in amounts.items():
-            _active[0].counts[k] += float(v)
-
-
-def start() -> Meter:
-    """A new meter for the run that starts now; it replaces the previous run's."""
-    _active[:] = [Meter()]
-    return _active[0]
 
 
 def peak_device_bytes() -> int | None:

@@ -1,10 +1,14 @@
-"""One contract for every method in conf/method/: fit, members, predict.
+"""One contract for every method in conf/method/: fit -> members -> predict -> save -> report.
 
-Each method needs a tiny budget here; a method without one fails the test,
-so no method can skip the contract.
+Each method needs a tiny budget here; a method without one fails the test, so no
+method can skip the contract. A second group of tests pins that each loop's jitted
+step is traced once per run, however many chunks (of however many lengths) it runs.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +16,18 @@ import numpy as np
 import pytest
 
 from bnn_bench.config import build
+from bnn_bench.data import Split
 from bnn_bench.evaluation import EvalPlan
-from bnn_bench.models import build_model
-from tests.conftest import TINY, compose_cfg, config_choices
+from bnn_bench.evaluation import metrics as M
+from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.map import load_point
+from bnn_bench.methods.training import Trainer
+from bnn_bench.models import Model, build_model
+from tests.conftest import compose_cfg, config_choices, tiny
 
-# Overrides that make each method quick on the TINY synthetic run.
+# Overrides that make each method quick on the TINY synthetic run. SG-MCMC keeps no
+# samples here: its members are then replayed, which the contract covers too.
 _TINY_SGMCMC = [
-    "method.save_samples=true",
     "method.batch_size=64",
     "method.iterations=60",
     "method.burn_in=30",
@@ -47,14 +56,15 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.mc_batch_size=16",
     ],
 }
+BUILDS_ON_MAP = {"laplace", "mcbn"}  # they report their MAP's metrics and save it
 
 
-def _setup(name: str):
+def _setup(name: str, *extra: str):
     if name not in TINY_METHOD:
         pytest.fail(f"method {name!r} has no tiny budget in TINY_METHOD")
     own_model = any(o.startswith("model=") for o in TINY_METHOD[name])  # replaces TINY's MLP
-    base = [o for o in TINY if not (own_model and o.startswith("model"))]
-    cfg = compose_cfg(*base, f"method={name}", *TINY_METHOD[name])
+    base = [o for o in tiny(name) if not (own_model and o.startswith("model"))]
+    cfg = compose_cfg(*base, *TINY_METHOD[name], *extra)
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(
@@ -65,26 +75,125 @@ def _setup(name: str):
 
 
 @pytest.mark.parametrize("name", config_choices("method"))
-def test_method_contract(name):
+def test_method_contract(name, tmp_path):
     data, model, method = _setup(name)
-    x = data.test.x[:40]
+    assert isinstance(method, Method)
+    x, y = data.test.x[:40], data.test.y[:40]
     plan = EvalPlan({"test": x}, keep=3, capacity=4)
-    posterior = method.fit(jax.random.key(0), model, data, plan)
-    assert posterior.model is model
+    ctx = RunContext(plan=plan)
 
+    # fit: a posterior with its model and the numbers it measured, its cost counted
+    posterior = method.fit(jax.random.key(0), model, data, ctx)
+    assert posterior.model is model
+    assert all(np.isfinite(float(v)) for v in posterior.info.values())
+    assert ctx.meter.counts["grad_evals"] > 0
+
+    # members: (S, N, C) probabilities, the same for the same key
     k = jax.random.key(1)
-    chunks = list(method.members(k, posterior, x))
-    probs = jnp.concatenate(chunks)  # (S, N, C)
+    probs = jnp.concatenate(list(method.members(k, posterior, x)))  # (S, N, C)
     assert probs.ndim == 3 and probs.shape[1:] == (40, data.spec.num_classes)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert bool((probs >= 0).all())
     again = jnp.concatenate(list(method.members(k, posterior, x)))
-    np.testing.assert_allclose(again, probs, atol=1e-6)  # same key, same members
+    np.testing.assert_allclose(again, probs, atol=1e-6)
+    assert ctx.meter.counts["samples"] == probs.shape[0]  # the method counts its members
 
+    # predict: one summary per set, folding exactly those members
     summaries = method.predict(k, posterior, plan)
     assert set(summaries) == {"test"}
     s = summaries["test"]
     assert int(s.count) == probs.shape[0]
     np.testing.assert_allclose(s.mean(), probs.mean(0), atol=1e-5)
     # the members' accuracy is well above chance on the learnable synthetic data
-    assert float((s.mean().argmax(-1) == data.test.y[:40]).mean()) > 0.3
+    assert float((s.mean().argmax(-1) == y).mean()) > 0.3
+
+    # save: a file in the run folder, or None; a MAP-based method saves its MAP
+    saved = method.save(tmp_path, posterior)
+    assert saved is None or (saved.is_file() and tmp_path in saved.parents)
+    if name in BUILDS_ON_MAP | {"map"}:
+        params, state = load_point(tmp_path, model)
+        jax.tree.map(np.testing.assert_array_equal, params, posterior.params)
+
+    # report: finite numbers; a MAP-based method reports its MAP beside its own metrics
+    report = method.report(k, posterior, {"test": Split(x, y)}, 15)
+    assert all(np.isfinite(v) for v in report.values())
+    if name in BUILDS_ON_MAP:
+        map_probs = model.probs(posterior.params, posterior.state, x)
+        assert report["map/test/acc"] == pytest.approx(M.accuracy(map_probs, y))
+        assert report["map/test/nll"] == pytest.approx(M.nll(map_probs, y), rel=1e-5)
+        assert {"map/test/ece", "map/test/brier"} <= set(report)
+
+
+def test_sgmcmc_members_need_no_switch():
+    """Without save_samples the chains are replayed: the same members as kept samples."""
+    data, model, kept = _setup("sgld", "method.save_samples=true")
+    replayed = dataclasses.replace(kept, save_samples=False)
+    x, k = data.test.x[:30], jax.random.key(0)
+    a = np.concatenate(list(kept.members(k, kept.fit(k, model, data), x)))
+    b = np.concatenate(list(replayed.members(k, replayed.fit(k, model, data), x)))
+    assert a.shape == (8, 30, data.spec.num_classes)  # 4 samples x 2 chains
+    np.testing.assert_allclose(b, a, atol=1e-5)  # float rounding of another program
+    assert np.abs(a[0] - a[-1]).max() > 1e-4  # different samples
+
+
+def test_sgmcmc_folds_every_step_when_every_step_is_a_sample():
+    """With a sample at every post-burn-in step the fold runs without a lax.cond: the
+    folded summary still equals the kept samples' members."""
+    data, model, method = _setup("sgld", "method.save_samples=true", "method.accepted_samples=30")
+    x = data.test.x[:30]
+    plan = EvalPlan({"test": x}, keep=2, capacity=60)
+    post = method.fit(jax.random.key(0), model, data, RunContext(plan))
+    probs = np.concatenate(list(method.members(jax.random.key(0), post, x)))
+    assert probs.shape[0] == int(post.summaries["test"].count) == 60  # 30 steps x 2 chains
+    np.testing.assert_allclose(post.summaries["test"].mean(), probs.mean(0), atol=1e-5)
+
+
+# ------------------------------------------------------------ one trace per loop
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountingModel(Model):
+    """Counts how often the training forward pass is traced (``train=True``)."""
+
+    traces: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def apply(self, params, state, x, train=False, key=None):
+        if train:
+            self.traces.append(x.shape)
+        return super().apply(params, state, x, train=train, key=key)
+
+
+def _counting(model: Model) -> _CountingModel:
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+    return _CountingModel(**fields)
+
+
+def test_the_trainer_step_is_traced_once_per_run():
+    data, model, _ = _setup("map")
+    # 448 / 64 = 7 steps per epoch in chunks of 3: lengths 3, 3, 1 in each of 2 epochs
+    trainer = Trainer(epochs=2, batch_size=64, chunk_size=3)
+    assert trainer.steps_per_epoch(data.train.size) == 7
+    one = _counting(model)
+    ctx = RunContext()
+    trainer.train(jax.random.key(0), one, data, ctx)
+    assert len(one.traces) == 1
+    assert ctx.meter.counts["grad_evals"] == 14
+    several = _counting(model)
+    trainer.train_members(jax.random.split(jax.random.key(0), 2), several, data)
+    assert len(several.traces) == 1
+
+
+def test_the_sampler_step_is_traced_once_per_phase():
+    data, model, method = _setup("sgld", "method.chunk_size=7")  # chunks 7, 7, 7, 7, 2
+    traces = []
+
+    @functools.wraps(method.kernel.step)
+    def step(*args):
+        traces.append(1)
+        return method.kernel.step(*args)
+
+    counted = dataclasses.replace(method, kernel=method.kernel._replace(step=step))
+    ctx = RunContext(plan=EvalPlan({"test": data.test.x[:20]}))
+    counted.fit(jax.random.key(0), model, data, ctx)
+    assert len(traces) == 2  # the burn-in program and the sampling program, once each
+    assert ctx.meter.counts["grad_evals"] == 60 * 2  # 60 steps of 2 chains

@@ -1,31 +1,38 @@
-"""Deep ensembles: members differ, and member k is the ``map`` run with seed ``seed*size+k``."""
+"""Deep ensembles: members differ, and member k is the ``map`` fit of key ``split(key, K)[k]``."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from bnn_bench.config import build
+from bnn_bench.methods.map import MAP
+from bnn_bench.methods.training import Trainer
+from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 
 SMALL = [*TINY, "trainer.epochs=2", "dataset.train_size=256", "dataset.test_size=64"]
 
 
-def test_member_seeds():
-    ens = build(compose_cfg(*SMALL, "method=ensemble", "method.size=3", "seed=2").method, "method")
-    assert ens.member_seeds() == [6, 7, 8]  # disjoint from seeds 1 (3..5) and 3 (9..11)
+def test_members_differ_and_each_is_the_map_fit_of_its_key():
+    cfg = compose_cfg(*SMALL, "method=ensemble", "method.size=2")
+    data = build(cfg.dataset, "dataset")
+    model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "mlp", 128)
+    ens = build(cfg.method, "method")
+    key = jax.random.key(5)
+    probs = np.concatenate(list(ens.members(key, ens.fit(key, model, data), data.test.x)))
+    trainer: Trainer = ens.trainer
+    single = MAP(trainer).fit(jax.random.split(key, 2)[1], model, data)
+    np.testing.assert_allclose(
+        probs[1], next(MAP(trainer).members(key, single, data.test.x))[0], atol=1e-5
+    )
+    assert np.abs(probs[0] - probs[1]).max() > 1e-3  # the members are different networks
 
 
-def test_members_differ_and_each_is_its_map_run(tmp_path):
-    """Through ``run``: member 1 of a size-2 ensemble with seed 1 is ``method=map seed=3``,
-    metric for metric; the two members are different networks."""
-    ens = run(compose_cfg(*SMALL, "method=ensemble", "method.size=2", "seed=1"), tmp_path / "ens")
-    single = run(compose_cfg(*SMALL, "method=map", "seed=3"), tmp_path / "map")
-    assert ens["test/members"] == 2.0
-    for m in ("acc", "nll", "ece"):
-        np.testing.assert_allclose(
-            ens[f"test/member_1_{m}"], single[f"test/{m}"], rtol=1e-4, atol=1e-6
-        )
+def test_run_reports_each_member_beside_the_ensemble(tmp_path):
+    ens = run(compose_cfg(*SMALL, "method=ensemble", "method.size=2", "seed=1"), tmp_path)
+    assert ens["test/members"] == 2.0 and ens["cost/samples"] == 2.0
     assert abs(ens["test/member_0_nll"] - ens["test/member_1_nll"]) > 1e-3
     # soft voting of two different members is not either member
     assert abs(ens["test/nll"] - ens["test/member_1_nll"]) > 1e-4

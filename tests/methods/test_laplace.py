@@ -20,7 +20,6 @@ from omegaconf import OmegaConf
 
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import EvalPlan
 from bnn_bench.methods.curvature import GGN, EmpiricalFisher
 from bnn_bench.methods.laplace import (
     Diagonal,
@@ -67,7 +66,7 @@ def _fit(map_dir, *overrides):
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mlp", cfg.eval.batch_size)
     method = build(cfg.method, "method")
-    post = method.fit(jax.random.key(0), model, data, EvalPlan({"test": data.test.x}))
+    post = method.fit(jax.random.key(0), model, data)
     return data, method, post
 
 
@@ -149,7 +148,7 @@ def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
         "method/laplace/structure=full",
         "method/laplace/prior_precision=marglik",
     )
-    info = post.extra_metrics()
+    info = post.info
     ref = _dense_ggn(post, data.train)
     p = ref.shape[0]
     logits = post.logits_fn(post.theta, data.train.x)
@@ -181,7 +180,7 @@ def test_val_nll_picks_the_grid_minimiser(map_dir):
         "method.structure.rank=10",
         "method/laplace/predictive=probit",
     )
-    info = post.extra_metrics()
+    info = post.info
     nlls = {}
     for tau in np.logspace(-2, 2, 5):
         p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))

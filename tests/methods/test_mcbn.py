@@ -12,7 +12,6 @@ import pytest
 
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import EvalPlan
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
@@ -36,7 +35,7 @@ def fitted():
     data = build(cfg.dataset, "dataset")
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "lenet", 128)
     method = dataclasses.replace(build(cfg.method, "method"), mc_batch_size=data.train.size)
-    post = method.fit(jax.random.key(0), model, data, EvalPlan({"test": data.test.x}))
+    post = method.fit(jax.random.key(0), model, data)
     return data, model, method, post
 
 
@@ -68,10 +67,10 @@ def test_whole_training_set_gives_population_statistics(fitted):
     # the trained running (EMA) statistics are kept, and they are not the population's
     running = post.state["batch_stats"]["BatchNorm_0"]["var"]
     assert np.abs(np.asarray(running - pop["BatchNorm_0"]["var"])).max() > 1e-3
-    extra = method.extra_metrics(jax.random.key(0), post, {}, {"test": data.test}, 15)
+    extra = method.report(jax.random.key(0), post, {"test": data.test}, 15)
     map_probs = model.probs(post.params, post.state, data.test.x)
     np.testing.assert_allclose(
-        extra["test/map_acc"], float((map_probs.argmax(-1) == data.test.y).mean())
+        extra["map/test/acc"], float((map_probs.argmax(-1) == data.test.y).mean())
     )
 
 

@@ -16,10 +16,11 @@ from bnn_bench.config import build
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.methods import schedules
+from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.sgmcmc import accepted_steps, make_log_density
 from bnn_bench.models import build_model
 from bnn_bench.run import run
-from tests.conftest import CLI, TINY, cli_env, compose_cfg
+from tests.conftest import CLI, cli_env, compose_cfg, tiny
 
 SAMPLER = [
     "method.batch_size=64",
@@ -32,7 +33,7 @@ SAMPLER = [
 
 
 def _setup(*overrides):
-    cfg = compose_cfg(*TINY, "method=sgld", *SAMPLER, *overrides)
+    cfg = compose_cfg(*tiny("sgld"), *SAMPLER, *overrides)
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mlp", cfg.eval.batch_size)
@@ -108,8 +109,7 @@ def test_budget_in_epochs():
     cfg, data, _, _ = _setup()
     method = build(
         compose_cfg(
-            *TINY,
-            "method=sgld",
+            *tiny("sgld"),
             "method.batch_size=64",
             "method.epochs=4",
             "method.burn_in_epochs=1.5",
@@ -124,7 +124,7 @@ def test_budget_in_epochs():
 
 
 def test_exactly_one_of_accepted_samples_and_thinning():
-    cfg = compose_cfg(*TINY, "method=sgld", "method.thinning=3")
+    cfg = compose_cfg(*tiny("sgld"), "method.thinning=3")
     with pytest.raises(UserError, match="exactly one"):
         build(cfg.method, "method")
 
@@ -133,14 +133,14 @@ def test_chunking_does_not_change_the_samples():
     _, data, model, m1 = _setup("method.chunk_size=20")
     _, _, _, m2 = _setup("method.chunk_size=7")
     plan = EvalPlan({"test": data.test.x[:50]}, keep=2, capacity=8)
-    s1 = m1.fit(jax.random.key(3), model, data, plan).summaries["test"]
-    s2 = m2.fit(jax.random.key(3), model, data, plan).summaries["test"]
+    s1 = m1.fit(jax.random.key(3), model, data, RunContext(plan)).summaries["test"]
+    s2 = m2.fit(jax.random.key(3), model, data, RunContext(plan)).summaries["test"]
     np.testing.assert_allclose(s1.prob_sum, s2.prob_sum, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ end to end
 def _run(tmp_path, name, *overrides):
-    cfg = compose_cfg(*TINY, "method=sgld", *SAMPLER, *overrides)
+    cfg = compose_cfg(*tiny("sgld"), *SAMPLER, *overrides)
     metrics = run(cfg, tmp_path / name)
     return metrics, json.loads((tmp_path / name / "metrics.json").read_text())
 
@@ -168,19 +168,9 @@ def test_chains_multiply_members_and_same_seed_gives_same_metrics(tmp_path):
     assert not (tmp_path / "one" / "samples.msgpack").exists()
 
 
-def test_members_need_save_samples():
-    _, data, model, method = _setup(
-        "method.iterations=4", "method.burn_in=2", "method.accepted_samples=1"
-    )
-    plan = EvalPlan({"test": data.test.x[:10]})
-    posterior = method.fit(jax.random.key(0), model, data, plan)
-    with pytest.raises(UserError, match="save_samples=true"):
-        next(method.members(jax.random.key(0), posterior, data.test.x[:10]))
-
-
 def test_batch_norm_model_is_refused(tmp_path):
-    tiny = [o for o in TINY if not o.startswith("model")]
-    cfg = compose_cfg(*tiny, "method=sgld", *SAMPLER, "model=lenet", "model.norm=batchnorm")
+    base = [o for o in tiny("sgld") if not o.startswith("model")]
+    cfg = compose_cfg(*base, *SAMPLER, "model=lenet", "model.norm=batchnorm")
     with pytest.raises(UserError, match="batch norm"):
         run(cfg, tmp_path)
     assert not (tmp_path / "metrics.json").exists()
@@ -191,8 +181,7 @@ def test_huge_step_size_stops_with_a_clear_error_and_no_metrics(tmp_path):
     proc = subprocess.run(
         [
             *CLI,
-            *TINY,
-            "method=sgld",
+            *tiny("sgld"),
             *SAMPLER,
             "method.step_size.step_size=1e3",
             f"hydra.run.dir={out}",

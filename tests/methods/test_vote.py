@@ -8,7 +8,7 @@ import pytest
 
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import EvalPlan, PredictiveSummary
+from bnn_bench.evaluation import PredictiveSummary
 from bnn_bench.methods.training import TrainState, epoch_batches, make_chunk_runner
 from bnn_bench.methods.vote import risk_metrics
 from bnn_bench.models import build_model
@@ -33,7 +33,7 @@ def test_vmapped_voters_equal_each_voter_alone_on_its_slice():
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "convmod", 128)
     vote = build(cfg.method, "method")
     key = jax.random.key(7)
-    post = vote.fit(key, model, data, EvalPlan({"test": data.test.x}))
+    post = vote.fit(key, model, data)
 
     # The reference: the single-model step runner, voter by voter, on the documented keys.
     tr, (k_voters, k_batches) = vote.trainer, jax.random.split(key)
