@@ -107,6 +107,6 @@ def test_relaunching_an_interrupted_multirun_skips_finished_jobs(tmp_path):
     assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == done_mtime
     assert "skipping" in (sweep / "0" / "run.log").read_text()
     # job 1 continued from its checkpoint, job 2 ran
-    assert "resuming trainer-0 from step 13" in (sweep / "1" / "run.log").read_text()
+    assert "resuming trainer from step 13" in (sweep / "1" / "run.log").read_text()
     for job in ("1", "2"):
         assert json.loads((sweep / job / "metrics.json").read_text())["cost/grad_evals"] == 28
