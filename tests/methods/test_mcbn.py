@@ -111,7 +111,9 @@ def test_statistics_use_the_biased_variance_unless_told(unbiased):
     train = Split(x, jnp.zeros(4, jnp.int32))
     method = MCBN(trainer=None, num_estimators=2, mc_batch_size=4, unbiased_variance=unbiased)
     post = method.fit_statistics(jax.random.key(2), model, params, state, train)
-    h = np.asarray(nn.Dense(3).apply({"params": params["Dense_0"]}, spec.preprocess(x).reshape(4, -1)))
+    h = np.asarray(
+        nn.Dense(3).apply({"params": params["Dense_0"]}, spec.preprocess(x).reshape(4, -1))
+    )
     mean, var = h.mean(0), h.var(0, ddof=1 if unbiased else 0)
     for s in range(2):  # each minibatch is the whole split, in some order
         np.testing.assert_allclose(post.mc_stats["BatchNorm_0"]["mean"][s], mean, rtol=1e-5)

@@ -91,9 +91,7 @@ def test_cyclical_exploration_stage_is_the_start_of_each_cycle():
     t = np.arange(100)
     stage = np.asarray(cyc.sampling_stage(t, 100))
     np.testing.assert_array_equal(stage, (t % 25) >= 20)
-    np.testing.assert_allclose(
-        cyc(t, 100), schedules.cyclical(1e-2, num_cycles=4)(t, 100), rtol=0
-    )
+    np.testing.assert_allclose(cyc(t, 100), schedules.cyclical(1e-2, num_cycles=4)(t, 100), rtol=0)
     assert np.all(np.asarray(schedules.constant(1e-3).sampling_stage(t, 100)))
     with pytest.raises(UserError, match="exploration_fraction"):
         schedules.cyclical(1e-2, exploration_fraction=1.0)

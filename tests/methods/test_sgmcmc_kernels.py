@@ -77,9 +77,7 @@ def test_sghmc_with_carried_momentum_matches_blackjax_diffusion_step_for_step(fr
             theta, r = diffusion(k, theta, r, bj_grad(theta, batch), 1e-3, 0.7)
         ours = our_step(key, ours, batch)
         for a, b in ((ours.params, theta), (ours.momentum, r)):
-            jax.tree.map(
-                lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), a, b
-            )
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), a, b)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
@@ -94,8 +92,11 @@ def test_sghmc_with_resampled_momentum_is_leapfrog_from_a_momentum_at_temperatur
     kernel = sghmc(num_integration_steps=L, friction=alpha, noise_estimate=beta)
     key = jax.random.key(4)
     state = kernel.step(
-        key, kernel.init({"w": jnp.asarray(theta0, jnp.float32)}),
-        lambda p: {"w": -jnp.asarray(prec, jnp.float32) * p["w"]}, eps, temperature,
+        key,
+        kernel.init({"w": jnp.asarray(theta0, jnp.float32)}),
+        lambda p: {"w": -jnp.asarray(prec, jnp.float32) * p["w"]},
+        eps,
+        temperature,
     )
     theta = theta0.copy()
     r = np.sqrt(temperature) * np.asarray(jax.random.normal(key, (3,)), np.float64)
@@ -170,9 +171,7 @@ def test_psgld_gamma_correction_matches_its_formula(temperature):
     theta = {"w": jnp.array([0.5, -1.0, 2.0])}
     kernel = psgld(alpha=alpha, eps=eps, gamma_correction=True)
     key = jax.random.key(3)
-    state = kernel.step(
-        key, kernel.init(theta), lambda p: {"w": -prec * p["w"]}, step, temperature
-    )
+    state = kernel.step(key, kernel.init(theta), lambda p: {"w": -prec * p["w"]}, step, temperature)
     g = -np.asarray(prec * theta["w"])
     v = alpha * 1.0 + (1 - alpha) * g * g
     G = 1.0 / (eps + np.sqrt(v))
