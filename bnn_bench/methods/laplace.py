@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,7 +180,7 @@ class Laplace(MemberMethod):
     ) -> LaplacePosterior:
         del plan  # members are produced on demand
         shapes, _ = jax.eval_shape(model.init, key)
-        head = list(shapes)[-1] if self.curvature == "last_layer" else None
+        head = last_layer(model) if self.curvature == "last_layer" else None
         dim = num_params(shapes[head] if head is not None else shapes)
         if self.curvature == "full" and dim > FULL_MAX_PARAMS:
             raise UserError(
@@ -393,6 +394,30 @@ class Laplace(MemberMethod):
 
 
 # ---------------------------------------------------------------------- jitted pieces
+
+
+def last_layer(model: Model) -> str:
+    """The key in ``params`` of the layer the network applies last.
+
+    Found from the order in which a forward pass calls the top-level submodules, not
+    from the keys, whose order is alphabetical (``Dense_9`` sorts after ``Dense_10``).
+    """
+    called: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        path = context.module.path
+        if path and path[0] not in called:
+            called.append(path[0])
+        return next_fun(*args, **kwargs)
+
+    def forward(key):
+        params, state = model.init(key)
+        with nn.intercept_methods(record):
+            model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))
+        return params
+
+    params = jax.eval_shape(forward, jax.random.key(0))
+    return [name for name in called if name in params][-1]
 
 
 def _map_batches(fn: Callable[[jax.Array], object], x: jax.Array, b: int):

@@ -128,3 +128,8 @@ def test_model_without_batch_norm_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="needs a model with BatchNorm.*model.norm=batchnorm"):
         run(cfg, tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_default_is_biased_and_the_torchuncertainty_preset_uses_its_unbiased_convention():
+    assert build(compose_cfg(*SMALL).method, "method").unbiased_variance is False
+    assert compose_cfg("experiment=tu_mnist_mcbn").method.unbiased_variance is True
