@@ -45,12 +45,18 @@ TARGETS = {
     ),
 }
 
-# (kernel, step size): ε·λ_max(Σ⁻¹) ≈ 0.02 for SGLD; SGHMC's leapfrog trajectory with
-# resampling moves as Langevin with h = (Lε)²/2; carried momentum is near critical damping.
+# (kernel, step size), each with its discretisation bias on the variance well under the
+# Monte Carlo error: SGLD ≈ ε λ_max / 2 = 1%; SGHMC with carried momentum (explicit Euler,
+# friction near critical damping of the slow direction) ≈ ε λ_max / (2 α) = 1%; with
+# resampled momentum the leapfrog trajectory moves as Langevin with h = (L ε)²/2.
+# pSGLD with α = 0.9999: its V averages over 10⁴ steps, far longer than a chain takes to
+# cross the target (~500 steps), so G hardly depends on the position and dropping Γ
+# costs nothing. With the default α = 0.99, V follows the position, G ∝ 1/|θ - μ|, and
+# the variance comes out 1.3-1.6x the target (the README's SG-MCMC section).
 SAMPLERS = {
     "sgld": (sgld(), 5e-3),
-    "psgld": (psgld(alpha=0.99), 4e-3),
-    "sghmc carried": (sghmc(num_integration_steps=1, friction=5.0, resample_momentum=False), 4e-3),
+    "psgld α=0.9999": (psgld(alpha=0.9999), 4e-3),
+    "sghmc carried": (sghmc(num_integration_steps=1, friction=2.0, resample_momentum=False), 1e-2),
     "sghmc resampled L=5": (sghmc(num_integration_steps=5, friction=1.0), 2e-2),
     "sghmc resampled L=1": (sghmc(num_integration_steps=1, friction=1.0), 1e-1),
 }
@@ -115,6 +121,7 @@ def _cases():
     ]
 
 
+@pytest.mark.slow  # ~2 s of CPU per case, 20 cases
 @pytest.mark.parametrize("sampler,target_name,temperature", _cases())
 def test_sampler_matches_the_gaussian_within_monte_carlo_error(sampler, target_name, temperature):
     kernel, step_size = SAMPLERS[sampler]
