@@ -265,8 +265,8 @@ def sghmc(
         return jax.tree.map(lambda p, m: p + step_size * m, params, r)
 
     def step(key, state: SGHMCState, grad_fn: GradFn, step_size, temperature=1.0) -> SGHMCState:
-        # The step key draws the momentum and is split for the integration steps, as
-        # blackjax.sgmcmc.sghmc does.
+        # The step key is split for the integration steps and, with resampling, also
+        # draws the momentum, as blackjax.sgmcmc.sghmc uses its key.
         keys = jax.random.split(key, num_integration_steps)
         if resample_momentum:
             r = jax.tree.map(lambda n: jnp.sqrt(temperature) * n, gaussian_noise(key, state.params))
