@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,9 +97,9 @@ class Structure:
     """The form of G: ``head`` picks the parameters, ``fit`` builds G from the curvature
     batches."""
 
-    def head(self, shapes: Params) -> str | None:
+    def head(self, model: Model) -> str | None:
         """The key in ``params`` the Gaussian is over, or None for all parameters."""
-        del shapes
+        del model
         return None
 
     def check(self, dim: int) -> None:
@@ -179,8 +180,8 @@ class Full(Structure):
 class LastLayer(Full):
     """G dense over the last layer's parameters; the rest stay at θ*."""
 
-    def head(self, shapes: Params) -> str | None:
-        return list(shapes)[-1]
+    def head(self, model: Model) -> str | None:
+        return last_layer(model)
 
     def check(self, dim: int) -> None:
         del dim  # a last layer is small
@@ -496,7 +497,7 @@ class Laplace(Method):
     ) -> LaplacePosterior:
         ctx = ctx or RunContext()
         shapes, _ = jax.eval_shape(model.init, key)
-        head = self.structure.head(shapes)
+        head = self.structure.head(model)
         dim = num_params(shapes[head] if head is not None else shapes)
         self.structure.check(dim)
         self.prior_precision.check(data)
@@ -605,6 +606,30 @@ class Laplace(Method):
 
 
 # ---------------------------------------------------------------------- jitted pieces
+
+
+def last_layer(model: Model) -> str:
+    """The key in ``params`` of the layer the network applies last.
+
+    Found from the order in which a forward pass calls the top-level submodules, not
+    from the keys, whose order is alphabetical (``Dense_9`` sorts after ``Dense_10``).
+    """
+    called: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        path = context.module.path
+        if path and path[0] not in called:
+            called.append(path[0])
+        return next_fun(*args, **kwargs)
+
+    def forward(key):
+        params, state = model.init(key)
+        with nn.intercept_methods(record):
+            model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))
+        return params
+
+    params = jax.eval_shape(forward, jax.random.key(0))
+    return [name for name in called if name in params][-1]
 
 
 def _map_batches(fn: Callable[[jax.Array], object], x: jax.Array, b: int):

@@ -5,10 +5,14 @@ Train a MAP network that has BatchNorm (``trainer``); then estimator s replaces
 every BatchNorm layer's statistics by those of its own random training minibatch
 B_s of ``mc_batch_size`` inputs:
 
-    μ_s = mean_{B_s} h,   σ²_s = var_{B_s} h (unbiased),   p_s(y | x) = softmax f(x; θ, μ_s, σ²_s)
+    μ_s = mean_{B_s} h,   σ²_s = var_{B_s} h,   p_s(y | x) = softmax f(x; θ, μ_s, σ²_s)
 
 with h a layer's input, the earlier layers normalised by their own B_s statistics
-(as TorchUncertainty's ``MCBatchNorm2d`` accumulates, in evaluation mode). The
+(as TorchUncertainty's ``MCBatchNorm2d`` accumulates, in evaluation mode). σ²_s is
+the biased batch variance (divided by the n values it averages over), what
+training-mode BatchNorm normalises with and so Teye et al.'s estimator;
+``unbiased_variance=True`` divides by n - 1 instead, as TorchUncertainty's
+``x.var(..., unbiased=True)``. The
 statistics are fitted once in ``fit`` (TorchUncertainty's ``MCBatchNorm.fit``) and
 reused for every test batch, so the same estimator normalises every input alike.
 
@@ -64,14 +68,18 @@ class MCBNPosterior:
         return int(jax.tree.leaves(self.mc_stats)[0].shape[0])
 
 
-def batch_norm_statistics(model: Model, params: Params, state: State, x: jax.Array) -> dict:
+def batch_norm_statistics(
+    model: Model, params: Params, state: State, x: jax.Array, unbiased_variance: bool = False
+) -> dict:
     """Every BatchNorm layer's input statistics on one batch, layer by layer.
 
-    Each layer's input is normalised by its own batch mean and unbiased variance
-    (what it stores), so a later layer sees its inputs as the estimator will.
+    Each layer's input is normalised by its own batch mean and variance (what it
+    stores), so a later layer sees its inputs as the estimator will.
 
     Args:
       x: (m, H, W, C) uint8 inputs (m >= 2).
+      unbiased_variance: divide the sum of squares by n - 1 (TorchUncertainty) rather
+        than by the n values per feature (training-mode BatchNorm, Teye et al.).
 
     Returns:
       A tree shaped like ``state["batch_stats"]``: ``{"mean", "var"}`` per layer.
@@ -88,7 +96,8 @@ def batch_norm_statistics(model: Model, params: Params, state: State, x: jax.Arr
         reduce = tuple(i for i in range(h.ndim) if i not in feature)
         n = math.prod(h.shape[i] for i in reduce)
         mean = jnp.mean(h, reduce, keepdims=True)
-        var = jnp.sum(jnp.square(h - mean), reduce, keepdims=True) / max(n - 1, 1)
+        dof = max(n - 1, 1) if unbiased_variance else n
+        var = jnp.sum(jnp.square(h - mean), reduce, keepdims=True) / dof
         shape = [h.shape[i] for i in feature]
         found[(*mod.path, "mean")] = mean.reshape(shape)
         found[(*mod.path, "var")] = var.reshape(shape)
@@ -112,11 +121,14 @@ class MCBN(Method):
       trainer: optimiser, schedule and budget of the MAP network (``trainer`` group).
       num_estimators: S, the number of minibatches (members).
       mc_batch_size: inputs per minibatch (at most the training split's size).
+      unbiased_variance: store the unbiased batch variance (TorchUncertainty's
+        convention) instead of the biased one (training-mode BatchNorm, Teye et al.).
     """
 
     trainer: Trainer
     num_estimators: int = 8
     mc_batch_size: int = 32
+    unbiased_variance: bool = False
 
     def __post_init__(self):
         if self.num_estimators < 1:
@@ -166,7 +178,7 @@ class MCBN(Method):
         )(jnp.arange(self.num_estimators))  # (S, m)
         fit_stats = jax.jit(
             lambda p, st, x, i: jax.lax.map(
-                lambda ii: batch_norm_statistics(model, p, st, x[ii]), i
+                lambda ii: batch_norm_statistics(model, p, st, x[ii], self.unbiased_variance), i
             )
         )
         mc_stats = fit_stats(params, state, train.x, idx)

@@ -3,7 +3,9 @@
 A schedule is built from the config (``method.step_size``) and called as
 ``schedule(step, num_steps)`` with the 0-based step index (an int or a traced
 int array) and the run's total number of steps; it returns the step size ε of
-that step. Jittable.
+that step. ``schedule.sampling_stage(step, num_steps)`` says whether the step
+samples (noise on, samples may be kept) or explores (no noise, no samples; only
+the cyclical schedule has such steps). Both are jittable and work on NumPy arrays.
 """
 
 from __future__ import annotations
@@ -16,8 +18,17 @@ import jax.numpy as jnp
 from bnn_bench.errors import UserError
 
 
+class Schedule:
+    """The base of every schedule: all steps sample unless a schedule says otherwise."""
+
+    def sampling_stage(self, step, num_steps: int):
+        """True where step ``step`` samples: its noise is on and its sample may be kept."""
+        del num_steps
+        return jnp.full(jnp.shape(step), True)
+
+
 @dataclass(frozen=True)
-class Constant:
+class Constant(Schedule):
     """ε_t = step_size."""
 
     step_size: float
@@ -28,7 +39,7 @@ class Constant:
 
 
 @dataclass(frozen=True)
-class Polynomial:
+class Polynomial(Schedule):
     """ε_t = a (b + t)^-γ through ε_0 = ``first_step_size`` and ε_{T-1} = ``last_step_size``.
 
     JaxSGMC's ``polynomial_step_size_first_last`` (Welling & Teh's decay, with γ in
@@ -61,22 +72,38 @@ class Polynomial:
 
 
 @dataclass(frozen=True)
-class Cyclical:
-    """Cyclical step size of cSGLD (Zhang et al., ICLR 2020)::
+class Cyclical(Schedule):
+    """Cyclical step size of cSG-MCMC (Zhang et al., ICLR 2020)::
 
-        ε_t = ε_0 / 2 · (cos(π · (t mod L) / L) + 1),   L = ⌈T / num_cycles⌉
+        ε_t = ε_0 / 2 · (cos(π · r_t) + 1),   r_t = (t mod L) / L,   L = ⌈T / num_cycles⌉
 
-    Each cycle starts at ``step_size`` and decays towards 0; samples are best taken
-    at the end of each cycle (e.g. ``method.thinning`` a divisor of L).
+    Each cycle starts at ``step_size`` and decays towards 0. Steps with
+    r_t < ``exploration_fraction`` (β) are the exploration stage: the kernel runs at
+    temperature 0 (no noise: SGD for SGLD, SGD with momentum for SGHMC with carried
+    momentum) and no sample is kept; the rest of the cycle is the sampling stage,
+    where samples are kept (``method.accepted_samples`` or ``thinning`` count
+    sampling-stage steps only).
     """
 
     step_size: float
     num_cycles: int = 4
+    exploration_fraction: float = 0.9
 
     def __call__(self, step, num_steps: int):
+        return (self.step_size / 2 * (jnp.cos(jnp.pi * self._phase(step, num_steps)) + 1)).astype(
+            jnp.float32
+        )
+
+    def sampling_stage(self, step, num_steps: int):
         length = math.ceil(num_steps / self.num_cycles)
-        phase = jnp.mod(jnp.asarray(step, jnp.float32), length) / length
-        return (self.step_size / 2 * (jnp.cos(jnp.pi * phase) + 1)).astype(jnp.float32)
+        # r_t >= β in integers, (t mod L) >= ⌈β L⌉, so that no rounding of r_t moves a
+        # step across the boundary (1e-9 absorbs the rounding of β L itself)
+        first_sampling = math.ceil(self.exploration_fraction * length - 1e-9)
+        return jnp.mod(jnp.asarray(step), length) >= first_sampling
+
+    def _phase(self, step, num_steps: int):
+        length = math.ceil(num_steps / self.num_cycles)
+        return jnp.mod(jnp.asarray(step, jnp.float32), length) / length
 
 
 def constant(step_size: float) -> Constant:
@@ -107,10 +134,19 @@ def polynomial(
     )
 
 
-def cyclical(step_size: float, num_cycles: int = 4) -> Cyclical:
-    """Cosine cycles of the step size (cSGLD)."""
+def cyclical(step_size: float, num_cycles: int = 4, exploration_fraction: float = 0.9) -> Cyclical:
+    """Cosine cycles of the step size, each an exploration then a sampling stage (cSG-MCMC).
+
+    ``exploration_fraction`` β defaults to 0.9, as Zhang et al.'s CIFAR-10 script
+    (noise in the last 5 of each 50-epoch cycle); 0 samples over whole cycles.
+    """
     _check_positive(step_size=step_size, num_cycles=num_cycles)
-    return Cyclical(float(step_size), int(num_cycles))
+    if not 0 <= exploration_fraction < 1:
+        raise UserError(
+            f"method.step_size.exploration_fraction must be in [0, 1) (the share of each "
+            f"cycle run without noise); got {exploration_fraction}."
+        )
+    return Cyclical(float(step_size), int(num_cycles), float(exploration_fraction))
 
 
 def _check_positive(**values) -> None:

@@ -36,12 +36,11 @@ from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods import schedules
 from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.loop import chunked_loop, chunks_of
+from bnn_bench.methods.schedules import Schedule
 from bnn_bench.methods.sgmcmc_kernels import Kernel
 from bnn_bench.models import Model, Params
 
 log = logging.getLogger(__name__)
-
-Schedule = Callable[[Any, int], Any]  # (step, num_steps) -> step size
 
 
 def make_log_density(model: Model, data_size: int, prior_scale: float = 1.0):
@@ -64,25 +63,51 @@ def make_log_density(model: Model, data_size: int, prior_scale: float = 1.0):
 
 
 def accepted_steps(
-    num_steps: int, burn_in: int, accepted_samples: int | None = None, thinning: int | None = None
+    num_steps: int,
+    burn_in: int,
+    accepted_samples: int | None = None,
+    thinning: int | None = None,
+    sampling_stage: np.ndarray | None = None,
 ) -> np.ndarray:
     """0-based indices of the steps whose sample is kept (the state after that step).
 
-    ``accepted_samples`` M spreads M samples evenly over the K = num_steps - burn_in
-    post-burn-in steps, the last step always included (step burn_in + ⌊jK/M⌋ - 1,
-    j = 1..M); ``thinning`` t keeps every t-th post-burn-in step.
+    The candidates are the K post-burn-in steps that are in a sampling stage
+    (``sampling_stage``, a bool per step; all of them when None; the cyclical
+    schedule's exploration stages are not). ``accepted_samples`` M spreads M samples
+    evenly over the K candidates, the last one always included (candidate
+    ⌊jK/M⌋ - 1, j = 1..M); ``thinning`` t keeps every t-th candidate.
+
+    Raises:
+      UserError: when the budget keeps no sample, or fewer candidates than
+        ``accepted_samples`` exist; before any work.
     """
-    k = num_steps - burn_in
+    stage = np.ones(num_steps, bool) if sampling_stage is None else np.asarray(sampling_stage)
+    candidates = burn_in + np.flatnonzero(stage[burn_in:])
+    k = len(candidates)
+    where = f"the {num_steps - burn_in} steps after burn-in"
+    if k < num_steps - burn_in:
+        where += f" ({k} of them in a sampling stage; see method.step_size.exploration_fraction)"
+    if k == 0:
+        raise UserError(
+            f"the sampling budget keeps no sample: {where} hold no sampling step. Lower "
+            f"method.burn_in (or burn_in_epochs) or raise method.iterations (or epochs)."
+        )
     if thinning is not None:
-        return burn_in + np.arange(thinning - 1, k, thinning)
+        if thinning > k:
+            raise UserError(
+                f"method.thinning={thinning} keeps no sample: {where} give {k} candidate "
+                f"steps. Lower method.thinning, lower method.burn_in (or burn_in_epochs), "
+                f"or raise method.iterations (or epochs)."
+            )
+        return candidates[thinning - 1 :: thinning]
     assert accepted_samples is not None
     if accepted_samples > k:
         raise UserError(
-            f"method.accepted_samples={accepted_samples} exceeds the {k} steps after "
-            f"burn-in; lower it or run more iterations."
+            f"method.accepted_samples={accepted_samples} exceeds the {k} candidate steps "
+            f"({where}); lower it or run more iterations."
         )
     j = np.arange(1, accepted_samples + 1)
-    return burn_in + (j * k) // accepted_samples - 1
+    return candidates[(j * k) // accepted_samples - 1]
 
 
 class SamplerCarry(NamedTuple):
@@ -183,12 +208,25 @@ class SGMCMC(Method):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise UserError(f"method.{name} must be positive; got {v}.")
+        for name in ("burn_in", "burn_in_epochs"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise UserError(f"method.{name} must be >= 0; got {v}.")
         if self.temperature < 0 or self.prior_scale <= 0:
             raise UserError("method.temperature must be >= 0 and method.prior_scale > 0.")
+        if self.iterations is not None and (
+            self.burn_in is not None or self.burn_in_epochs is None
+        ):
+            # a budget in steps needs no data size: refuse one that keeps no sample now
+            self._schedule(self.iterations, self.burn_in or 0)
 
     # ------------------------------------------------------------------ budget
     def budget(self, n: int) -> tuple[int, int, np.ndarray]:
-        """(num_steps, burn_in, accepted step indices) for N = n training examples."""
+        """(num_steps, burn_in, accepted step indices) for N = n training examples.
+
+        Raises:
+          UserError: when the run is shorter than its burn-in or keeps no sample.
+        """
         if self.batch_size > n:
             raise UserError(
                 f"method.batch_size={self.batch_size} is larger than the training "
@@ -204,12 +242,19 @@ class SGMCMC(Method):
             burn = int(round(self.burn_in_epochs * per_epoch))
         else:
             burn = 0
+        return total, burn, self._schedule(total, burn)
+
+    def _schedule(self, total: int, burn: int) -> np.ndarray:
+        """The accepted steps of a run of ``total`` steps with ``burn`` burn-in steps."""
         if not 0 <= burn < total:
             raise UserError(
                 f"method burn-in ({burn} steps) must be >= 0 and shorter than the "
                 f"run ({total} steps)."
             )
-        return total, burn, accepted_steps(total, burn, self.accepted_samples, self.thinning)
+        stage = np.asarray(self.step_size.sampling_stage(np.arange(total), total))
+        return accepted_steps(
+            total, burn, self.accepted_samples, self.thinning, sampling_stage=stage
+        )
 
     # --------------------------------------------------------------------- fit
     def fit(
@@ -420,11 +465,11 @@ class _ChunkRunner:
         m, model, grad = self.method, self.model, self.grad
         b = m.batch_size
 
-        def chain_step(k, state, step_size):
+        def chain_step(k, state, step_size, temperature):
             k_batch, k_step = jax.random.split(k)
             idx = jax.random.randint(k_batch, (b,), 0, train.size)
             x, y = train.x[idx], train.y[idx]
-            return m.kernel.step(k_step, state, lambda p: grad(p, x, y), step_size, m.temperature)
+            return m.kernel.step(k_step, state, lambda p: grad(p, x, y), step_size, temperature)
 
         def fold(summaries, samples, params, j):
             for name, x in inputs.items():
@@ -444,11 +489,17 @@ class _ChunkRunner:
             t = start + i
             keys = jax.random.split(jax.random.fold_in(key, t), m.num_chains)
             step_size = m.step_size(t, self.total)
+            # the cyclical schedule's exploration stage runs without noise
+            temperature = jnp.where(m.step_size.sampling_stage(t, self.total), m.temperature, 0.0)
             if m.num_chains == 1:  # plain (unbatched) matmuls are faster on CPU
-                one = chain_step(keys[0], jax.tree.map(lambda a: a[0], carry.states), step_size)
+                one = chain_step(
+                    keys[0], jax.tree.map(lambda a: a[0], carry.states), step_size, temperature
+                )
                 states = jax.tree.map(lambda a: a[None], one)
             else:
-                states = jax.vmap(chain_step, in_axes=(0, 0, None))(keys, carry.states, step_size)
+                states = jax.vmap(chain_step, in_axes=(0, 0, None, None))(
+                    keys, carry.states, step_size, temperature
+                )
             summaries, samples = carry.summaries, carry.samples
             if sampling and self.every_step:
                 summaries, samples = fold(summaries, samples, states.params, slot[i])

@@ -17,7 +17,12 @@ and is never stored.
 Step sizes follow BlackJAX's convention: the drift is ``ε ∇log p`` and the
 noise variance ``2 ε T``, so ``ε`` is half the ε of Welling & Teh (2011) and Li
 et al. (2016). With the same key, position, minibatch and step size, ``sgld``
-and ``sghmc`` give the same position as ``blackjax.sgld``/``blackjax.sghmc``.
+gives the same position as ``blackjax.sgld``, and ``sghmc`` with carried momentum
+integrates exactly as BlackJAX's SGHMC diffusion. ``sghmc`` with resampled
+momentum departs from ``blackjax.sghmc`` on purpose (see its docstring).
+
+A temperature of 0 turns the noise off (and pSGLD's Γ term, and SGHMC's resampled
+momentum): the cyclical schedule's exploration stage runs the kernels so.
 """
 
 from __future__ import annotations
@@ -119,10 +124,12 @@ def psgld(
 
         V ← α V + (1 - α) g ⊙ g
         G = 1 ⊘ (eps + √V)
-        θ ← θ + ε (G ⊙ g + Γ) + √(2 ε T G) ⊙ ξ
+        θ ← θ + ε (G ⊙ g + T Γ) + √(2 ε T G) ⊙ ξ
 
-    Γ_i = ∂G_i/∂θ_i. The practical variant (the paper's experiments, JaxSGMC's
-    ``rms_prop``) drops Γ; ``gamma_correction=True`` includes it, with
+    Γ_i = ∂G_i/∂θ_i, scaled by T because the diffusion matrix at temperature T is
+    T·G and Γ is linear in it (Ma et al., 2015: Γ(T G) = T Γ(G)). The practical
+    variant (the paper's experiments, JaxSGMC's ``rms_prop``) drops Γ;
+    ``gamma_correction=True`` includes it, with
     Γ_i = -G_i² (1 - α) g_i H_ii / √V_i and the Hessian diagonal H_ii estimated by
     Hutchinson's probe z ⊙ (H z), z Rademacher (one extra Hessian-vector product).
 
@@ -153,10 +160,17 @@ def psgld(
         precond = jax.tree.map(lambda v: 1.0 / (eps + jnp.sqrt(v)), sq_avg)
         drift = jax.tree.map(lambda c, g: c * g, precond, grad)
         if gamma_correction:
-            # d G/d θ through V's dependence on the current gradient; H_ii ≈ z_i (H z)_i.
+            # T · dG/dθ through V's dependence on the current gradient; H_ii ≈ z_i (H z)_i.
             drift = jax.tree.map(
                 lambda d, c, g, v, z, hz: (
-                    d - c * c * (1.0 - alpha) * g * (z * hz) / jnp.maximum(jnp.sqrt(v), 1e-30)
+                    d
+                    - temperature
+                    * c
+                    * c
+                    * (1.0 - alpha)
+                    * g
+                    * (z * hz)
+                    / jnp.maximum(jnp.sqrt(v), 1e-30)
                 ),
                 drift,
                 precond,
@@ -202,21 +216,31 @@ def sghmc(
 ) -> Kernel:
     """Stochastic gradient Hamiltonian Monte Carlo (Chen, Fox & Guestrin, ICML 2014).
 
-    One step draws the momentum r ~ N(0, I) (as BlackJAX), then runs
-    ``num_integration_steps`` Euler steps of the SGHMC diffusion on one minibatch,
-    in Ma et al. (2015)'s scaling (BlackJAX's ``diffusions.sghmc``), with
-    ξ ~ N(0, I) fresh each integration step::
+    One step runs ``num_integration_steps`` (L) steps of the SGHMC diffusion on one
+    minibatch, in Ma et al. (2015)'s scaling, with ξ ~ N(0, I) fresh each integration
+    step, α the friction and β the estimate of the gradient noise (B̂). A kick of
+    length h is ``r ← (1 - α h) r + h g(θ) + √(h T (2α - h T β)) ξ``.
 
-        θ ← θ + ε r
-        r ← (1 - α ε) r + ε g(θ_old) + √(ε T (2α - ε T β)) ξ
-
-    where α is the friction and β the estimate of the gradient noise (B̂).
+    * ``resample_momentum=False`` (Chen et al.): the momentum is carried from step to
+      step, and each integration step is BlackJAX's Euler step of the diffusion
+      (``diffusions.sghmc``): ``θ ← θ + ε r``, then a kick of length ε with g at the
+      old θ.
+    * ``resample_momentum=True`` (HMC-like, as BlackJAX): every step draws
+      r ~ N(0, T·I), the momentum's stationary law at temperature T, then runs a
+      leapfrog trajectory: a kick of length ε/2, then L times ``θ ← θ + ε r``
+      followed by a full kick (the last one is never used, so it is skipped). The
+      position moves by L ε r₀ + (L ε)²/2 g + O(ε³): a Langevin step of size
+      h = (L ε)²/2, so L = 1 is SGLD with step ε²/2. (BlackJAX draws r ~ N(0, I)
+      whatever T is and starts with a drift, which moves by only ε² L(L-1)/2 g: the
+      stationary variance is L/(L-1) times too large, and L = 1 never sees the
+      gradient.)
 
     Args:
-      num_integration_steps: gradient evaluations per step (per minibatch).
+      num_integration_steps: L, gradient evaluations per step (per minibatch).
       friction: α.
       noise_estimate: β; 0 as in BlackJAX.
-      resample_momentum: draw r afresh at every step (BlackJAX); False carries it over.
+      resample_momentum: draw r ~ N(0, T·I) at every step and integrate by leapfrog;
+        False carries r over and integrates by Euler.
 
     >>> import jax, jax.numpy as jnp
     >>> k = sghmc(num_integration_steps=2)
@@ -230,29 +254,39 @@ def sghmc(
     def init(params: Params) -> SGHMCState:
         return SGHMCState(params, jax.tree.map(jnp.zeros_like, params))
 
-    def step(key, state: SGHMCState, grad_fn: GradFn, step_size, temperature=1.0) -> SGHMCState:
-        # The same key draws the momentum and is split for the integration steps,
-        # exactly as blackjax.sgmcmc.sghmc does; step equality depends on it.
-        momentum = gaussian_noise(key, state.params) if resample_momentum else state.momentum
-        keys = jax.random.split(key, num_integration_steps)
-        scale = jnp.sqrt(
-            step_size * temperature * (2.0 * friction - step_size * temperature * noise_estimate)
+    def kick(r, grad, key, h, temperature):
+        noise = gaussian_noise(key, r)
+        scale = jnp.sqrt(h * temperature * (2.0 * friction - h * temperature * noise_estimate))
+        return jax.tree.map(
+            lambda m, g, n: (1.0 - friction * h) * m + h * g + scale * n, r, grad, noise
         )
 
-        def integrate(carry, k):
+    def drift(params, r, step_size):
+        return jax.tree.map(lambda p, m: p + step_size * m, params, r)
+
+    def step(key, state: SGHMCState, grad_fn: GradFn, step_size, temperature=1.0) -> SGHMCState:
+        # The step key is split for the integration steps and, with resampling, also
+        # draws the momentum, as blackjax.sgmcmc.sghmc uses its key.
+        keys = jax.random.split(key, num_integration_steps)
+        if resample_momentum:
+            r = jax.tree.map(lambda n: jnp.sqrt(temperature) * n, gaussian_noise(key, state.params))
+            lengths = jnp.full(num_integration_steps, step_size).at[0].multiply(0.5)
+
+            def leapfrog(carry, inp):
+                params, r = carry
+                k, h = inp
+                r = kick(r, grad_fn(params), k, h, temperature)
+                return (drift(params, r, step_size), r), None
+
+            (params, r), _ = jax.lax.scan(leapfrog, (state.params, r), (keys, lengths))
+            return SGHMCState(params, r)
+
+        def euler(carry, k):
             params, r = carry
             grad = grad_fn(params)
-            noise = gaussian_noise(k, params)
-            params = jax.tree.map(lambda p, m: p + step_size * m, params, r)
-            r = jax.tree.map(
-                lambda m, g, n: (1.0 - friction * step_size) * m + step_size * g + scale * n,
-                r,
-                grad,
-                noise,
-            )
-            return (params, r), None
+            return (drift(params, r, step_size), kick(r, grad, k, step_size, temperature)), None
 
-        (params, momentum), _ = jax.lax.scan(integrate, (state.params, momentum), keys)
-        return SGHMCState(params, momentum)
+        (params, r), _ = jax.lax.scan(euler, (state.params, state.momentum), keys)
+        return SGHMCState(params, r)
 
     return Kernel(init, step, num_integration_steps)

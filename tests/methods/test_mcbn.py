@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from bnn_bench.config import build
+from bnn_bench.data import Spec, Split
 from bnn_bench.errors import UserError
+from bnn_bench.methods.mcbn import MCBN
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
@@ -86,8 +88,47 @@ def test_small_minibatches_give_different_members(fitted):
     np.testing.assert_allclose(part, probs[:, :7], atol=1e-6)
 
 
+class _DenseBN(nn.Module):
+    """Dense -> BatchNorm -> Dense: the BatchNorm sees one row per input, so a batch of
+    4 makes the biased and the unbiased variance differ by 4/3."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.Dense(3)(x.reshape(x.shape[0], -1))
+        h = nn.BatchNorm(use_running_average=not train)(h)
+        return nn.Dense(2)(h)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_statistics_use_the_biased_variance_unless_told(unbiased):
+    # Training-mode BatchNorm (and Teye et al.'s MCBN) normalises with the biased batch
+    # variance; TorchUncertainty's MCBatchNorm stores x.var(unbiased=True).
+    spec = Spec("tiny", (2, 2, 1), 2, ("a", "b"), (0.0,), (1.0,))
+    model = build_model(_DenseBN(), spec, "dense_bn")
+    params, state = model.init(jax.random.key(0))
+    x = jax.random.randint(jax.random.key(1), (4, 2, 2, 1), 0, 256).astype(jnp.uint8)
+    train = Split(x, jnp.zeros(4, jnp.int32))
+    method = MCBN(trainer=None, num_estimators=2, mc_batch_size=4, unbiased_variance=unbiased)
+    post = method.fit_statistics(jax.random.key(2), model, params, state, train)
+    h = np.asarray(
+        nn.Dense(3).apply({"params": params["Dense_0"]}, spec.preprocess(x).reshape(4, -1))
+    )
+    mean, var = h.mean(0), h.var(0, ddof=1 if unbiased else 0)
+    for s in range(2):  # each minibatch is the whole split, in some order
+        np.testing.assert_allclose(post.mc_stats["BatchNorm_0"]["mean"][s], mean, rtol=1e-5)
+        np.testing.assert_allclose(post.mc_stats["BatchNorm_0"]["var"][s], var, rtol=1e-5)
+    probs = np.concatenate(list(method.members(jax.random.key(0), post, x)))
+    ref = model.probs(params, {"batch_stats": {"BatchNorm_0": {"mean": mean, "var": var}}}, x)
+    np.testing.assert_allclose(probs, np.broadcast_to(ref, probs.shape), atol=1e-5)
+
+
 def test_model_without_batch_norm_is_a_clear_error(tmp_path):
     cfg = compose_cfg(*[o for o in SMALL if not o.startswith("model")], "model=mlp")
     with pytest.raises(UserError, match="needs a model with BatchNorm.*model.norm=batchnorm"):
         run(cfg, tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_default_is_biased_and_the_torchuncertainty_preset_uses_its_unbiased_convention():
+    assert build(compose_cfg(*SMALL).method, "method").unbiased_variance is False
+    assert compose_cfg("experiment=tu_mnist_mcbn").method.unbiased_variance is True

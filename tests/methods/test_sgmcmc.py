@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 
@@ -18,6 +19,7 @@ from bnn_bench.evaluation import EvalPlan
 from bnn_bench.methods import schedules
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.sgmcmc import accepted_steps, make_log_density
+from bnn_bench.methods.sgmcmc_kernels import Kernel, SGLDState
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import CLI, cli_env, compose_cfg, tiny
@@ -83,6 +85,19 @@ def test_constant_and_cyclical_schedules():
     assert vals[24] < 1e-4
 
 
+def test_cyclical_exploration_stage_is_the_start_of_each_cycle():
+    # Zhang et al. (2020): in each cycle of L steps, steps with (t mod L)/L < β explore
+    # (no noise, no samples); the rest sample. The step size is the same cosine.
+    cyc = schedules.cyclical(1e-2, num_cycles=4, exploration_fraction=0.8)  # L = 25
+    t = np.arange(100)
+    stage = np.asarray(cyc.sampling_stage(t, 100))
+    np.testing.assert_array_equal(stage, (t % 25) >= 20)
+    np.testing.assert_allclose(cyc(t, 100), schedules.cyclical(1e-2, num_cycles=4)(t, 100), rtol=0)
+    assert np.all(np.asarray(schedules.constant(1e-3).sampling_stage(t, 100)))
+    with pytest.raises(UserError, match="exploration_fraction"):
+        schedules.cyclical(1e-2, exploration_fraction=1.0)
+
+
 def test_bad_schedule_is_a_user_error():
     with pytest.raises(UserError, match="last_step_size"):
         schedules.polynomial(1e-5, 1e-3)
@@ -103,6 +118,47 @@ def test_accepted_steps_are_exactly_as_configured():
     np.testing.assert_array_equal(idx, [332, 665, 999])
     with pytest.raises(UserError, match="accepted_samples"):
         accepted_steps(30, 10, accepted_samples=21)
+
+
+def test_accepted_steps_skip_the_exploration_stage():
+    stage = (np.arange(100) % 25) >= 20  # four cycles, the last 5 steps of each sample
+    # thinning 1: every sampling-stage step after burn-in (burn-in 30 skips cycle 1's)
+    idx = accepted_steps(100, 30, thinning=1, sampling_stage=stage)
+    np.testing.assert_array_equal(idx, [45, 46, 47, 48, 49, 70, 71, 72, 73, 74, 95, 96, 97, 98, 99])
+    # 3 samples evenly over those 15 steps, the last one included
+    idx = accepted_steps(100, 30, accepted_samples=3, sampling_stage=stage)
+    np.testing.assert_array_equal(idx, [49, 74, 99])
+    with pytest.raises(UserError, match="accepted_samples=16 exceeds the 15"):
+        accepted_steps(100, 30, accepted_samples=16, sampling_stage=stage)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["method.thinning=21", "method.accepted_samples=null"], "method.thinning=21"),
+        (
+            [
+                "method.step_size._target_=bnn_bench.methods.schedules.cyclical",
+                "+method.step_size.num_cycles=2",
+                "+method.step_size.exploration_fraction=0.99",
+            ],
+            "exploration_fraction",
+        ),
+    ],
+)
+def test_a_budget_that_keeps_no_sample_is_refused_before_work(tmp_path, overrides, match):
+    # 40 steps, burn-in 20: thinning 21 would keep nothing, and so would cycles whose
+    # sampling stage (the last 1% of 20 steps) has no whole step after burn-in
+    cfg = compose_cfg(*tiny("sgld"), *SAMPLER, *overrides)
+    with pytest.raises(UserError, match=match) as err:
+        run(cfg, tmp_path)
+    assert "no sample" in str(err.value)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_burn_in_zero_runs(tmp_path):
+    metrics, _ = _run(tmp_path, "b0", "method.burn_in=0", "method.burn_in_epochs=null")
+    assert metrics["test/members"] == 5
 
 
 def test_budget_in_epochs():
@@ -127,6 +183,34 @@ def test_exactly_one_of_accepted_samples_and_thinning():
     cfg = compose_cfg(*tiny("sgld"), "method.thinning=3")
     with pytest.raises(UserError, match="exactly one"):
         build(cfg.method, "method")
+
+
+def test_cyclical_exploration_stage_runs_without_noise_and_keeps_no_sample():
+    # A probe kernel whose step adds the temperature it is given to every parameter:
+    # consecutive kept samples then differ by the sum of the temperatures in between.
+    def step(key, state, grad_fn, step_size, temperature):
+        del key, grad_fn, step_size
+        return SGLDState(jax.tree.map(lambda p: p + temperature, state.params))
+
+    _, data, model, method = _setup(
+        "method.iterations=40",
+        "method.burn_in=0",
+        "method.accepted_samples=null",
+        "method.thinning=1",
+        "method.temperature=0.5",
+        "method.save_samples=true",
+        "method.step_size._target_=bnn_bench.methods.schedules.cyclical",
+        "+method.step_size.num_cycles=4",
+        "+method.step_size.exploration_fraction=0.7",
+    )
+    method = dataclasses.replace(method, kernel=Kernel(SGLDState, step))
+    post = method.fit(
+        jax.random.key(0), model, data, RunContext(EvalPlan({"test": data.test.x[:8]}))
+    )
+    leaf = np.asarray(jax.tree.leaves(post.samples)[0]).reshape(12, -1)[:, 0]
+    # cycles of 10 steps, steps 7, 8, 9 of each sample: 12 samples, and across the 7
+    # exploration steps between two cycles only the first sampling step adds T
+    np.testing.assert_allclose(np.diff(leaf), 0.5, rtol=1e-4)
 
 
 def test_chunking_does_not_change_the_samples():
