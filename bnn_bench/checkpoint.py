@@ -61,8 +61,11 @@ log = logging.getLogger(__name__)
 STATE_FILE, META_FILE = "state.msgpack", "meta.json"
 
 
-class Preempted(Exception):  # noqa: N818 - it is an event, not an error
-    """The run was asked to stop (SIGTERM) and saved its state where it could."""
+class Preempted(BaseException):  # noqa: N818 - it is an event, not an error
+    """The run was asked to stop (SIGTERM, SIGINT) and saved its state where it could.
+
+    A BaseException, as KeyboardInterrupt: library code that catches Exception
+    (a download retry, a launcher) must not swallow a stop request."""
 
     def __init__(self, signum: int, step: int | None = None, path: Path | None = None):
         where = f" after saving step {step} to {path}" if path is not None else ""
@@ -72,7 +75,9 @@ class Preempted(Exception):  # noqa: N818 - it is an event, not an error
 
 # --- the stop request (signal handler) -----------------------------------------------------
 
-_stop: dict[str, Any] = {"signum": None, "previous": {}, "loops": 0}
+# SIGTERM: SLURM's preemption; SIGINT: Ctrl-C. Both stop a run the same way.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_stop: dict[str, Any] = {"signum": None, "previous": {}, "loops": 0, "depth": 0}
 
 
 def _on_signal(signum, frame):
@@ -95,9 +100,35 @@ def _chain_and_raise(signum: int, step: int | None, path: Path | None) -> None:
     """After saving: hand over to a handler that was there before (submitit's requeue
     on its USR2 signal), else raise ``Preempted``."""
     previous = _stop["previous"].get(signum)
-    if callable(previous) and signum != signal.SIGTERM:
+    if callable(previous) and signum not in STOP_SIGNALS:
         previous(signum, None)  # submitit: requeue the job and exit
     raise Preempted(signum, step, path)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Within: ``signals`` (and submitit's preemption signal) ask the run to stop.
+
+    Inside a checkpointed loop the loop saves at the end of its chunk, then raises
+    ``Preempted``; outside one ``Preempted`` is raised at once (the last checkpoint
+    is all there is to keep). Restores the previous handlers on exit. Only the main
+    thread can catch signals; nested uses keep the outer handlers."""
+    import threading
+
+    install = _stop["depth"] == 0 and threading.current_thread() is threading.main_thread()
+    _stop["depth"] += 1
+    if install:
+        _stop.update(signum=None, previous={})
+        for s in _extra_signals(signals):
+            _stop["previous"][s] = signal.signal(s, _on_signal)
+    try:
+        yield
+    finally:
+        _stop["depth"] -= 1
+        if install:
+            for s, previous in _stop["previous"].items():
+                signal.signal(s, previous if previous is not None else signal.SIG_DFL)
+            _stop.update(signum=None, previous={}, loops=0)
 
 
 # --- one loop's checkpoints ----------------------------------------------------------------
@@ -260,26 +291,18 @@ def loop(name: str) -> Checkpointer:
 
 @contextlib.contextmanager
 def session(
-    root: str | Path, every: int, signals: tuple[int, ...] = (signal.SIGTERM,)
+    root: str | Path, every: int, signals: tuple[int, ...] = STOP_SIGNALS
 ) -> Iterator[None]:
     """Within: ``loop`` hands out checkpointers under ``root`` and ``signals`` ask the
-    run to stop at the next chunk boundary (after a save). Restores the previous
-    handlers on exit. Signals are only caught in the main thread."""
-    import threading
-
+    run to stop at the next chunk boundary (after a save), as ``stop_on_signals``."""
     _session.update(root=Path(root), every=int(every), counts={})
-    _stop.update(signum=None, previous={}, loops=0)
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        for s in _extra_signals(signals):
-            _stop["previous"][s] = signal.signal(s, _on_signal)
+    _stop.update(signum=None, loops=0)
     try:
-        yield
+        with stop_on_signals(signals):
+            yield
     finally:
-        for s, previous in _stop["previous"].items():
-            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
         _session.update(root=None, every=0, counts={})
-        _stop.update(signum=None, previous={}, loops=0)
+        _stop.update(signum=None, loops=0)
 
 
 def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
@@ -294,11 +317,76 @@ def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
 # --- which job a run folder holds ------------------------------------------------------------
 
 
+# how-to-run keys that never change what a job computes
+_HOW_TO_RUN = (*NOT_IDENTITY, "dry_run", "objective")
+# what a job leaves in its run folder (besides .hydra/ and run.log); a new job removes them
+RESULTS = (
+    "metrics.json",
+    "history.jsonl",
+    "error.txt",
+    "samples.msgpack",
+    "checkpoint",
+    "plots",
+    "predictive",
+    "wandb",
+)
+LOCK_FILE = ".lock"
+
+
 def identity(config: dict) -> dict:
     """What a run computes: its resolved config without the how-to-run keys."""
     return json.loads(
-        json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY}, default=str)
+        json.dumps({k: v for k, v in config.items() if k not in _HOW_TO_RUN}, default=str)
     )
+
+
+class FolderBusy(UserError):
+    """Another process holds the run folder's lock."""
+
+
+_held: dict[Path, list[int]] = {}  # run folder -> [lock fd, nesting depth]
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir: str | Path) -> Iterator[None]:
+    """Holds ``<out_dir>/.lock`` (``fcntl.flock``, exclusive) while inside: one job per
+    run folder. Take it before writing anything there. The OS releases it when the
+    holder dies, so a crashed run never blocks its own resume. Re-entrant in a process.
+
+    Raises:
+      FolderBusy: at once, when another process holds the folder.
+    """
+    import fcntl
+    import socket
+
+    path = Path(out_dir).resolve()
+    if path in _held:
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise FolderBusy(
+            f"run folder {path} is in use by {holder}: one job per run folder. Wait for it "
+            f"to end, or give this job another folder (hydra.run.dir=..., or a new "
+            f"hydra.sweep.dir for a multirun)."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    _held[path] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[path]
+        os.close(fd)  # releases the lock
 
 
 class RunRecord:
@@ -344,12 +432,22 @@ class RunRecord:
         return "new"
 
     def start(self, config: dict, plan: str) -> None:
-        """Records the job; for a ``new`` run first clears the folder's old results and
-        checkpoints (a rerun must not leave another job's metrics.json behind)."""
+        """Records the job; for a ``new`` run first clears the folder of an earlier
+        job's results, checkpoints and log (a rerun must not leave another job's
+        metrics.json, plots or history behind). An old ``error.txt`` always goes."""
+        (self.out_dir / "error.txt").unlink(missing_ok=True)
         if plan == "new":
-            shutil.rmtree(self.root, ignore_errors=True)
-            for name in ("metrics.json", "history.jsonl"):
-                (self.out_dir / name).unlink(missing_ok=True)
+            held = any((self.out_dir / name).exists() for name in RESULTS)
+            for name in RESULTS:
+                path = self.out_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            if held and (self.out_dir / "run.log").is_file():
+                os.truncate(self.out_dir / "run.log", 0)  # the log is opened for appending
+            if held:
+                log.warning("%s held an earlier job's results; cleared them.", self.out_dir)
         attempts = int(self.saved.get("attempts", 0)) + 1 if plan == "resume" else 1
         keep_id = self.logger_run_id if plan == "resume" else None
         self.saved = {"config": identity(config), "attempts": attempts, "logger_run_id": keep_id}
