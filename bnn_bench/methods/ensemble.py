@@ -132,3 +132,18 @@ class Ensemble(StackedMethod):
         keys = jnp.stack([map_fit_key(s) for s in self.member_seeds()])
         ts = self.trainer.train_members(keys, model, data, log)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
+
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps (of each member), gradient evaluations (of all), members, batch, networks.
+
+        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
+        hold shapes only) and raises what ``fit`` would refuse."""
+        del model
+        steps = self.trainer.num_steps(data.train.size)
+        return {
+            "steps": steps,
+            "grad_evals": steps * self.size,
+            "members": self.size,
+            "batch_size": self.trainer.batch_size,
+            "networks": self.size,
+        }

@@ -391,6 +391,22 @@ class Laplace(MemberMethod):
         """Writes the MAP network, so a later run can reuse it with ``init_from``."""
         return save_point(out_dir, posterior.params, posterior.state)
 
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps and gradient evaluations of the MAP network (0 with ``init_from``),
+        members (1 for the probit predictive), batch, networks.
+
+        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
+        hold shapes only)."""
+        del model
+        steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
+        return {
+            "steps": steps,
+            "grad_evals": steps,
+            "members": 1 if self.predictive == "probit" else self.num_samples,
+            "batch_size": self.trainer.batch_size,
+            "networks": 1,
+        }
+
 
 # ---------------------------------------------------------------------- jitted pieces
 
