@@ -121,8 +121,10 @@ def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path):
     record = json.loads((folder / "checkpoint" / "resume" / "run.json").read_text())
     assert record["config"]["seed"] == 0 and record["attempts"] == 1
     assert yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())["seed"] == 0
-    steps = [json.loads(line)["step"] for line in (folder / "history.jsonl").read_text().split()]
-    assert steps == sorted(set(steps))  # one job's history, not two interleaved
+    steps = [
+        json.loads(line)["step"] for line in (folder / "history.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(steps) and steps[-1] == 28  # one job's history, not two interleaved
     print(f"refused in {took:.1f} s (interpreter start and imports included)")
 
 
