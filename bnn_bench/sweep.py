@@ -7,7 +7,8 @@ jobs whose ``error.txt`` this launch wrote, and exits non-zero. It reads the fil
 not the launcher's return values, so it works the same for jobs that ran in this
 process (the basic launcher) and in others (submitit, SLURM). A dry run writes no
 files: its jobs report to this process, which is why ``dry_run=true`` runs with
-the basic launcher only.
+the basic launcher only (and the basic sweeper: a dry run has no objective value to
+give Optuna).
 """
 
 from __future__ import annotations
@@ -70,14 +71,17 @@ class FailedJobs(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         del kwargs
         _dry_runs.clear()
-        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
-        if config.get("dry_run") is True and not launcher.endswith("BasicLauncher"):
-            print(
-                "bnn-bench: error: dry_run=true checks a sweep on this machine, with the basic "
-                f"launcher; drop the hydra/launcher override ({launcher.rsplit('.', 1)[-1]}).",
-                file=sys.stderr,
-            )
-            sys.exit(2)
+        if config.get("dry_run") is True:
+            for part in ("launcher", "sweeper"):
+                target = str(OmegaConf.select(config, f"hydra.{part}._target_", default=""))
+                if not target.endswith(f"Basic{part.capitalize()}"):
+                    print(
+                        f"bnn-bench: error: dry_run=true checks a sweep on this machine, with "
+                        f"Hydra's basic launcher and sweeper; drop the hydra/{part} override "
+                        f"({target.rsplit('.', 1)[-1]}).",
+                        file=sys.stderr,
+                    )
+                    sys.exit(2)
         # error.txt files already there belong to earlier launches; a job of this launch
         # removes its old one when it starts and writes a new one when it fails
         self._before = _errors(Path(config.hydra.sweep.dir))

@@ -274,9 +274,8 @@ def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
     print(f"2-job dry-run sweep: {took:.1f} s")
 
 
-def test_dry_run_refuses_a_cluster_launcher(tmp_path):
-    proc = _cli(
-        "-m", "dry_run=true", "hydra/launcher=submitit_local", f"hydra.sweep.dir={tmp_path}"
-    )
-    assert proc.returncode == 2
-    assert "drop the hydra/launcher override" in proc.stderr
+@pytest.mark.parametrize("part,choice", [("launcher", "submitit_local"), ("sweeper", "tune")])
+def test_dry_run_refuses_another_launcher_or_sweeper(tmp_path, part, choice):
+    proc = _cli("-m", "dry_run=true", f"hydra/{part}={choice}", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"drop the hydra/{part} override" in proc.stderr
