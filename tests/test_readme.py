@@ -59,6 +59,20 @@ def test_the_readme_has_commands_to_check():
     assert ("bnn-bench", False) in COMMANDS  # the default experiment
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Hydra configures the root logger in-process; its handlers would outlive capsys."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            h.close()
+    root.handlers[:], root.level = handlers, level
+
+
 @pytest.mark.slow  # ~100 s for all: real datasets' headers, model compiles for the memory plan
 @pytest.mark.parametrize("command,fails", COMMANDS, ids=[c for c, _ in COMMANDS])
 def test_readme_command_passes_a_dry_run(command, fails, tmp_path, monkeypatch, capsys):
