@@ -41,6 +41,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,11 @@ log = logging.getLogger(__name__)
 STATE_FILE, META_FILE = "state.msgpack", "meta.json"
 
 
-class Preempted(Exception):  # noqa: N818 - it is an event, not an error
-    """The run was asked to stop (SIGTERM) and saved its state where it could."""
+class Preempted(BaseException):  # noqa: N818 - it is an event, not an error
+    """The run was asked to stop (SIGTERM, SIGINT) and saved its state where it could.
+
+    A BaseException, as KeyboardInterrupt: library code that catches Exception
+    (a download retry, a launcher) must not swallow a stop request."""
 
     def __init__(self, signum: int, step: int | None = None, path: Path | None = None):
         where = f" after saving step {step} to {path}" if path is not None else ""
@@ -69,26 +73,31 @@ class Preempted(Exception):  # noqa: N818 - it is an event, not an error
 
 # --- the run's checkpoints and its stop request ----------------------------------------------
 
+# SIGTERM: SLURM's preemption; SIGINT: Ctrl-C. Both stop a run the same way.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class Session:
     """A run's checkpoints: one ``Checkpointer`` per loop name under ``root``, and the
     stop request of a signal.
 
-    As a context manager it catches ``signals`` (SIGTERM, and submitit's preemption
+    As a context manager it catches ``signals`` (SIGTERM, SIGINT, and submitit's preemption
     signal where submitit handles it): while a loop runs, the signal asks it to save
     at its next chunk end and stop; outside a loop the run stops at once. The previous
     handlers are restored on exit. Signals are only caught in the main thread.
 
     Args:
-      root: the folder that holds one sub-folder per loop.
+      root: the folder that holds one sub-folder per loop; None: no checkpoints, only
+        the stop request (``stop_on_signals``).
       every: a loop saves every this many chunks and when it ends; 0 saves only on
         a stop request.
     """
 
     def __init__(
-        self, root: str | Path, every: int = 0, signals: tuple[int, ...] = (signal.SIGTERM,)
+        self, root: str | Path | None, every: int = 0, signals: tuple[int, ...] = STOP_SIGNALS
     ):
-        self.root, self.every = Path(root), int(every)
+        self.root = None if root is None else Path(root)
+        self.every = int(every)
         self.signals = signals
         self.signum: int | None = None  # the signal that asked the run to stop
         self.running = 0  # loops between their restore and their final save
@@ -101,7 +110,8 @@ class Session:
         if name in self._names:
             raise ValueError(f"a loop named {name!r} already ran in this run; name it apart.")
         self._names.add(name)
-        return Checkpointer(self.root / name, every=self.every, session=self)
+        directory = None if self.root is None else self.root / name
+        return Checkpointer(directory, every=self.every, session=self)
 
     def __enter__(self) -> Session:
         self.signum, self.running = None, 0
@@ -129,9 +139,19 @@ class Session:
         """After saving: hand over to a handler that was there before (submitit's requeue
         on its USR2 signal), else raise ``Preempted``."""
         previous = self._previous.get(signum)
-        if callable(previous) and signum != signal.SIGTERM:
+        if callable(previous) and signum not in STOP_SIGNALS:
             previous(signum, None)  # submitit: requeue the job and exit
         raise Preempted(signum, step, path)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Within: ``signals`` (and submitit's preemption signal) stop the job at once with
+    ``Preempted``; a run's ``Session`` inside takes over while it is open, so that a
+    running loop first saves. For the parts of a job around the run (data loading,
+    writing the config)."""
+    with Session(None, signals=signals):
+        yield
 
 
 def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
@@ -314,11 +334,76 @@ def _leaf(path: Path, name: str, value: Any, like: Any, fix: str) -> Any:
 # --- which job a run folder holds ------------------------------------------------------------
 
 
+# how-to-run keys that never change what a job computes
+_HOW_TO_RUN = (*NOT_IDENTITY, "dry_run", "objective")
+# what a job leaves in its run folder (besides .hydra/ and run.log); a new job removes them
+RESULTS = (
+    "metrics.json",
+    "history.jsonl",
+    "error.txt",
+    "samples.msgpack",
+    "checkpoint",
+    "plots",
+    "predictive",
+    "wandb",
+)
+LOCK_FILE = ".lock"
+
+
 def identity(config: dict) -> dict:
     """What a run computes: its resolved config without the how-to-run keys."""
     return json.loads(
-        json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY}, default=str)
+        json.dumps({k: v for k, v in config.items() if k not in _HOW_TO_RUN}, default=str)
     )
+
+
+class FolderBusy(UserError):
+    """Another process holds the run folder's lock."""
+
+
+_held: dict[Path, list[int]] = {}  # run folder -> [lock fd, nesting depth]
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir: str | Path) -> Iterator[None]:
+    """Holds ``<out_dir>/.lock`` (``fcntl.flock``, exclusive) while inside: one job per
+    run folder. Take it before writing anything there. The OS releases it when the
+    holder dies, so a crashed run never blocks its own resume. Re-entrant in a process.
+
+    Raises:
+      FolderBusy: at once, when another process holds the folder.
+    """
+    import fcntl
+    import socket
+
+    path = Path(out_dir).resolve()
+    if path in _held:
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise FolderBusy(
+            f"run folder {path} is in use by {holder}: one job per run folder. Wait for it "
+            f"to end, or give this job another folder (hydra.run.dir=..., or a new "
+            f"hydra.sweep.dir for a multirun)."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    _held[path] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held[path]
+        os.close(fd)  # releases the lock
 
 
 class RunRecord:
@@ -364,12 +449,22 @@ class RunRecord:
         return "new"
 
     def start(self, config: dict, plan: str) -> None:
-        """Records the job; for a ``new`` run first clears the folder's old results and
-        checkpoints (a rerun must not leave another job's metrics.json behind)."""
+        """Records the job; for a ``new`` run first clears the folder of an earlier
+        job's results, checkpoints and log (a rerun must not leave another job's
+        metrics.json, plots or history behind). An old ``error.txt`` always goes."""
+        (self.out_dir / "error.txt").unlink(missing_ok=True)
         if plan == "new":
-            shutil.rmtree(self.root, ignore_errors=True)
-            for name in ("metrics.json", "history.jsonl"):
-                (self.out_dir / name).unlink(missing_ok=True)
+            held = any((self.out_dir / name).exists() for name in RESULTS)
+            for name in RESULTS:
+                path = self.out_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            if held and (self.out_dir / "run.log").is_file():
+                os.truncate(self.out_dir / "run.log", 0)  # the log is opened for appending
+            if held:
+                log.warning("%s held an earlier job's results; cleared them.", self.out_dir)
         attempts = int(self.saved.get("attempts", 0)) + 1 if plan == "resume" else 1
         keep_id = self.logger_run_id if plan == "resume" else None
         self.saved = {"config": identity(config), "attempts": attempts, "logger_run_id": keep_id}

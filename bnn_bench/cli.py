@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from bnn_bench import checkpoint
 from bnn_bench.checkpoint import Preempted
 from bnn_bench.errors import UserError
 from bnn_bench.groups import check_overrides
 from bnn_bench.run import run
+from bnn_bench.sweep import record_dry_run, write_error
 
 _HERE = Path(__file__).resolve().parent
 # An installed wheel carries conf/ inside the package; a source checkout has it beside.
@@ -61,24 +64,105 @@ def _error(message: str) -> None:
     print(f"bnn-bench: {message}", file=sys.stderr)
 
 
+def _detach_file_logs() -> None:
+    """Stops logging into the run folder's run.log (a dry run, or a folder held by
+    another process, must not write there)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+
+
+def _write_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
+    """``.hydra/`` as Hydra writes it (``hydra.output_subdir`` is null in conf/config.yaml,
+    so that nothing lands in the folder before its lock is held)."""
+    folder = out_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(HydraConfig.instance().cfg, folder / "hydra.yaml")
+    OmegaConf.save(HydraConfig.get().overrides.task, folder / "overrides.yaml")
+
+
+def _resume_hint(out_dir: Path) -> str:
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return f"re-launch the same command with hydra.sweep.dir={hc.sweep.dir}"
+    return f"bnn-bench {' '.join(hc.overrides.task)} hydra.run.dir={out_dir}"
+
+
+def _objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a Hydra sweeper optimises: ``metrics[objective.metric]``."""
+    value = metrics.get(cfg.objective.metric)
+    if value is None:
+        log.warning(
+            "objective.metric=%s is not in metrics.json, so a sweeper gets no value; "
+            "keys like it: %s",
+            cfg.objective.metric,
+            ", ".join(k for k in metrics if k.endswith(cfg.objective.metric.split("/")[-1])),
+        )
+        return None
+    return float(value)
+
+
+def _dry_run(cfg: DictConfig, out_dir: Path) -> None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    overrides = list(HydraConfig.get().overrides.task)
+    _detach_file_logs()
+    try:
+        with checkpoint.stop_on_signals():
+            run(cfg, out_dir)
+    except UserError as e:
+        record_dry_run(out_dir, overrides, str(e))
+        _error(f"error: {e}")
+        if not multirun:
+            sys.exit(2)
+        return
+    record_dry_run(out_dir, overrides, None)
+
+
+def _job(cfg: DictConfig, out_dir: Path) -> float | None:
+    """One job in its locked run folder. A failure writes error.txt; in a multirun the
+    job then returns (None) so that the launcher goes on with the next one."""
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    _write_hydra_files(cfg, out_dir)
+    try:
+        with checkpoint.stop_on_signals():  # SIGTERM, Ctrl-C: checkpoint, then stop
+            configure_device(cfg.device)
+            metrics = run(cfg, out_dir)
+    except Exception as e:  # noqa: BLE001 - every failure of a job is recorded the same way
+        if isinstance(e, UserError):
+            message = str(e)
+        else:
+            log.exception("the job failed")  # the traceback goes to run.log
+            message = f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"
+        write_error(out_dir, message)
+        _error(f"error: {message.splitlines()[0] if not isinstance(e, UserError) else e}")
+        if not multirun:
+            sys.exit(2 if isinstance(e, UserError) else 1)
+        return None
+    return _objective(cfg, metrics)
+
+
 @hydra.main(version_base=None, config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    hc = HydraConfig.get()
-    out_dir = Path(hc.runtime.output_dir)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("dry_run") is True:
+        _dry_run(cfg, out_dir)
+        return None
     try:
-        configure_device(cfg.device)
-        metrics = run(cfg, out_dir)
-    except UserError as e:
-        _error(f"error: {e}")
-        sys.exit(2)
+        with checkpoint.folder_lock(out_dir):  # one job per run folder
+            return _job(cfg, out_dir)
+    except checkpoint.FolderBusy as e:
+        _detach_file_logs()
+        print(f"bnn-bench: error: {e}", file=sys.stderr)
+        sys.exit(3)
     except Preempted as e:
-        if hc.mode == RunMode.MULTIRUN:
-            again = f"re-launch the same command with hydra.sweep.dir={hc.sweep.dir}"
-        else:
-            again = f"bnn-bench {' '.join(hc.overrides.task)} hydra.run.dir={out_dir}"
-        _error(f"{e}. To continue: {again}")
+        _error(f"{e}. To continue: {_resume_hint(out_dir)}")
         sys.exit(128 + e.signum)
-    return metrics.get("test/acc")
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
+        _error(f"stopped by SIGINT. To continue: {_resume_hint(out_dir)}")
+        sys.exit(130)
 
 
 def entry() -> None:

@@ -2,75 +2,279 @@
 
 ``validate`` walks a composed config before any work starts, so a misspelt key
 in a YAML or an experiment preset stops the run with a message that names the
-key, its place, and the arguments the target accepts. ``build`` instantiates a
-node and turns instantiation errors into the same kind of message.
+key, its place, and the arguments the target accepts; and a value of the wrong
+type (``trainer.epochs=abc``) stops it with the key and the type the target's
+annotation asks for. ``build`` instantiates a node and turns instantiation
+errors into the same kind of message.
 """
 
 from __future__ import annotations
 
+import collections.abc as cabc
 import difflib
 import inspect
-from typing import Any
+import os
+import sys
+import types
+import typing
+from typing import Any, Literal
 
+import numpy as np
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from bnn_bench.errors import UserError
 from bnn_bench.groups import check_composed
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
+# The top-level keys of conf/config.yaml that no _target_ takes, with their types.
+TOP_LEVEL: dict[str, Any] = {
+    "seed": int,
+    "resume": bool | Literal["auto"],
+    "dry_run": bool,
+    "checkpoint.every": int,
+    "device.preallocate": bool | None,
+    "device.mem_fraction": float | None,
+    "objective.metric": str,
+    "objective.direction": Literal["minimize", "maximize"],
+}
 
-def _accepted(target: Any) -> tuple[set[str], bool]:
-    """The keyword names ``target`` accepts, and whether it takes **kwargs."""
+
+def _accepted(target: Any) -> tuple[dict[str, Any], bool]:
+    """The keyword arguments ``target`` accepts with their annotations (``Any`` where
+    there is none or it cannot be resolved), and whether it takes **kwargs."""
     sig = inspect.signature(target)
-    names = {
-        p.name
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    module = sys.modules.get(getattr(target, "__module__", ""), None)
+    scope = vars(module) if module is not None else {}
+    names = {}
+    for p in sig.parameters.values():
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        hint = p.annotation
+        if hint is p.empty:
+            hint = Any
+        elif isinstance(hint, str):  # `from __future__ import annotations`
+            try:
+                hint = eval(hint, dict(scope))  # noqa: S307 - the target's own annotation
+            except Exception:  # noqa: BLE001 - e.g. a name imported only for type checkers
+                hint = Any
+        names[p.name] = hint
     var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     return names, var_kw
 
 
+# --- type checks -----------------------------------------------------------------------------
+
+_NUMERIC = (float, complex, np.ndarray, np.number, np.bool_)
+_ARRAY_NAMES = {"Array", "ArrayImpl", "ndarray"}
+_SEQUENCES = (
+    list,
+    tuple,
+    cabc.Sequence,
+    cabc.Iterable,
+    cabc.Collection,
+    cabc.MutableSequence,
+    set,
+    frozenset,
+)
+
+
+def _atoms(hint: Any) -> list[Any]:
+    """The alternatives of a Union/Optional annotation (one for anything else)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [a for h in typing.get_args(hint) for a in _atoms(h)]
+    return [hint]
+
+
+def _describe(hint: Any, alone: bool = True) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "null"
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "an integer"
+    if hint in _NUMERIC or getattr(hint, "__name__", "") in _ARRAY_NAMES:
+        return "a number"
+    if hint is str or hint in (os.PathLike,) or getattr(hint, "__name__", "") == "Path":
+        return "a string"
+    if origin is Literal:
+        return ("one of " if alone else "") + ", ".join(repr(a) for a in args)
+    if hint in _SEQUENCES or origin in _SEQUENCES:
+        return "a list"
+    if hint in (dict, cabc.Mapping) or origin in (dict, cabc.Mapping):
+        return "a mapping"
+    if hint is cabc.Callable or origin is cabc.Callable:
+        return "a _target_ node"
+    return f"a {getattr(hint, '__name__', hint)} (a _target_ node)"
+
+
+def _fits(value: Any, hint: Any, path: str) -> str | None:
+    """None if ``value`` fits ``hint``; else why not (naming the key at ``path``).
+
+    Annotations the checker cannot judge (Any, type variables, unresolvable names)
+    accept every value."""
+    atoms = _atoms(hint)
+    reasons = []
+    for atom in atoms:
+        why = _fits_atom(value, atom, path)
+        if why is None:
+            return None
+        reasons.append(why)
+    if len(atoms) == 1:
+        return reasons[0]
+    # keep the element-level reason of a list that is close (e.g. Sequence[int] with a str)
+    deep = [r for r in reasons if not r.startswith(f"{path}:")]
+    if deep:
+        return deep[0]
+    wanted = " or ".join(dict.fromkeys(_describe(a, alone=False) for a in atoms))
+    return f"{path}: expected {wanted}, got {_show(value)}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, DictConfig | ListConfig):
+        return repr(OmegaConf.to_container(value, resolve=False))
+    return repr(value)
+
+
+def _fits_atom(value: Any, hint: Any, path: str) -> str | None:  # noqa: C901 - one case a type
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    bad = f"{path}: expected {_describe(hint)}, got {_show(value)}"
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is Any or isinstance(hint, typing.TypeVar | typing.ForwardRef | str):
+        return None
+    if hint is type(None):
+        return None if value is None else bad
+    if hint is bool or hint is np.bool_:
+        return None if isinstance(value, bool) else bad
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else bad
+    if hint in _NUMERIC or getattr(hint, "__name__", "") in _ARRAY_NAMES:
+        if is_number or (isinstance(value, ListConfig) and hint is not float):
+            return None
+        return bad
+    if hint is str or hint is os.PathLike or getattr(hint, "__name__", "") in ("Path", "PurePath"):
+        return None if isinstance(value, str) else bad
+    if origin is Literal:
+        return None if value in args else bad
+    if hint in _SEQUENCES or origin in _SEQUENCES:
+        if not isinstance(value, ListConfig | list | tuple):
+            return bad
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return f"{path}: expected a list of {len(args)} values, got {_show(value)}"
+            items = list(zip(args, value, strict=True))
+        else:
+            item = args[0] if args else Any
+            items = [(item, v) for v in value]
+        for i, (h, v) in enumerate(items):
+            why = _fits(v, h, f"{path}[{i}]")
+            if why is not None:
+                return why
+        return None
+    if hint in (dict, cabc.Mapping, cabc.MutableMapping) or origin in (
+        dict,
+        cabc.Mapping,
+        cabc.MutableMapping,
+    ):
+        if not isinstance(value, DictConfig | dict):
+            return bad
+        if len(args) == 2:
+            for k in value:
+                why = _fits(value[k], args[1], f"{path}.{k}")
+                if why is not None:
+                    return why
+        return None
+    if hint is cabc.Callable or origin is cabc.Callable or inspect.isclass(hint):
+        # a callable or an object: a node that instantiation turns into one
+        if isinstance(value, DictConfig | ListConfig):
+            return None
+        if inspect.isclass(hint) and not isinstance(value, str | int | float | bool | type(None)):
+            return None
+        return bad
+    return None  # an annotation this checker does not know: accept
+
+
+def _check_value(cfg: DictConfig, key: Any, hint: Any, path: str) -> None:
+    if OmegaConf.is_missing(cfg, key):
+        return
+    try:
+        value = cfg[key]
+    except OmegaConfBaseException as e:
+        raise UserError(f"{path}: {e}".splitlines()[0]) from None
+    why = _fits(value, hint, path)
+    if why is not None:
+        raise UserError(why + ".")
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Checks the types of the keys in ``TOP_LEVEL`` that ``cfg`` has."""
+    for dotted, hint in TOP_LEVEL.items():
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for p in parents:
+            node = node.get(p) if isinstance(node, DictConfig) else None
+        if isinstance(node, DictConfig) and leaf in node:
+            _check_value(node, leaf, hint, dotted)
+
+
 def validate(cfg: Any, path: str = "") -> None:
-    """Checks every ``_target_`` node of ``cfg`` (recursively) against its target.
+    """Checks ``cfg`` before any work: the top-level keys' types, then every
+    ``_target_`` node (recursively) against its target's signature.
+
+    A node that is an interpolation of another (``trainer: ${trainer}``) is
+    checked where it is defined, so an error names the key a user can override.
 
     Raises:
-      UserError: naming the first unknown target or unknown key, with the
-        accepted keys and the closest match.
+      UserError: naming the first unknown target, unknown key, or value whose type
+        the target's annotation does not accept.
     """
     if not path and isinstance(cfg, DictConfig):
         check_composed(cfg)  # a trainer node reached a method that does not train
+        check_top_level(cfg)
     if isinstance(cfg, ListConfig):
-        for i, item in enumerate(cfg):
-            validate(item, f"{path}[{i}]")
+        for i in range(len(cfg)):
+            node = cfg._get_node(i)
+            if isinstance(node, DictConfig | ListConfig) and not node._is_interpolation():
+                validate(node, f"{path}[{i}]")
         return
     if not isinstance(cfg, DictConfig):
         return
     if "_target_" in cfg:
-        name = cfg._target_
-        try:
-            target = get_object(name)
-        except Exception as e:  # noqa: BLE001 - any import failure means the same thing here
-            raise UserError(f"{path or 'config'}: cannot find _target_ {name!r} ({e}).") from e
-        names, var_kw = _accepted(target)
-        if not var_kw:
-            for key in cfg:
-                if key in _HYDRA_KEYS or key in names:
-                    continue
-                close = difflib.get_close_matches(str(key), sorted(names), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise UserError(
-                    f"Unknown key '{path + '.' if path else ''}{key}' for {name}.{hint} "
-                    f"Accepted keys: {', '.join(sorted(names))}."
-                )
+        _validate_target(cfg, path)
     for key in cfg:
         if key in _HYDRA_KEYS:
             continue
         node = cfg._get_node(key)
-        if isinstance(node, DictConfig | ListConfig):
+        if isinstance(node, DictConfig | ListConfig) and not node._is_interpolation():
             validate(node, f"{path}.{key}" if path else str(key))
+
+
+def _validate_target(cfg: DictConfig, path: str) -> None:
+    name = cfg._target_
+    try:
+        target = get_object(name)
+    except Exception as e:  # noqa: BLE001 - any import failure means the same thing here
+        raise UserError(f"{path or 'config'}: cannot find _target_ {name!r} ({e}).") from e
+    names, var_kw = _accepted(target)
+    prefix = f"{path}." if path else ""
+    for key in cfg:
+        if key in _HYDRA_KEYS:
+            continue
+        if key not in names:
+            if var_kw:
+                continue
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"Unknown key '{prefix}{key}' for {name}.{hint} "
+                f"Accepted keys: {', '.join(sorted(names))}."
+            )
+        node = cfg._get_node(key)
+        if not (isinstance(node, DictConfig | ListConfig) and node._is_interpolation()):
+            _check_value(cfg, key, names[key], f"{prefix}{key}")
 
 
 def build(cfg: DictConfig, path: str, **runtime: Any) -> Any:

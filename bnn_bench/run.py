@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 from omegaconf import DictConfig
 
-from bnn_bench import checkpoint, evaluation
+from bnn_bench import checkpoint, dry_run, evaluation
 from bnn_bench.config import build, to_dict, validate
 from bnn_bench.evaluation import EvalPlan, tables
 from bnn_bench.evaluation.complexity import flops_per_input
@@ -30,6 +30,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     """Runs one experiment and writes its run folder; returns the flat metrics."""
     out_dir = Path(out_dir)
     validate(cfg)  # a misspelt key stops here, before any data is read
+    if cfg.get("dry_run"):  # build without data, print the plan; nothing is written
+        return dry_run.plan(cfg)
     config, record = to_dict(cfg), checkpoint.RunRecord(out_dir)
     todo = record.plan(config, cfg.resume)  # new | resume | skip (finished here already)
     if todo == "skip":

@@ -61,7 +61,16 @@ def suggested() -> list[tuple[str, str | None]]:
 
 
 # configs that hold keys no group choice does (the OOD set's dataset node)
-EXTRA = [("dataset@eval.ood_dataset=mnist",)]
+# and the keys of a step-size schedule that only a cyclical one has (its messages come
+# from a run with that schedule)
+EXTRA = [
+    ("dataset@eval.ood_dataset=mnist",),
+    (
+        "method.step_size._target_=bnn_bench.methods.schedules.cyclical",
+        "+method.step_size.num_cycles=4",
+        "+method.step_size.exploration_fraction=0.9",
+    ),
+]
 
 
 def _contexts(key: str) -> list[tuple[str, ...]]:

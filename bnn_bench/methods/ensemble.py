@@ -113,3 +113,18 @@ class Ensemble(StackedMethod):
         ts = self.trainer.train_members(keys, model, data, ctx)
         ctx.count(samples=self.size)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
+
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps (of each member), gradient evaluations (of all), members, batch, networks.
+
+        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
+        hold shapes only) and raises what ``fit`` would refuse."""
+        del model
+        steps = self.trainer.num_steps(data.train.size)
+        return {
+            "steps": steps,
+            "grad_evals": steps * self.size,
+            "members": self.size,
+            "batch_size": self.trainer.batch_size,
+            "networks": self.size,
+        }

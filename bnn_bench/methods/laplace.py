@@ -604,6 +604,22 @@ class Laplace(Method):
         del key
         return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
 
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps and gradient evaluations of the MAP network (0 with ``init_from``),
+        members (1 for the probit predictive), batch, networks.
+
+        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
+        hold shapes only)."""
+        del model
+        steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
+        return {
+            "steps": steps,
+            "grad_evals": steps,
+            "members": self.predictive.size,
+            "batch_size": self.trainer.batch_size,
+            "networks": 1,
+        }
+
 
 # ---------------------------------------------------------------------- jitted pieces
 

@@ -59,6 +59,21 @@ class MAP(Method):
         post-hoc methods' ``init_from``)."""
         return save_point(out_dir, posterior.params, posterior.state)
 
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps, gradient evaluations, members, batch and networks trained at once.
+
+        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
+        hold shapes only) and raises what ``fit`` would refuse."""
+        del model
+        steps = self.trainer.num_steps(data.train.size)
+        return {
+            "steps": steps,
+            "grad_evals": steps,
+            "members": 1,
+            "batch_size": self.trainer.batch_size,
+            "networks": 1,
+        }
+
 
 def map_metrics(
     model: Model, params: Params, state: State, sets: dict[str, Split], num_bins: int

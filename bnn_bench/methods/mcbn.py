@@ -210,3 +210,28 @@ class MCBN(Method):
         """The MAP prediction (trained running statistics): ``map/<set>/{acc,nll,ece,brier}``."""
         del key
         return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
+
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps and gradient evaluations of the MAP network, members (estimators),
+        batch, networks.
+
+        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
+        hold shapes only) and raises what ``fit`` would refuse."""
+        if not model.has_batch_norm:
+            raise UserError(
+                f"method=mcbn needs a model with BatchNorm, and model {model.name} has none. "
+                f"Use model=lenet model.norm=batchnorm, or model=mobilenet model.use_bn=true."
+            )
+        if self.mc_batch_size > data.train.size:
+            raise UserError(
+                f"method.mc_batch_size={self.mc_batch_size} is larger than the training "
+                f"split ({data.train.size} inputs); lower it."
+            )
+        steps = self.trainer.num_steps(data.train.size)
+        return {
+            "steps": steps,
+            "grad_evals": steps,
+            "members": self.num_estimators,
+            "batch_size": self.trainer.batch_size,
+            "networks": 1,
+        }

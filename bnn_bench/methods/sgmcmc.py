@@ -103,8 +103,8 @@ def accepted_steps(
     assert accepted_samples is not None
     if accepted_samples > k:
         raise UserError(
-            f"method.accepted_samples={accepted_samples} exceeds the {k} candidate steps "
-            f"({where}); lower it or run more iterations."
+            f"method.accepted_samples={accepted_samples} exceeds {where}; lower it or run "
+            f"more iterations."
         )
     j = np.arange(1, accepted_samples + 1)
     return candidates[(j * k) // accepted_samples - 1]
@@ -403,6 +403,27 @@ class SGMCMC(Method):
     @property
     def name(self) -> str:
         return self.kernel.step.__qualname__.split(".")[0]
+
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps per chain, gradient evaluations, members (chains x samples), batch,
+        networks (chains).
+
+        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
+        hold shapes only) and raises what ``fit`` would refuse."""
+        if model.has_batch_norm:
+            raise UserError(
+                f"SG-MCMC needs a model without batch norm (its statistics are not "
+                f"parameters a sampler can draw), but model {model.name} has batch_stats. "
+                f"Choose one without: model.use_bn=false (mobilenet), model.norm=none (lenet)."
+            )
+        total, _, accepted = self.budget(data.train.size)
+        return {
+            "steps": total,
+            "grad_evals": total * self.num_chains * self.kernel.grads_per_step,
+            "members": len(accepted) * self.num_chains,
+            "batch_size": self.batch_size,
+            "networks": self.num_chains,
+        }
 
 
 def _all_finite(tree: Params) -> jax.Array:

@@ -83,3 +83,19 @@ class Vote(StackedMethod):
             summary = PredictiveSummary.empty(*probs.shape[1:]).add(probs)
             out |= risk_metrics(summary, f"{name}/")
         return out
+
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps, gradient evaluations (one per voter and step, on its slice of the
+        batch), members, each voter's batch, networks.
+
+        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
+        hold shapes only) and raises what ``fit`` would refuse."""
+        del model
+        steps = self.trainer.num_steps(data.train.size)
+        return {
+            "steps": steps,
+            "grad_evals": steps * self.n_voters,
+            "members": self.n_voters,
+            "batch_size": self.trainer.batch_size // self.n_voters,
+            "networks": self.n_voters,
+        }

@@ -128,7 +128,9 @@ def test_accepted_steps_skip_the_exploration_stage():
     # 3 samples evenly over those 15 steps, the last one included
     idx = accepted_steps(100, 30, accepted_samples=3, sampling_stage=stage)
     np.testing.assert_array_equal(idx, [49, 74, 99])
-    with pytest.raises(UserError, match="accepted_samples=16 exceeds the 15"):
+    with pytest.raises(
+        UserError, match=r"accepted_samples=16 exceeds the 70 steps after burn-in \(15 of"
+    ):
         accepted_steps(100, 30, accepted_samples=16, sampling_stage=stage)
 
 

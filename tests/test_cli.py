@@ -1,0 +1,288 @@
+"""The CLI as a user meets it: types checked first, one job per run folder, interrupts,
+dry runs. Real processes where the behaviour is about processes (locks, signals)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from bnn_bench import checkpoint
+from bnn_bench.errors import UserError
+from bnn_bench.run import run
+from tests.conftest import CLI, TINY, cli_env, compose_cfg
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env=cli_env(), timeout=timeout
+    )
+
+
+def _pause(until, step=None) -> list[str]:
+    """Overrides that pause the run (tests/pause_logger.py) until the file ``until`` exists."""
+    extra = [] if step is None else [f"+logger.step={step}"]
+    return ["logger._target_=tests.pause_logger.PauseAt", f"+logger.until={until}", *extra]
+
+
+def _wait_for(path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+# --- types are checked before any work ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["method=map", "trainer.epochs=abc"], "trainer.epochs: expected an integer, got 'abc'"),
+        (["seed=abc"], "seed: expected an integer, got 'abc'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_with_its_key_before_data_is_read(
+    tmp_path, overrides, message
+):
+    # the data source does not exist: reading it would fail with another message
+    proc = _cli(
+        *overrides,
+        "dataset=mnist",
+        "dataset.source=local",
+        f"dataset.data_dir={tmp_path / 'no-such-folder'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and "Could not find" not in proc.stderr
+    assert (tmp_path / "run" / "error.txt").read_text().startswith(message)
+
+
+def test_validate_names_the_key_for_each_kind_of_annotation():
+    from bnn_bench.config import validate
+
+    cases = {
+        "trainer.epochs=1.5": "trainer.epochs: expected an integer, got 1.5",
+        "dataset.resize=[a,4]": "dataset.resize[0]: expected an integer, got 'a'",
+        "eval.shift=rotate": "eval.shift: expected a list, got 'rotate'",
+        "resume=maybe": "resume: expected true or false or 'auto', got 'maybe'",
+        "method.temperature=warm": "method.temperature: expected a number, got 'warm'",
+        # a schedule is a _target_ node or a number (a constant step); a word is neither
+        "method.step_size=fast": (
+            "method.step_size: expected a Schedule (a _target_ node) or a number, got"
+        ),
+        "dry_run=yes": "dry_run: expected true or false, got 'yes'",
+        "objective.direction=up": "objective.direction: expected one of 'minimize', 'maximize'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(UserError) as e:
+            validate(
+                compose_cfg("method=map", override)
+                if "trainer" in override
+                else compose_cfg(override)
+            )
+        assert str(e.value).startswith(message), (override, str(e.value))
+    for ok in ("method.epochs=2.5", "method.step_size=3e-7", "dataset.resize=[32,32]"):
+        validate(compose_cfg(ok))  # the right types pass
+    validate(compose_cfg("method=map", "trainer.epochs=3", "resume=true"))
+
+
+# --- one job per run folder -----------------------------------------------------------------
+
+
+def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path):
+    folder, go = tmp_path / "run", tmp_path / "go"
+    first = subprocess.Popen(
+        [*CLI, *TINY, "seed=0", "trainer.chunk_size=3", f"hydra.run.dir={folder}", *_pause(go, 3)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        _wait_for(tmp_path / "go.reached", first)  # the first job is training, lock held
+        tic = time.monotonic()
+        second = _cli(*TINY, "seed=1", f"hydra.run.dir={folder}", timeout=300)
+        took = time.monotonic() - tic
+        assert second.returncode == 3, second.stderr[-3000:]
+        assert f"is in use by pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        # the refused job wrote nothing: the folder still describes the first job only
+        assert yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())["seed"] == 0
+        assert "in use" not in (folder / "run.log").read_text()
+        go.touch()
+        _, err = first.communicate(timeout=600)
+    finally:
+        go.touch()
+        first.kill() if first.poll() is None else None
+    assert first.returncode == 0, err[-3000:]
+    record = json.loads((folder / "checkpoint" / "resume" / "run.json").read_text())
+    assert record["config"]["seed"] == 0 and record["attempts"] == 1
+    assert yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())["seed"] == 0
+    steps = [
+        json.loads(line)["step"] for line in (folder / "history.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(steps) and steps[-1] == 28  # one job's history, not two interleaved
+    print(f"refused in {took:.1f} s (interpreter start and imports included)")
+
+
+def test_the_lock_dies_with_its_holder(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom bnn_bench import checkpoint\n"
+            f"with checkpoint.folder_lock({str(tmp_path)!r}):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(checkpoint.FolderBusy, match=f"pid {holder.pid}"),
+            checkpoint.folder_lock(tmp_path),
+        ):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs
+        holder.wait()
+    with checkpoint.folder_lock(tmp_path), checkpoint.folder_lock(tmp_path):  # re-entrant
+        assert (tmp_path / checkpoint.LOCK_FILE).read_text().startswith(f"pid {os.getpid()}")
+
+
+def test_a_new_job_in_an_old_run_folder_starts_clean(tmp_path):
+    stale = {
+        "plots/old_plot.png": "png",
+        "predictive/test.npy": "x",
+        "samples.msgpack": "x",
+        "error.txt": "an old failure",
+        "checkpoint/map.msgpack": "another job's network",
+        "checkpoint/resume/sgmcmc-0/step_000000001/meta.json": "{}",
+        "history.jsonl": '{"step": 1, "stale": true}\n',
+        "metrics.json": '{"test/acc": 0.123}',
+        "run.log": "a line of the old job\n",
+    }
+    for name, text in stale.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "checkpoint/resume/run.json").write_text(json.dumps({"config": {"seed": 7}}))
+
+    metrics = run(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path)
+
+    for name in ("plots/old_plot.png", "predictive/test.npy", "samples.msgpack", "error.txt"):
+        assert not (tmp_path / name).exists(), name
+    assert not (tmp_path / "checkpoint/resume/sgmcmc-0").exists()
+    assert (tmp_path / "checkpoint/map.msgpack").read_bytes() != b"another job's network"
+    assert "stale" not in (tmp_path / "history.jsonl").read_text()
+    assert "old job" not in (tmp_path / "run.log").read_text()
+    assert json.loads((tmp_path / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
+    assert (tmp_path / "plots" / "reliability.png").is_file()
+
+
+# --- interrupts -----------------------------------------------------------------------------
+
+
+def _resume_command(stderr: str) -> list[str]:
+    line = next(ln for ln in stderr.splitlines() if "To continue: bnn-bench " in ln)
+    return shlex.split(line.split("To continue: bnn-bench ", 1)[1])
+
+
+def test_ctrl_c_in_a_loop_checkpoints_prints_the_resume_command_and_exits_130(tmp_path):
+    folder, go = tmp_path / "run", tmp_path / "go"
+    proc = subprocess.Popen(
+        [*CLI, *TINY, "trainer.chunk_size=3", f"hydra.run.dir={folder}", *_pause(go, 6)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    _wait_for(tmp_path / "go.reached", proc)  # paused between two chunks of the trainer
+    proc.send_signal(signal.SIGINT)
+    go.touch()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "stopped by SIGINT after saving step 6" in err
+    assert not (folder / "metrics.json").exists()
+
+    again = _cli(*_resume_command(err))  # the printed command, as printed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming trainer from step 6" in (folder / "run.log").read_text()
+    assert (folder / "metrics.json").is_file()
+
+
+def test_a_signal_outside_a_loop_stops_with_one_line_and_the_resume_command(tmp_path):
+    folder, go = tmp_path / "run", tmp_path / "go"
+    proc = subprocess.Popen(
+        [*CLI, *TINY, "trainer.epochs=1", f"hydra.run.dir={folder}", *_pause(go)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    _wait_for(tmp_path / "go.reached", proc)  # training and prediction done, in the summary
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
+    assert len(lines) == 1 and f"hydra.run.dir={folder}" in lines[0]
+    assert not (folder / "metrics.json").exists()
+
+
+# --- dry runs -------------------------------------------------------------------------------
+
+
+def test_dry_run_plans_the_work_the_run_then_does_and_writes_nothing(tmp_path):
+    overrides = [*TINY, "trainer.epochs=2", "dataset.val_fraction=0.25"]
+    plan = run(compose_cfg(*overrides, "dry_run=true"), tmp_path / "dry")
+    assert not (tmp_path / "dry").exists()  # nothing written, not even the folder
+    metrics = run(compose_cfg(*overrides), tmp_path / "real")
+    assert plan["plan/grad_evals"] == metrics["cost/grad_evals"] == plan["plan/steps"] > 0
+    assert plan["plan/members"] == metrics["test/members"] == 1
+    assert plan["plan/params"] == metrics["model/params"]
+    assert plan["plan/test_size"] == 256 and plan["plan/val_size"] == 128  # 25% of 512
+    assert plan["plan/device_mib"] > 0
+
+
+def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
+    sweep = tmp_path / "sweep"
+    tic = time.monotonic()
+    proc = _cli(
+        "-m",
+        "dry_run=true",
+        "dataset=synthetic",
+        "method=map,sgld",
+        "model=lenet",
+        "model.norm=batchnorm",  # as mobilenet's use_bn=true: batch norm, which SG-MCMC refuses
+        f"hydra.sweep.dir={sweep}",
+    )
+    took = time.monotonic() - tic
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stdout.count("dry run (nothing was trained or written)") == 1  # map's plan
+    assert "dry run: 2 job(s) checked, 1 would fail." in proc.stdout
+    failed = proc.stderr.split("these jobs would fail:")[1]
+    assert "#1 [" in failed and "method=sgld" in failed and "method=map" not in failed
+    assert "SG-MCMC needs a model without batch norm" in failed and "#0" not in failed
+    written = [p.name for p in sweep.rglob("*") if p.is_file()]
+    assert not set(written) - {"multirun.yaml", "run.log"}, written  # Hydra's own only
+    print(f"2-job dry-run sweep: {took:.1f} s")
+
+
+@pytest.mark.parametrize("part,choice", [("launcher", "submitit_local"), ("sweeper", "tune")])
+def test_dry_run_refuses_another_launcher_or_sweeper(tmp_path, part, choice):
+    proc = _cli("-m", "dry_run=true", f"hydra/{part}={choice}", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"drop the hydra/{part} override" in proc.stderr

@@ -1,0 +1,49 @@
+"""scripts/gpu_check.py runs end to end (``--tiny``, on the CPU) and reports every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, cli_env
+
+
+@pytest.mark.slow  # minutes on a shared 2-core CPU: five compiled pipelines
+def test_gpu_check_tiny_reports_every_figure(tmp_path):
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in (
+        "psgld_burn_in_steps_per_s",
+        "psgld_sampling_steps_per_s",
+        "bare_value_and_grad_steps_per_s",
+        "map_cnn_steps_per_s",
+        "ensemble5_cnn_steps_per_s",
+    ):
+        assert figures[key] > 0, key
+    if cli_env()["JAX_PLATFORMS"] == "cpu":  # the CPU backend reports no device memory
+        assert figures["peak_device_mib"].startswith("n/a")
+    else:
+        assert figures["peak_device_mib"] > 0
+    assert "psgld warm-up / bare gradient" in proc.stdout
+
+
+def test_gpu_check_has_help():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "--tiny" in proc.stdout and "value_and_grad" in proc.stdout

@@ -1,0 +1,86 @@
+"""The README runs as written: every ``bnn-bench`` command in it passes a dry run.
+
+Commands are taken from code blocks and from inline code (a command may continue
+over lines with a backslash); placeholders (``<run folder>``, ``...``), commands
+that need a cluster or an earlier run's folder, and ``--help``/``--cfg`` are left
+out, as are sweeps with another launcher or sweeper (a dry run checks a sweep with
+Hydra's basic ones). A command the README says fails (``# fails``) must fail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, cli_env
+
+# dry runs use Hydra's basic launcher and sweeper (bnn_bench/sweep.py says why)
+SKIP = (
+    "<",
+    "...",
+    "--help",
+    "--cfg",
+    "--hydra-help",
+    "hydra/launcher=",
+    "hydra/sweeper=",
+    "init_from=outputs/",
+)
+
+
+def readme_commands() -> list[tuple[str, bool]]:
+    """(command, expected to fail) for every runnable ``bnn-bench`` command in README.md."""
+    lines = (ROOT / "README.md").read_text().replace("\\\n", " ").splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("`bnn-bench ") or text.startswith("`bnn-bench`"):
+            text = text[1:]
+            while "`" not in text and i + 1 < len(lines):  # inline code over two lines
+                i += 1
+                text += " " + lines[i].strip()
+            text = text.split("`")[0]
+        elif not re.match(r"bnn-bench( |$)", text):
+            continue
+        command, _, comment = text.partition(" #")
+        command = " ".join(command.split())
+        if not any(s in command for s in SKIP):
+            found.append((command, "fails" in comment))
+    return sorted(set(found))
+
+
+COMMANDS = readme_commands()
+
+
+def test_the_readme_has_commands_to_check():
+    assert len(COMMANDS) >= 15, COMMANDS
+    assert ("bnn-bench", False) in COMMANDS  # the default experiment
+
+
+@pytest.mark.slow  # ~1-2 min: real datasets' headers, model compiles for the memory plan
+def test_every_readme_command_passes_a_dry_run(tmp_path):
+    env = cli_env()
+    env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")  # not the user's own data
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.readme_dry_run"],
+        input=json.dumps([c for c, _ in COMMANDS]),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1800,
+    )
+    rows = {r["command"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert len(rows) == len(COMMANDS), proc.stderr[-3000:]
+    wrong = []
+    for command, fails in COMMANDS:
+        r = rows[command]
+        sweep = shlex.split(command)[1:2] == ["-m"]
+        ok = r["code"] != 0 if fails else r["code"] == 0 and r["plans"] >= (2 if sweep else 1)
+        if not ok:
+            wrong.append(f"{command}\n  -> exit {r['code']}, {r['plans']} plan(s): {r['err']}")
+    assert not wrong, "\n".join(wrong)
