@@ -379,9 +379,12 @@ def sgd_phase(
 
 
 def refreshed_batch_stats(model: Model, params: Params, state: State, xb: jax.Array) -> dict:
-    """BatchNorm statistics for ``params``: each layer's batch mean and variance averaged
-    over the batches xb (nb, B, H, W, C), every layer fed by batch-normalised inputs."""
-    stats = jax.lax.map(lambda x: batch_norm_statistics(model, params, state, x), xb)
+    """BatchNorm statistics for ``params``: each layer's batch mean and unbiased variance
+    averaged over the batches xb (nb, B, H, W, C), every layer fed by batch-normalised
+    inputs (the authors' ``bn_update``: PyTorch's cumulative running statistics)."""
+    stats = jax.lax.map(
+        lambda x: batch_norm_statistics(model, params, state, x, unbiased_variance=True), xb
+    )
     return jax.tree.map(lambda a: a.mean(0), stats)
 
 
