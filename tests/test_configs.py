@@ -21,6 +21,7 @@ NESTED = {
     "method/laplace/curvature": ("method=laplace", "method.curvature"),
     "method/laplace/predictive": ("method=laplace", "method.predictive"),
     "method/laplace/prior_precision": ("method=laplace", "method.prior_precision"),
+    "method/swag/covariance": ("method=swag", "method.covariance"),
 }
 CHOICES = [
     *[(g, c, (), g) for g in GROUPS if g != "trainer" for c in config_choices(g)],

@@ -39,6 +39,16 @@ PRESET_TRAINERS = {
         "epochs": 2,
         "batch_size": 128,
     },
+    "tu_mc_dropout": {
+        "optimizer._target_": "optax.sgd",
+        "optimizer.momentum": 0.9,
+        "optimizer.nesterov": False,
+        "schedule._target_": "optax.piecewise_constant_schedule",
+        "schedule.init_value": 0.05,
+        "l2": 5e-4,
+        "epochs": 2,
+        "batch_size": 128,
+    },
     "capsa_mnist_vote": {
         "optimizer._target_": "optax.adam",
         "schedule._target_": "optax.constant_schedule",

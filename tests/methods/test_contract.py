@@ -55,8 +55,18 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.num_estimators=3",
         "method.mc_batch_size=16",
     ],
+    "temperature": [],
+    "mc_dropout": ["model.dropout_rate=0.2", "method.num_samples=3", "method.chunk_size=2"],
+    "swag": [
+        "method.sgd.epochs=2",
+        "method.sgd.batch_size=64",
+        "method.collect_every=4",
+        "method.covariance.rank=3",
+        "method.covariance.num_samples=3",
+    ],
 }
-BUILDS_ON_MAP = {"laplace", "mcbn"}  # they report their MAP's metrics and save it
+# they report their MAP's metrics and save it (mc_dropout: the network with dropout off)
+BUILDS_ON_MAP = {"laplace", "mcbn", "temperature", "mc_dropout", "swag"}
 
 
 def _setup(name: str, *extra: str):

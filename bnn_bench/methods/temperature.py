@@ -1,0 +1,185 @@
+"""``temperature``: post-hoc temperature scaling (Guo et al., 2017). S = 1.
+
+A MAP network's logits z(x) are divided by one scalar T > 0 fitted on the validation
+split by minimising the negative log-likelihood:
+
+    T* = argmin_T  −(1/n) Σ_i log softmax(z(x_i) / T)_{y_i},   p(y | x) = softmax(z(x) / T*)
+
+The NLL is convex in β = 1/T, so it has one minimum on any interval of log T, which a
+bounded 1-D solver (Brent) finds. T only rescales confidence: the argmax, hence the
+accuracy, is the MAP's. The MAP network is trained with the ``trainer`` group (the
+network ``method=map`` trains with the same seed) or loaded from an earlier run
+(``init_from``); its own metrics are reported as ``map/<set>/*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from bnn_bench.data import Dataset, Split
+from bnn_bench.errors import UserError
+from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.map import checkpoint_path, map_metrics, save_point
+from bnn_bench.methods.posthoc import map_point
+from bnn_bench.methods.training import Trainer
+from bnn_bench.models import Model, Params, State
+
+log = logging.getLogger(__name__)
+
+
+def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Mean NLL of ``softmax(logits / temperature)`` in float64.
+
+    Args:
+      logits: (N, C) logits.
+      labels: (N,) integer labels.
+      temperature: T > 0.
+    """
+    z = np.asarray(logits, np.float64) / temperature
+    y = np.asarray(labels).astype(np.int64)
+    picked = np.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+    return float(np.mean(logsumexp(z, axis=-1) - picked))
+
+
+def fit_temperature(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    temperature_range: tuple[float, float] = (0.05, 20.0),
+    tol: float = 1e-7,
+) -> float:
+    """The T in ``temperature_range`` that minimises ``temperature_nll`` (Guo et al., 2017).
+
+    Brent's bounded method on u = log T: the NLL is convex in 1/T, so unimodal in u.
+
+    Args:
+      logits: (N, C) validation logits.
+      labels: (N,) validation labels.
+      temperature_range: [low, high] searched, 0 < low < high.
+      tol: absolute tolerance on log T.
+
+    Returns:
+      The fitted temperature T*.
+
+    >>> z = np.array([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]]); y = np.array([0, 1, 1])
+    >>> t = fit_temperature(z, y)  # one of three confident predictions is wrong: T > 1
+    >>> bool(t > 1.0)
+    True
+    """
+    low, high = (float(v) for v in temperature_range)
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    res = minimize_scalar(
+        lambda u: temperature_nll(z, y, math.exp(u)),
+        bounds=(math.log(low), math.log(high)),
+        method="bounded",
+        options={"xatol": tol},
+    )
+    return float(math.exp(res.x))
+
+
+@struct.dataclass
+class TemperedPosterior:
+    """The MAP network and its temperature.
+
+    Attributes:
+      params, state: the MAP network.
+      temperature: () the fitted T.
+      info: ``temperature/*``: the fitted T, and the validation NLL at T = 1 and at T.
+    """
+
+    model: Model = struct.field(pytree_node=False)
+    params: Params
+    state: State
+    temperature: jax.Array
+    info: dict[str, float] = struct.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TemperatureScaling(Method):
+    """A MAP network whose logits are divided by a temperature fitted on the validation split.
+
+    Attributes:
+      trainer: trains the MAP network (ignored with ``init_from``).
+      init_from: a run folder whose ``checkpoint/map.msgpack`` holds the MAP network
+        (written by every ``map``, ``laplace``, ``temperature``, ... run); None to train.
+      temperature_range: [low, high], the interval T is searched in.
+    """
+
+    trainer: Trainer
+    init_from: str | None = None
+    temperature_range: tuple[float, float] = (0.05, 20.0)
+
+    def __post_init__(self):
+        low, high = (float(v) for v in self.temperature_range)
+        if not 0 < low < high:
+            raise UserError(
+                f"method.temperature_range must be [low, high] with 0 < low < high; "
+                f"got {list(self.temperature_range)}."
+            )
+        if self.init_from is not None:
+            checkpoint_path(self.init_from)  # fails now, before data or training
+
+    def fit(
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
+    ) -> TemperedPosterior:
+        ctx = ctx or RunContext()
+        if data.val is None:
+            raise UserError(
+                "method=temperature fits T on the validation split, and this dataset "
+                "has none; set dataset.val_fraction > 0 (e.g. dataset.val_fraction=0.1)."
+            )
+        params, state = map_point(key, model, data, self.trainer, self.init_from, ctx)
+        logits = jax.jit(model.logits)(params, state, data.val.x)  # (n_val, C)
+        t = fit_temperature(logits, data.val.y, self.temperature_range)
+        before = temperature_nll(logits, data.val.y, 1.0)
+        after = temperature_nll(logits, data.val.y, t)
+        low, high = (float(v) for v in self.temperature_range)
+        if min(abs(math.log(t / low)), abs(math.log(t / high))) < 1e-3:
+            log.warning(
+                "temperature %.4g is at an end of method.temperature_range %s; widen it.",
+                t,
+                [low, high],
+            )
+        log.info("temperature %.4f: validation NLL %.4f -> %.4f", t, before, after)
+        ctx.count(samples=1)
+        return TemperedPosterior(
+            model=model,
+            params=params,
+            state=state,
+            temperature=jnp.asarray(t, jnp.float32),
+            info={
+                "temperature/T": t,
+                "temperature/val_nll_map": before,
+                "temperature/val_nll": after,
+            },
+        )
+
+    def members(
+        self, key: jax.Array, posterior: TemperedPosterior, x: jax.Array
+    ) -> Iterator[jax.Array]:
+        del key  # deterministic
+        model = posterior.model
+        logits = jax.jit(model.logits)(posterior.params, posterior.state, x)  # (N, C)
+        yield jax.nn.softmax(logits / posterior.temperature, axis=-1)[None]  # (1, N, C)
+
+    def save(self, out_dir: Path, posterior: TemperedPosterior) -> Path:
+        """Writes the MAP network, so a later run can reuse it with ``init_from``."""
+        return save_point(out_dir, posterior.params, posterior.state)
+
+    def report(
+        self, key: jax.Array, posterior: TemperedPosterior, sets: dict[str, Split], num_bins: int
+    ) -> dict[str, float]:
+        """The MAP network's own prediction (T = 1): ``map/<set>/{acc,nll,ece,brier}``."""
+        del key
+        return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
