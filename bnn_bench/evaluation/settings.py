@@ -49,6 +49,9 @@ class EvalSettings:
       shift_seed: seed of the noise corruptions; fixed, so every run and method
         sees the same corrupted images.
       plots: write the plots into ``plots/``.
+      reference: a finished run's folder whose posterior predictive this run is scored
+        against (``<set>/agreement``, ``<set>/total_variation``; e.g. a ``method=hmc``
+        run), or None. Its data must be this run's: checked before ``fit``.
     """
 
     batch_size: int = 1000
@@ -64,6 +67,7 @@ class EvalSettings:
     tfds_data_dir: str | None = None
     download: bool = False
     plots: bool = True
+    reference: str | None = None
 
     def __post_init__(self):
         if (
@@ -111,6 +115,10 @@ class EvalSettings:
                 )
         if len(set(shift)) != len(shift):
             raise UserError(f"eval.shift lists a corruption twice: {shift}.")
+        if self.reference is not None and not isinstance(self.reference, str):
+            raise UserError(
+                f"eval.reference must be a run folder (a path) or null; got {self.reference!r}."
+            )
         if self.shift_size is not None and self.shift_size < 1:
             raise UserError(f"eval.shift_size must be >= 1 or null; got {self.shift_size}.")
         object.__setattr__(self, "shift", tuple(shift))

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from bnn_bench import checkpoint
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
+from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods.base import LogFn, no_log
 from bnn_bench.methods.sgmcmc_kernels import Kernel
@@ -335,9 +336,8 @@ class SGMCMC:
             # posterior predictive (the BlackJAX tutorial's closing check).
             probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, data.test.x)))(last)
             y = data.test.y
-            p_true = jnp.take_along_axis(probs, y[None, :, None], axis=-1)[..., 0]
             metrics["test/last_sample_acc"] = float(jnp.mean(probs.argmax(-1) == y))
-            metrics["test/last_sample_nll"] = float(-jnp.mean(jnp.log(jnp.clip(p_true, 1e-12))))
+            metrics["test/last_sample_nll"] = float(M.nll(probs, y, xp=jnp))
         samples = None
         if buffer is not None:  # (M, chains, ...) -> (M * chains, ...)
             samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), buffer)
