@@ -97,9 +97,14 @@ class PredictiveSummary(NamedTuple):
         return self.prob_sum / jnp.maximum(self.count, 1.0)
 
     def variance(self) -> jax.Array:
-        """(N, C) variance over members of each class probability ("risk")."""
+        """(N, C) variance over members of each class probability (population, ddof 0)."""
         m = self.mean()
         return jnp.maximum(self.prob_sq_sum / jnp.maximum(self.count, 1.0) - m * m, 0.0)
+
+    def std(self) -> jax.Array:
+        """(N, C) standard deviation over members of each class probability: the
+        members' spread (capsa's vote wrapper reports it)."""
+        return jnp.sqrt(self.variance())
 
     def predictive_entropy(self) -> jax.Array:
         """(N,) entropy of the posterior predictive: total uncertainty."""

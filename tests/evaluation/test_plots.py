@@ -15,7 +15,7 @@ from bnn_bench.data.synthetic import load as synthetic
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.reporting import plots
 
-MEMBER_PLOTS = {"member_boxplots", "accuracy_over_certainty", "risk_extremes"}
+MEMBER_PLOTS = {"member_boxplots", "accuracy_over_certainty", "member_std_extremes"}
 ALWAYS = {
     "reliability",
     "accuracy_vs_threshold",
