@@ -52,11 +52,20 @@ def _fake_run(members: int):
 @pytest.mark.parametrize("members", [1, 6])
 def test_write_all_draws_each_plot(members, tmp_path, caplog):
     data, summaries, sets, metrics, curves = _fake_run(members)
+    # a sampler's trace: 2 chains x 3 samples of 2 quantities
+    trace = np.random.default_rng(0).standard_normal((2, 3, 2)) if members > 1 else None
     with caplog.at_level(logging.INFO, logger="bnn_bench.reporting.plots"):
         out = plots.write_all(
-            tmp_path, "Fake · mlp · synthetic", summaries, sets, metrics, curves, data.spec
+            tmp_path,
+            "Fake · mlp · synthetic",
+            summaries,
+            sets,
+            metrics,
+            curves,
+            data.spec,
+            trace=trace,
         )
-    expected = ALWAYS | (MEMBER_PLOTS if members > 1 else set())
+    expected = ALWAYS | (MEMBER_PLOTS | {"traces"} if members > 1 else set())
     assert set(out) == expected
     for path in out.values():
         image = mpimg.imread(path)
