@@ -66,6 +66,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
         {name: split.x for name, split in evalsets.items()},
         keep=settings.keep_inputs,
         capacity=settings.keep_members,
+        labels=labels_of(evalsets),  # the test labels feed a sampler's trace (test/rhat)
     )
     # history.jsonl always; a tracker if chosen (an unfinished W&B run is closed at exit)
     logger = Loggers(HistoryLogger(), build(cfg.logger, "logger"))

@@ -5,9 +5,13 @@ chain, a few scalar quantities of the sample into a ``ChainTrace`` while it
 samples (the trace is a pytree, safe inside ``jit`` and ``lax.scan``):
 
 - the test log-likelihood of the sample, mean_n log p(y_n | x_n, θ_s);
-- the log-probabilities log p(c | x_i, θ_s) of the first ``num_inputs`` test
-  inputs, every class: the sample's logits up to their per-input shift (logits
-  themselves are only identified up to that shift).
+- the log-probabilities log p(c | x_i, θ_s) of a few fixed test inputs (the
+  summary's kept inputs, ``eval.keep_inputs``), every class: the sample's logits up
+  to their per-input shift (logits themselves are only identified up to that shift).
+
+A sampler gets this by asking its evaluation plan for summaries with a trace,
+``plan.empty(num_classes, chains=C, samples=S)``, and folding one sample of every
+chain per ``add`` (``PredictiveSummary.add``), as it does anyway.
 
 After sampling, ``chain_metrics`` gives ``test/rhat`` (the largest split-R̂ over
 the quantities; null with one chain) and ``test/ess`` (the smallest effective
@@ -64,19 +68,20 @@ def effective_sample_size(x) -> np.ndarray:
     return np.asarray(bd.effective_sample_size(x, chain_axis=0, sample_axis=1))
 
 
-def sample_quantities(probs: jax.Array, labels: jax.Array, num_inputs: int) -> jax.Array:
+def sample_quantities(probs: jax.Array, labels: jax.Array, inputs) -> jax.Array:
     """The tracked quantities of one sample per chain. Jittable.
 
     Args:
       probs: (chains, N, C) test-set class probabilities of each chain's sample.
       labels: (N,) test labels.
-      num_inputs: K, how many of the first test inputs have their log-probabilities tracked.
+      inputs: (K,) indices of the fixed test inputs whose log-probabilities are tracked.
 
     Returns:
-      (chains, 1 + K·C): the test log-likelihood, then log p(c | x_i) for i < K, c < C.
+      (chains, 1 + K·C): the test log-likelihood, then log p(c | x_i) for the K inputs
+      i, every class c.
     """
     loglik = -jax.vmap(lambda p: M.nll(p, labels, xp=jnp))(probs)  # (chains,)
-    logp = jnp.log(jnp.clip(probs[:, :num_inputs], 1e-12))  # (chains, K, C)
+    logp = jnp.log(jnp.clip(probs[:, jnp.asarray(inputs, jnp.int32)], 1e-12))  # (chains, K, C)
     return jnp.concatenate([loglik[:, None], logp.reshape(probs.shape[0], -1)], axis=1)
 
 
@@ -111,10 +116,10 @@ class ChainTrace(NamedTuple):
         return np.swapaxes(np.asarray(self.values[:n], np.float64), 0, 1)
 
 
-def chain_metrics(draws: np.ndarray, prefix: str = "test") -> dict[str, float]:
-    """``<prefix>/rhat``: the largest split-R̂ over the quantities (NaN, i.e. null in
-    metrics.json, with one chain or fewer than 4 samples per chain); ``<prefix>/ess``:
-    the smallest ESS (NaN with fewer than 2 samples).
+def chain_metrics(draws: np.ndarray) -> dict[str, float]:
+    """``rhat``: the largest split-R̂ over the quantities (NaN, i.e. null in
+    metrics.json, with one chain or fewer than 4 samples per chain); ``ess``: the
+    smallest ESS (NaN with fewer than 2 samples).
 
     Quantities that never change (e.g. a probability clipped at 1e-12 in every sample)
     carry no information about mixing and are left out.
@@ -130,4 +135,4 @@ def chain_metrics(draws: np.ndarray, prefix: str = "test") -> dict[str, float]:
         ess = float(np.min(effective_sample_size(x)))
     if x.shape[-1] and chains > 1 and s >= 4:
         rhat = float(np.max(split_rhat(x)))
-    return {f"{prefix}/rhat": rhat, f"{prefix}/ess": ess}
+    return {"rhat": rhat, "ess": ess}

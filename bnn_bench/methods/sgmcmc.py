@@ -217,7 +217,7 @@ class SGMCMC:
 
         params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
         states = jax.vmap(self.kernel.init)(params)
-        summaries = plan.empty(model.spec.num_classes)
+        summaries = plan.empty(model.spec.num_classes, chains, len(accept_idx))  # + ChainTrace
         buffer = (
             jax.tree.map(lambda p: jnp.zeros((len(accept_idx), *p.shape), p.dtype), params)
             if self.save_samples

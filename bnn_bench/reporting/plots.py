@@ -374,7 +374,6 @@ def write_all(
     spec,
     num_images: int = 16,
     num_extremes: int = 3,
-    trace: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Every plot of a run; returns ``{name: path}`` for the logger.
 
@@ -384,8 +383,6 @@ def write_all(
       summaries, sets: the evaluation sets' summaries and splits (``test`` needed).
       metrics, curves: what ``evaluation.evaluate`` returned.
       spec: the dataset spec (class names).
-      trace: (chains, S, Q) a sampler's per-sample quantities
-        (``diagnostics.ChainTrace.draws()``, the test log-likelihood first), or None.
     """
     folder = Path(folder)
     names = list(spec.class_names)
@@ -478,6 +475,7 @@ def write_all(
             "plots: S = 1, so member box plots, accuracy over member agreement and "
             "member-std error bars are skipped (they need several members)"
         )
+    trace = test.trace.draws() if test.trace is not None else None  # a sampler's chains
     if trace is not None and trace.shape[1] > 0:
         out["traces"] = traces(
             folder / "traces.png",

@@ -4,6 +4,7 @@ every run's predictive files, eval.reference through ``run``, refusals of other 
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.run import run
-from tests.conftest import TINY, compose_cfg
+from tests.conftest import ROOT, TINY, compose_cfg
 
 P = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4], [0.0, 0.0, 1.0]])
 Q = np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.1, 0.2, 0.7], [0.0, 0.0, 1.0]])
@@ -90,6 +91,8 @@ def test_a_run_scored_against_itself_agrees_fully(reference_run, tmp_path):
         assert metrics[f"{name}/total_variation"] == 0.0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["test/agreement"] == 1.0 and saved["test/total_variation"] == 0.0
+    documented = set(re.findall(r"`([a-z0-9_<>/]+)`", (ROOT / "README.md").read_text()))
+    assert {"<set>/agreement", "<set>/total_variation", "test/rhat", "test/ess"} <= documented
 
 
 @pytest.mark.parametrize(

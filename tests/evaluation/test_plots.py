@@ -39,8 +39,15 @@ def _fake_run(members: int):
             jnp.asarray(p, jnp.float32)
         )
 
+    test = summary(probs)
+    if members > 1:  # as a sampler folds them: 2 chains, one sample of each per add
+        test = PredictiveSummary.empty(
+            64, 10, range(5), 50, labels=y, chains=2, samples=members // 2
+        )
+        for i in range(0, members, 2):
+            test = test.add(jnp.asarray(probs[i : i + 2], jnp.float32))
     summaries = {
-        "test": summary(probs),
+        "test": test,
         "ood": summary(probs[:, ::-1] * 0 + 0.1),
         "shift/rotate/90": summary(probs[:, ::-1]),
     }
@@ -52,20 +59,12 @@ def _fake_run(members: int):
 @pytest.mark.parametrize("members", [1, 6])
 def test_write_all_draws_each_plot(members, tmp_path, caplog):
     data, summaries, sets, metrics, curves = _fake_run(members)
-    # a sampler's trace: 2 chains x 3 samples of 2 quantities
-    trace = np.random.default_rng(0).standard_normal((2, 3, 2)) if members > 1 else None
     with caplog.at_level(logging.INFO, logger="bnn_bench.reporting.plots"):
         out = plots.write_all(
-            tmp_path,
-            "Fake · mlp · synthetic",
-            summaries,
-            sets,
-            metrics,
-            curves,
-            data.spec,
-            trace=trace,
+            tmp_path, "Fake · mlp · synthetic", summaries, sets, metrics, curves, data.spec
         )
     expected = ALWAYS | (MEMBER_PLOTS | {"traces"} if members > 1 else set())
+    assert ("test/rhat" in metrics and "test/ess" in metrics) == (members > 1)
     assert set(out) == expected
     for path in out.values():
         image = mpimg.imread(path)
