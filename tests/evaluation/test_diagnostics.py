@@ -1,8 +1,10 @@
 """Sampler diagnostics: split-R̂ and ESS against blackjax.diagnostics and a direct
-formula, on mixed and stuck chains; the trace folded in a scan; the traces plot."""
+formula, on mixed and stuck chains; the trace folded in a scan; the traces plot; an
+SGLD run's test/rhat and test/ess against its saved samples."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -11,9 +13,14 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 from blackjax import diagnostics as bd
+from flax import serialization
 
+from bnn_bench.config import build
 from bnn_bench.evaluation import diagnostics as D
+from bnn_bench.models import build_model
 from bnn_bench.reporting import plots
+from bnn_bench.run import run
+from tests.conftest import TINY, compose_cfg
 
 
 def ar1(chains: int, samples: int, rho: float, q: int = 3, seed: int = 0) -> np.ndarray:
@@ -121,3 +128,42 @@ def test_jnp_quantities_are_finite_for_zero_probabilities():
     np.testing.assert_allclose(
         np.asarray(q)[0], [np.mean(np.log([1e-12, 0.5])), 0.0, np.log(1e-12)], rtol=1e-5
     )
+
+
+SGLD = [
+    "method=sgld",
+    "method.batch_size=64",
+    "method.iterations=60",
+    "method.burn_in=20",
+    "method.accepted_samples=8",
+    "method.chunk_size=20",
+    "method.step_size.step_size=1e-3",
+]
+
+
+def test_sgld_run_reports_rhat_ess_and_traces_of_its_chains(tmp_path):
+    cfg = compose_cfg(*TINY, *SGLD, "method.num_chains=3", "method.save_samples=true")
+    metrics = run(cfg, tmp_path)
+    assert (tmp_path / "plots" / "traces.png").is_file()
+    # recompute the tracked quantities from the saved samples, outside the sampler loop
+    data = build(cfg.dataset, "dataset")
+    model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "mlp", 128)
+    template = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(jax.random.key(0), 24))
+    samples = serialization.from_bytes(template, (tmp_path / "samples.msgpack").read_bytes())
+    probs = np.asarray(jax.vmap(lambda p: model.probs(p, {}, data.test.x))(samples), np.float64)
+    probs = probs.reshape(8, 3, *probs.shape[1:]).swapaxes(0, 1)  # (chains, S, N, C)
+    y = np.asarray(data.test.y)
+    loglik = np.log(np.take_along_axis(probs, y[None, None, :, None], -1)[..., 0]).mean(-1)
+    logp = np.log(np.clip(probs[:, :, :5], 1e-12, None)).reshape(3, 8, -1)  # eval.keep_inputs
+    draws = np.concatenate([loglik[..., None], logp], axis=-1)
+    rhat = np.max(bd.potential_scale_reduction(D.split_chains(draws), 0, 1))
+    ess = np.min(bd.effective_sample_size(draws, 0, 1))
+    assert metrics["test/rhat"] == pytest.approx(float(rhat), rel=1e-3)
+    assert metrics["test/ess"] == pytest.approx(float(ess), rel=1e-3)
+    assert "val/rhat" not in metrics  # the test set is the one tracked
+
+
+def test_one_chain_run_has_ess_and_null_rhat(tmp_path):
+    run(compose_cfg(*TINY, *SGLD, "method.num_chains=1", "eval.plots=false"), tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test/rhat"] is None and saved["test/ess"] > 0
