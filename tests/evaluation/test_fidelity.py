@@ -92,7 +92,7 @@ def test_a_run_scored_against_itself_agrees_fully(reference_run, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["test/agreement"] == 1.0 and saved["test/total_variation"] == 0.0
     documented = set(re.findall(r"`([a-z0-9_<>/]+)`", (ROOT / "README.md").read_text()))
-    assert {"<set>/agreement", "<set>/total_variation", "test/rhat", "test/ess"} <= documented
+    assert {"<set>/agreement", "<set>/total_variation", "<set>/rhat", "<set>/ess"} <= documented
 
 
 @pytest.mark.parametrize(
