@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,7 @@ def traces(path: Path, draws: np.ndarray, rhat: float, ess: float, title: str) -
     for c in range(chains):
         ax.plot(np.arange(1, s + 1), draws[c, :, 0], lw=1, label=f"chain {c}")
     ax.set_xlabel("accepted sample of each chain")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test log-likelihood (nats per input)")
     rhat_text = "n/a (one chain)" if np.isnan(rhat) else f"{rhat:.3f}"
     ax.set_title(
