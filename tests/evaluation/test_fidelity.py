@@ -133,3 +133,10 @@ def test_a_reference_without_predictive_is_refused(reference_run, tmp_path):
         run(compose_cfg(*TINY, f"eval.reference={tmp_path}"), tmp_path / "run")
     with pytest.raises(UserError, match="no such run folder"):
         run(compose_cfg(*TINY, f"eval.reference={tmp_path / 'nowhere'}"), tmp_path / "run")
+
+
+def test_reference_must_be_a_path():
+    from bnn_bench.config import build
+
+    with pytest.raises(UserError, match="eval.reference must be a run folder"):
+        build(compose_cfg("eval.reference=[1,2]").eval, "eval")
