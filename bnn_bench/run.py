@@ -14,14 +14,14 @@ from omegaconf import DictConfig
 
 from bnn_bench import checkpoint, dry_run, evaluation
 from bnn_bench.config import build, to_dict, validate
-from bnn_bench.evaluation import EvalPlan, tables
+from bnn_bench.evaluation import EvalPlan, fidelity, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
 from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.models import build_model, num_params
 from bnn_bench.reporting import cost, plots
 from bnn_bench.reporting.loggers import HistoryLogger, Loggers, RunInfo
-from bnn_bench.reporting.outputs import read_metrics, write_metrics
+from bnn_bench.reporting.outputs import config_choice, read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ def _run(
     # --- data and model
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
-    model = build_model(module, data.spec, type(module).__name__.lower(), settings.batch_size)
+    model = build_model(
+        module, data.spec, config_choice(out_dir, "model", cfg.model), settings.batch_size
+    )
     method: Method = build(cfg.method, "method")
     n_params = num_params(jax.eval_shape(model.init, jax.random.key(0))[0])
     log.info(
@@ -67,10 +69,13 @@ def _run(
         jax.devices()[0].platform,
     )
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
+    prints = fidelity.fingerprints(data, evalsets)  # an eval.reference must match them
+    reference = fidelity.Reference.load(settings.reference, prints)
     plan = EvalPlan(
         {name: split.x for name, split in evalsets.items()},
         keep=settings.keep_inputs,
         capacity=settings.keep_members,
+        labels=labels_of(evalsets),  # the test labels feed a sampler's trace (test/rhat)
     )
     # history.jsonl always; a tracker if chosen (an unfinished W&B run is closed at exit)
     logger = Loggers(HistoryLogger(), build(cfg.logger, "logger"))
@@ -101,6 +106,8 @@ def _run(
         summaries, labels_of(evalsets), settings.num_bins, settings.uncertain_below
     )
     metrics.update(set_metrics)
+    fidelity.write_predictive(out_dir, summaries, prints)  # predictive/*.npy before metrics.json
+    metrics.update(reference.metrics(summaries) if reference is not None else {})
     metrics.update(method.report(k_predict, posterior, evalsets, settings.num_bins))
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)

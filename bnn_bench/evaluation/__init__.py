@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from bnn_bench.evaluation import metrics as M
+from bnn_bench.evaluation.diagnostics import chain_metrics
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 
 __all__ = [
@@ -63,6 +64,8 @@ def compute(
         "certainty": float(_f64(summary.agreement()).mean()),
         "uncertain": float(np.mean(conf < uncertain_below)),
     }
+    if summary.trace is not None:  # a sampler's chains: split-R̂ and ESS
+        out |= chain_metrics(summary.trace.draws())
     if labels is None:
         return out
     labels = np.asarray(labels)

@@ -41,11 +41,25 @@ def accuracy(probs, labels) -> float:
     return float(np.mean(probs.argmax(-1) == labels))
 
 
-def nll(probs, labels) -> float:
-    """Mean negative log-likelihood of the labels (nats); probabilities clipped at 1e-12."""
-    probs, labels = _np(probs, labels)
-    p = np.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
-    return float(-np.mean(np.log(np.clip(p, _TINY, None))))
+def nll(probs, labels, xp=np):
+    """Mean negative log-likelihood of the labels (nats); probabilities clipped at 1e-12.
+
+    The one NLL of probabilities in bnn-bench: the host metrics call it on numpy
+    arrays, jitted code (training logs, Laplace's prior-precision grid, a sampler's
+    last sample) with ``xp=jax.numpy``.
+
+    Args:
+      probs: (..., N, C) class probabilities; leading axes (e.g. chains) are averaged too.
+      labels: (N,) integer labels.
+      xp: ``numpy`` (the default: float64 on the host, returns a float) or
+        ``jax.numpy`` (traceable; returns a scalar array in the dtype of ``probs``).
+    """
+    if xp is np:
+        probs, labels = _np(probs, labels)
+    idx = xp.broadcast_to(labels[..., None], (*probs.shape[:-1], 1))
+    p = xp.take_along_axis(probs, idx, axis=-1)[..., 0]
+    out = -xp.mean(xp.log(xp.clip(p, _TINY, None)))
+    return float(out) if xp is np else out
 
 
 def brier(probs, labels) -> float:
@@ -59,6 +73,22 @@ def entropy(probs) -> np.ndarray:
     """(N,) entropy in nats of each row of ``probs`` (N, C)."""
     probs = _np(probs)
     return -np.sum(probs * np.log(np.clip(probs, _TINY, None)), axis=-1)
+
+
+# --- fidelity to a reference predictive (Izmailov et al. 2021)
+
+
+def agreement(probs, reference) -> float:
+    """Share of inputs whose top-1 class under ``probs`` (N, C) is the top-1 class under
+    ``reference`` (N, C); ties go to the lowest class index in both."""
+    probs, reference = _np(probs), _np(reference)
+    return float(np.mean(probs.argmax(-1) == reference.argmax(-1)))
+
+
+def total_variation(probs, reference) -> float:
+    """Mean over inputs of the total variation distance ½ Σ_c |p(c|x) − p_ref(c|x)|, in [0, 1]."""
+    probs, reference = _np(probs), _np(reference)
+    return float(np.mean(0.5 * np.sum(np.abs(probs - reference), axis=-1)))
 
 
 # --- calibration

@@ -49,6 +49,9 @@ class EvalSettings:
       shift_seed: seed of the noise corruptions; fixed, so every run and method
         sees the same corrupted images.
       plots: write the plots into ``plots/``.
+      reference: a finished run's folder whose posterior predictive this run is scored
+        against (``<set>/agreement``, ``<set>/total_variation``; e.g. a ``method=hmc``
+        run), or None. Its data must be this run's: checked before ``fit``.
     """
 
     batch_size: int = 1000
@@ -64,6 +67,7 @@ class EvalSettings:
     tfds_data_dir: str | None = None
     download: bool = False
     plots: bool = True
+    reference: str | None = None
 
     def __post_init__(self):
         if (
@@ -87,6 +91,20 @@ class EvalSettings:
                 "dataset@eval.ood_dataset=mnist), then override its keys as "
                 "eval.ood_dataset.KEY=VALUE."
             )
+        if self.reference is not None and not isinstance(self.reference, str):
+            raise UserError(
+                f"eval.reference must be a run folder (a path) or null; got {self.reference!r}."
+            )
+        if self.shift_size is not None and self.shift_size < 1:
+            raise UserError(f"eval.shift_size must be >= 1 or null; got {self.shift_size}.")
+        shift, levels = self._checked_shift()
+        object.__setattr__(self, "shift", tuple(shift))
+        object.__setattr__(
+            self, "shift_levels", {k: tuple(float(v) for v in vs) for k, vs in levels.items()}
+        )
+
+    def _checked_shift(self) -> tuple[list[str], dict]:
+        """The corruptions as a list and the levels of every known one, checked."""
         shift = _plain(self.shift)
         shift = [shift] if isinstance(shift, str) else list(shift or ())
         levels = {**DEFAULT_LEVELS, **(_plain(self.shift_levels) or {})}
@@ -111,12 +129,7 @@ class EvalSettings:
                 )
         if len(set(shift)) != len(shift):
             raise UserError(f"eval.shift lists a corruption twice: {shift}.")
-        if self.shift_size is not None and self.shift_size < 1:
-            raise UserError(f"eval.shift_size must be >= 1 or null; got {self.shift_size}.")
-        object.__setattr__(self, "shift", tuple(shift))
-        object.__setattr__(
-            self, "shift_levels", {k: tuple(float(v) for v in vs) for k, vs in levels.items()}
-        )
+        return shift, levels
 
     def shift_sets(self) -> list[tuple[str, float]]:
         """(corruption, level) of every shifted evaluation set, in config order."""

@@ -47,6 +47,7 @@ from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer, epoch_batches
 from bnn_bench.models import Model, Params, State, num_params
+from bnn_bench.models.base import map_batches
 
 logger = logging.getLogger(__name__)
 
@@ -648,16 +649,6 @@ def last_layer(model: Model) -> str:
     return [name for name in called if name in params][-1]
 
 
-def _map_batches(fn: Callable[[jax.Array], object], x: jax.Array, b: int):
-    """fn over x in batches of b inputs; every output leaf (b, ...) is joined to (N, ...)."""
-    n = x.shape[0]
-    b = max(1, min(b, n))
-    pad = (-n) % b
-    xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, b, *x.shape[1:])
-    out = jax.lax.map(fn, xb)  # leaves (nb, b, ...)
-    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:n], out)
-
-
 @partial(jax.jit, static_argnames=("batch_size", "linearised"))
 def _sampled_probs(
     post: LaplacePosterior,
@@ -702,7 +693,7 @@ def sampled_logits(
             out = jax.lax.map(lambda d: post.logits_fn(post.theta + d, xb), deltas)
         return jnp.swapaxes(out, 0, 1)  # (b, s, C)
 
-    return jnp.swapaxes(_map_batches(batch_fn, x, batch_size), 0, 1)  # (s, N, C)
+    return jnp.swapaxes(map_batches(batch_fn, x, batch_size), 0, 1)  # (s, N, C)
 
 
 @partial(jax.jit, static_argnames=("batch_size",))
@@ -719,7 +710,7 @@ def _function_space_terms(
         jz = jax.lax.map(jvp_fn, z)  # (s, b, C)
         return logits, jnp.moveaxis(ju, 0, -1), jnp.swapaxes(jz, 0, 1)
 
-    return _map_batches(batch_fn, x, batch_size)
+    return map_batches(batch_fn, x, batch_size)
 
 
 @jax.jit
@@ -731,8 +722,7 @@ def _linearised_nll(
     a = jax.lax.rsqrt(eigvals + tau) - jax.lax.rsqrt(tau)  # (k,)
     logits = f[:, None] + jnp.einsum("nck,sk->nsc", ju, a * uz) + jz * jax.lax.rsqrt(tau)
     probs = jax.nn.softmax(logits, -1).mean(1)  # (N, C)
-    p = jnp.take_along_axis(probs, y[:, None], -1)[:, 0]
-    return -jnp.mean(jnp.log(jnp.clip(p, 1e-12)))
+    return M.nll(probs, y, xp=jnp)
 
 
 @partial(jax.jit, static_argnames=("batch_size",))
@@ -747,7 +737,7 @@ def _probit_probs(post: LaplacePosterior, x: jax.Array, batch_size: int) -> jax.
         var = cv.function_variance(post.curvature, post.prior_precision, jac)
         return jax.nn.softmax(logits * jax.lax.rsqrt(1.0 + math.pi / 8 * var), axis=-1)
 
-    return _map_batches(batch_fn, x, batch_size)
+    return map_batches(batch_fn, x, batch_size)
 
 
 @partial(jax.jit, static_argnames=("dense", "kind"))

@@ -32,6 +32,7 @@ from flax import serialization, struct
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
+from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods import schedules
 from bnn_bench.methods.base import Method, RunContext
@@ -277,9 +278,8 @@ class SGMCMC(Method):
             # posterior predictive (the BlackJAX tutorial's closing check).
             probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, data.test.x)))(last)
             y = data.test.y
-            p_true = jnp.take_along_axis(probs, y[None, :, None], axis=-1)[..., 0]
             info["test/last_sample_acc"] = float(jnp.mean(probs.argmax(-1) == y))
-            info["test/last_sample_nll"] = float(-jnp.mean(jnp.log(jnp.clip(p_true, 1e-12))))
+            info["test/last_sample_nll"] = float(M.nll(probs, y, xp=jnp))
         samples = None
         if carry.samples is not None:  # (M, chains, ...) -> (M * chains, ...)
             samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), carry.samples)
@@ -296,7 +296,7 @@ class SGMCMC(Method):
         params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
         carry = SamplerCarry(
             states=jax.vmap(self.kernel.init)(params),
-            summaries=plan.empty(model.spec.num_classes),
+            summaries=plan.empty(model.spec.num_classes, chains, kept),  # + ChainTrace
             samples=jax.tree.map(lambda p: jnp.zeros((kept, *p.shape), p.dtype), params)
             if self.save_samples
             else None,

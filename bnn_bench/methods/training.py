@@ -25,6 +25,7 @@ import optax
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
+from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.loop import chunked_loop, chunks_of
 from bnn_bench.models import Model, Params, State
@@ -220,8 +221,7 @@ class Trainer:
         @jax.jit
         def evaluate(ts, x, y):  # the members' mean prediction
             probs = jax.vmap(model.probs, in_axes=(0, 0, None))(ts.params, ts.state, x).mean(0)
-            p = jnp.take_along_axis(probs, y[:, None], axis=-1)[:, 0]
-            return -jnp.mean(jnp.log(jnp.clip(p, 1e-12))), jnp.mean(probs.argmax(-1) == y)
+            return M.nll(probs, y, xp=jnp), jnp.mean(probs.argmax(-1) == y)
 
         return self._loop(
             ctx or RunContext(),

@@ -6,8 +6,9 @@ consecutive slices and voter k takes one optimiser step on slice k, so every
 voter sees a disjoint 1/K of each batch. At prediction every voter sees every
 input and the members are the voters.
 
-"Risk" is capsa's spread of the voters' outputs: the variance over voters of
-each class probability, Var_k[p_k(y = c | x)] (``PredictiveSummary.variance``).
+The voters' spread (capsa calls it "risk"; bnn-bench keeps that word for selective
+risk) is the std over voters of each class probability, Std_k[p_k(y = c | x)]
+(``PredictiveSummary.std``), reported as ``member_std``.
 Keys: ``k_voters, k_batches = split(key)``; voter k trains from
 ``split(k_voters, K)[k]`` (initialisation and dropout, as ``Trainer.train``
 derives them) on batches drawn from ``k_batches``.
@@ -28,12 +29,13 @@ from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model
 
 
-def risk_metrics(summary: PredictiveSummary, prefix: str) -> dict[str, float]:
-    """Mean risk per class over the inputs, ``{prefix}risk_class_<c>``, and over classes
-    and inputs, ``{prefix}risk``. Risk is the (N, C) variance over voters of p(y = c | x)."""
-    risk = summary.variance().mean(0)  # (C,)
-    out = {f"{prefix}risk_class_{c}": float(r) for c, r in enumerate(risk)}
-    out[f"{prefix}risk"] = float(risk.mean())
+def member_std_metrics(summary: PredictiveSummary, prefix: str) -> dict[str, float]:
+    """The voters' spread: the (N, C) std over voters of p(y = c | x), averaged over the
+    inputs per class, ``{prefix}member_std_class_<c>``, and over classes and inputs,
+    ``{prefix}member_std``."""
+    spread = summary.std().mean(0)  # (C,)
+    out = {f"{prefix}member_std_class_{c}": float(v) for c, v in enumerate(spread)}
+    out[f"{prefix}member_std"] = float(spread.mean())
     return out
 
 
@@ -75,13 +77,14 @@ class Vote(StackedMethod):
     def report(
         self, key: jax.Array, posterior: StackedPosterior, sets: dict[str, Split], num_bins: int
     ) -> dict[str, float]:
-        """Per-class risk of every evaluation set (``test/risk_class_<c>``, ``test/risk``) and
+        """The voters' spread on every evaluation set (``test/member_std_class_<c>``,
+        ``test/member_std``) and
         each voter's own metrics (``test/member_<k>_{acc,nll,ece}``, ``test/member_mean_*``)."""
         out = super().report(key, posterior, sets, num_bins)
         for name, split in sets.items():
             probs = stacked_probs(posterior, split.x)  # (K, N, C), as ``predict`` folds them
             summary = PredictiveSummary.empty(*probs.shape[1:]).add(probs)
-            out |= risk_metrics(summary, f"{name}/")
+            out |= member_std_metrics(summary, f"{name}/")
         return out
 
     def describe(self, model: Model, data: Dataset) -> dict[str, float]:

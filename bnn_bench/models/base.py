@@ -8,6 +8,7 @@ holds, and no method can forget a step of preprocessing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,12 +74,7 @@ class Model:
 
     def logits(self, params: Params, state: State, x: jax.Array) -> jax.Array:
         """Evaluation-mode logits (N, C) for N inputs, ``batch_size`` at a time. Jittable."""
-        n = x.shape[0]
-        b = max(1, min(self.batch_size, n))
-        pad = (-n) % b
-        xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, b, *x.shape[1:])
-        out = jax.lax.map(lambda xi: self.apply(params, state, xi)[0], xb)  # (nb, b, C)
-        return out.reshape(-1, out.shape[-1])[:n]
+        return map_batches(lambda xb: self.apply(params, state, xb)[0], x, self.batch_size)
 
     def probs(self, params: Params, state: State, x: jax.Array) -> jax.Array:
         """Evaluation-mode class probabilities (N, C)."""
@@ -88,6 +84,20 @@ class Model:
     def has_batch_norm(self) -> bool:
         _, state = jax.eval_shape(self.init, jax.random.key(0))
         return "batch_stats" in state
+
+
+def map_batches(fn: Callable[[jax.Array], Any], x: jax.Array, batch_size: int) -> Any:
+    """``fn`` over x (N, ...) in batches of ``batch_size`` inputs (``lax.map``; the last
+    batch zero-padded), every output leaf (b, ...) joined to (N, ...). Jittable.
+
+    The one batched forward pass: ``Model.logits`` and Laplace's predictives use it.
+    """
+    n = x.shape[0]
+    b = max(1, min(batch_size, n))
+    pad = (-n) % b
+    xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, b, *x.shape[1:])
+    out = jax.lax.map(fn, xb)  # leaves (nb, b, ...)
+    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:n], out)
 
 
 def num_params(params: Params) -> int:

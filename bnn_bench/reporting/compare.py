@@ -13,6 +13,12 @@ Outputs, in ``--out`` (default ``<first DIR>/comparison``):
   acc_vs_ece.png, nll.png, reliability.png   comparison plots with error bars
 
 The std is the sample standard deviation (ddof = 1); empty for a single run.
+
+``--reference RUN`` scores every run's posterior predictive (``predictive/``)
+against that finished run's (e.g. full-batch HMC) without re-running anything:
+``<set>/agreement`` and ``<set>/total_variation`` for every labelled set the two
+share (``bnn_bench.evaluation.fidelity``); they replace any such columns the
+runs' own metrics.json hold, and the printed table shows the test set's.
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bnn_bench.errors import UserError
+from bnn_bench.evaluation import fidelity
 from bnn_bench.reporting.loggers import NOT_IDENTITY, override_key, read_overrides
 
 # The columns of the printed table unless --metrics says otherwise.
 DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/brier", "cost/grad_evals", "time/fit")
 AGGREGATED = ("seed",)  # varied to measure spread, not to compare
+FIDELITY_METRICS = ("test/agreement", "test/total_variation")  # shown with --reference
 
 
 @dataclass
@@ -92,6 +101,20 @@ def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
                     overrides[key] = o.split("=", 1)[1] if "=" in o else ""
             runs.append(Run(path.parent, overrides, metrics, curves))
     return runs
+
+
+def add_fidelity(runs: Sequence[Run], reference: str | Path) -> None:
+    """Adds ``<set>/agreement`` and ``<set>/total_variation`` against the finished run
+    ``reference`` to every run's metrics, from the runs' ``predictive/`` files.
+
+    Raises:
+      UserError: when a run or the reference lacks its predictive, or their data differ.
+    """
+    ref_prints, ref_probs = fidelity.read_predictive(reference, f"--reference {reference}")
+    for r in runs:
+        prints, probs = fidelity.read_predictive(r.path, f"run {r.path}")
+        sets = fidelity.shared_sets(prints, ref_prints, f"run {r.path} against --reference")
+        r.metrics.update(fidelity.fidelity_metrics(probs, ref_probs, sets))
 
 
 def group_runs(
@@ -262,14 +285,22 @@ def compare(
     metrics: Sequence[str] = DEFAULT_METRICS,
     by: Sequence[str] | None = None,
     plots: bool = True,
+    reference: str | Path | None = None,
 ) -> tuple[str, Path]:
-    """Compares the runs below ``dirs``; returns the Markdown table and the output folder."""
+    """Compares the runs below ``dirs``; returns the Markdown table and the output folder.
+
+    ``reference``: a finished run's folder; adds agreement and total variation against
+    its predictive (see ``add_fidelity``).
+    """
     runs = find_runs(dirs)
     if not runs:
         raise FileNotFoundError(
             f"no metrics.json below {', '.join(map(str, dirs))}; "
             f"only finished runs can be compared."
         )
+    if reference is not None:
+        add_fidelity(runs, reference)
+        metrics = [*metrics, *FIDELITY_METRICS]
     out = Path(out) if out is not None else Path(dirs[0]) / "comparison"
     out.mkdir(parents=True, exist_ok=True)
     keys, groups = group_runs(runs, by)
@@ -278,6 +309,7 @@ def compare(
     header = (
         f"{len(runs)} runs in {len(groups)} groups"
         f"{' by ' + ', '.join(keys) if keys else ''}; mean ± std (ddof=1) over seeds."
+        + (f" Agreement and total variation against {reference}." if reference else "")
     )
     (out / "comparison.md").write_text(header + "\n\n" + table + "\n")
     write_csv(out / "comparison.csv", keys, groups, pick_metrics(runs, ["*"]))
@@ -291,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="bnn-bench-compare",
         description="Compare finished bnn-bench runs: mean ± std over seeds per group of "
         "differing overrides, as a table (Markdown, CSV) and plots.",
-        epilog="example: bnn-bench-compare outputs/multirun/2026-11-23/10-00-00",
+        epilog="example: bnn-bench-compare outputs/multirun/2026-11-23/10-00-00 "
+        "--reference outputs/2026-11-22/09-00-00",
     )
     parser.add_argument("dirs", nargs="+", help="run or sweep folders (searched recursively)")
     parser.add_argument("--out", help="output folder (default: <first DIR>/comparison)")
@@ -306,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated override keys to group by "
         "(default: every override that differs, except seed)",
     )
+    parser.add_argument(
+        "--reference",
+        help="a finished run folder (e.g. method=hmc): add <set>/agreement and "
+        "<set>/total_variation of every run's predictive against its predictive",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
     args = parser.parse_args(argv)
     try:
@@ -315,8 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.metrics.split(","),
             args.by.split(",") if args.by else None,
             not args.no_plots,
+            args.reference,
         )
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UserError) as e:
         print(f"bnn-bench-compare: error: {e}", file=sys.stderr)
         return 2
     print(table)

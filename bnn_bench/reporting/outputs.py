@@ -1,4 +1,4 @@
-"""Run-folder files. ``metrics.json`` is written last and atomically."""
+"""Run-folder files. Every file is written atomically; ``metrics.json`` last."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
 
 
 def _clean(value: Any) -> Any:
@@ -37,6 +41,39 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Writes ``array`` to ``path`` (``.npy``) via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def config_choice(out_dir: Path, group: str, node: Mapping) -> str:
+    """The name of the config choice of ``group`` (e.g. ``mobilenet`` for ``model=mobilenet``).
+
+    Read from the choices Hydra saves in ``out_dir/.hydra/hydra.yaml`` when the run was
+    launched by Hydra; else (``run`` called directly) the module of the node's
+    ``_target_`` (``bnn_bench.models.mobilenet.MobileNetV1`` -> ``mobilenet``), which is
+    the name of every shipped choice.
+    """
+    path = Path(out_dir) / ".hydra" / "hydra.yaml"
+    if path.is_file():
+        choice = OmegaConf.select(OmegaConf.load(path), f"hydra.runtime.choices.{group}")
+        if choice:
+            return str(choice)
+    parts = str(node.get("_target_", "")).split(".")
+    return parts[-2] if len(parts) > 1 else parts[0]
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, float], curves: dict) -> Path:

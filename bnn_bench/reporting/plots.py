@@ -2,7 +2,8 @@
 
 ``write_all`` draws every plot a run can have from its summaries, evaluation sets
 and metrics. Plots that need several members (box plots of the members'
-probabilities, agreement, risk error bars) are skipped with a log note when S = 1.
+probabilities, agreement, member-std error bars) are skipped with a log note when
+S = 1. "Risk" here means selective risk only (the risk-coverage curve).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -241,20 +243,26 @@ def accuracy_over_certainty(path: Path, curve: dict, title: str) -> Path:
     return _save(fig, path)
 
 
-def risk_extremes(
+def member_std_extremes(
     path: Path,
     images: np.ndarray,
     mean: np.ndarray,
     std: np.ndarray,
     labels,
-    risk: np.ndarray,
+    summed_std: np.ndarray,
     n_low: int,
     class_names,
     title: str,
 ) -> Path:
-    """Mean class probabilities with ±1 std over members (the "risk" error bars of
-    capsa's vote wrapper) for the lowest-risk (top row) and highest-risk (bottom row)
-    test images."""
+    """Mean class probabilities with ±1 std over members (the error bars of capsa's vote
+    wrapper) for the test images whose summed member std Σ_c std_s[p_s(c | x)] is lowest
+    (top row) and highest (bottom row).
+
+    Args:
+      images: (n, H, W, C) uint8; the first ``n_low`` are the lowest.
+      mean, std: (n, C) mean and std over members of each class probability.
+      summed_std: (n,) std summed over classes.
+    """
     n = len(images)
     fig, axes = plt.subplots(
         2,
@@ -267,7 +275,7 @@ def risk_extremes(
         row, col = divmod(i, n // 2)
         _show(axes[row, 2 * col], images[i])
         kind = "lowest" if i < n_low else "highest"
-        axes[row, 2 * col].set_title(f"{kind} risk\n{risk[i]:.3g}", fontsize=8)
+        axes[row, 2 * col].set_title(f"{kind} Σ std\n{summed_std[i]:.3g}", fontsize=8)
         ax = axes[row, 2 * col + 1]
         colors = ["tab:green" if c == labels[i] else "tab:gray" for c in range(mean.shape[1])]
         ax.bar(
@@ -284,6 +292,30 @@ def risk_extremes(
         if col == 0:
             ax.set_ylabel("probability ± std")
     return _save(fig, path, title)
+
+
+def traces(path: Path, draws: np.ndarray, rhat: float, ess: float, title: str) -> Path:
+    """Per-chain traces of the test log-likelihood of each accepted sample.
+
+    Args:
+      draws: (chains, S, Q) per-sample quantities; quantity 0 is the test log-likelihood.
+      rhat, ess: the run's ``test/rhat`` and ``test/ess`` (NaN: not defined), for the legend.
+    """
+    chains, s = draws.shape[:2]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for c in range(chains):
+        ax.plot(np.arange(1, s + 1), draws[c, :, 0], lw=1, label=f"chain {c}")
+    ax.set_xlabel("accepted sample of each chain")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("test log-likelihood (nats per input)")
+    rhat_text = "n/a (one chain)" if np.isnan(rhat) else f"{rhat:.3f}"
+    ax.set_title(
+        f"{title}\nmax split-R̂ {rhat_text}, min ESS {ess:.1f} (over all tracked quantities)",
+        fontsize=9,
+    )
+    if chains <= 10:
+        ax.legend(fontsize=7, ncol=min(chains, 5))
+    return _save(fig, path)
 
 
 def shift_curves(path: Path, shift: dict, title: str) -> Path:
@@ -425,25 +457,34 @@ def write_all(
             f"{head}\nhard-vote accuracy over member agreement (certainty)",
         )
         std = np.sqrt(np.asarray(test.variance(), np.float64))
-        risk = std.sum(-1)  # summed over classes
-        order = np.argsort(risk, kind="stable")
+        summed_std = std.sum(-1)
+        order = np.argsort(summed_std, kind="stable")
         pick = np.r_[order[:num_extremes], order[-num_extremes:]]
-        out["risk_extremes"] = risk_extremes(
-            folder / "risk_extremes.png",
+        out["member_std_extremes"] = member_std_extremes(
+            folder / "member_std_extremes.png",
             np.asarray(split.x[pick]),
             mean[pick],
             std[pick],
             y[pick],
-            risk[pick],
+            summed_std[pick],
             num_extremes,
             names,
-            f"{head}: lowest (top) and highest (bottom) risk = sum over classes of the "
-            "members' std",
+            f"{head}: lowest (top) and highest (bottom) summed member std "
+            "(sum over classes of the members' std)",
         )
     else:
         log.info(
             "plots: S = 1, so member box plots, accuracy over member agreement and "
-            "risk error bars are skipped (they need several members)"
+            "member-std error bars are skipped (they need several members)"
+        )
+    trace = test.trace.draws() if test.trace is not None else None  # a sampler's chains
+    if trace is not None and trace.shape[1] > 0:
+        out["traces"] = traces(
+            folder / "traces.png",
+            trace,
+            metrics.get("test/rhat", float("nan")),
+            metrics.get("test/ess", float("nan")),
+            f"{title}: per-chain traces of the test log-likelihood",
         )
 
     if "shift" in curves:

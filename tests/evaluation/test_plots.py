@@ -15,7 +15,7 @@ from bnn_bench.data.synthetic import load as synthetic
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.reporting import plots
 
-MEMBER_PLOTS = {"member_boxplots", "accuracy_over_certainty", "risk_extremes"}
+MEMBER_PLOTS = {"member_boxplots", "accuracy_over_certainty", "member_std_extremes"}
 ALWAYS = {
     "reliability",
     "accuracy_vs_threshold",
@@ -39,8 +39,15 @@ def _fake_run(members: int):
             jnp.asarray(p, jnp.float32)
         )
 
+    test = summary(probs)
+    if members > 1:  # as a sampler folds them: 2 chains, one sample of each per add
+        test = PredictiveSummary.empty(
+            64, 10, range(5), 50, labels=y, chains=2, samples=members // 2
+        )
+        for i in range(0, members, 2):
+            test = test.add(jnp.asarray(probs[i : i + 2], jnp.float32))
     summaries = {
-        "test": summary(probs),
+        "test": test,
         "ood": summary(probs[:, ::-1] * 0 + 0.1),
         "shift/rotate/90": summary(probs[:, ::-1]),
     }
@@ -56,7 +63,8 @@ def test_write_all_draws_each_plot(members, tmp_path, caplog):
         out = plots.write_all(
             tmp_path, "Fake · mlp · synthetic", summaries, sets, metrics, curves, data.spec
         )
-    expected = ALWAYS | (MEMBER_PLOTS if members > 1 else set())
+    expected = ALWAYS | (MEMBER_PLOTS | {"traces"} if members > 1 else set())
+    assert ("test/rhat" in metrics and "test/ess" in metrics) == (members > 1)
     assert set(out) == expected
     for path in out.values():
         image = mpimg.imread(path)

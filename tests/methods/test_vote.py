@@ -1,4 +1,5 @@
-"""capsa's vote: vmapped voters equal voters trained alone on their slices; batch check; risk."""
+"""capsa's vote: vmapped voters equal voters trained alone on their slices; batch check;
+the voters' std."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from bnn_bench.config import build
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import PredictiveSummary
 from bnn_bench.methods.training import TrainState, epoch_batches, make_chunk_runner
-from bnn_bench.methods.vote import risk_metrics
+from bnn_bench.methods.vote import member_std_metrics
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
@@ -63,20 +64,20 @@ def test_batch_size_must_be_a_multiple_of_voters(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_risk_is_the_mean_variance_over_voters():
+def test_member_std_is_the_mean_std_over_voters():
     probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (5, 40, 3)))  # (S, N, C)
     summary = PredictiveSummary.empty(40, 3).add(probs[:2]).add(probs[2:])
-    risk = risk_metrics(summary, "test/")
-    dense = np.var(np.asarray(probs, np.float64), axis=0).mean(axis=0)  # (C,)
+    spread = member_std_metrics(summary, "test/")
+    dense = np.std(np.asarray(probs, np.float64), axis=0).mean(axis=0)  # (C,)
     for c in range(3):
-        np.testing.assert_allclose(risk[f"test/risk_class_{c}"], dense[c], rtol=1e-4)
-    np.testing.assert_allclose(risk["test/risk"], dense.mean(), rtol=1e-4)
+        np.testing.assert_allclose(spread[f"test/member_std_class_{c}"], dense[c], rtol=1e-4)
+    np.testing.assert_allclose(spread["test/member_std"], dense.mean(), rtol=1e-4)
 
 
-def test_run_reports_risk_per_class(tmp_path):
+def test_run_reports_member_std_per_class(tmp_path):
     metrics = run(compose_cfg(*SMALL), tmp_path)
     assert metrics["test/members"] == 4.0
-    risks = [metrics[f"test/risk_class_{c}"] for c in range(10)]
-    assert all(r >= 0 for r in risks) and max(risks) > 0
+    spreads = [metrics[f"test/member_std_class_{c}"] for c in range(10)]
+    assert all(v >= 0 for v in spreads) and max(spreads) > 0
     assert metrics["test/acc"] > 0.3
     assert {f"test/member_{k}_nll" for k in range(4)} <= set(metrics)

@@ -1,9 +1,11 @@
-"""bnn-bench-compare on run folders made by tiny real runs (one multirun of 4 jobs)."""
+"""bnn-bench-compare on run folders made by tiny real runs (one multirun of 4 jobs), with
+and without --reference."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -100,3 +102,57 @@ def test_single_runs_in_several_folders_group_by_what_differs(sweep, tmp_path):
     rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
     assert [r["runs"] for r in rows] == ["1", "1"] and rows[0]["test/acc/std"] == ""
     assert "2 runs in 2 groups by seed" in table
+
+
+def test_reference_adds_agreement_and_total_variation_of_each_run(sweep, tmp_path):
+    ref = sweep / "0"  # trainer.epochs=1, seed=0
+    ref_test = np.load(ref / "predictive" / "test.npy")
+    table, out = compare([sweep], out=tmp_path / "ref", plots=False, reference=ref)
+    by_epochs: dict[str, list] = {}
+    for m in sorted(sweep.glob("*/metrics.json")):
+        overrides = yaml.safe_load((m.parent / ".hydra" / "overrides.yaml").read_text())
+        epochs = next(o.split("=")[1] for o in overrides if o.startswith("trainer.epochs="))
+        p = np.load(m.parent / "predictive" / "test.npy")
+        agree = np.mean(p.argmax(-1) == ref_test.argmax(-1))
+        tv = np.mean(0.5 * np.abs(p.astype(np.float64) - ref_test).sum(-1))
+        by_epochs.setdefault(epochs, []).append((agree, tv))
+    rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
+    for row in rows:
+        agree, tv = np.array(by_epochs[row["trainer.epochs"]]).T
+        assert float(row["test/agreement/mean"]) == pytest.approx(agree.mean(), rel=1e-12)
+        assert float(row["test/total_variation/mean"]) == pytest.approx(tv.mean(), rel=1e-12)
+        assert float(row["val/total_variation/mean"]) > 0
+    # rows[0] (epochs=1) holds the reference itself; rows[1] (epochs=2) differs from it
+    assert 0 < float(rows[1]["test/total_variation/mean"]) < 1
+    assert "test/agreement | test/total_variation |" in table.splitlines()[2]
+
+
+def test_reference_on_the_command_line_itself_and_other_data(sweep, tmp_path):
+    cmd = [sys.executable, "-m", "bnn_bench.reporting.compare"]
+    run0 = sweep / "0"
+    proc = subprocess.run(
+        [*cmd, str(run0), "--reference", str(run0), "--out", str(tmp_path / "c"), "--no-plots"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = csv.DictReader((tmp_path / "c" / "comparison.csv").read_text().splitlines())
+    assert float(row["test/agreement/mean"]) == 1.0
+    assert float(row["test/total_variation/mean"]) == 0.0
+
+    # a reference whose test labels differ (another subset or split) is refused
+    other = tmp_path / "other"
+    shutil.copytree(run0, other)
+    prints_path = other / "predictive" / "fingerprints.json"
+    prints = json.loads(prints_path.read_text())
+    prints["sets"]["test"]["labels_sha256"] = "0" * 64
+    prints_path.write_text(json.dumps(prints))
+    proc = subprocess.run(
+        [*cmd, str(run0), "--reference", str(other), "--no-plots", "--out", str(tmp_path / "d")],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "evaluation set test differs" in proc.stderr and "different labels" in proc.stderr

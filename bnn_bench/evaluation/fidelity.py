@@ -1,0 +1,222 @@
+"""Fidelity to a reference run: agreement and total variation (Izmailov et al. 2021).
+
+Every run keeps its posterior predictive: ``predictive/<set>.npy`` (N, C) float32
+per labelled evaluation set, and ``predictive/fingerprints.json``, which holds a
+fingerprint (SHA-256 of the labels and of the inputs, with their sizes) of every
+such set and of the training split. ``eval.reference=<run folder>`` (or
+``bnn-bench-compare --reference``) scores a run's predictive against the
+reference's on the sets both runs have: ``<set>/agreement`` (share of inputs whose
+top-1 class matches) and ``<set>/total_variation`` (mean ½ Σ_c |p − p_ref|).
+
+A reference only means something on the same inputs and for a posterior of the
+same training data, so the fingerprints must match; a mismatch stops the run
+before ``fit`` with a message that names the difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bnn_bench.data import Dataset, Split
+from bnn_bench.errors import UserError
+from bnn_bench.evaluation import metrics as M
+from bnn_bench.evaluation.summary import PredictiveSummary
+from bnn_bench.reporting.outputs import write_json_atomic, write_npy_atomic
+
+FOLDER = "predictive"
+FINGERPRINTS = "fingerprints.json"
+
+
+def set_filename(name: str) -> str:
+    """A file name for an evaluation set: ``shift/rotate/15`` -> ``shift-rotate-15.npy``."""
+    return name.replace("/", "-") + ".npy"
+
+
+def _sha256(a: np.ndarray) -> str:
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(split: Split) -> dict:
+    """What identifies a set: its size, image shape and the SHA-256 of its inputs and labels."""
+    x, y = np.asarray(split.x), np.asarray(split.y)
+    return {
+        "num_inputs": int(x.shape[0]),
+        "input_shape": list(x.shape[1:]),
+        "inputs_sha256": _sha256(x),
+        "labels_sha256": _sha256(y),
+    }
+
+
+def fingerprints(data: Dataset, sets: dict[str, Split]) -> dict:
+    """The fingerprints of a run: the training split and every labelled evaluation set
+    (all but ``ood``), each with the file its predictive goes to."""
+    return {
+        "dataset": data.spec.name,
+        "num_classes": int(data.spec.num_classes),
+        "train": fingerprint(data.train),
+        "sets": {
+            name: {**fingerprint(split), "file": set_filename(name)}
+            for name, split in sets.items()
+            if name != "ood"
+        },
+    }
+
+
+def write_predictive(
+    out_dir: str | Path, summaries: dict[str, PredictiveSummary], prints: dict
+) -> Path:
+    """Writes ``predictive/<set>.npy`` (N, C) float32, the posterior-predictive mean of each
+    fingerprinted set, then ``predictive/fingerprints.json``; each file atomically.
+
+    Returns:
+      The ``predictive`` folder.
+    """
+    folder = Path(out_dir) / FOLDER
+    for name, fp in prints["sets"].items():
+        write_npy_atomic(folder / fp["file"], np.asarray(summaries[name].mean(), np.float32))
+    write_json_atomic(folder / FINGERPRINTS, prints)
+    return folder
+
+
+def read_predictive(run_dir: str | Path, what: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The fingerprints and the predictive (N, C) of every set of a finished run.
+
+    Args:
+      run_dir: the run folder.
+      what: how the folder was given, for messages (e.g. ``eval.reference=<dir>``).
+
+    Raises:
+      UserError: when the folder, its fingerprints or a predictive file is missing.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / FOLDER / FINGERPRINTS
+    if not run_dir.is_dir():
+        raise UserError(f"{what}: no such run folder. Give the folder of a finished run.")
+    if not (run_dir / "metrics.json").is_file():
+        raise UserError(
+            f"{what}: {run_dir} holds no metrics.json; the run has not finished. Give the "
+            f"folder of a finished run."
+        )
+    if not path.is_file():
+        raise UserError(
+            f"{what}: {path} is missing, so the run's predictive is unknown (runs older "
+            f"than predictive/ do not have it). Rerun the reference with this version."
+        )
+    prints = json.loads(path.read_text())
+    probs = {}
+    for name, fp in prints["sets"].items():
+        file = run_dir / FOLDER / fp["file"]
+        if not file.is_file():
+            raise UserError(f"{what}: {file} (the predictive of set {name}) is missing.")
+        probs[name] = np.load(file)
+        if probs[name].shape != (fp["num_inputs"], prints["num_classes"]):
+            raise UserError(
+                f"{what}: {file} has shape {probs[name].shape}, but its fingerprint says "
+                f"{fp['num_inputs']} inputs of {prints['num_classes']} classes."
+            )
+    return prints, probs
+
+
+def _difference(mine: dict, ref: dict) -> str | None:
+    """How two fingerprints differ, in words, or None if they match."""
+    if mine["input_shape"] != ref["input_shape"]:
+        return f"images of shape {mine['input_shape']} against {ref['input_shape']}"
+    if mine["num_inputs"] != ref["num_inputs"]:
+        return f"{mine['num_inputs']} inputs against {ref['num_inputs']}"
+    parts = [p for p in ("inputs", "labels") if mine[f"{p}_sha256"] != ref[f"{p}_sha256"]]
+    if parts:
+        return f"as many inputs ({mine['num_inputs']}), but different {' and '.join(parts)}"
+    return None
+
+
+def shared_sets(prints: dict, ref: dict, what: str) -> list[str]:
+    """The labelled sets two runs share, after checking that they are comparable.
+
+    Args:
+      prints: this run's fingerprints; ref: the reference's.
+      what: how the reference was given, for messages.
+
+    Raises:
+      UserError: naming the difference when the runs differ in their classes, their
+        training split or any shared set, or share no set.
+    """
+    where = f"this run ({prints['dataset']}) and the reference ({ref['dataset']})"
+    fix = (
+        "Score a run only against a reference with the same dataset config (the dataset, "
+        "its subset sizes and its validation split), or drop the reference."
+    )
+    if prints["num_classes"] != ref["num_classes"]:
+        raise UserError(
+            f"{what}: {where} have {prints['num_classes']} and {ref['num_classes']} classes. " + fix
+        )
+    diff = _difference(prints["train"], ref["train"])
+    if diff is not None:
+        raise UserError(
+            f"{what}: the training split differs between {where}: {diff} "
+            f"(another dataset, subset or split). {fix}"
+        )
+    shared = [name for name in prints["sets"] if name in ref["sets"]]
+    for name in shared:
+        diff = _difference(prints["sets"][name], ref["sets"][name])
+        if diff is not None:
+            raise UserError(
+                f"{what}: the evaluation set {name} differs between {where}: {diff} (another "
+                f"dataset, subset or split). {fix}"
+            )
+    if not shared:
+        raise UserError(
+            f"{what}: {where} share no labelled evaluation set (this run: "
+            f"{', '.join(prints['sets'])}; the reference: {', '.join(ref['sets'])})."
+        )
+    return shared
+
+
+def fidelity_metrics(
+    probs: dict[str, np.ndarray], reference: dict[str, np.ndarray], sets: list[str]
+) -> dict[str, float]:
+    """``<set>/agreement`` and ``<set>/total_variation`` of ``probs`` against ``reference``
+    (set name -> (N, C) predictive) for each of ``sets``."""
+    out = {}
+    for name in sets:
+        out[f"{name}/agreement"] = M.agreement(probs[name], reference[name])
+        out[f"{name}/total_variation"] = M.total_variation(probs[name], reference[name])
+    return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A finished run's predictive to score this run against (``eval.reference``).
+
+    Attributes:
+      sets: the labelled sets both runs share (checked to be the same data).
+      probs: set name -> (N, C) float32 predictive of the reference.
+    """
+
+    sets: list[str]
+    probs: dict[str, np.ndarray]
+
+    @classmethod
+    def load(cls, run_dir: str | Path | None, prints: dict) -> Reference | None:
+        """Reads and checks the reference against this run's fingerprints; None if no
+        reference is set.
+
+        Raises:
+          UserError: when the reference is missing or its data differ (see ``shared_sets``).
+        """
+        if run_dir is None:
+            return None
+        what = f"eval.reference={run_dir}"
+        ref_prints, probs = read_predictive(run_dir, what)
+        return cls(shared_sets(prints, ref_prints, what), probs)
+
+    def metrics(self, summaries: dict[str, PredictiveSummary]) -> dict[str, float]:
+        """Agreement and total variation of this run's predictive on every shared set."""
+        mine = {name: np.asarray(summaries[name].mean(), np.float32) for name in self.sets}
+        return fidelity_metrics(mine, self.probs, self.sets)
