@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -181,8 +182,9 @@ def test_a_new_job_in_an_old_run_folder_starts_clean(tmp_path):
 
     metrics = run(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path)
 
-    for name in ("plots/old_plot.png", "predictive/test.npy", "samples.msgpack", "error.txt"):
+    for name in ("plots/old_plot.png", "samples.msgpack", "error.txt"):
         assert not (tmp_path / name).exists(), name
+    assert np.load(tmp_path / "predictive/test.npy").shape == (256, 10)  # this job's
     assert not (tmp_path / "checkpoint/resume/sgmcmc-0").exists()
     assert (tmp_path / "checkpoint/map.msgpack").read_bytes() != b"another job's network"
     assert "stale" not in (tmp_path / "history.jsonl").read_text()

@@ -46,7 +46,10 @@ IMPOSSIBLE = {
     "sgmcmc": "SG-MCMC needs a model without batch norm",
     "mcbn": "method=mcbn needs a model with BatchNorm",
     "sgmcmc-synthetic": "method.accepted_samples=100 exceeds the 45 steps after burn-in",
+    # dropout_rate defaults to 0 on mlp, cnn and lenet; mobilenet has none
+    "mc_dropout": "method=mc_dropout needs a model with dropout",
 }
+DROPOUT_MODELS = {"convmod"}
 TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}
 
 
@@ -70,6 +73,7 @@ def test_every_dataset_model_method_combination_plans_or_says_why_not(
         IMPOSSIBLE["sgmcmc"] if sgmcmc and bn
         else IMPOSSIBLE["sgmcmc-synthetic"] if sgmcmc and dataset == "synthetic"
         else IMPOSSIBLE["mcbn"] if method == "mcbn" and not bn
+        else IMPOSSIBLE["mc_dropout"] if method == "mc_dropout" and model not in DROPOUT_MODELS
         else None
     )  # fmt: skip
     if why is not None:

@@ -29,7 +29,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax import diagnostics as bd
 
 from bnn_bench.evaluation import metrics as M
 
@@ -52,6 +51,8 @@ def split_rhat(x) -> np.ndarray:
       chains sit in different places or drift.
     """
     x = np.asarray(x, np.float64)
+    from blackjax import diagnostics as bd  # importing blackjax starts JAX's backend
+
     return np.asarray(bd.potential_scale_reduction(split_chains(x), chain_axis=0, sample_axis=1))
 
 
@@ -65,6 +66,8 @@ def effective_sample_size(x) -> np.ndarray:
       () or (Q,) ESS: chains·S for independent draws, less when they are correlated.
     """
     x = np.asarray(x, np.float64)
+    from blackjax import diagnostics as bd
+
     return np.asarray(bd.effective_sample_size(x, chain_axis=0, sample_axis=1))
 
 

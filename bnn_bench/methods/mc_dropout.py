@@ -143,16 +143,24 @@ class MCDropout(Method):
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> PointPosterior:
         ctx = ctx or RunContext()
-        if not any(r > 0 for r in dropout_rates(model)):
-            raise UserError(
-                f"method=mc_dropout needs a model with dropout, and model "
-                f"{model.name or type(model.module).__name__} has none (or rate 0). Set "
-                f"model.dropout_rate, e.g. model.dropout_rate=0.2 (mlp, cnn, lenet), "
-                f"or use model=convmod."
-            )
+        _check_dropout(model)
         params, state = map_point(key, model, data, self.trainer, self.init_from, ctx)
         ctx.count(samples=self.num_samples)
         return PointPosterior(model=model, params=params, state=state)
+
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps and gradient evaluations of the MAP network (0 with ``init_from``),
+        members, batch, networks. For ``dry_run``: counts the work of ``fit`` without
+        doing it and raises what ``fit`` would refuse."""
+        _check_dropout(model)
+        steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
+        return {
+            "steps": steps,
+            "grad_evals": steps,
+            "members": self.num_samples,
+            "batch_size": self.trainer.batch_size,
+            "networks": 1,
+        }
 
     def members(
         self, key: jax.Array, posterior: PointPosterior, x: jax.Array
@@ -176,3 +184,14 @@ class MCDropout(Method):
         ``map/<set>/{acc,nll,ece,brier}``."""
         del key
         return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
+
+
+def _check_dropout(model: Model) -> None:
+    """Refuses a model without dropout (or with rate 0): its members would all agree."""
+    if not any(r > 0 for r in dropout_rates(model)):
+        raise UserError(
+            f"method=mc_dropout needs a model with dropout, and model "
+            f"{model.name or type(model.module).__name__} has none (or rate 0). Set "
+            f"model.dropout_rate, e.g. model.dropout_rate=0.2 (mlp, cnn, lenet), "
+            f"or use model=convmod."
+        )

@@ -527,6 +527,21 @@ class SWAG(Method):
         for start in range(0, thetas.shape[0], _CHUNK):
             yield _member_probs(posterior, thetas[start : start + _CHUNK], x)
 
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Steps and gradient evaluations of the MAP network (0 with ``init_from``) and
+        the SGD phase, members, batch, networks. For ``dry_run``: counts the work of
+        ``fit`` without doing it and raises what ``fit`` would refuse."""
+        n = data.train.size
+        self._check(model, n)
+        steps = (0 if self.init_from else self.trainer.num_steps(n)) + self.sgd.num_steps(n)
+        return {
+            "steps": steps,
+            "grad_evals": steps,
+            "members": self.covariance.size,
+            "batch_size": self.sgd.batch_size,
+            "networks": 1,
+        }
+
     def save(self, out_dir: Path, posterior: SWAGPosterior) -> Path:
         """Writes the MAP network, so a later run can reuse it with ``init_from``."""
         return save_point(out_dir, posterior.params, posterior.state)

@@ -20,7 +20,7 @@ from bnn_bench.evaluation import diagnostics as D
 from bnn_bench.models import build_model
 from bnn_bench.reporting import plots
 from bnn_bench.run import run
-from tests.conftest import TINY, compose_cfg
+from tests.conftest import compose_cfg, tiny
 
 
 def ar1(chains: int, samples: int, rho: float, q: int = 3, seed: int = 0) -> np.ndarray:
@@ -142,7 +142,7 @@ SGLD = [
 
 
 def test_sgld_run_reports_rhat_ess_and_traces_of_its_chains(tmp_path):
-    cfg = compose_cfg(*TINY, *SGLD, "method.num_chains=3", "method.save_samples=true")
+    cfg = compose_cfg(*tiny("sgld"), *SGLD, "method.num_chains=3", "method.save_samples=true")
     metrics = run(cfg, tmp_path)
     assert (tmp_path / "plots" / "traces.png").is_file()
     # recompute the tracked quantities from the saved samples, outside the sampler loop
@@ -164,6 +164,6 @@ def test_sgld_run_reports_rhat_ess_and_traces_of_its_chains(tmp_path):
 
 
 def test_one_chain_run_has_ess_and_null_rhat(tmp_path):
-    run(compose_cfg(*TINY, *SGLD, "method.num_chains=1", "eval.plots=false"), tmp_path)
+    run(compose_cfg(*tiny("sgld"), *SGLD, "method.num_chains=1", "eval.plots=false"), tmp_path)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["test/rhat"] is None and saved["test/ess"] > 0
