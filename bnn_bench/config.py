@@ -139,54 +139,71 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _fits_atom(value: Any, hint: Any, path: str) -> str | None:  # noqa: C901 - one case a type
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    bad = f"{path}: expected {_describe(hint)}, got {_show(value)}"
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _scalar_test(hint: Any) -> Any:
+    """The test a value must pass for a scalar annotation, or None if ``hint`` is not
+    one. Arrays accept a list too (but a plain float does not)."""
+    name = getattr(hint, "__name__", "")
     if hint is Any or isinstance(hint, typing.TypeVar | typing.ForwardRef | str):
-        return None
+        return lambda v: True
     if hint is type(None):
-        return None if value is None else bad
+        return lambda v: v is None
     if hint is bool or hint is np.bool_:
-        return None if isinstance(value, bool) else bad
+        return lambda v: isinstance(v, bool)
     if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else bad
-    if hint in _NUMERIC or getattr(hint, "__name__", "") in _ARRAY_NAMES:
-        if is_number or (isinstance(value, ListConfig) and hint is not float):
-            return None
+        return _is_int
+    if hint in _NUMERIC or name in _ARRAY_NAMES:
+        return lambda v: _is_number(v) or (isinstance(v, ListConfig) and hint is not float)
+    if hint is str or hint is os.PathLike or name in ("Path", "PurePath"):
+        return lambda v: isinstance(v, str)
+    if typing.get_origin(hint) is Literal:
+        return lambda v: v in typing.get_args(hint)
+    return None
+
+
+def _fits_sequence(value: Any, hint: Any, path: str, bad: str) -> str | None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if not isinstance(value, ListConfig | list | tuple):
         return bad
-    if hint is str or hint is os.PathLike or getattr(hint, "__name__", "") in ("Path", "PurePath"):
-        return None if isinstance(value, str) else bad
-    if origin is Literal:
-        return None if value in args else bad
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            return f"{path}: expected a list of {len(args)} values, got {_show(value)}"
+        items = list(zip(args, value, strict=True))
+    else:
+        items = [(args[0] if args else Any, v) for v in value]
+    return next((w for i, (h, v) in enumerate(items) if (w := _fits(v, h, f"{path}[{i}]"))), None)
+
+
+def _fits_mapping(value: Any, hint: Any, path: str, bad: str) -> str | None:
+    if not isinstance(value, DictConfig | dict):
+        return bad
+    args = typing.get_args(hint)
+    if len(args) != 2:
+        return None
+    return next((w for k in value if (w := _fits(value[k], args[1], f"{path}.{k}"))), None)
+
+
+_MAPPINGS = (dict, cabc.Mapping, cabc.MutableMapping)
+
+
+def _fits_atom(value: Any, hint: Any, path: str) -> str | None:
+    """None if ``value`` fits the single (non-Union) annotation ``hint``; else why not."""
+    origin = typing.get_origin(hint)
+    bad = f"{path}: expected {_describe(hint)}, got {_show(value)}"
+    test = _scalar_test(hint)
+    if test is not None:
+        return None if test(value) else bad
     if hint in _SEQUENCES or origin in _SEQUENCES:
-        if not isinstance(value, ListConfig | list | tuple):
-            return bad
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                return f"{path}: expected a list of {len(args)} values, got {_show(value)}"
-            items = list(zip(args, value, strict=True))
-        else:
-            item = args[0] if args else Any
-            items = [(item, v) for v in value]
-        for i, (h, v) in enumerate(items):
-            why = _fits(v, h, f"{path}[{i}]")
-            if why is not None:
-                return why
-        return None
-    if hint in (dict, cabc.Mapping, cabc.MutableMapping) or origin in (
-        dict,
-        cabc.Mapping,
-        cabc.MutableMapping,
-    ):
-        if not isinstance(value, DictConfig | dict):
-            return bad
-        if len(args) == 2:
-            for k in value:
-                why = _fits(value[k], args[1], f"{path}.{k}")
-                if why is not None:
-                    return why
-        return None
+        return _fits_sequence(value, hint, path, bad)
+    if hint in _MAPPINGS or origin in _MAPPINGS:
+        return _fits_mapping(value, hint, path, bad)
     if hint is cabc.Callable or origin is cabc.Callable or inspect.isclass(hint):
         # a callable or an object: a node that instantiation turns into one
         if isinstance(value, DictConfig | ListConfig):
