@@ -64,6 +64,7 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.covariance.rank=3",
         "method.covariance.num_samples=3",
     ],
+    "vi": ["method.num_samples=3", "method.chunk_size=2", "method.kl_warmup_epochs=1"],
 }
 # they report their MAP's metrics and save it (mc_dropout: the network with dropout off)
 BUILDS_ON_MAP = {"laplace", "mcbn", "temperature", "mc_dropout", "swag"}
