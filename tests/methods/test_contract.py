@@ -73,7 +73,7 @@ BUILDS_ON_MAP = {"laplace", "mcbn", "temperature", "mc_dropout", "swag"}
 def _setup(name: str, *extra: str):
     if name not in TINY_METHOD:
         pytest.fail(f"method {name!r} has no tiny budget in TINY_METHOD")
-    own_model = any(o.startswith("model=") for o in TINY_METHOD[name])  # replaces TINY's MLP
+    own_model = any(o.startswith("model=") for o in (*TINY_METHOD[name], *extra))  # not TINY's MLP
     base = [o for o in tiny(name) if not (own_model and o.startswith("model"))]
     cfg = compose_cfg(*base, *TINY_METHOD[name], *extra)
     data = build(cfg.dataset, "dataset")
