@@ -208,9 +208,7 @@ def test_kl_warmup_weights_the_kl_linearly():
     mean, std = {"w": jnp.array([0.5, -1.0])}, {"w": jnp.array([0.2, 0.3])}
     rho = jax.tree.map(softplus_inverse, std)
     tx = optax.sgd(0.0)
-    step = make_elbo_step(
-        lambda *a: (jnp.zeros(2), jnp.zeros(2)), tx, 10, 1.0, 1, warmup_steps=4
-    )
+    step = make_elbo_step(lambda *a: (jnp.zeros(2), jnp.zeros(2)), tx, 10, 1.0, 1, warmup_steps=4)
     state = VIState(mean, rho, tx.init((mean, rho)), jnp.zeros((), jnp.int32))
     kl = float(kl_divergence(mean, std, 1.0))
     losses = []
