@@ -46,7 +46,10 @@ IMPOSSIBLE = {
     "sgmcmc": "SG-MCMC needs a model without batch norm",
     "mcbn": "method=mcbn needs a model with BatchNorm",
     "sgmcmc-synthetic": "method.accepted_samples=100 exceeds the 45 steps after burn-in",
+    "vi": "method=vi needs a model without batch norm",
+    "vi-dropout": "method=vi draws its noise from q; model convmod also has dropout",
 }
+DROPOUT_MODELS = {"convmod"}  # dropout by default (mlp, cnn, lenet: model.dropout_rate=0)
 TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}
 
 
@@ -70,6 +73,8 @@ def test_every_dataset_model_method_combination_plans_or_says_why_not(
         IMPOSSIBLE["sgmcmc"] if sgmcmc and bn
         else IMPOSSIBLE["sgmcmc-synthetic"] if sgmcmc and dataset == "synthetic"
         else IMPOSSIBLE["mcbn"] if method == "mcbn" and not bn
+        else IMPOSSIBLE["vi"] if method == "vi" and bn
+        else IMPOSSIBLE["vi-dropout"] if method == "vi" and model in DROPOUT_MODELS
         else None
     )  # fmt: skip
     if why is not None:
