@@ -48,8 +48,10 @@ IMPOSSIBLE = {
     "sgmcmc-synthetic": "method.accepted_samples=100 exceeds the 45 steps after burn-in",
     # dropout_rate defaults to 0 on mlp, cnn and lenet; mobilenet has none
     "mc_dropout": "method=mc_dropout needs a model with dropout",
+    "vi": "method=vi needs a model without batch norm",
+    "vi-dropout": "method=vi draws its noise from q; model convmod also has dropout",
 }
-DROPOUT_MODELS = {"convmod"}
+DROPOUT_MODELS = {"convmod"}  # dropout by default (mlp, cnn, lenet: model.dropout_rate=0)
 TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}
 
 
@@ -74,6 +76,8 @@ def test_every_dataset_model_method_combination_plans_or_says_why_not(
         else IMPOSSIBLE["sgmcmc-synthetic"] if sgmcmc and dataset == "synthetic"
         else IMPOSSIBLE["mcbn"] if method == "mcbn" and not bn
         else IMPOSSIBLE["mc_dropout"] if method == "mc_dropout" and model not in DROPOUT_MODELS
+        else IMPOSSIBLE["vi"] if method == "vi" and bn
+        else IMPOSSIBLE["vi-dropout"] if method == "vi" and model in DROPOUT_MODELS
         else None
     )  # fmt: skip
     if why is not None:

@@ -156,7 +156,7 @@ class Trainer:
         n = data.train.size
         tx = self.make_optimizer(self.num_steps(n))
         evaluate = jax.jit(lambda ts, x, y: _loss_acc(model.logits(ts.params, ts.state, x), y))
-        return self._loop(
+        return self.run_loop(
             ctx or RunContext(),
             name,
             TrainState(params, state, tx.init(params)),
@@ -223,7 +223,7 @@ class Trainer:
             probs = jax.vmap(model.probs, in_axes=(0, 0, None))(ts.params, ts.state, x).mean(0)
             return M.nll(probs, y, xp=jnp), jnp.mean(probs.argmax(-1) == y)
 
-        return self._loop(
+        return self.run_loop(
             ctx or RunContext(),
             name,
             TrainState(params, state, jax.vmap(tx.init)(params)),
@@ -237,27 +237,35 @@ class Trainer:
             members=k_members,
         )
 
-    def _loop(
+    def run_loop(
         self,
         ctx: RunContext,
         name: str,
-        ts: TrainState,
+        ts: Any,
         data: Dataset,
         run_chunk,
         epoch_idx,
         chunk_keys,
         evaluate,
         members: int = 1,
-    ) -> TrainState:
-        """The chunked loop of ``train`` and ``train_members``.
+        grad_evals_per_step: int = 1,
+        desc: str | None = None,
+    ) -> Any:
+        """The chunked loop of ``train`` and ``train_members`` (and of ``vi``, whose state
+        is its own): epochs of ``batch_size`` minibatches, validation, logging.
 
         Args:
-          ts: the initial state (leaves with a leading member axis for several members).
+          ts: the initial state, any pytree (leaves with a leading member axis for
+            several members): a ``TrainState`` for ``train``.
           run_chunk: ``make_chunk_runner``'s ``(ts, split, idx, keys, active) -> (ts,
             (loss, acc))``, one compiled scan.
           epoch_idx: epoch -> (steps_per_epoch, ...) minibatch indices of that epoch.
           chunk_keys: (step, size) -> the dropout keys of steps [step, step + size).
           evaluate: ``(ts, x, y) -> (nll, acc)`` on the validation split.
+          members: networks trained at once (the cost counts each).
+          grad_evals_per_step: gradient evaluations of one step of one network (vi: its
+            Monte Carlo samples of the ELBO).
+          desc: the progress bar's label (default ``train`` or ``train xK``).
 
         Chunks never straddle an epoch; every chunk is padded with inactive steps to one
         length, so the step compiles once per run.
@@ -273,7 +281,7 @@ class Trainer:
         batches = functools.lru_cache(maxsize=1)(epoch_idx)  # one permutation per epoch
         t0 = time.perf_counter()
 
-        def run(ts: TrainState, start: int, end: int) -> tuple[TrainState, dict[str, float]]:
+        def run(ts: Any, start: int, end: int) -> tuple[Any, dict[str, float]]:
             epoch, size = start // per_epoch, end - start
             pad = np.minimum(np.arange(length), size - 1)  # padding repeats the last step
             lo = start - epoch * per_epoch
@@ -287,7 +295,7 @@ class Trainer:
                 values |= self._end_epoch(ts, epoch + 1, end, end == total, values, data, evaluate)
             return ts, values
 
-        def diverged(ts: TrainState, values: dict[str, float], end: int) -> str | None:
+        def diverged(ts: Any, values: dict[str, float], end: int) -> str | None:
             del ts
             if math.isfinite(values["train/loss"]):
                 return None
@@ -297,8 +305,9 @@ class Trainer:
                 f"constant rate such as trainer.schedule=1e-4."
             )
 
-        desc = "train" if members == 1 else f"train x{members}"
-        ts = chunked_loop(ctx, name, ts, chunks, run, diverged, total * members, desc)
+        desc = desc or ("train" if members == 1 else f"train x{members}")
+        grads = total * members * grad_evals_per_step
+        ts = chunked_loop(ctx, name, ts, chunks, run, diverged, grads, desc)
         log.info("trained %d x %d steps in %.1fs", members, total, time.perf_counter() - t0)
         return ts
 
@@ -352,27 +361,32 @@ def make_chunk_runner(model: Model, tx: optax.GradientTransformation, members: b
     i member k steps on ``split[idx[i, k]]`` with dropout key ``keys[i, k]``; the losses
     and accuracies are (n, K).
     """
-    step_fn = _make_step(model, tx)
+    return scan_steps(_make_step(model, tx), members)
+
+
+def scan_steps(step_fn, members: bool = False):
+    """``make_chunk_runner`` for any step ``(ts, x (B, ...), y (B,), key) -> (ts, (loss,
+    acc))`` over any state pytree ``ts`` (``vi`` steps its variational parameters)."""
 
     def one(ts, split, idx, key):
         return step_fn(ts, split.x[idx], split.y[idx], key)
 
     live = jax.vmap(one, in_axes=(0, None, 0, 0)) if members else one
 
-    def step(carry: tuple[TrainState, Split], inp):
+    def step(carry: tuple[Any, Split], inp):
         ts, split = carry
         idx, key, on = inp
         if on is None:
             ts, out = live(ts, split, idx, key)
         else:  # an inactive step returns zero loss and accuracy, () or (K,)
-            zero = jnp.zeros(jax.tree.leaves(ts.params)[0].shape[:1] if members else ())
+            zero = jnp.zeros(jax.tree.leaves(ts)[0].shape[:1] if members else ())
             ts, out = jax.lax.cond(
                 on, lambda ts: live(ts, split, idx, key), lambda ts: (ts, (zero, zero)), ts
             )
         return (ts, split), out
 
     @jax.jit
-    def run(ts: TrainState, split: Split, idx: jax.Array, keys: jax.Array, active=None):
+    def run(ts: Any, split: Split, idx: jax.Array, keys: jax.Array, active=None):
         (ts, _), out = jax.lax.scan(step, (ts, split), (idx, keys, active))
         return ts, out
 

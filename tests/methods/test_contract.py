@@ -64,6 +64,7 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.covariance.rank=3",
         "method.covariance.num_samples=3",
     ],
+    "vi": ["method.num_samples=3", "method.chunk_size=2", "method.kl_warmup_epochs=1"],
 }
 # they report their MAP's metrics and save it (mc_dropout: the network with dropout off)
 BUILDS_ON_MAP = {"laplace", "mcbn", "temperature", "mc_dropout", "swag"}
@@ -72,7 +73,7 @@ BUILDS_ON_MAP = {"laplace", "mcbn", "temperature", "mc_dropout", "swag"}
 def _setup(name: str, *extra: str):
     if name not in TINY_METHOD:
         pytest.fail(f"method {name!r} has no tiny budget in TINY_METHOD")
-    own_model = any(o.startswith("model=") for o in TINY_METHOD[name])  # replaces TINY's MLP
+    own_model = any(o.startswith("model=") for o in (*TINY_METHOD[name], *extra))  # not TINY's MLP
     base = [o for o in tiny(name) if not (own_model and o.startswith("model"))]
     cfg = compose_cfg(*base, *TINY_METHOD[name], *extra)
     data = build(cfg.dataset, "dataset")
