@@ -180,10 +180,8 @@ def test_preempted_mid_hmc_then_resumed_equals_an_uninterrupted_run(tmp_path, ca
     # the gradient evaluations follow the adapted ε: 2 chains x (1 + Σ L over transitions)
     steps = int(integration_steps(0.05, metrics["hmc/step_size"], 20))
     assert metrics["hmc/integration_steps"] == steps
-    assert (
-        metrics["cost/grad_evals"] >= 2 * (1 + 12 * 1)
-        and (metrics["cost/grad_evals"] - 2 * (1 + 4 * steps)) % 2 == 0
-    )
+    low, high = 2 * (1 + 8 * 1 + 4 * steps), 2 * (1 + 8 * 20 + 4 * steps)  # L in [1, 20]
+    assert low <= metrics["cost/grad_evals"] <= high
 
     stop = ["logger._target_=tests.reporting.sigterm_logger.SigtermAt", "+logger.step=11"]
     with pytest.raises(Preempted, match="after saving step 11"):
