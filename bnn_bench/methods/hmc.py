@@ -379,16 +379,17 @@ class HMC(FoldingSampler):
         return quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_members()
 
     def describe(self, model: Model, data: Dataset) -> dict[str, float]:
-        """Transitions, gradient evaluations, members (chains x samples), networks.
+        """Transitions, gradient evaluations, members (chains x samples), batch (all of
+        train), networks.
 
         For ``dry_run``. Gradient evaluations depend on the step size the warm-up
         finds; the plan counts them at the initial ``step_size`` (L = ⌈τ/ε⌉)."""
-        del data
         _check_model(model)
         return {
             "steps": self.total,
             "grad_evals": self.num_chains * (1 + self.total * self._steps(self.step_size)),
             "members": self.num_samples * self.num_chains,
+            "batch_size": data.train.size,
             "networks": self.num_chains,
         }
 
