@@ -36,7 +36,7 @@ def test_every_choice_composes_and_validates(group, choice, base, node):
     assert OmegaConf.select(cfg, f"{node}._target_")
 
 
-# Which pairs cannot run, and why: SG-MCMC samples parameters, and batch-norm statistics
+# Which pairs cannot run, and why: SG-MCMC and HMC sample parameters, and batch-norm statistics
 # are not parameters; MC-BatchNorm has nothing to do without batch norm. Only mobilenet
 # has batch norm by default (lenet: model.norm=none).
 BATCH_NORM_MODELS = {"mobilenet"}
@@ -44,6 +44,7 @@ BATCH_NORM_MODELS = {"mobilenet"}
 # training examples of dataset=synthetic: 90 steps, 45 after burn-in.
 IMPOSSIBLE = {
     "sgmcmc": "SG-MCMC needs a model without batch norm",
+    "hmc": "HMC needs a model without batch norm",
     "mcbn": "method=mcbn needs a model with BatchNorm",
     "sgmcmc-synthetic": "method.accepted_samples=100 exceeds the 45 steps after burn-in",
     # dropout_rate defaults to 0 on mlp, cnn and lenet; mobilenet has none
@@ -73,6 +74,7 @@ def test_every_dataset_model_method_combination_plans_or_says_why_not(
     bn, sgmcmc = model in BATCH_NORM_MODELS, method in ("sgld", "psgld", "sghmc")
     why = (
         IMPOSSIBLE["sgmcmc"] if sgmcmc and bn
+        else IMPOSSIBLE["hmc"] if method == "hmc" and bn
         else IMPOSSIBLE["sgmcmc-synthetic"] if sgmcmc and dataset == "synthetic"
         else IMPOSSIBLE["mcbn"] if method == "mcbn" and not bn
         else IMPOSSIBLE["mc_dropout"] if method == "mc_dropout" and model not in DROPOUT_MODELS

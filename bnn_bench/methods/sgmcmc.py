@@ -111,6 +111,45 @@ def accepted_steps(
     return candidates[(j * k) // accepted_samples - 1]
 
 
+def fold_sample(
+    model: Model,
+    inputs: dict[str, jax.Array],
+    summaries: dict[str, PredictiveSummary],
+    samples: Params | None,
+    params: Params,
+    j: jax.Array,
+) -> tuple[dict[str, PredictiveSummary], Params | None]:
+    """Folds one sample of every chain (``params`` leaves (chains, ...)) into the summary
+    of every evaluation set, and into row ``j`` of ``samples`` when they are kept.
+    Jittable: a sampler calls it inside its loop."""
+    for name, x in inputs.items():
+        probs = jax.vmap(lambda p, x=x: model.probs(p, {}, x))(params)  # (chains, N, C)
+        summaries = {**summaries, name: summaries[name].add(probs)}
+    if samples is not None:
+        samples = jax.tree.map(
+            lambda buf, p: jax.lax.dynamic_update_index_in_dim(buf, p.astype(buf.dtype), j, 0),
+            samples,
+            params,
+        )
+    return summaries, samples
+
+
+def last_sample_metrics(
+    model: Model, last: Params, data: Dataset, plan: EvalPlan
+) -> dict[str, float]:
+    """``test/last_sample_{acc,nll}``: the last sample of each chain (leaves (chains, ...))
+    as a point estimate, for comparison with the posterior predictive (the BlackJAX
+    tutorial's closing check); {} without a test set."""
+    if "test" not in plan.inputs or data.test is None:
+        return {}
+    probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, data.test.x)))(last)
+    y = data.test.y
+    return {
+        "test/last_sample_acc": float(jnp.mean(probs.argmax(-1) == y)),
+        "test/last_sample_nll": float(M.nll(probs, y, xp=jnp)),
+    }
+
+
 class SamplerCarry(NamedTuple):
     """The sampling loop's state between chunks (what a checkpoint holds).
 
@@ -150,8 +189,60 @@ class SamplePosterior:
     replay: Callable[[jax.Array], jax.Array] | None = struct.field(pytree_node=False, default=None)
 
 
+class FoldingSampler(Method):
+    """A sampler that folds its members into the evaluation while it samples (SG-MCMC,
+    HMC): ``fit`` returns a ``SamplePosterior`` whose summaries ``predict`` hands on, and
+    whose kept samples, or a replay of the chains, give ``members``."""
+
+    def predict(
+        self, key: jax.Array, posterior: SamplePosterior, plan: EvalPlan
+    ) -> dict[str, PredictiveSummary]:
+        """The summaries folded while sampling (the key is unused)."""
+        del key
+        missing = set(plan.inputs) - set(posterior.summaries)
+        if missing:
+            raise UserError(
+                f"evaluation sets {sorted(missing)} were not known when sampling; "
+                f"{type(self).__name__} folds members in while it samples."
+            )
+        return {name: posterior.summaries[name] for name in plan.inputs}
+
+    def members(
+        self, key: jax.Array, posterior: SamplePosterior, x: jax.Array, chunk: int = 16
+    ) -> Iterator[jax.Array]:
+        """Class probabilities (s, N, C) of the accepted samples, ``chunk`` at a time, in
+        the order of ``samples``.
+
+        With ``save_samples=true`` they come from the kept samples. Otherwise the chains
+        are run again with x as their only evaluation set (the same keys draw the same
+        samples), keeping every member's probabilities of x: this costs one more run of
+        the sampler and (S, N, C) memory, and needs no switch.
+        """
+        del key  # the samples are fixed
+        if posterior.samples is None:
+            probs = posterior.replay(x)  # (S, N, C)
+            for s in range(0, probs.shape[0], chunk):
+                yield probs[s : s + chunk]
+            return
+        model = posterior.model
+        probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, x)))
+        num = jax.tree.leaves(posterior.samples)[0].shape[0]
+        for s in range(0, num, chunk):
+            yield probs(jax.tree.map(lambda a, s=s: a[s : s + chunk], posterior.samples))
+
+    def save(self, out_dir: str | Path, posterior: SamplePosterior) -> Path | None:
+        """Writes the kept samples to ``out_dir/samples.msgpack`` (flax serialization)."""
+        if posterior.samples is None:
+            return None
+        path = Path(out_dir) / "samples.msgpack"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(serialization.msgpack_serialize(jax.device_get(posterior.samples)))
+        log.info("wrote %d samples to %s", jax.tree.leaves(posterior.samples)[0].shape[0], path)
+        return path
+
+
 @dataclass(frozen=True)
-class SGMCMC(Method):
+class SGMCMC(FoldingSampler):
     """A stochastic-gradient MCMC sampler (``conf/method/{sgld,psgld,sghmc}.yaml``).
 
     Attributes:
@@ -273,13 +364,7 @@ class SGMCMC(Method):
         plan = ctx.plan if ctx.plan is not None else EvalPlan({})
         carry, info = self._sample(key, model, data, plan, ctx)
         last = carry.states.params
-        if "test" in plan.inputs and data.test is not None:
-            # The last sample of each chain as a point estimate, for comparison with the
-            # posterior predictive (the BlackJAX tutorial's closing check).
-            probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, data.test.x)))(last)
-            y = data.test.y
-            info["test/last_sample_acc"] = float(jnp.mean(probs.argmax(-1) == y))
-            info["test/last_sample_nll"] = float(M.nll(probs, y, xp=jnp))
+        info.update(last_sample_metrics(model, last, data, plan))
         samples = None
         if carry.samples is not None:  # (M, chains, ...) -> (M * chains, ...)
             samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), carry.samples)
@@ -352,53 +437,6 @@ class SGMCMC(Method):
         plan = EvalPlan({"x": x}, keep=x.shape[0], capacity=members)
         quiet = dataclasses.replace(self, save_samples=False)
         return quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_members()
-
-    # ----------------------------------------------------------------- members
-    def predict(
-        self, key: jax.Array, posterior: SamplePosterior, plan: EvalPlan
-    ) -> dict[str, PredictiveSummary]:
-        """The summaries folded while sampling (the key is unused)."""
-        del key
-        missing = set(plan.inputs) - set(posterior.summaries)
-        if missing:
-            raise UserError(
-                f"evaluation sets {sorted(missing)} were not known when sampling; "
-                f"SG-MCMC folds members in while it samples."
-            )
-        return {name: posterior.summaries[name] for name in plan.inputs}
-
-    def members(
-        self, key: jax.Array, posterior: SamplePosterior, x: jax.Array, chunk: int = 16
-    ) -> Iterator[jax.Array]:
-        """Class probabilities (s, N, C) of the accepted samples, ``chunk`` at a time, in
-        the order of ``samples``.
-
-        With ``save_samples=true`` they come from the kept samples. Otherwise the chains
-        are run again with x as their only evaluation set (the same keys draw the same
-        samples), keeping every member's probabilities of x: this costs one more run of
-        the sampler and (S, N, C) memory, and needs no switch.
-        """
-        del key  # the samples are fixed
-        if posterior.samples is None:
-            probs = posterior.replay(x)  # (S, N, C)
-            for s in range(0, probs.shape[0], chunk):
-                yield probs[s : s + chunk]
-            return
-        model = posterior.model
-        probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, x)))
-        num = jax.tree.leaves(posterior.samples)[0].shape[0]
-        for s in range(0, num, chunk):
-            yield probs(jax.tree.map(lambda a, s=s: a[s : s + chunk], posterior.samples))
-
-    def save(self, out_dir: str | Path, posterior: SamplePosterior) -> Path | None:
-        """Writes the kept samples to ``out_dir/samples.msgpack`` (flax serialization)."""
-        if posterior.samples is None:
-            return None
-        path = Path(out_dir) / "samples.msgpack"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(serialization.msgpack_serialize(jax.device_get(posterior.samples)))
-        log.info("wrote %d samples to %s", jax.tree.leaves(posterior.samples)[0].shape[0], path)
-        return path
 
     @property
     def name(self) -> str:
@@ -492,19 +530,7 @@ class _ChunkRunner:
             x, y = train.x[idx], train.y[idx]
             return m.kernel.step(k_step, state, lambda p: grad(p, x, y), step_size, temperature)
 
-        def fold(summaries, samples, params, j):
-            for name, x in inputs.items():
-                probs = jax.vmap(lambda p, x=x: model.probs(p, {}, x))(params)  # (chains, N, C)
-                summaries = {**summaries, name: summaries[name].add(probs)}
-            if samples is not None:
-                samples = jax.tree.map(
-                    lambda buf, p: jax.lax.dynamic_update_index_in_dim(
-                        buf, p.astype(buf.dtype), j, 0
-                    ),
-                    samples,
-                    params,
-                )
-            return summaries, samples
+        fold = functools.partial(fold_sample, model, inputs)
 
         def body(i, carry: SamplerCarry) -> SamplerCarry:
             t = start + i

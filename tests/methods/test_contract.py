@@ -41,6 +41,16 @@ TINY_METHOD: dict[str, list[str]] = {
     "psgld": [*_TINY_SGMCMC, "method.step_size.step_size=1e-3"],
     # friction 10, ε = 0.01: a Langevin step ε/α = 1e-3 like sgld's, momentum decay 0.9
     "sghmc": [*_TINY_SGMCMC, "method.step_size.step_size=1e-2", "method.kernel.friction=10"],
+    # τ = 0.05 at ε = 0.01: 5 leapfrog steps per transition while the warm-up tunes ε
+    "hmc": [
+        "method.trajectory_length=0.05",
+        "method.step_size=1e-2",
+        "method.max_integration_steps=20",
+        "method.num_warmup=10",
+        "method.num_samples=4",
+        "method.num_chains=2",
+        "method.chunk_size=5",
+    ],
     "laplace": [
         "method.structure.rank=8",
         "method.curvature_batches=2",

@@ -1,0 +1,482 @@
+"""``hmc``: full-batch Hamiltonian Monte Carlo, the reference posterior.
+
+``HMC`` runs BlackJAX's HMC kernel (leapfrog, Metropolis correction, identity mass)
+on the exact posterior of a batch-norm-free network over the whole training split,
+
+    log p(θ | D) = log N(θ; 0, s² I) + Σ_n log p(y_n | x_n, θ)    (divided by T),
+
+the log density of the SG-MCMC methods (``sgmcmc.make_log_density``) with the batch
+equal to all of train, so at T = 1 both target the same posterior. As Izmailov et
+al. (2021, "What are Bayesian neural network posteriors really like?") it keeps the
+**trajectory length** τ = L·ε fixed and tunes the step size ε in a warm-up.
+
+Step size and trajectory: during the ``num_warmup`` warm-up transitions ε is tuned
+by dual averaging (Hoffman & Gelman 2014; ``blackjax.adaptation.step_size.
+dual_averaging_adaptation``) towards ``target_acceptance``, on the chains' mean
+acceptance probability, so all chains share one ε; each transition runs
+L = min(⌈τ/ε⌉, ``max_integration_steps``) leapfrog steps, a trip count traced inside
+the jitted loop (a ``while_loop``), so τ stays fixed while ε moves. After the warm-up
+ε is frozen at dual averaging's averaged value, and with it L. Sharing ε keeps L
+the same for every chain, so the vmapped trajectory wastes no steps.
+
+``num_chains`` chains run in parallel (``vmap``) from independent initialisations;
+after the warm-up every ``thinning``-th transition of every chain is a member,
+folded into the ``PredictiveSummary`` of every evaluation set on the device as it
+is drawn (and into the test set's ``ChainTrace`` for R̂ and ESS), as SG-MCMC does.
+Keys derive from (run key, transition), so checkpoint/resume through
+``chunked_loop`` reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from blackjax.adaptation.step_size import (
+    DualAveragingAdaptationState,
+    dual_averaging_adaptation,
+)
+from blackjax.mcmc import hmc as bj_hmc
+from jax.flatten_util import ravel_pytree
+
+from bnn_bench.data import Dataset, Split
+from bnn_bench.errors import UserError
+from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.methods.base import RunContext
+from bnn_bench.methods.loop import chunked_loop, chunks_of
+from bnn_bench.methods.sgmcmc import (
+    FoldingSampler,
+    SamplePosterior,
+    _all_finite,
+    fold_sample,
+    last_sample_metrics,
+    make_log_density,
+)
+from bnn_bench.models import Model, Params
+
+log = logging.getLogger(__name__)
+
+
+class HMCStats(NamedTuple):
+    """Running totals of a run (checkpointed with it, so a resumed run reports them whole).
+
+    Attributes:
+      leapfrog_steps: () int32, leapfrog steps per chain so far (= gradient evaluations).
+      acceptance: () float32, sum over transitions of the chains' mean acceptance
+        probability.
+      sampling_acceptance: () float32, the same over the post-warm-up transitions only.
+      divergences: () int32, divergent post-warm-up transitions (energy error > 1000),
+        all chains (the warm-up's, while ε is tuned, are expected and not counted).
+    """
+
+    leapfrog_steps: jax.Array
+    acceptance: jax.Array
+    sampling_acceptance: jax.Array
+    divergences: jax.Array
+
+
+class HMCChains(NamedTuple):
+    """Several HMC chains with one step size: the state of ``hmc_chains``.
+
+    Attributes:
+      states: BlackJAX ``HMCState`` of every chain (position, log density, its gradient);
+        leaves (chains, ...).
+      adaptation: the dual-averaging state of the shared step size.
+      step_size: () float32, ε of the next transition.
+      stats: running totals (``HMCStats``).
+    """
+
+    states: bj_hmc.HMCState
+    adaptation: DualAveragingAdaptationState
+    step_size: jax.Array
+    stats: HMCStats
+
+
+class HMCCarry(NamedTuple):
+    """The loop's state between chunks (what a checkpoint holds).
+
+    Attributes:
+      chains: the chains (``HMCChains``).
+      summaries: name -> PredictiveSummary of the samples kept so far.
+      samples: with ``save_samples``, the kept samples, leaves (S, num_chains, ...);
+        else None.
+    """
+
+    chains: HMCChains
+    summaries: dict[str, PredictiveSummary]
+    samples: Params | None
+
+
+def integration_steps(trajectory_length: float, step_size, max_steps: int) -> jax.Array:
+    """() int32 leapfrog steps L = ⌈τ/ε⌉ of a trajectory of length τ, in [1, max_steps].
+    Jittable in ε."""
+    steps = jnp.ceil(trajectory_length / step_size)
+    return jnp.clip(jnp.nan_to_num(steps, nan=max_steps), 1, max_steps).astype(jnp.int32)
+
+
+class ChainsKernel(NamedTuple):
+    """``init(positions (chains, ...), step_size) -> HMCChains``;
+    ``step(key, chains, t) -> HMCChains`` runs transition t (0-based) of every chain."""
+
+    init: Any
+    step: Any
+
+
+def hmc_chains(
+    logdensity_fn,
+    trajectory_length: float,
+    num_warmup: int,
+    target_acceptance: float = 0.8,
+    max_integration_steps: int = 1000,
+) -> ChainsKernel:
+    """HMC on several chains that share a step size tuned in a warm-up. Pure, jittable.
+
+    Transition t runs ``blackjax.mcmc.hmc.build_kernel()`` (identity mass matrix) on
+    every chain with its own key, ε the shared step size and L = ⌈τ/ε⌉ leapfrog steps
+    (τ = ``trajectory_length``, L at most ``max_integration_steps``). While
+    t < ``num_warmup``, dual averaging then moves log ε by the chains' mean acceptance
+    probability towards ``target_acceptance``; after the last warm-up transition ε is
+    its average and stays fixed. ``HMC`` runs this on a network's parameters, the
+    tests on a linear model's weights: any position pytree works.
+
+    Args:
+      logdensity_fn: ``position -> ()`` the (unnormalised) log density.
+
+    Returns:
+      A ``ChainsKernel(init, step)``.
+    """
+    kernel = bj_hmc.build_kernel()
+    da_init, da_update, _ = dual_averaging_adaptation(target_acceptance)
+
+    def init(positions, step_size) -> HMCChains:
+        zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+        return HMCChains(
+            jax.vmap(lambda p: bj_hmc.init(p, logdensity_fn))(positions),
+            da_init(jnp.float32(step_size)),
+            jnp.float32(step_size),
+            HMCStats(zero_i, zero_f, zero_f, zero_i),
+        )
+
+    def step(key, chains: HMCChains, t) -> HMCChains:
+        eps = chains.step_size
+        steps = integration_steps(trajectory_length, eps, max_integration_steps)
+
+        def one(k, state):
+            inv_mass = jnp.ones_like(ravel_pytree(state.position)[0])
+            return kernel(k, state, logdensity_fn, eps, inv_mass, steps)
+
+        keys = jax.random.split(key, jax.tree.leaves(chains.states.position)[0].shape[0])
+        states, info = jax.vmap(one)(keys, chains.states)
+        accept = jnp.mean(info.acceptance_rate)
+        warm = t < num_warmup
+        stats = chains.stats
+        stats = HMCStats(
+            stats.leapfrog_steps + steps,
+            stats.acceptance + accept,
+            stats.sampling_acceptance + jnp.where(warm, 0.0, accept),
+            stats.divergences + jnp.where(warm, 0, jnp.sum(info.is_divergent)).astype(jnp.int32),
+        )
+        tuned = da_update(chains.adaptation, accept)
+        adaptation = jax.tree.map(lambda a, b: jnp.where(warm, a, b), tuned, chains.adaptation)
+        log_eps = jnp.where(
+            t == num_warmup - 1, tuned.log_step_size_avg, tuned.log_step_size
+        )  # the last warm-up transition fixes ε at its average
+        eps = jnp.where(warm, jnp.exp(log_eps), eps).astype(jnp.float32)
+        return HMCChains(states, adaptation, eps, stats)
+
+    return ChainsKernel(init, step)
+
+
+@dataclass(frozen=True)
+class HMC(FoldingSampler):
+    """Full-batch HMC with a fixed trajectory length (``conf/method/hmc.yaml``).
+
+    Attributes:
+      trajectory_length: τ = L·ε, fixed; L = ⌈τ/ε⌉ leapfrog steps per transition.
+      step_size: the initial ε; the warm-up tunes it (dual averaging).
+      target_acceptance: the acceptance probability the warm-up aims ε at.
+      max_integration_steps: the most leapfrog steps per transition (a cap on L while a
+        small ε is tried in the warm-up).
+      temperature: T; the log density is divided by T (T = 1: the Bayes posterior).
+      prior_scale: s of the Gaussian prior N(0, s² I) on all parameters.
+      num_chains: chains run in parallel (vmap); members = chains x samples.
+      num_warmup: transitions that tune ε and are discarded.
+      num_samples: samples kept per chain after the warm-up.
+      thinning: keep every ``thinning``-th transition after the warm-up.
+      save_samples: keep the samples (for ``members`` and ``samples.msgpack``).
+      chunk_size: transitions per compiled loop call (progress, checkpoint granularity).
+    """
+
+    trajectory_length: float = 1.5
+    step_size: float = 1.0e-3
+    target_acceptance: float = 0.8
+    max_integration_steps: int = 1000
+    temperature: float = 1.0
+    prior_scale: float = 1.0
+    num_chains: int = 4
+    num_warmup: int = 100
+    num_samples: int = 100
+    thinning: int = 1
+    save_samples: bool = False
+    chunk_size: int = 10
+
+    def __post_init__(self):
+        for name in (
+            "trajectory_length",
+            "step_size",
+            "max_integration_steps",
+            "temperature",
+            "prior_scale",
+            "num_chains",
+            "num_samples",
+            "thinning",
+            "chunk_size",
+        ):
+            v = getattr(self, name)
+            if not v > 0:
+                raise UserError(f"method.{name} must be positive; got {v}.")
+        if self.num_warmup < 0:
+            raise UserError(f"method.num_warmup must be >= 0; got {self.num_warmup}.")
+        if not 0 < self.target_acceptance < 1:
+            raise UserError(
+                f"method.target_acceptance must be in (0, 1); got {self.target_acceptance}."
+            )
+
+    @property
+    def name(self) -> str:
+        return "hmc"
+
+    @property
+    def total(self) -> int:
+        """All transitions: warm-up, then ``num_samples`` x ``thinning``."""
+        return self.num_warmup + self.num_samples * self.thinning
+
+    # --------------------------------------------------------------------- fit
+    def fit(
+        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
+    ) -> SamplePosterior:
+        """Samples ``num_chains`` chains, folding every kept sample into the sets of
+        ``ctx.plan`` (none outside a run: then only ``members`` gives the samples)."""
+        _check_model(model)
+        ctx = ctx or RunContext()
+        plan = ctx.plan if ctx.plan is not None else EvalPlan({})
+        carry, info = self._sample(key, model, data, plan, ctx)
+        last = carry.chains.states.position
+        info.update(last_sample_metrics(model, last, data, plan))
+        samples = None
+        if carry.samples is not None:  # (S, chains, ...) -> (S * chains, ...)
+            samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), carry.samples)
+        replay = functools.partial(self._replay, key, model, data)
+        return SamplePosterior(model, carry.summaries, last, samples, info, replay)
+
+    def _sample(
+        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, ctx: RunContext
+    ) -> tuple[HMCCarry, dict[str, float]]:
+        """The chains from ``key``: the final carry and the sampler's own numbers."""
+        k_init, k_run = jax.random.split(key)
+        chains, kept, warm = self.num_chains, self.num_samples, self.num_warmup
+        runner = _ChunkRunner(self, model, data.train, plan.inputs)
+        params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
+        carry = HMCCarry(
+            chains=runner.init_chains(params, data.train),
+            summaries=plan.empty(model.spec.num_classes, chains, kept),  # + ChainTrace
+            samples=jax.tree.map(lambda p: jnp.zeros((kept, *p.shape), p.dtype), params)
+            if self.save_samples
+            else None,
+        )
+        runner.compile(carry)
+        log.info(
+            "hmc: %d chain(s) x %d transitions (warm-up %d), %d samples per chain "
+            "(thinning %d), trajectory length %g; compiled in %.1fs",
+            *(chains, self.total, warm, kept, self.thinning, self.trajectory_length),
+            runner.compile_s,
+        )
+        seconds = {"warmup": 0.0, "sampling": 0.0}
+
+        def run(carry: HMCCarry, start: int, end: int):
+            before = float(carry.chains.stats.acceptance)
+            tic = time.perf_counter()
+            carry = jax.block_until_ready(runner(carry, k_run, start, end))
+            seconds["sampling" if start >= warm else "warmup"] += time.perf_counter() - tic
+            eps = float(carry.chains.step_size)
+            return carry, {
+                "hmc/step_size": eps,
+                "hmc/integration_steps": float(self._steps(eps)),
+                "hmc/acceptance_rate": (float(carry.chains.stats.acceptance) - before)
+                / (end - start),
+                "sampler/collected": float(max(0, end - warm) // self.thinning * chains),
+            }
+
+        def diverged(carry: HMCCarry, values: dict[str, float], end: int) -> str | None:
+            if bool(_all_finite(carry.chains.states.position)):
+                return None
+            return (
+                f"hmc: the parameters became non-finite by transition {end} of {self.total} "
+                f"(step size {values['hmc/step_size']:.3g}). Lower method.step_size or "
+                f"method.target_acceptance's complement (raise it towards 0.9), or raise "
+                f"method.prior_scale."
+            )
+
+        # gradient evaluations depend on the adapted ε: counted below from the carry
+        carry = chunked_loop(ctx, "hmc", carry, runner.chunks, run, diverged, 0, self.name)
+        stats = carry.chains.stats
+        ctx.count(grad_evals=chains * (1 + int(stats.leapfrog_steps)), samples=kept * chains)
+        eps = float(carry.chains.step_size)
+        sampling = self.total - warm
+        info = {
+            "hmc/step_size": eps,
+            "hmc/integration_steps": float(self._steps(eps)),
+            "hmc/acceptance_rate": float(stats.sampling_acceptance) / sampling,
+            "hmc/warmup_acceptance_rate": (
+                float(stats.acceptance - stats.sampling_acceptance) / warm if warm else float("nan")
+            ),
+            "hmc/divergences": float(stats.divergences),
+            "time/compile": runner.compile_s,
+        }
+        for phase, steps in (("warmup", warm), ("sampling", sampling)):
+            if steps and seconds[phase] > 0:
+                info[f"hmc/{phase}_transitions_per_s"] = steps / seconds[phase]
+        info = {k: v for k, v in info.items() if math.isfinite(v)}
+        log.info(
+            "hmc: step size %.3g, %d leapfrog steps per transition, acceptance %.3f, "
+            "%d divergent; warm-up %.1fs, sampling %.1fs; %d members",
+            eps,
+            self._steps(eps),
+            info["hmc/acceptance_rate"],
+            int(stats.divergences),
+            seconds["warmup"],
+            seconds["sampling"],
+            kept * chains,
+        )
+        return carry, info
+
+    def log_density(self, model: Model, train: Split):
+        """``params -> ()``: the log posterior over all of ``train``, divided by T.
+
+        SG-MCMC's ``make_log_density`` with the batch equal to the whole split: the
+        prior plus N times the mean log-likelihood, i.e. the exact potential.
+        """
+        density = make_log_density(model, train.size, self.prior_scale)
+        return lambda params: density(params, train.x, train.y) / self.temperature
+
+    def _steps(self, step_size: float) -> int:
+        return int(integration_steps(self.trajectory_length, step_size, self.max_integration_steps))
+
+    def _replay(self, key: jax.Array, model: Model, data: Dataset, x: jax.Array) -> jax.Array:
+        """(S, N, C): every kept sample's probabilities of x, from the chains that
+        ``fit(key, ...)`` ran again (the same keys draw the same samples)."""
+        members = self.num_samples * self.num_chains
+        plan = EvalPlan({"x": x}, keep=x.shape[0], capacity=members)
+        quiet = dataclasses.replace(self, save_samples=False)
+        return quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_members()
+
+    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+        """Transitions, gradient evaluations, members (chains x samples), batch (all of
+        train), networks.
+
+        For ``dry_run``. Gradient evaluations depend on the step size the warm-up
+        finds; the plan counts them at the initial ``step_size`` (L = ⌈τ/ε⌉)."""
+        _check_model(model)
+        return {
+            "steps": self.total,
+            "grad_evals": self.num_chains * (1 + self.total * self._steps(self.step_size)),
+            "members": self.num_samples * self.num_chains,
+            "batch_size": data.train.size,
+            "networks": self.num_chains,
+        }
+
+
+def _check_model(model: Model) -> None:
+    if model.has_batch_norm:
+        raise UserError(
+            f"HMC needs a model without batch norm (its statistics are not parameters a "
+            f"sampler can draw), but model {model.name or ''} has batch_stats. Choose one "
+            f"without: model.use_bn=false (mobilenet), model.norm=none (lenet), or model=mlp/cnn."
+        )
+
+
+class _ChunkRunner:
+    """The compiled chunks of one run: ``runner(carry, key, start, end) -> carry`` runs
+    the transitions ``[start, end)`` of every chain in one ``fori_loop``.
+
+    Two programs, each compiled once: the warm-up (adapts ε, folds nothing) and the
+    sampling (ε fixed, folds every ``thinning``-th transition). Chunks never straddle
+    the end of the warm-up; the trip count is an argument.
+    """
+
+    def __init__(self, method: HMC, model: Model, train: Split, inputs: dict[str, jax.Array]):
+        self.method, self.model, self.train, self.inputs = method, model, train, inputs
+        self.density = functools.partial(method.log_density, model)
+        size, warm = method.chunk_size, method.num_warmup
+        self.chunks = chunks_of(0, warm, size) + chunks_of(warm, method.total, size)
+        self.compiled: dict[bool, Any] = {}
+        self.compile_s = 0.0
+
+    def kernel(self, train: Split) -> ChainsKernel:
+        """``hmc_chains`` on the posterior of ``train`` (a traced argument)."""
+        m = self.method
+        return hmc_chains(
+            self.density(train),
+            m.trajectory_length,
+            m.num_warmup,
+            m.target_acceptance,
+            m.max_integration_steps,
+        )
+
+    def init_chains(self, params: Params, train: Split) -> HMCChains:
+        """Every chain at ``params`` (leaves (chains, ...)) with the initial step size."""
+        init = jax.jit(lambda params, train: self.kernel(train).init(params, self.method.step_size))
+        return init(params, train)
+
+    def compile(self, carry: HMCCarry) -> None:
+        """Compiles the warm-up and the sampling program (ahead of time, timed)."""
+        tic = time.perf_counter()
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        for sampling in {start >= self.method.num_warmup for start, _ in self.chunks}:
+            fn = jax.jit(functools.partial(self._run, sampling))
+            self.compiled[sampling] = fn.lower(
+                carry, jax.random.key(0), scalar, scalar, self.train, self.inputs
+            ).compile()
+        self.compile_s = time.perf_counter() - tic
+
+    def __call__(self, carry: HMCCarry, key: jax.Array, start: int, end: int) -> HMCCarry:
+        return self.compiled[start >= self.method.num_warmup](
+            carry, key, np.int32(start), np.int32(end - start), self.train, self.inputs
+        )
+
+    def _run(self, sampling, carry, key, start, length, train, inputs):
+        m = self.method
+        step = self.kernel(train).step
+        fold = functools.partial(fold_sample, self.model, inputs)
+
+        def body(i, carry: HMCCarry) -> HMCCarry:
+            t = start + i
+            chains = step(jax.random.fold_in(key, t), carry.chains, t)
+            summaries, samples = carry.summaries, carry.samples
+            if sampling:
+                done = t - m.num_warmup + 1  # sampling transitions so far
+                slot = done // m.thinning - 1
+                position = chains.states.position
+                if m.thinning == 1:
+                    summaries, samples = fold(summaries, samples, position, slot)
+                else:  # an unbatched predicate: lax.cond skips the thinned-out folds
+                    summaries, samples = jax.lax.cond(
+                        done % m.thinning == 0,
+                        fold,
+                        lambda s, b, p, j: (s, b),
+                        summaries,
+                        samples,
+                        position,
+                        slot,
+                    )
+            return HMCCarry(chains, summaries, samples)
+
+        return jax.lax.fori_loop(0, length, body, carry)
