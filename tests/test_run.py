@@ -58,7 +58,7 @@ BAD_INPUT = {
         ["Could not find 'dataset/imagenet'", "fashion_mnist"],
     ),
     "unknown model": (["model=resnet"], ["Could not find 'model/resnet'", "mobilenet"]),
-    "unknown method": (["method=hmc"], ["Could not find 'method/hmc'", "map"]),
+    "unknown method": (["method=nuts"], ["Could not find 'method/nuts'", "map"]),
     "misspelt key": (["trainer.learnig_rate=0.1"], ["learnig_rate"]),
     "missing data_dir": (
         ["dataset=cifar10", "dataset.data_dir=/nonexistent/cifar", "dataset.download=false"],
