@@ -132,3 +132,22 @@ def test_cli_help_lists_groups():
     assert "bnn-bench" in out
     for group in GROUPS:
         assert f"{group}:" in out
+
+
+def test_dry_run_refuses_a_full_laplace_the_run_would_refuse(tmp_path, monkeypatch):
+    """structure=full is limited to 5,000 parameters; the dry run says so before any work
+    (experiment=fmnist_small's MLP has 10,360), and plans a network under the limit."""
+    from bnn_bench import dry_run
+    from bnn_bench.run import run
+
+    monkeypatch.setattr(dry_run, "_compiled_bytes", lambda *args: 0)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    base = ["dataset=synthetic", "model=mlp", "method=laplace", "dry_run=true"]
+    full = "method/laplace/structure=full"
+    with pytest.raises(UserError, match="limited to 5,000 parameters"):
+        run(compose_cfg(*base, full, "model.hidden=[50]"), tmp_path / "run")
+    plan = run(compose_cfg(*base, full, "model.hidden=[4]"), tmp_path / "run")
+    assert plan["plan/params"] < 5000 and not (tmp_path / "run").exists()
+    # last_layer keeps a dense matrix over the last layer only: any network
+    plan = run(compose_cfg(*base, "method/laplace/structure=last_layer"), tmp_path / "run")
+    assert plan["plan/params"] > 5000
