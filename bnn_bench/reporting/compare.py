@@ -157,7 +157,8 @@ def _fmt(mean: float, std: float) -> str:
     integral = float(mean).is_integer() and (math.isnan(std) or std == 0)
     digits = 0 if integral or abs(mean) >= 1000 else 4
     s = f"{mean:.{digits}f}"
-    return s if math.isnan(std) else f"{s} ± {std:.{digits}f}"
+    # a count the seeds do not change (steps, gradient evaluations) needs no "± 0"
+    return s if math.isnan(std) or (integral and std == 0) else f"{s} ± {std:.{digits}f}"
 
 
 def markdown_table(by: Sequence[str], groups: Sequence[Group], metrics: Sequence[str]) -> str:

@@ -178,3 +178,12 @@ def test_reference_ignores_the_runs_own_eval_reference_when_grouping(sweep, tmp_
     rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
     assert [r["runs"] for r in rows] == ["1", "1"]
     assert rows[0]["eval.reference"] == "default"
+
+
+def test_format_drops_the_spread_of_a_count_the_seeds_do_not_change():
+    from bnn_bench.reporting.compare import _fmt
+
+    assert _fmt(150000.0, 0.0) == "150000"  # e.g. cost/grad_evals of two seeds
+    assert _fmt(280.0, float("nan")) == "280"
+    assert _fmt(0.8311, 0.0) == "0.8311 ± 0.0000"  # a measured value keeps its spread
+    assert _fmt(7.0, 1.0) == "7.0000 ± 1.0000"  # a spread keeps the digits
