@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
@@ -33,8 +34,6 @@ def _data_and_model(*overrides):
 
 def _posterior(model: Model, head: str | None = None) -> LaplacePosterior:
     """A posterior at the model's initialisation (the factors need no trained network)."""
-    from jax.flatten_util import ravel_pytree
-
     params, state = model.init(jax.random.key(4))
     theta, unravel = ravel_pytree(params[head] if head is not None else params)
     return LaplacePosterior(
@@ -53,23 +52,17 @@ def _exact_ggn(post: LaplacePosterior, x, y) -> np.ndarray:
     """Σ_i J_iᵀ H_i J_i (float64), J from jax.jacfwd, H from jax.hessian of the loss."""
     f = lambda t: post.logits_fn(t, x)
     jac = np.asarray(jax.jacfwd(f)(post.theta), np.float64)  # (N, C, P)
-    hess = jax.vmap(jax.hessian(optax.softmax_cross_entropy_with_integer_labels))(
-        f(post.theta), y
-    )
+    hess = jax.vmap(jax.hessian(optax.softmax_cross_entropy_with_integer_labels))(f(post.theta), y)
     return np.einsum("ncp,ncd,ndq->pq", jac, np.asarray(hess, np.float64), jac)
 
 
 def _fit_structure(structure: KFAC, post: LaplacePosterior, split, rows):
     idx = jnp.asarray(rows)[None]  # one batch
-    return structure.fit(
-        jax.random.key(0), post, split, idx, jnp.ones(idx.shape), 1.0, cv.GGN()
-    )
+    return structure.fit(jax.random.key(0), post, split, idx, jnp.ones(idx.shape), 1.0, cv.GGN())
 
 
 def _blocks(post: LaplacePosterior) -> list[np.ndarray]:
-    """Boolean (P,) masks of each top-level layer's entries in the flat vector."""
-    from jax.flatten_util import ravel_pytree
-
+    """Each top-level layer's indices in the flat vector."""
     tree = post.unravel(jnp.arange(post.theta.shape[0], dtype=jnp.float32))
     return [np.asarray(ravel_pytree(tree[k])[0], int) for k in sorted(tree)]
 
@@ -183,19 +176,15 @@ def _kron_by_hand(post: LaplacePosterior, x, y) -> np.ndarray:
         big_b = np.sum([np.outer(g, g) for g in g_out[layer]], 0)
         blocks.append(np.kron(big_a, big_b))  # rows (i, j) of W' (D_in + 1, D_out)
     # the flat index of each (layer, i, j): ravel a pytree of matrix positions
-    offsets, trees, start = {}, {}, 0
-    for name, w, block in (("Dense_0", w1, blocks[0]), ("Dense_1", w2, blocks[1])):
+    trees, start = {}, 0
+    for name, w in (("Dense_0", w1), ("Dense_1", w2)):
         din, dout = w.shape
         pos = np.arange(start, start + (din + 1) * dout).reshape(din + 1, dout)
         trees[name] = {"kernel": pos[:-1], "bias": pos[-1]}
-        offsets[name] = start
-        start += block.shape[0]
-    from jax.flatten_util import ravel_pytree
-
+        start += (din + 1) * dout
     order = np.asarray(ravel_pytree(jax.tree.map(jnp.asarray, trees))[0], int)
-    dense = np.zeros((start, start))
-    dense[:, :] = 0
     b0 = blocks[0].shape[0]
+    dense = np.zeros((start, start))
     dense[:b0, :b0] = blocks[0]
     dense[b0:, b0:] = blocks[1]
     return dense[np.ix_(order, order)]
