@@ -38,7 +38,7 @@ from flax import traverse_util
 
 from bnn_bench.errors import UserError
 from bnn_bench.methods import curvature as cv
-from bnn_bench.models import Model
+from bnn_bench.models import Model, module_calls
 from bnn_bench.models import layers as L
 
 LAYERS = (nn.Dense, nn.Conv, L.Conv)
@@ -87,65 +87,66 @@ def _forward(
     """Runs ``logits_fn`` with every covered layer intercepted. Returns the logits, the
     layers' features {path: (B, T, D_in')} and their output shapes {path: shape}; with
     ``perturb`` {path: (B, ..., D_out)}, adds it to each layer's output."""
-    feats, shapes, kinds = {}, {}, {}
+    feats, shapes = {}, {}
     busy = []  # set while a convolution's patches are cut (by a call of the same layer)
 
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         out = next_fun(*args, **kwargs)
         path = tuple(module.path)
-        if (
-            busy
-            or context.method_name != "__call__"
-            or not isinstance(module, LAYERS)
-            or path[: len(prefix)] != prefix
-        ):
+        if busy or context.method_name != "__call__" or not _covered(module, path, prefix):
             return out
-        if path in shapes:
-            raise UserError(
-                f"Layer {'/'.join(path)} is called twice in one forward pass (shared "
-                "weights), which one Kronecker block per layer (method/laplace/structure=kfac) "
-                "cannot describe; use method/laplace/structure=diagonal or lanczos."
-            )
-        if getattr(module, "feature_group_count", 1) != 1:
-            raise UserError(
-                f"Layer {'/'.join(path)} is a grouped (depthwise) convolution, which has no "
-                "single Kronecker block (method/laplace/structure=kfac); use "
-                "method.structure.subset=last_layer or method/laplace/structure=diagonal."
-            )
         busy.append(path)
         feats[path] = _features(module, args[0])
         busy.pop()
         shapes[path] = out.shape
-        kinds[path] = "Dense" if isinstance(module, nn.Dense) else "Conv", bool(module.use_bias)
         return out if perturb is None else out + perturb[path]
 
     with nn.intercept_methods(intercept):
         logits = logits_fn()
-    return logits, feats, shapes, kinds
+    return logits, feats, shapes
+
+
+def _covered(module: nn.Module, path: tuple[str, ...], prefix: tuple[str, ...]) -> bool:
+    return isinstance(module, LAYERS) and path[: len(prefix)] == prefix
 
 
 def find_layers(model: Model, head: str | None) -> tuple[Layer, ...]:
-    """The layers the factors cover, in call order; refuses parameters outside them.
-    Traces the model (no compute), so it can run before training.
+    """The layers the factors cover, in call order (traced, no compute, so it can run
+    before training). Refuses parameters outside them, weights shared between calls and
+    grouped convolutions, naming what to use instead.
 
     ``head``: only that top-level layer (the last-layer subset), else all of them.
     """
     prefix = (head,) if head is not None else ()
-    x = jnp.zeros((1, *model.spec.shape), jnp.uint8)
-
-    def run():
-        params, state = model.init(jax.random.key(0))
-        _, _, shapes, kinds = _forward(lambda: model.apply(params, state, x)[0], prefix, None)
-        keys = list(traverse_util.flatten_dict(params[head] if head is not None else params))
-        return keys, shapes, kinds
-
-    keys, shapes, kinds = _trace(run)
-    layers = tuple(
-        Layer(p, bias, kind, math.prod(shapes[p][1:-1])) for p, (kind, bias) in kinds.items()
-    )
-    covered = {(*layer.path, name) for layer in layers for name in ("kernel", "bias")}
-    rest = ["/".join((*prefix, *k)) for k in keys if (*prefix, *k) not in covered]
+    layers: dict[tuple[str, ...], Layer] = {}
+    for call in module_calls(model):
+        if not _covered(call.module, call.path, prefix):
+            continue
+        name = "/".join(call.path)
+        if call.path in layers:
+            raise UserError(
+                f"Layer {name} is called twice in one forward pass (shared weights), which "
+                "one Kronecker block per layer (method/laplace/structure=kfac) cannot "
+                "describe; use method/laplace/structure=diagonal or lanczos."
+            )
+        if getattr(call.module, "feature_group_count", 1) != 1:
+            raise UserError(
+                f"Layer {name} is a grouped (depthwise) convolution, which has no single "
+                "Kronecker block (method/laplace/structure=kfac); use "
+                "method.structure.subset=last_layer or method/laplace/structure=diagonal."
+            )
+        kind = "Dense" if isinstance(call.module, nn.Dense) else "Conv"
+        positions = math.prod(call.out_shape[1:-1])
+        layers[call.path] = Layer(call.path, bool(call.module.use_bias), kind, positions)
+    params, _ = jax.eval_shape(model.init, jax.random.key(0))
+    tree = params[head] if head is not None else params
+    covered = {(*path, name) for path in layers for name in ("kernel", "bias")}
+    rest = [
+        "/".join((*prefix, *k))
+        for k in traverse_util.flatten_dict(tree)
+        if (*prefix, *k) not in covered
+    ]
     if rest:
         raise UserError(
             f"method/laplace/structure=kfac covers dense and convolution layers only; model "
@@ -154,14 +155,7 @@ def find_layers(model: Model, head: str | None) -> tuple[Layer, ...]:
             "method.structure.subset=last_layer (KFAC over the last layer), or "
             "method/laplace/structure=diagonal or lanczos."
         )
-    return layers
-
-
-def _trace(fn):
-    """Runs ``fn`` under ``jax.eval_shape`` and returns its Python-side result."""
-    box = []
-    jax.eval_shape(lambda: box.append(fn()))
-    return box[0]
+    return tuple(layers.values())
 
 
 def batch_factors(
@@ -181,11 +175,11 @@ def batch_factors(
       logits_fn: (theta, x) -> logits (B, C), the network with ``theta`` set.
       prefix: the module path the covered layers start with (``()`` for all).
     """
-    _, _, shapes, _ = _forward(lambda: logits_fn(theta, x), prefix, None)
+    _, _, shapes = _forward(lambda: logits_fn(theta, x), prefix, None)
     zeros = {p: jnp.zeros(s, jnp.float32) for p, s in shapes.items()}
 
     def f(perturb):
-        logits, feats, _, _ = _forward(lambda: logits_fn(theta, x), prefix, perturb)
+        logits, feats, _ = _forward(lambda: logits_fn(theta, x), prefix, perturb)
         return logits, feats
 
     logits, vjp_fn, feats = jax.vjp(f, zeros, has_aux=True)

@@ -33,7 +33,6 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +48,7 @@ from bnn_bench.methods import kfac
 from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer, epoch_batches
-from bnn_bench.models import Model, Params, State, num_params
+from bnn_bench.models import Model, Params, State, module_calls, num_params
 from bnn_bench.models.base import map_batches
 
 logger = logging.getLogger(__name__)
@@ -672,22 +671,8 @@ def last_layer(model: Model) -> str:
     Found from the order in which a forward pass calls the top-level submodules, not
     from the keys, whose order is alphabetical (``Dense_9`` sorts after ``Dense_10``).
     """
-    called: list[str] = []
-
-    def record(next_fun, args, kwargs, context):
-        path = context.module.path
-        if path and path[0] not in called:
-            called.append(path[0])
-        return next_fun(*args, **kwargs)
-
-    def forward(key):
-        params, state = model.init(key)
-        with nn.intercept_methods(record):
-            model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))
-        return params
-
-    params = jax.eval_shape(forward, jax.random.key(0))
-    return [name for name in called if name in params][-1]
+    params, _ = jax.eval_shape(model.init, jax.random.key(0))
+    return [c.path[0] for c in module_calls(model) if c.path[0] in params][-1]
 
 
 @partial(jax.jit, static_argnames=("batch_size", "linearised"))
