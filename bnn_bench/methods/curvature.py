@@ -27,6 +27,10 @@ is N(θ*, (G + τ I)⁻¹), which is, with U orthonormal,
 laplax's ``create_posterior_fn("lanczos")`` for d = 0 (the directions outside U keep
 the prior variance 1/τ). Changing τ costs nothing: the posterior is re-read from
 (U, s, d), which is what makes tuning τ cheap.
+
+A ``Kronecker`` holds KFAC's eigendecomposed blocks A_l ⊗ B_l instead (``kfac.py``
+computes them); it answers the same questions (``sample``, ``function_variance``,
+``log_det_precision``, ``covariance``), so the predictives and the evidence take either.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct, traverse_util
+from jax.flatten_util import ravel_pytree
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (theta (P,), x (B, ...)) -> (B, C)
 
@@ -258,6 +264,51 @@ class Curvature(NamedTuple):
     def dim(self) -> int:
         return self.diag.shape[0]
 
+    @property
+    def rank(self) -> int:
+        """Eigenpairs held (0 for a diagonal)."""
+        return self.eigvals.shape[0]
+
+    @property
+    def low_rank(self) -> bool:
+        """U diag(s) Uᵀ alone (d = 0): a τ grid can reuse one pass of k tangents."""
+        return not bool(jnp.any(self.diag))
+
+    def dense(self) -> jax.Array:
+        """(P, P) U diag(s) Uᵀ + diag(d); for tests."""
+        return (self.basis * self.eigvals) @ self.basis.T + jnp.diag(self.diag)
+
+    def covariance(self, prior_precision) -> jax.Array:
+        """(P, P) Σ(τ) = U diag(1/(s+τ) − 1/τ) Uᵀ + diag(1/(d+τ)); dense, for tests."""
+        tau = prior_precision
+        w = 1.0 / (self.eigvals + tau) - 1.0 / tau
+        return (self.basis * w) @ self.basis.T + jnp.diag(1.0 / (self.diag + tau))
+
+    def sample(self, prior_precision, z: jax.Array) -> jax.Array:
+        """δ = U ((1/√(s+τ) − 1/√τ) ⊙ Uᵀz) + z / √(d+τ), the symmetric square root of
+        Σ(τ) applied to z (laplax's low-rank "scale"). z: (..., P) -> (..., P)."""
+        tau = prior_precision
+        a = jax.lax.rsqrt(self.eigvals + tau) - jax.lax.rsqrt(jnp.asarray(tau, z.dtype))
+        return ((z @ self.basis) * a) @ self.basis.T + z * jax.lax.rsqrt(self.diag + tau)
+
+    def function_variance(self, prior_precision, jac: jax.Array) -> jax.Array:
+        """(..., C) Σ_k w_k (J U)_k² + Σ_j J_j² / (d_j + τ), w = 1/(s+τ) − 1/τ, for
+        Jacobians jac (..., C, P)."""
+        tau = prior_precision
+        w = 1.0 / (self.eigvals + tau) - 1.0 / tau
+        ju = jac @ self.basis  # (..., C, k)
+        return jnp.sum(jnp.square(ju) * w, -1) + jnp.sum(jnp.square(jac) / (self.diag + tau), -1)
+
+    def log_det_precision(self, prior_precision) -> jax.Array:
+        """log det(G + τ I) = Σ_k log(s_k + τ) − k log τ + Σ_j log(d_j + τ)."""
+        tau = prior_precision
+        k = self.eigvals.shape[0]
+        return (
+            jnp.sum(jnp.log(self.eigvals + tau))
+            - k * jnp.log(tau)
+            + jnp.sum(jnp.log(self.diag + tau))
+        )
+
 
 def from_dense(g: jax.Array) -> Curvature:
     """A full eigendecomposition of a dense (P, P) curvature."""
@@ -271,50 +322,160 @@ def from_diagonal(d: jax.Array) -> Curvature:
     )
 
 
-def covariance(curv: Curvature, prior_precision) -> jax.Array:
-    """(P, P) Σ(τ) = U diag(1/(s+τ) − 1/τ) Uᵀ + diag(1/(d+τ)); dense, for tests."""
-    tau = prior_precision
-    w = 1.0 / (curv.eigvals + tau) - 1.0 / tau
-    return (curv.basis * w) @ curv.basis.T + jnp.diag(1.0 / (curv.diag + tau))
+@dataclass(frozen=True)
+class KroneckerLayer:
+    """Where a Kronecker block's parameters sit in the flat vector's pytree.
 
-
-def sample(curv: Curvature, prior_precision, z: jax.Array) -> jax.Array:
-    """A posterior deviation δ = Σ(τ)^{1/2} z for z ~ N(0, I_P).
-
-    δ = U ((1/√(s+τ) − 1/√τ) ⊙ Uᵀz) + z / √(d+τ), the symmetric square root of Σ(τ)
-    (laplax's low-rank "scale"). z: (..., P) -> (..., P).
+    Attributes:
+      path: the layer's keys in the pytree (``()`` when the pytree is the layer itself).
+      bias: whether the layer has a ``bias`` (the last row of its (D_in + 1, D_out) matrix).
     """
-    tau = prior_precision
-    a = jax.lax.rsqrt(curv.eigvals + tau) - jax.lax.rsqrt(jnp.asarray(tau, z.dtype))
-    return ((z @ curv.basis) * a) @ curv.basis.T + z * jax.lax.rsqrt(curv.diag + tau)
+
+    path: tuple[str, ...]
+    bias: bool
 
 
-def function_variance(curv: Curvature, prior_precision, jac: jax.Array) -> jax.Array:
+@struct.dataclass
+class Kronecker:
+    """KFAC: G ≈ blockdiag_l (A_l ⊗ B_l), one block per dense or convolution layer
+    (Martens & Grosse, 2015; KFC for convolutions, Grosse & Martens, 2016), each factor
+    eigendecomposed, A = Q_A diag(a) Q_Aᵀ, B = Q_B diag(b) Q_Bᵀ (Ritter et al., 2018).
+
+    A layer's parameters form W (D_in [+ 1 bias row], D_out) (a convolution's kernel
+    (kh, kw, C_in, C_out) flattened to (kh·kw·C_in, C_out)); the block acts on it as
+    W ↦ A W B, whose eigenvectors are Q_A E_ij Q_Bᵀ with eigenvalues a_i b_j. So with
+    an isotropic prior every function of the posterior precision is elementwise in the
+    rotated frame W' = Q_Aᵀ W Q_B:
+
+        Σ(τ)^{1/2} w = Q_A (W' / √(a bᵀ + τ)) Q_Bᵀ,   log det(G + τI) = Σ log(a bᵀ + τ),
+
+    and changing τ costs no refactorisation (laplace-torch's ``KronDecomposed``).
+
+    Attributes:
+      qa, a: per layer, (D_in', D_in') eigenvectors and (D_in',) eigenvalues of A.
+      qb, b: per layer, (D_out, D_out) eigenvectors and (D_out,) eigenvalues of B.
+      layers: per layer, where it sits in the flat vector's pytree.
+      unravel: flat (P,) -> the parameter pytree (every leaf in some layer).
+    """
+
+    qa: tuple[jax.Array, ...]
+    a: tuple[jax.Array, ...]
+    qb: tuple[jax.Array, ...]
+    b: tuple[jax.Array, ...]
+    layers: tuple[KroneckerLayer, ...] = struct.field(pytree_node=False)
+    unravel: Callable = struct.field(pytree_node=False)
+
+    @property
+    def dim(self) -> int:
+        return sum(qa.shape[0] * qb.shape[0] for qa, qb in zip(self.qa, self.qb, strict=True))
+
+    @property
+    def rank(self) -> int:
+        return self.dim
+
+    low_rank = False
+
+    def _mats(self, v: jax.Array) -> list[jax.Array]:
+        """(P,) -> per layer its (D_in', D_out) matrix."""
+        flat = traverse_util.flatten_dict(self.unravel(v))
+        mats = []
+        for layer in self.layers:
+            k = flat[(*layer.path, "kernel")]
+            m = k.reshape(-1, k.shape[-1])
+            if layer.bias:
+                m = jnp.concatenate([m, flat[(*layer.path, "bias")][None]], 0)
+            mats.append(m)
+        return mats
+
+    def _vector(self, mats: list[jax.Array]) -> jax.Array:
+        """The inverse of ``_mats``."""
+        flat = traverse_util.flatten_dict(self.unravel(jnp.zeros(self.dim, mats[0].dtype)))
+        for layer, m in zip(self.layers, mats, strict=True):
+            shape = flat[(*layer.path, "kernel")].shape
+            if layer.bias:
+                flat[(*layer.path, "bias")] = m[-1]
+                m = m[:-1]
+            flat[(*layer.path, "kernel")] = m.reshape(shape)
+        return ravel_pytree(traverse_util.unflatten_dict(flat))[0]
+
+    def _spectral(self, v: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        """fn(G) v for one v (P,): per layer Q_A ((Q_Aᵀ W Q_B) ⊙ fn(a bᵀ)) Q_Bᵀ."""
+        out = []
+        for m, qa, a, qb, b in zip(self._mats(v), self.qa, self.a, self.qb, self.b, strict=True):
+            out.append(qa @ ((qa.T @ m @ qb) * fn(jnp.outer(a, b))) @ qb.T)
+        return self._vector(out)
+
+    def _batched(self, v: jax.Array, fn) -> jax.Array:
+        flat = v.reshape(-1, v.shape[-1])
+        return jax.vmap(lambda u: self._spectral(u, fn))(flat).reshape(v.shape)
+
+    def dense(self) -> jax.Array:
+        """(P, P) the Kronecker-factored G; for tests."""
+        return self._batched(jnp.eye(self.dim), lambda lam: lam)
+
+    def covariance(self, prior_precision) -> jax.Array:
+        """(P, P) Σ(τ) = (G + τI)⁻¹; dense, for tests."""
+        return self._batched(jnp.eye(self.dim), lambda lam: 1.0 / (lam + prior_precision))
+
+    def sample(self, prior_precision, z: jax.Array) -> jax.Array:
+        """δ = Σ(τ)^{1/2} z (the symmetric root). z: (..., P) -> (..., P)."""
+        return self._batched(z, lambda lam: jax.lax.rsqrt(lam + prior_precision))
+
+    def function_variance(self, prior_precision, jac: jax.Array) -> jax.Array:
+        """(..., C) diag(J Σ(τ) Jᵀ) = Σ_l Σ_ij (Q_Aᵀ J_l Q_B)²_ij / (a_i b_j + τ) for
+        Jacobians jac (..., C, P)."""
+
+        def one(j):
+            total = jnp.zeros((), j.dtype)
+            blocks = zip(self._mats(j), self.qa, self.a, self.qb, self.b, strict=True)
+            for m, qa, a, qb, b in blocks:
+                rotated = qa.T @ m @ qb
+                total = total + jnp.sum(jnp.square(rotated) / (jnp.outer(a, b) + prior_precision))
+            return total
+
+        flat = jac.reshape(-1, jac.shape[-1])
+        return jax.vmap(one)(flat).reshape(jac.shape[:-1])
+
+    def log_det_precision(self, prior_precision) -> jax.Array:
+        """log det(G + τ I) = Σ_l Σ_ij log(a_i b_j + τ)."""
+        return sum(
+            jnp.sum(jnp.log(jnp.outer(a, b) + prior_precision))
+            for a, b in zip(self.a, self.b, strict=True)
+        )
+
+
+AnyCurvature = Curvature | Kronecker
+
+
+def covariance(curv: AnyCurvature, prior_precision) -> jax.Array:
+    """(P, P) Σ(τ) = (G + τ I)⁻¹ of either structure; dense, for tests."""
+    return curv.covariance(prior_precision)
+
+
+def sample(curv: AnyCurvature, prior_precision, z: jax.Array) -> jax.Array:
+    """A posterior deviation δ = Σ(τ)^{1/2} z for z ~ N(0, I_P); z: (..., P) -> (..., P)."""
+    return curv.sample(prior_precision, z)
+
+
+def function_variance(curv: AnyCurvature, prior_precision, jac: jax.Array) -> jax.Array:
     """diag(J Σ(τ) Jᵀ): the variance of each linearised logit.
 
     Args:
       jac: (..., C, P) Jacobians of the logits.
 
     Returns:
-      (..., C) = Σ_k w_k (J U)_k² + Σ_j J_j² / (d_j + τ), w = 1/(s+τ) − 1/τ.
+      (..., C).
     """
-    tau = prior_precision
-    w = 1.0 / (curv.eigvals + tau) - 1.0 / tau
-    ju = jac @ curv.basis  # (..., C, k)
-    return jnp.sum(jnp.square(ju) * w, -1) + jnp.sum(jnp.square(jac) / (curv.diag + tau), -1)
+    return curv.function_variance(prior_precision, jac)
 
 
-def log_det_precision(curv: Curvature, prior_precision) -> jax.Array:
-    """log det(G + τ I) = Σ_k log(s_k + τ) − k log τ + Σ_j log(d_j + τ)."""
-    tau = prior_precision
-    k = curv.eigvals.shape[0]
-    return (
-        jnp.sum(jnp.log(curv.eigvals + tau)) - k * jnp.log(tau) + jnp.sum(jnp.log(curv.diag + tau))
-    )
+def log_det_precision(curv: AnyCurvature, prior_precision) -> jax.Array:
+    """log det(G + τ I)."""
+    return curv.log_det_precision(prior_precision)
 
 
 def log_marginal_likelihood(
-    curv: Curvature, prior_precision, log_likelihood, theta_sq_norm
+    curv: AnyCurvature, prior_precision, log_likelihood, theta_sq_norm
 ) -> jax.Array:
     """The Laplace evidence of an isotropic prior N(0, τ⁻¹ I) (MacKay, 1992; Immer et al., 2021):
 
@@ -336,7 +497,7 @@ def log_marginal_likelihood(
 
 
 def maximise_marginal_likelihood(
-    curv: Curvature, log_likelihood, theta_sq_norm, low: float, high: float, num: int = 1001
+    curv: AnyCurvature, log_likelihood, theta_sq_norm, low: float, high: float, num: int = 1001
 ) -> tuple[float, float]:
     """τ maximising ``log_marginal_likelihood`` over [low, high]: a log-uniform grid of
     ``num`` points, then golden-section search between the best point's neighbours.

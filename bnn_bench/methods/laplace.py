@@ -11,7 +11,8 @@ num_total_samples=N)``. Each choice is an object, chosen by a config group under
 
 * ``structure``: ``lanczos`` (rank-k eigenpairs; laplax's ``create_posterior_fn
   ("lanczos")``), ``diagonal`` (the exact diagonal), ``last_layer`` (dense over the
-  last layer) or ``full`` (dense over all parameters);
+  last layer), ``full`` (dense over all parameters) or ``kfac`` (one eigendecomposed
+  Kronecker block per layer, ``kfac.py``; all layers or the last);
 * ``curvature``: ``ggn`` or ``empirical_fisher`` (``curvature.py``);
 * ``prior_precision``: ``val_nll`` (the validation-NLL minimiser on a grid),
   ``marglik`` (the maximiser of the Laplace evidence) or ``fixed`` (or a number);
@@ -30,8 +31,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,10 +44,11 @@ from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods import curvature as cv
+from bnn_bench.methods import kfac
 from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer, epoch_batches
-from bnn_bench.models import Model, Params, State, num_params
+from bnn_bench.models import Model, Params, State, module_calls, num_params
 from bnn_bench.models.base import map_batches
 
 logger = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class LaplacePosterior:
     params: Params
     state: State
     theta: jax.Array
-    curvature: cv.Curvature
+    curvature: cv.AnyCurvature
     prior_precision: jax.Array
     unravel: Callable = struct.field(pytree_node=False)
     head: str | None = struct.field(pytree_node=False, default=None)
@@ -91,7 +93,7 @@ class LaplacePosterior:
 
 # ---------------------------------------------------------------------- structure
 # Which parameters the Gaussian covers and the form of its curvature:
-# ``method/laplace/structure=lanczos|diagonal|last_layer|full``.
+# ``method/laplace/structure=lanczos|diagonal|last_layer|full|kfac``.
 
 
 class Structure:
@@ -103,9 +105,10 @@ class Structure:
         del model
         return None
 
-    def check(self, dim: int) -> None:
-        """Refuses a structure that cannot hold ``dim`` parameters (before training)."""
-        del dim
+    def check(self, model: Model, dim: int) -> None:
+        """Refuses a model, or ``dim`` parameters, the structure cannot hold (before
+        training)."""
+        del model, dim
 
     def fit(
         self,
@@ -116,7 +119,7 @@ class Structure:
         weights: jax.Array,
         factor: float,
         kind: cv.LossCurvature,
-    ) -> cv.Curvature:
+    ) -> cv.AnyCurvature:
         """G over the batches ``train[idx]`` (weights mask padding), times ``factor``."""
         raise NotImplementedError
 
@@ -164,7 +167,7 @@ class Diagonal(Structure):
 class Full(Structure):
     """G dense over all parameters (tiny networks and tests)."""
 
-    def check(self, dim: int) -> None:
+    def check(self, model: Model, dim: int) -> None:
         if dim > FULL_MAX_PARAMS:
             raise UserError(
                 f"method/laplace/structure=full needs a dense {dim:,} x {dim:,} matrix; "
@@ -184,8 +187,44 @@ class LastLayer(Full):
     def head(self, model: Model) -> str | None:
         return last_layer(model)
 
-    def check(self, dim: int) -> None:
-        del dim  # a last layer is small
+    def check(self, model: Model, dim: int) -> None:
+        del model, dim  # a last layer is small
+
+
+@dataclass(frozen=True)
+class KFAC(Structure):
+    """Kronecker-factored G, one block A ⊗ B per dense or convolution layer (Martens &
+    Grosse, 2015; Ritter et al., 2018; KFC for convolutions), each factor
+    eigendecomposed, so every τ costs no refactorisation (``methods/kfac.py``).
+
+    Attributes:
+      subset: ``all`` (every layer; a model with other parameters, e.g. batch norm, is
+        refused) or ``last_layer`` (the last layer's block; the rest stay at θ*).
+    """
+
+    subset: Literal["all", "last_layer"] = "all"
+
+    def __post_init__(self):
+        if self.subset not in ("all", "last_layer"):
+            raise UserError(
+                f"method.structure.subset must be all or last_layer; got {self.subset!r}."
+            )
+
+    def head(self, model: Model) -> str | None:
+        return last_layer(model) if self.subset == "last_layer" else None
+
+    def check(self, model: Model, dim: int) -> None:
+        kfac.find_layers(model, self.head(model))
+
+    def fit(self, key, post, train, idx, weights, factor, kind):
+        del key
+        prefix = (post.head,) if post.head is not None else ()
+        layers = kfac.find_layers(post.model, post.head)
+        sums = None
+        for i in _bar(range(idx.shape[0]), desc="kfac factors", unit="batch"):
+            batch = _kfac_batch(post, train.x[idx[i]], train.y[idx[i]], weights[i], prefix, kind)
+            sums = batch if sums is None else jax.tree.map(jnp.add, sums, batch)
+        return kfac.kronecker(sums, layers, prefix, float(weights.sum()), factor, post.unravel)
 
 
 def _summed(post, train: Split, idx, weights, kind: cv.LossCurvature, dense: bool) -> jax.Array:
@@ -262,7 +301,7 @@ class Linearised(_Sampled):
     """
 
     def nll_fn(self, key, post, val, chunk_size):
-        if bool(jnp.any(post.curvature.diag)):
+        if not post.curvature.low_rank:
             return super().nll_fn(key, post, val, chunk_size)
         # d = 0: one pass of k + S tangents serves every τ of a grid
         ids = jnp.arange(self.num_samples)
@@ -419,8 +458,8 @@ class MargLik(PriorPrecision):
     def choose(self, key, post, loglik, sq, val, predictive, chunk_size):
         curv = post.curvature
         tau, _ = cv.maximise_marginal_likelihood(curv, loglik, sq, *self.prior_range)
-        rank, dim = curv.eigvals.shape[0], post.theta.shape[0]
-        if rank < dim and not bool(jnp.any(curv.diag)):
+        rank, dim = curv.rank, post.theta.shape[0]
+        if curv.low_rank and rank < dim:
             # Only k directions carry an Occam factor, while ‖θ*‖² spans all P: the
             # evidence then favours τ near k/‖θ*‖², far too wide for the P − k rest.
             logger.warning(
@@ -447,7 +486,8 @@ class Laplace(Method):
       trainer: trains the MAP network (ignored with ``init_from``).
       init_from: a run folder whose ``checkpoint/map.msgpack`` holds the MAP network
         (written by every ``map`` and ``laplace`` run); None to train.
-      structure: the form of G: ``Lanczos``, ``Diagonal``, ``LastLayer`` or ``Full``.
+      structure: the form of G: ``Lanczos``, ``Diagonal``, ``LastLayer``, ``Full`` or
+        ``KFAC``.
       curvature: the loss curvature: ``GGN`` or ``EmpiricalFisher``.
       prior_precision: how τ is chosen: ``ValNLL``, ``MargLik``, ``Fixed``, or a number.
       predictive: how members are drawn: ``Linearised``, ``WeightSpace`` or ``Probit``.
@@ -500,7 +540,7 @@ class Laplace(Method):
         shapes, _ = jax.eval_shape(model.init, key)
         head = self.structure.head(model)
         dim = num_params(shapes[head] if head is not None else shapes)
-        self.structure.check(dim)
+        self.structure.check(model, dim)
         self.prior_precision.check(data)
 
         # --- the MAP network: the same key as `method=map`, so the same network
@@ -565,7 +605,7 @@ class Laplace(Method):
             "laplace/prior_precision": tau,
             "laplace/log_marglik": lml,
             "laplace/num_params": float(dim),
-            "laplace/rank": float(curv.eigvals.shape[0]),
+            "laplace/rank": float(curv.rank),
             "laplace/curvature_examples": float(weights.sum()),
             "laplace/time_map": t_map,
             "laplace/time_curvature": t_curv,
@@ -634,22 +674,8 @@ def last_layer(model: Model) -> str:
     Found from the order in which a forward pass calls the top-level submodules, not
     from the keys, whose order is alphabetical (``Dense_9`` sorts after ``Dense_10``).
     """
-    called: list[str] = []
-
-    def record(next_fun, args, kwargs, context):
-        path = context.module.path
-        if path and path[0] not in called:
-            called.append(path[0])
-        return next_fun(*args, **kwargs)
-
-    def forward(key):
-        params, state = model.init(key)
-        with nn.intercept_methods(record):
-            model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))
-        return params
-
-    params = jax.eval_shape(forward, jax.random.key(0))
-    return [name for name in called if name in params][-1]
+    params, _ = jax.eval_shape(model.init, jax.random.key(0))
+    return [c.path[0] for c in module_calls(model) if c.path[0] in params][-1]
 
 
 @partial(jax.jit, static_argnames=("batch_size", "linearised"))
@@ -756,6 +782,12 @@ def _accumulate(
     """acc + the batch's dense (P, P) curvature or its diagonal (P,)."""
     batch_fn = cv.dense_batch if dense else cv.diagonal_batch
     return acc + batch_fn(post.logits_fn, post.theta, x, y, weights, kind)
+
+
+@partial(jax.jit, static_argnames=("prefix", "kind"))
+def _kfac_batch(post: LaplacePosterior, x, y, weights, prefix: tuple[str, ...], kind):
+    """One curvature batch's unnormalised Kronecker factors (``kfac.batch_factors``)."""
+    return kfac.batch_factors(post.logits_fn, post.theta, x, y, weights, prefix, kind)
 
 
 _MV_BATCH = 256  # inputs per jitted curvature-vector product (whole curvature batches)

@@ -30,7 +30,7 @@ from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.map import PointPosterior, checkpoint_path, map_metrics, save_point
 from bnn_bench.methods.posthoc import map_point
 from bnn_bench.methods.training import Trainer
-from bnn_bench.models import Model, Params, State
+from bnn_bench.models import Model, Params, State, module_calls
 
 
 def dropout(key: jax.Array, x: jax.Array, rate: float, broadcast_dims: Sequence[int] = ()):
@@ -97,20 +97,7 @@ def mc_dropout_logits(
 
 def dropout_rates(model: Model) -> list[float]:
     """The rate of every ``nn.Dropout`` call in one forward pass of ``model`` (no compute)."""
-    rates: list[float] = []
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
-            rates.append(float(context.module.rate))
-        return next_fun(*args, **kwargs)
-
-    def forward(key):
-        params, state = model.init(key)
-        with nn.intercept_methods(record):
-            return model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))[0]
-
-    jax.eval_shape(forward, jax.random.key(0))
-    return rates
+    return [float(c.module.rate) for c in module_calls(model) if isinstance(c.module, nn.Dropout)]
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.mc_dropout import dropout_rates
 from bnn_bench.methods.training import Trainer, epoch_batches, scan_steps
-from bnn_bench.models import Model, Params
+from bnn_bench.models import Model, Params, module_calls
 from bnn_bench.models.layers import Conv
 
 log = logging.getLogger(__name__)
@@ -150,22 +150,7 @@ def _perturb(next_fun, args, kwargs, context):
 def perturbed_layers(model: Model) -> set[tuple[str, ...]]:
     """The module paths of the layers ``perturbed_logits`` draws by local
     reparameterisation or Flipout (one forward pass, no compute)."""
-    paths: set[tuple[str, ...]] = set()
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(
-            context.module, nn.Dense | nn.Conv | Conv
-        ):
-            paths.add(tuple(context.module.path))
-        return next_fun(*args, **kwargs)
-
-    def forward(key):
-        params, state = model.init(key)
-        with nn.intercept_methods(record):
-            return model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))[0]
-
-    jax.eval_shape(forward, jax.random.key(0))
-    return paths
+    return {c.path for c in module_calls(model) if isinstance(c.module, nn.Dense | nn.Conv | Conv)}
 
 
 def perturbed_logits(

@@ -86,6 +86,46 @@ class Model:
         return "batch_stats" in state
 
 
+@dataclass(frozen=True)
+class Call:
+    """One call of a submodule's ``__call__`` in a forward pass.
+
+    Attributes:
+      path: the module's path, which is also its keys in ``params``.
+      module: the module (read its attributes: ``rate``, ``use_bias``, ...).
+      out_shape: the output's shape for one input batch of size 1.
+    """
+
+    path: tuple[str, ...]
+    module: nn.Module
+    out_shape: tuple[int, ...]
+
+
+def module_calls(model: Model) -> list[Call]:
+    """Every submodule ``__call__`` of one evaluation-mode forward pass of ``model``, in
+    call order (a flax method interceptor under ``jax.eval_shape``: no compute).
+
+    How methods find their layers without knowing the model: the last layer (Laplace),
+    the dropout layers (MC dropout, VI), the dense and convolution layers (VI, KFAC).
+    """
+    calls: list[Call] = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.path:
+            shape = tuple(out.shape) if hasattr(out, "shape") else ()
+            calls.append(Call(tuple(context.module.path), context.module, shape))
+        return out
+
+    def forward(key):
+        params, state = model.init(key)
+        with nn.intercept_methods(record):
+            return model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))[0]
+
+    jax.eval_shape(forward, jax.random.key(0))
+    return calls
+
+
 def map_batches(fn: Callable[[jax.Array], Any], x: jax.Array, batch_size: int) -> Any:
     """``fn`` over x (N, ...) in batches of ``batch_size`` inputs (``lax.map``; the last
     batch zero-padded), every output leaf (b, ...) joined to (N, ...). Jittable.

@@ -57,6 +57,11 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.predictive.num_samples=4",
         "method.chunk_size=3",
     ],
+    "laplace_kfac": [
+        "method.curvature_batches=2",
+        "method.predictive.num_samples=4",
+        "method.chunk_size=3",
+    ],
     "ensemble": ["method.size=2"],
     "vote": ["method.n_voters=2"],
     "mcbn": [

@@ -1,0 +1,219 @@
+"""Kronecker factors of the GGN for every dense and convolution layer of a flax model.
+
+For a dense layer s = Wᵀ ã (ã = [a; 1] with a bias), the GGN block of one input is
+exactly a Kronecker product (Martens & Grosse, 2015):
+
+    J_Wᵀ H J_W = ã ãᵀ ⊗ Σ_k g_k g_kᵀ,   g_k = (∂f/∂s)ᵀ L_k,   H = L Lᵀ
+
+(H the loss Hessian at the logits, L its factor from ``curvature.GGN.factor``: the exact
+output Hessian of softmax cross-entropy, not a sampled Fisher). KFAC sums the two
+factors over inputs separately:
+
+    G_W ≈ (1/n Σ_n ã_n ã_nᵀ) ⊗ (Σ_n Σ_k g_nk g_nkᵀ).
+
+A convolution is a dense layer applied at T output positions to the patches under its
+kernel; KFC (Grosse & Martens, 2016) in its "expand" form (Eschenhagen et al., 2023)
+treats the n·T (patch, output-gradient) pairs as the examples: A = 1/(nT) Σ ã ãᵀ,
+B = Σ g gᵀ.
+
+The layers are found and fed by a flax method interceptor, so every project model
+works unchanged: it records each ``nn.Dense``, ``nn.Conv`` and ``layers.Conv`` call's
+input (a convolution's patches come from the same layer with an identity kernel, so
+padding and strides are the layer's own) and adds a zero perturbation to its output,
+whose cotangent is g. Written by hand: kfac-jax computes the same factors, but inside
+its optimiser's curvature estimator (registered layers and loss, exponential moving
+averages, damping), not as summed factors of a fixed network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from bnn_bench.errors import UserError
+from bnn_bench.methods import curvature as cv
+from bnn_bench.models import Model, module_calls
+from bnn_bench.models import layers as L
+
+LAYERS = (nn.Dense, nn.Conv, L.Conv)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A dense or convolution layer the factors cover.
+
+    Attributes:
+      path: its module path = its keys in ``params``.
+      bias: whether it has a bias.
+      kind: ``Dense`` or ``Conv``.
+      positions: T, the positions it is applied at per input (1 for a dense layer on
+        flat inputs, the output pixels of a convolution).
+    """
+
+    path: tuple[str, ...]
+    bias: bool
+    kind: str
+    positions: int
+
+
+def _features(module: nn.Module, x: jax.Array) -> jax.Array:
+    """(B, T, D_in') the inputs of the layer's matrix: a dense layer's input (T = the
+    product of its middle axes), or a convolution's patches (T = output positions);
+    with a ones column for the bias."""
+    if isinstance(module, nn.Dense):
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    else:
+        kh, kw = module.kernel_size
+        d = kh * kw * x.shape[-1]
+        eye = jnp.eye(d, dtype=x.dtype).reshape(kh, kw, x.shape[-1], d)
+        patches = module.clone(parent=None, features=d, use_bias=False).apply(
+            {"params": {"kernel": eye}}, x
+        )  # (B, h, w, kh*kw*C_in) in the kernel's (i, j, c) order
+        a = patches.reshape(x.shape[0], -1, d)
+    if module.use_bias:
+        a = jnp.concatenate([a, jnp.ones((*a.shape[:2], 1), a.dtype)], -1)
+    return a
+
+
+def _forward(
+    logits_fn: Callable[[jax.Array], jax.Array], prefix: tuple[str, ...], perturb: dict | None
+):
+    """Runs ``logits_fn`` with every covered layer intercepted. Returns the logits, the
+    layers' features {path: (B, T, D_in')} and their output shapes {path: shape}; with
+    ``perturb`` {path: (B, ..., D_out)}, adds it to each layer's output."""
+    feats, shapes = {}, {}
+    busy = []  # set while a convolution's patches are cut (by a call of the same layer)
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        out = next_fun(*args, **kwargs)
+        path = tuple(module.path)
+        if busy or context.method_name != "__call__" or not _covered(module, path, prefix):
+            return out
+        busy.append(path)
+        feats[path] = _features(module, args[0])
+        busy.pop()
+        shapes[path] = out.shape
+        return out if perturb is None else out + perturb[path]
+
+    with nn.intercept_methods(intercept):
+        logits = logits_fn()
+    return logits, feats, shapes
+
+
+def _covered(module: nn.Module, path: tuple[str, ...], prefix: tuple[str, ...]) -> bool:
+    return isinstance(module, LAYERS) and path[: len(prefix)] == prefix
+
+
+def find_layers(model: Model, head: str | None) -> tuple[Layer, ...]:
+    """The layers the factors cover, in call order (traced, no compute, so it can run
+    before training). Refuses parameters outside them, weights shared between calls and
+    grouped convolutions, naming what to use instead.
+
+    ``head``: only that top-level layer (the last-layer subset), else all of them.
+    """
+    prefix = (head,) if head is not None else ()
+    layers: dict[tuple[str, ...], Layer] = {}
+    for call in module_calls(model):
+        if not _covered(call.module, call.path, prefix):
+            continue
+        name = "/".join(call.path)
+        if call.path in layers:
+            raise UserError(
+                f"Layer {name} is called twice in one forward pass (shared weights), which "
+                "one Kronecker block per layer (method/laplace/structure=kfac) cannot "
+                "describe; use method/laplace/structure=diagonal or lanczos."
+            )
+        if getattr(call.module, "feature_group_count", 1) != 1:
+            raise UserError(
+                f"Layer {name} is a grouped (depthwise) convolution, which has no single "
+                "Kronecker block (method/laplace/structure=kfac); use "
+                "method.structure.subset=last_layer or method/laplace/structure=diagonal."
+            )
+        kind = "Dense" if isinstance(call.module, nn.Dense) else "Conv"
+        positions = math.prod(call.out_shape[1:-1])
+        layers[call.path] = Layer(call.path, bool(call.module.use_bias), kind, positions)
+    params, _ = jax.eval_shape(model.init, jax.random.key(0))
+    tree = params[head] if head is not None else params
+    covered = {(*path, name) for path in layers for name in ("kernel", "bias")}
+    rest = [
+        "/".join((*prefix, *k))
+        for k in traverse_util.flatten_dict(tree)
+        if (*prefix, *k) not in covered
+    ]
+    if rest:
+        raise UserError(
+            f"method/laplace/structure=kfac covers dense and convolution layers only; model "
+            f"{model.name or type(model.module).__name__} has other parameters "
+            f"({', '.join(rest[:4])}{', ...' if len(rest) > 4 else ''}). Use "
+            "method.structure.subset=last_layer (KFAC over the last layer), or "
+            "method/laplace/structure=diagonal or lanczos."
+        )
+    return tuple(layers.values())
+
+
+def batch_factors(
+    logits_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    theta: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    weights: jax.Array,
+    prefix: tuple[str, ...],
+    kind: cv.LossCurvature,
+) -> dict[tuple[str, ...], tuple[jax.Array, jax.Array]]:
+    """Unnormalised factors of one batch: {path: (Σ w ã ãᵀ (D_in', D_in'), Σ w g gᵀ
+    (D_out, D_out))}, sums over the batch's inputs (weights: (B,), 0 masks padding),
+    their T positions and the K columns of the loss factor L.
+
+    Args:
+      logits_fn: (theta, x) -> logits (B, C), the network with ``theta`` set.
+      prefix: the module path the covered layers start with (``()`` for all).
+    """
+    _, _, shapes = _forward(lambda: logits_fn(theta, x), prefix, None)
+    zeros = {p: jnp.zeros(s, jnp.float32) for p, s in shapes.items()}
+
+    def f(perturb):
+        logits, feats, _ = _forward(lambda: logits_fn(theta, x), prefix, perturb)
+        return logits, feats
+
+    logits, vjp_fn, feats = jax.vjp(f, zeros, has_aux=True)
+    lf = kind.factor(logits, y)  # (B, C, K)
+    grads = jax.vmap(lambda col: vjp_fn(col)[0])(jnp.moveaxis(lf, -1, 0))  # {p: (K, B, ..., D)}
+    sw = jnp.sqrt(weights)
+    out = {}
+    for path, a in feats.items():
+        a = a * sw[:, None, None]
+        g = grads[path]
+        g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]) * sw[None, :, None, None]
+        out[path] = (jnp.einsum("bti,btj->ij", a, a), jnp.einsum("kbti,kbtj->ij", g, g))
+    return out
+
+
+def kronecker(
+    sums: dict[tuple[str, ...], tuple[jax.Array, jax.Array]],
+    layers: tuple[Layer, ...],
+    prefix: tuple[str, ...],
+    examples: float,
+    scale: float,
+    unravel: Callable,
+) -> cv.Kronecker:
+    """The eigendecomposed ``Kronecker`` curvature from summed factors: A = ΣA/(n T),
+    B = scale · ΣB, so that A ⊗ B ≈ scale · Σ_n J_nᵀ H_n J_n (scale = N / n rescales
+    the n curvature examples to the training set)."""
+    qa, a, qb, b, where = [], [], [], [], []
+    for layer in layers:
+        sa, sb = sums[layer.path]
+        ea, va = jnp.linalg.eigh(sa / (examples * layer.positions))
+        eb, vb = jnp.linalg.eigh(scale * sb)
+        qa.append(va)
+        a.append(jnp.maximum(ea, 0.0))
+        qb.append(vb)
+        b.append(jnp.maximum(eb, 0.0))
+        where.append(cv.KroneckerLayer(layer.path[len(prefix) :], layer.bias))
+    return cv.Kronecker(tuple(qa), tuple(a), tuple(qb), tuple(b), tuple(where), unravel)
