@@ -654,7 +654,7 @@ class Laplace(Method):
         over more than ``FULL_MAX_PARAMS`` parameters)."""
         shapes, _ = jax.eval_shape(model.init, jax.random.key(0))
         head = self.structure.head(model)
-        self.structure.check(num_params(shapes[head] if head is not None else shapes))
+        self.structure.check(model, num_params(shapes[head] if head is not None else shapes))
         steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
         return {
             "steps": steps,
