@@ -51,7 +51,10 @@ IMPOSSIBLE = {
     "mc_dropout": "method=mc_dropout needs a model with dropout",
     "vi": "method=vi needs a model without batch norm",
     "vi-dropout": "method=vi draws its noise from q; model convmod also has dropout",
+    # KFAC has one Kronecker block per layer; mobilenet's depthwise convolutions have none
+    "kfac-depthwise": r"is a grouped \(depthwise\) convolution",
 }
+DEPTHWISE_MODELS = {"mobilenet"}
 DROPOUT_MODELS = {"convmod"}  # dropout by default (mlp, cnn, lenet: model.dropout_rate=0)
 TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}
 
@@ -80,6 +83,7 @@ def test_every_dataset_model_method_combination_plans_or_says_why_not(
         else IMPOSSIBLE["mc_dropout"] if method == "mc_dropout" and model not in DROPOUT_MODELS
         else IMPOSSIBLE["vi"] if method == "vi" and bn
         else IMPOSSIBLE["vi-dropout"] if method == "vi" and model in DROPOUT_MODELS
+        else IMPOSSIBLE["kfac-depthwise"] if method == "laplace_kfac" and model in DEPTHWISE_MODELS
         else None
     )  # fmt: skip
     if why is not None:
