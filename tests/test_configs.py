@@ -51,7 +51,10 @@ IMPOSSIBLE = {
     "mc_dropout": "method=mc_dropout needs a model with dropout",
     "vi": "method=vi needs a model without batch norm",
     "vi-dropout": "method=vi draws its noise from q; model convmod also has dropout",
+    # KFAC has one Kronecker block per layer; mobilenet's depthwise convolutions have none
+    "kfac-depthwise": r"is a grouped \(depthwise\) convolution",
 }
+DEPTHWISE_MODELS = {"mobilenet"}
 DROPOUT_MODELS = {"convmod"}  # dropout by default (mlp, cnn, lenet: model.dropout_rate=0)
 TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}
 
@@ -80,6 +83,7 @@ def test_every_dataset_model_method_combination_plans_or_says_why_not(
         else IMPOSSIBLE["mc_dropout"] if method == "mc_dropout" and model not in DROPOUT_MODELS
         else IMPOSSIBLE["vi"] if method == "vi" and bn
         else IMPOSSIBLE["vi-dropout"] if method == "vi" and model in DROPOUT_MODELS
+        else IMPOSSIBLE["kfac-depthwise"] if method == "laplace_kfac" and model in DEPTHWISE_MODELS
         else None
     )  # fmt: skip
     if why is not None:
@@ -132,3 +136,22 @@ def test_cli_help_lists_groups():
     assert "bnn-bench" in out
     for group in GROUPS:
         assert f"{group}:" in out
+
+
+def test_dry_run_refuses_a_full_laplace_the_run_would_refuse(tmp_path, monkeypatch):
+    """structure=full is limited to 5,000 parameters; the dry run says so before any work
+    (experiment=fmnist_small's MLP has 10,360), and plans a network under the limit."""
+    from bnn_bench import dry_run
+    from bnn_bench.run import run
+
+    monkeypatch.setattr(dry_run, "_compiled_bytes", lambda *args: 0)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    base = ["dataset=synthetic", "model=mlp", "method=laplace", "dry_run=true"]
+    full = "method/laplace/structure=full"
+    with pytest.raises(UserError, match="limited to 5,000 parameters"):
+        run(compose_cfg(*base, full, "model.hidden=[50]"), tmp_path / "run")
+    plan = run(compose_cfg(*base, full, "model.hidden=[4]"), tmp_path / "run")
+    assert plan["plan/params"] < 5000 and not (tmp_path / "run").exists()
+    # last_layer keeps a dense matrix over the last layer only: any network
+    plan = run(compose_cfg(*base, "method/laplace/structure=last_layer"), tmp_path / "run")
+    assert plan["plan/params"] > 5000

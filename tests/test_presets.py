@@ -15,6 +15,10 @@ from bnn_bench.run import run
 from tests.conftest import CLI, CONF, TINY, cli_env, compose_cfg, config_choices
 
 PRESETS = config_choices("experiment")
+# A preset's settings for one method (conf/experiment/<preset>/<method>.yaml): (preset, method)
+PRESET_METHODS = sorted(
+    (p.parent.name, p.stem) for p in CONF.glob("experiment/*/*.yaml") if p.parent.name in PRESETS
+)
 
 # The training recipe of each preset that trains, as its source gives it (the preset
 # YAMLs' opening comments name the sources): composed value of each trainer key.
@@ -79,6 +83,52 @@ def test_every_preset_gives_its_map_baseline(experiment):
     assert cfg.dataset == preset.dataset and cfg.model == preset.model
     if "trainer" in preset:
         assert cfg.trainer == preset.trainer  # the same recipe trains the baseline
+
+
+@pytest.mark.parametrize("experiment,method", PRESET_METHODS)
+def test_every_preset_method_file_composes_onto_its_method(experiment, method):
+    """conf/experiment/<preset>/<method>.yaml lands on the method node when that method
+    runs: its every key is in the composed method, which validates and builds."""
+    cfg = compose_cfg(f"experiment={experiment}", f"method={method}")
+    validate(cfg)
+    build(cfg.method, "method")
+    own = OmegaConf.load(CONF / "experiment" / experiment / f"{method}.yaml")
+    for key in ("batch_size", "iterations", "burn_in", "accepted_samples"):
+        if key in own:
+            assert cfg.method[key] == own[key], key
+
+
+# experiment=fmnist_small's budgets: (method, steps, members) as the dry run plans them
+FMNIST_SMALL_PLANS = {
+    "hmc": None,  # full-batch HMC: steps are transitions; test_configs plans it
+    "sgld": (150_000, 400),
+    "psgld": (150_000, 400),
+    "sghmc": (150_000, 400),
+}
+
+
+@pytest.mark.parametrize("method", sorted(m for m, p in FMNIST_SMALL_PLANS.items() if p))
+def test_fmnist_small_sampler_budgets_dry_run(method, tmp_path, monkeypatch):
+    """`experiment=fmnist_small method=<sampler> dry_run=true` plans the preset's budget
+    (not the method's 90 steps of batch 512), at the method's own temperature and at T = 1."""
+    from bnn_bench import dry_run
+
+    monkeypatch.setattr(dry_run, "_compiled_bytes", lambda *args: 0)  # skip compiling
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    steps, members = FMNIST_SMALL_PLANS[method]
+    for extra in ((), ("method.temperature=1",)):
+        cfg = compose_cfg("experiment=fmnist_small", f"method={method}", "dry_run=true", *extra)
+        plan = run(cfg, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+        assert (plan["plan/steps"], plan["plan/members"]) == (steps, members)
+        assert plan["plan/grad_evals"] == steps and plan["plan/params"] == 10_360
+        assert plan["plan/test_size"] == 10_000 and plan["plan/val_size"] == 200
+    assert compose_cfg("experiment=fmnist_small", f"method={method}").method.temperature == 0.2
+
+
+def test_fmnist_small_has_a_budget_for_every_sampler():
+    """Each method that needs its own budget on 1,800 images has one."""
+    assert {m for p, m in PRESET_METHODS if p == "fmnist_small"} == set(FMNIST_SMALL_PLANS)
 
 
 @pytest.mark.parametrize("experiment", sorted(PRESET_TRAINERS))

@@ -650,8 +650,11 @@ class Laplace(Method):
         members (1 for the probit predictive), batch, networks.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
-        hold shapes only)."""
-        del model
+        hold shapes only), and refuses a structure ``fit`` would refuse (e.g. ``full``
+        over more than ``FULL_MAX_PARAMS`` parameters)."""
+        shapes, _ = jax.eval_shape(model.init, jax.random.key(0))
+        head = self.structure.head(model)
+        self.structure.check(model, num_params(shapes[head] if head is not None else shapes))
         steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
         return {
             "steps": steps,

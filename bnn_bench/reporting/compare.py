@@ -18,7 +18,9 @@ The std is the sample standard deviation (ddof = 1); empty for a single run.
 against that finished run's (e.g. full-batch HMC) without re-running anything:
 ``<set>/agreement`` and ``<set>/total_variation`` for every labelled set the two
 share (``bnn_bench.evaluation.fidelity``); they replace any such columns the
-runs' own metrics.json hold, and the printed table shows the test set's.
+runs' own metrics.json hold, and the printed table shows the test set's. With
+``--reference`` a run's own ``eval.reference`` override does not split the groups
+(its columns are replaced); without it, it does (they hold other references' numbers).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ from bnn_bench.reporting.loggers import NOT_IDENTITY, override_key, read_overrid
 DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/brier", "cost/grad_evals", "time/fit")
 AGGREGATED = ("seed",)  # varied to measure spread, not to compare
 FIDELITY_METRICS = ("test/agreement", "test/total_variation")  # shown with --reference
+# Overrides that --reference makes irrelevant: a run's own eval.reference only adds the
+# fidelity columns that --reference recomputes against one reference for every run.
+REFERENCE_ONLY = ("eval.reference",)
 
 
 @dataclass
@@ -152,7 +157,8 @@ def _fmt(mean: float, std: float) -> str:
     integral = float(mean).is_integer() and (math.isnan(std) or std == 0)
     digits = 0 if integral or abs(mean) >= 1000 else 4
     s = f"{mean:.{digits}f}"
-    return s if math.isnan(std) else f"{s} ± {std:.{digits}f}"
+    # a count the seeds do not change (steps, gradient evaluations) needs no "± 0"
+    return s if math.isnan(std) or (integral and std == 0) else f"{s} ± {std:.{digits}f}"
 
 
 def markdown_table(by: Sequence[str], groups: Sequence[Group], metrics: Sequence[str]) -> str:
@@ -301,6 +307,9 @@ def compare(
     if reference is not None:
         add_fidelity(runs, reference)
         metrics = [*metrics, *FIDELITY_METRICS]
+        for r in runs:  # e.g. a second HMC seed run with eval.reference=<the first>
+            for key in REFERENCE_ONLY:
+                r.overrides.pop(key, None)
     out = Path(out) if out is not None else Path(dirs[0]) / "comparison"
     out.mkdir(parents=True, exist_ok=True)
     keys, groups = group_runs(runs, by)

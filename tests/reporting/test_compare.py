@@ -156,3 +156,34 @@ def test_reference_on_the_command_line_itself_and_other_data(sweep, tmp_path):
     )
     assert proc.returncode == 2
     assert "evaluation set test differs" in proc.stderr and "different labels" in proc.stderr
+
+
+def test_reference_ignores_the_runs_own_eval_reference_when_grouping(sweep, tmp_path):
+    """A run made with eval.reference=<another run> (e.g. HMC seed 1 against seed 0) groups
+    with the runs of its config under --reference, whose columns replace its own; without
+    --reference its own agreement is against another reference, so it stays apart."""
+    runs = tmp_path / "runs"
+    for name in ("0", "1"):  # trainer.epochs=1, seeds 0 and 1
+        shutil.copytree(sweep / name, runs / name)
+    overrides = runs / "1" / ".hydra" / "overrides.yaml"
+    listed = yaml.safe_load(overrides.read_text())
+    overrides.write_text(yaml.safe_dump([*listed, f"eval.reference={sweep / '2'}"]))
+
+    table, out = compare([runs], out=tmp_path / "with", plots=False, reference=sweep / "0")
+    (row,) = csv.DictReader((out / "comparison.csv").read_text().splitlines())
+    assert row["runs"] == "2" and "eval.reference" not in row
+    assert "2 runs in 1 groups" in table
+
+    table, out = compare([runs], out=tmp_path / "without", plots=False)
+    rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
+    assert [r["runs"] for r in rows] == ["1", "1"]
+    assert rows[0]["eval.reference"] == "default"
+
+
+def test_format_drops_the_spread_of_a_count_the_seeds_do_not_change():
+    from bnn_bench.reporting.compare import _fmt
+
+    assert _fmt(150000.0, 0.0) == "150000"  # e.g. cost/grad_evals of two seeds
+    assert _fmt(280.0, float("nan")) == "280"
+    assert _fmt(0.8311, 0.0) == "0.8311 ± 0.0000"  # a measured value keeps its spread
+    assert _fmt(7.0, 1.0) == "7.0000 ± 1.0000"  # a spread keeps the digits
