@@ -19,6 +19,11 @@ against that finished run's (e.g. full-batch HMC) without re-running anything:
 ``<set>/agreement`` and ``<set>/total_variation`` for every labelled set the two
 share (``bnn_bench.evaluation.fidelity``); they replace any such columns the
 runs' own metrics.json hold, and the printed table shows the test set's.
+
+Derived per run: ``time/total``, the run's wall time from the start of setup to the
+end of evaluation (the sum of ``run.py``'s stage times ``time/setup``, ``time/fit``,
+``time/predict``, ``time/evaluate``; without the interpreter's start and the writing
+of plots and files), where the run has all four and no ``time/total`` of its own.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from bnn_bench.reporting.loggers import NOT_IDENTITY, override_key, read_overrid
 DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/brier", "cost/grad_evals", "time/fit")
 AGGREGATED = ("seed",)  # varied to measure spread, not to compare
 FIDELITY_METRICS = ("test/agreement", "test/total_variation")  # shown with --reference
+# run.py's timed stages, in order; their sum is a run's wall time (time/total)
+STAGES = ("time/setup", "time/fit", "time/predict", "time/evaluate")
 
 
 @dataclass
@@ -94,6 +101,8 @@ def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
             payload = json.loads(path.read_text())
             curves = payload.pop("curves", {})
             metrics = {k: v for k, v in payload.items() if isinstance(v, int | float)}
+            if "time/total" not in metrics and all(k in metrics for k in STAGES):
+                metrics["time/total"] = float(sum(metrics[k] for k in STAGES))
             overrides = {}
             for o in read_overrides(path.parent):
                 key = override_key(o)
