@@ -21,6 +21,11 @@ share (``bnn_bench.evaluation.fidelity``); they replace any such columns the
 runs' own metrics.json hold, and the printed table shows the test set's. With
 ``--reference`` a run's own ``eval.reference`` override does not split the groups
 (its columns are replaced); without it, it does (they hold other references' numbers).
+
+Derived per run: ``time/total``, the run's wall time from the start of setup to the
+end of evaluation (the sum of ``run.py``'s stage times ``time/setup``, ``time/fit``,
+``time/predict``, ``time/evaluate``; without the interpreter's start and the writing
+of plots and files), where the run has all four and no ``time/total`` of its own.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ FIDELITY_METRICS = ("test/agreement", "test/total_variation")  # shown with --re
 # Overrides that --reference makes irrelevant: a run's own eval.reference only adds the
 # fidelity columns that --reference recomputes against one reference for every run.
 REFERENCE_ONLY = ("eval.reference",)
+# run.py's timed stages, in order; their sum is a run's wall time (time/total)
+STAGES = ("time/setup", "time/fit", "time/predict", "time/evaluate")
 
 
 @dataclass
@@ -99,6 +106,8 @@ def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
             payload = json.loads(path.read_text())
             curves = payload.pop("curves", {})
             metrics = {k: v for k, v in payload.items() if isinstance(v, int | float)}
+            if "time/total" not in metrics and all(k in metrics for k in STAGES):
+                metrics["time/total"] = float(sum(metrics[k] for k in STAGES))
             overrides = {}
             for o in read_overrides(path.parent):
                 key = override_key(o)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bnn_bench.reporting.compare import compare
+from bnn_bench.reporting.compare import compare, find_runs
 from tests.conftest import CLI, TINY, cli_env
 
 
@@ -187,3 +187,39 @@ def test_format_drops_the_spread_of_a_count_the_seeds_do_not_change():
     assert _fmt(280.0, float("nan")) == "280"
     assert _fmt(0.8311, 0.0) == "0.8311 ± 0.0000"  # a measured value keeps its spread
     assert _fmt(7.0, 1.0) == "7.0000 ± 1.0000"  # a spread keeps the digits
+
+
+def test_wall_time_is_the_sum_of_the_stage_times(sweep, tmp_path):
+    # time/total: derived per run from run.py's four stage times, then averaged per group
+    table, out = compare(
+        [sweep], out=tmp_path / "t", metrics=["test/acc", "time/total"], plots=False
+    )
+    totals: dict[str, list[float]] = {}
+    for m in sorted(sweep.glob("*/metrics.json")):
+        metrics = json.loads(m.read_text())
+        assert "time/total" not in metrics  # run.py writes the stages only
+        overrides = yaml.safe_load((m.parent / ".hydra" / "overrides.yaml").read_text())
+        epochs = next(o.split("=")[1] for o in overrides if o.startswith("trainer.epochs="))
+        stages = [metrics[k] for k in ("time/setup", "time/fit", "time/predict", "time/evaluate")]
+        assert all(s > 0 for s in stages)
+        totals.setdefault(epochs, []).append(sum(stages))
+    rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
+    for row in rows:
+        expected = np.mean(totals[row["trainer.epochs"]])
+        assert float(row["time/total/mean"]) == pytest.approx(expected, rel=1e-12)
+    assert "| trainer.epochs | n | test/acc | time/total |" in table
+
+    # a run that reports its own time/total keeps it; one without every stage gets none
+    (run,) = [p.parent for p in sweep.glob("0/metrics.json")]
+    own = tmp_path / "own" / "0"
+    shutil.copytree(run, own)
+    metrics = json.loads((own / "metrics.json").read_text())
+    metrics["time/total"] = 123.0
+    (own / "metrics.json").write_text(json.dumps(metrics))
+    partial = tmp_path / "own" / "1"
+    shutil.copytree(run, partial)
+    del metrics["time/total"], metrics["time/evaluate"]
+    (partial / "metrics.json").write_text(json.dumps(metrics))
+    own_run, partial_run = find_runs([tmp_path / "own"])
+    assert own_run.metrics["time/total"] == 123.0
+    assert "time/total" not in partial_run.metrics
