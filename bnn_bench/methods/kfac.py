@@ -52,14 +52,19 @@ class Layer:
       path: its module path = its keys in ``params``.
       bias: whether it has a bias.
       kind: ``Dense`` or ``Conv``.
-      positions: T, the positions it is applied at per input (1 for a dense layer on
-        flat inputs, the output pixels of a convolution).
+      out_shape: its output's shape for one input, (..., D_out).
     """
 
     path: tuple[str, ...]
     bias: bool
     kind: str
-    positions: int
+    out_shape: tuple[int, ...]
+
+    @property
+    def positions(self) -> int:
+        """T, the positions it is applied at per input (1 for a dense layer on flat
+        inputs, the output pixels of a convolution)."""
+        return math.prod(self.out_shape[:-1])
 
 
 def _features(module: nn.Module, x: jax.Array) -> jax.Array:
@@ -81,34 +86,26 @@ def _features(module: nn.Module, x: jax.Array) -> jax.Array:
     return a
 
 
-def _forward(
-    logits_fn: Callable[[jax.Array], jax.Array], prefix: tuple[str, ...], perturb: dict | None
-):
-    """Runs ``logits_fn`` with every covered layer intercepted. Returns the logits, the
-    layers' features {path: (B, T, D_in')} and their output shapes {path: shape}; with
-    ``perturb`` {path: (B, ..., D_out)}, adds it to each layer's output."""
-    feats, shapes = {}, {}
+def _forward(logits_fn: Callable[[], jax.Array], perturb: dict[tuple[str, ...], jax.Array]):
+    """Runs ``logits_fn`` with the layers of ``perturb`` {path: (B, ..., D_out)}
+    intercepted: each adds its perturbation to its output and records its features.
+    Returns the logits and the features {path: (B, T, D_in')}."""
+    feats = {}
     busy = []  # set while a convolution's patches are cut (by a call of the same layer)
 
     def intercept(next_fun, args, kwargs, context):
-        module = context.module
         out = next_fun(*args, **kwargs)
-        path = tuple(module.path)
-        if busy or context.method_name != "__call__" or not _covered(module, path, prefix):
+        path = tuple(context.module.path)
+        if busy or context.method_name != "__call__" or path not in perturb:
             return out
         busy.append(path)
-        feats[path] = _features(module, args[0])
+        feats[path] = _features(context.module, args[0])
         busy.pop()
-        shapes[path] = out.shape
-        return out if perturb is None else out + perturb[path]
+        return out + perturb[path]
 
     with nn.intercept_methods(intercept):
         logits = logits_fn()
-    return logits, feats, shapes
-
-
-def _covered(module: nn.Module, path: tuple[str, ...], prefix: tuple[str, ...]) -> bool:
-    return isinstance(module, LAYERS) and path[: len(prefix)] == prefix
+    return logits, feats
 
 
 def find_layers(model: Model, head: str | None) -> tuple[Layer, ...]:
@@ -121,7 +118,7 @@ def find_layers(model: Model, head: str | None) -> tuple[Layer, ...]:
     prefix = (head,) if head is not None else ()
     layers: dict[tuple[str, ...], Layer] = {}
     for call in module_calls(model):
-        if not _covered(call.module, call.path, prefix):
+        if not isinstance(call.module, LAYERS) or call.path[: len(prefix)] != prefix:
             continue
         name = "/".join(call.path)
         if call.path in layers:
@@ -137,8 +134,8 @@ def find_layers(model: Model, head: str | None) -> tuple[Layer, ...]:
                 "method.structure.subset=last_layer or method/laplace/structure=diagonal."
             )
         kind = "Dense" if isinstance(call.module, nn.Dense) else "Conv"
-        positions = math.prod(call.out_shape[1:-1])
-        layers[call.path] = Layer(call.path, bool(call.module.use_bias), kind, positions)
+        bias = bool(call.module.use_bias)
+        layers[call.path] = Layer(call.path, bias, kind, call.out_shape[1:])
     params, _ = jax.eval_shape(model.init, jax.random.key(0))
     tree = params[head] if head is not None else params
     covered = {(*path, name) for path in layers for name in ("kernel", "bias")}
@@ -164,7 +161,7 @@ def batch_factors(
     x: jax.Array,
     y: jax.Array,
     weights: jax.Array,
-    prefix: tuple[str, ...],
+    layers: tuple[Layer, ...],
     kind: cv.LossCurvature,
 ) -> dict[tuple[str, ...], tuple[jax.Array, jax.Array]]:
     """Unnormalised factors of one batch: {path: (Σ w ã ãᵀ (D_in', D_in'), Σ w g gᵀ
@@ -173,14 +170,12 @@ def batch_factors(
 
     Args:
       logits_fn: (theta, x) -> logits (B, C), the network with ``theta`` set.
-      prefix: the module path the covered layers start with (``()`` for all).
+      layers: the covered layers (``find_layers``).
     """
-    _, _, shapes = _forward(lambda: logits_fn(theta, x), prefix, None)
-    zeros = {p: jnp.zeros(s, jnp.float32) for p, s in shapes.items()}
+    zeros = {c.path: jnp.zeros((x.shape[0], *c.out_shape), jnp.float32) for c in layers}
 
     def f(perturb):
-        logits, feats, _ = _forward(lambda: logits_fn(theta, x), prefix, perturb)
-        return logits, feats
+        return _forward(lambda: logits_fn(theta, x), perturb)
 
     logits, vjp_fn, feats = jax.vjp(f, zeros, has_aux=True)
     lf = kind.factor(logits, y)  # (B, C, K)

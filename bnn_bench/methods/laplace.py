@@ -83,6 +83,24 @@ class LaplacePosterior:
     head: str | None = struct.field(pytree_node=False, default=None)
     info: dict[str, float] = struct.field(default_factory=dict)
 
+    @classmethod
+    def at_map(
+        cls, model: Model, params: Params, state: State, head: str | None
+    ) -> LaplacePosterior:
+        """The posterior before its curvature is known: centred at the MAP ``params``
+        (over the ``head`` layer's parameters, or all), curvature 0, τ = 1."""
+        theta, unravel = ravel_pytree(params[head] if head is not None else params)
+        return cls(
+            model=model,
+            params=params,
+            state=state,
+            theta=theta,
+            curvature=cv.from_diagonal(jnp.zeros_like(theta)),
+            prior_precision=jnp.ones(()),
+            unravel=unravel,
+            head=head,
+        )
+
     def logits_fn(self, theta: jax.Array, x: jax.Array) -> jax.Array:
         """Evaluation-mode logits (B, C) of uint8 inputs x with the Gaussian's parameters
         set to ``theta`` (P,) and the others at the MAP."""
@@ -222,7 +240,7 @@ class KFAC(Structure):
         layers = kfac.find_layers(post.model, post.head)
         sums = None
         for i in _bar(range(idx.shape[0]), desc="kfac factors", unit="batch"):
-            batch = _kfac_batch(post, train.x[idx[i]], train.y[idx[i]], weights[i], prefix, kind)
+            batch = _kfac_batch(post, train.x[idx[i]], train.y[idx[i]], weights[i], layers, kind)
             sums = batch if sums is None else jax.tree.map(jnp.add, sums, batch)
         return kfac.kronecker(sums, layers, prefix, float(weights.sum()), factor, post.unravel)
 
@@ -557,17 +575,7 @@ class Laplace(Method):
 
         # --- curvature
         tic = time.perf_counter()
-        theta, unravel = ravel_pytree(params[head] if head is not None else params)
-        post = LaplacePosterior(
-            model=model,
-            params=params,
-            state=state,
-            theta=theta,
-            curvature=cv.from_diagonal(jnp.zeros_like(theta)),
-            prior_precision=jnp.ones(()),
-            unravel=unravel,
-            head=head,
-        )
+        post = LaplacePosterior.at_map(model, params, state, head)
         idx, weights = self._curvature_batches(jax.random.fold_in(key, 1), data.train.size)
         factor = data.train.size / float(weights.sum())
         curv = self.structure.fit(
@@ -589,7 +597,7 @@ class Laplace(Method):
 
         # --- prior precision
         tic = time.perf_counter()
-        sq = float(jnp.sum(jnp.square(theta)))
+        sq = float(jnp.sum(jnp.square(post.theta)))
         tau, info = self.prior_precision.choose(
             jax.random.fold_in(key, 3), post, loglik, sq, data.val, self.predictive, self.chunk_size
         )
@@ -784,10 +792,10 @@ def _accumulate(
     return acc + batch_fn(post.logits_fn, post.theta, x, y, weights, kind)
 
 
-@partial(jax.jit, static_argnames=("prefix", "kind"))
-def _kfac_batch(post: LaplacePosterior, x, y, weights, prefix: tuple[str, ...], kind):
+@partial(jax.jit, static_argnames=("layers", "kind"))
+def _kfac_batch(post: LaplacePosterior, x, y, weights, layers: tuple[kfac.Layer, ...], kind):
     """One curvature batch's unnormalised Kronecker factors (``kfac.batch_factors``)."""
-    return kfac.batch_factors(post.logits_fn, post.theta, x, y, weights, prefix, kind)
+    return kfac.batch_factors(post.logits_fn, post.theta, x, y, weights, layers, kind)
 
 
 _MV_BATCH = 256  # inputs per jitted curvature-vector product (whole curvature batches)

@@ -35,17 +35,7 @@ def _data_and_model(*overrides):
 def _posterior(model: Model, head: str | None = None) -> LaplacePosterior:
     """A posterior at the model's initialisation (the factors need no trained network)."""
     params, state = model.init(jax.random.key(4))
-    theta, unravel = ravel_pytree(params[head] if head is not None else params)
-    return LaplacePosterior(
-        model=model,
-        params=params,
-        state=state,
-        theta=theta,
-        curvature=cv.from_diagonal(jnp.zeros_like(theta)),
-        prior_precision=jnp.ones(()),
-        unravel=unravel,
-        head=head,
-    )
+    return LaplacePosterior.at_map(model, params, state, head)
 
 
 def _exact_ggn(post: LaplacePosterior, x, y) -> np.ndarray:
