@@ -64,3 +64,9 @@ CLI = [sys.executable, "-m", "bnn_bench.cli"]
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): pytest-xdist hands out tests in collection
+    order, so a minutes-long test collected last would run alone after the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
