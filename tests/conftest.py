@@ -66,6 +66,16 @@ def key():
     return jax.random.key(0)
 
 
+@pytest.fixture
+def plan_only(tmp_path, monkeypatch):
+    """Dry runs without the XLA memory estimate, which compiles the model (seconds each;
+    tests/test_cli.py covers it), and with a TFDS folder of their own, not the user's."""
+    from bnn_bench import dry_run
+
+    monkeypatch.setattr(dry_run, "_compiled_bytes", lambda *args: 0)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests first (stable otherwise): pytest-xdist hands out tests in collection
     order, so a minutes-long test collected last would run alone after the rest."""

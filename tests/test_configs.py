@@ -63,16 +63,12 @@ TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar1
 @pytest.mark.parametrize("model", config_choices("model"))
 @pytest.mark.parametrize("method", config_choices("method"))
 def test_every_dataset_model_method_combination_plans_or_says_why_not(
-    dataset, model, method, tmp_path, monkeypatch
+    dataset, model, method, tmp_path, plan_only
 ):
     """A dry run of every combination: it builds the model on the dataset's input shape
     and the method, and plans the work, or stops with the reason the real run would."""
-    from bnn_bench import dry_run
     from bnn_bench.run import run
 
-    # the XLA memory estimate compiles the model (seconds each); test_cli.py covers it
-    monkeypatch.setattr(dry_run, "_compiled_bytes", lambda *args: 0)
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # not the user's own data
     cfg = compose_cfg(f"dataset={dataset}", f"model={model}", f"method={method}", "dry_run=true")
     bn, sgmcmc = model in BATCH_NORM_MODELS, method in ("sgld", "psgld", "sghmc")
     why = (
@@ -138,14 +134,11 @@ def test_cli_help_lists_groups():
         assert f"{group}:" in out
 
 
-def test_dry_run_refuses_a_full_laplace_the_run_would_refuse(tmp_path, monkeypatch):
+def test_dry_run_refuses_a_full_laplace_the_run_would_refuse(tmp_path, plan_only):
     """structure=full is limited to 5,000 parameters; the dry run says so before any work
     (experiment=fmnist_small's MLP has 10,360), and plans a network under the limit."""
-    from bnn_bench import dry_run
     from bnn_bench.run import run
 
-    monkeypatch.setattr(dry_run, "_compiled_bytes", lambda *args: 0)
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     base = ["dataset=synthetic", "model=mlp", "method=laplace", "dry_run=true"]
     full = "method/laplace/structure=full"
     with pytest.raises(UserError, match="limited to 5,000 parameters"):

@@ -108,13 +108,9 @@ FMNIST_SMALL_PLANS = {
 
 
 @pytest.mark.parametrize("method", sorted(m for m, p in FMNIST_SMALL_PLANS.items() if p))
-def test_fmnist_small_sampler_budgets_dry_run(method, tmp_path, monkeypatch):
+def test_fmnist_small_sampler_budgets_dry_run(method, tmp_path, plan_only):
     """`experiment=fmnist_small method=<sampler> dry_run=true` plans the preset's budget
     (not the method's 90 steps of batch 512), at the method's own temperature and at T = 1."""
-    from bnn_bench import dry_run
-
-    monkeypatch.setattr(dry_run, "_compiled_bytes", lambda *args: 0)  # skip compiling
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     steps, members = FMNIST_SMALL_PLANS[method]
     for extra in ((), ("method.temperature=1",)):
         cfg = compose_cfg("experiment=fmnist_small", f"method={method}", "dry_run=true", *extra)

@@ -447,33 +447,6 @@ class Kronecker:
 AnyCurvature = Curvature | Kronecker
 
 
-def covariance(curv: AnyCurvature, prior_precision) -> jax.Array:
-    """(P, P) Σ(τ) = (G + τ I)⁻¹ of either structure; dense, for tests."""
-    return curv.covariance(prior_precision)
-
-
-def sample(curv: AnyCurvature, prior_precision, z: jax.Array) -> jax.Array:
-    """A posterior deviation δ = Σ(τ)^{1/2} z for z ~ N(0, I_P); z: (..., P) -> (..., P)."""
-    return curv.sample(prior_precision, z)
-
-
-def function_variance(curv: AnyCurvature, prior_precision, jac: jax.Array) -> jax.Array:
-    """diag(J Σ(τ) Jᵀ): the variance of each linearised logit.
-
-    Args:
-      jac: (..., C, P) Jacobians of the logits.
-
-    Returns:
-      (..., C).
-    """
-    return curv.function_variance(prior_precision, jac)
-
-
-def log_det_precision(curv: AnyCurvature, prior_precision) -> jax.Array:
-    """log det(G + τ I)."""
-    return curv.log_det_precision(prior_precision)
-
-
 def log_marginal_likelihood(
     curv: AnyCurvature, prior_precision, log_likelihood, theta_sq_norm
 ) -> jax.Array:
@@ -492,7 +465,7 @@ def log_marginal_likelihood(
         log_likelihood
         - 0.5 * tau * theta_sq_norm
         + 0.5 * curv.dim * jnp.log(tau)
-        - 0.5 * log_det_precision(curv, tau)
+        - 0.5 * curv.log_det_precision(tau)
     )
 
 

@@ -123,10 +123,19 @@ class Structure:
         del model
         return None
 
-    def check(self, model: Model, dim: int) -> None:
-        """Refuses a model, or ``dim`` parameters, the structure cannot hold (before
-        training)."""
-        del model, dim
+    def check(self, model: Model, head: str | None, dim: int) -> None:
+        """Refuses a model, or ``dim`` parameters under ``head``, the structure cannot
+        hold (before training)."""
+        del model, head, dim
+
+    def covers(self, model: Model) -> tuple[str | None, int]:
+        """The layer the Gaussian covers (``head``; None: every parameter) and its
+        parameter count, after ``check`` (shapes only, no compute)."""
+        shapes, _ = jax.eval_shape(model.init, jax.random.key(0))
+        head = self.head(model)
+        dim = num_params(shapes[head] if head is not None else shapes)
+        self.check(model, head, dim)
+        return head, dim
 
     def fit(
         self,
@@ -185,7 +194,7 @@ class Diagonal(Structure):
 class Full(Structure):
     """G dense over all parameters (tiny networks and tests)."""
 
-    def check(self, model: Model, dim: int) -> None:
+    def check(self, model: Model, head: str | None, dim: int) -> None:
         if dim > FULL_MAX_PARAMS:
             raise UserError(
                 f"method/laplace/structure=full needs a dense {dim:,} x {dim:,} matrix; "
@@ -205,8 +214,8 @@ class LastLayer(Full):
     def head(self, model: Model) -> str | None:
         return last_layer(model)
 
-    def check(self, model: Model, dim: int) -> None:
-        del model, dim  # a last layer is small
+    def check(self, model: Model, head: str | None, dim: int) -> None:
+        del model, head, dim  # a last layer is small
 
 
 @dataclass(frozen=True)
@@ -231,8 +240,8 @@ class KFAC(Structure):
     def head(self, model: Model) -> str | None:
         return last_layer(model) if self.subset == "last_layer" else None
 
-    def check(self, model: Model, dim: int) -> None:
-        kfac.find_layers(model, self.head(model))
+    def check(self, model: Model, head: str | None, dim: int) -> None:
+        kfac.find_layers(model, head)
 
     def fit(self, key, post, train, idx, weights, factor, kind):
         del key
@@ -555,10 +564,7 @@ class Laplace(Method):
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> LaplacePosterior:
         ctx = ctx or RunContext()
-        shapes, _ = jax.eval_shape(model.init, key)
-        head = self.structure.head(model)
-        dim = num_params(shapes[head] if head is not None else shapes)
-        self.structure.check(model, dim)
+        head, dim = self.structure.covers(model)
         self.prior_precision.check(data)
 
         # --- the MAP network: the same key as `method=map`, so the same network
@@ -660,9 +666,7 @@ class Laplace(Method):
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
         hold shapes only), and refuses a structure ``fit`` would refuse (e.g. ``full``
         over more than ``FULL_MAX_PARAMS`` parameters)."""
-        shapes, _ = jax.eval_shape(model.init, jax.random.key(0))
-        head = self.structure.head(model)
-        self.structure.check(model, num_params(shapes[head] if head is not None else shapes))
+        self.structure.covers(model)
         steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
         return {
             "steps": steps,
@@ -720,7 +724,7 @@ def sampled_logits(
       linearised: f(x, θ*) + J(x) δ (a sample of the function-space Gaussian
         N(f(x, θ*), J Σ Jᵀ)) if true, else f(x, θ* + δ).
     """
-    deltas = cv.sample(post.curvature, post.prior_precision, z)  # (s, P)
+    deltas = post.curvature.sample(post.prior_precision, z)  # (s, P)
 
     def batch_fn(xb):
         if linearised:
@@ -771,7 +775,7 @@ def _probit_probs(post: LaplacePosterior, x: jax.Array, batch_size: int) -> jax.
         jac = jax.vmap(lambda xi: jax.jacrev(lambda t: post.logits_fn(t, xi[None])[0])(post.theta))(
             xb
         )  # (b, C, P)
-        var = cv.function_variance(post.curvature, post.prior_precision, jac)
+        var = post.curvature.function_variance(post.prior_precision, jac)
         return jax.nn.softmax(logits * jax.lax.rsqrt(1.0 + math.pi / 8 * var), axis=-1)
 
     return map_batches(batch_fn, x, batch_size)

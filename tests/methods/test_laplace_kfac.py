@@ -214,13 +214,13 @@ def test_tiny_two_layer_net_log_marglik_matches_dense_kronecker_matrix(tmp_path)
     for t in (0.5, 20.0):
         cov = np.linalg.inv(g + t * np.eye(dim))
         scale = np.abs(cov).max()
-        np.testing.assert_allclose(cv.covariance(post.curvature, t), cov, atol=1e-4 * scale)
-        root = np.asarray(cv.sample(post.curvature, t, jnp.eye(dim)), np.float64)
+        np.testing.assert_allclose(post.curvature.covariance(t), cov, atol=1e-4 * scale)
+        root = np.asarray(post.curvature.sample(t, jnp.eye(dim)), np.float64)
         np.testing.assert_allclose(root @ root.T, cov, atol=1e-4 * scale)
         jac = jax.jacfwd(lambda th: post.logits_fn(th, data.test.x[:4]))(post.theta)
         ref_var = np.einsum("ncp,pq,ncq->nc", jac, cov, jac)
         np.testing.assert_allclose(
-            cv.function_variance(post.curvature, t, jac), ref_var, rtol=1e-3, atol=1e-6
+            post.curvature.function_variance(t, jac), ref_var, rtol=1e-3, atol=1e-6
         )
 
 
