@@ -17,7 +17,9 @@ parameters θ_i are collected every ``collect_every`` steps. With n iterates:
 Early deviations are measured against the mean of few iterates: for i.i.d. iterates
 E[(θ_i − θ̄_i)(θ_i − θ̄_i)ᵀ] = (1 − 1/i) Σ, so with n = K = 20 collected (the first column
 is 0) the low-rank term is Σ_{i≤20}(1 − 1/i)/19 ≈ 0.86 of the covariance it estimates, and
-with n = 2K ≈ 1.02. Fewer than 2K collected iterates are therefore warned about.
+with n = 2K ≈ 1.02. So by default (``collect_every`` null) the SGD phase collects 2K
+iterates evenly over its steps (every ⌊steps / 2K⌋ steps, and after the last); fewer than
+2K collected iterates are warned about.
 
 The ``covariance`` choice (``conf/method/swag/covariance/``) picks the members:
 ``low_rank`` (SWAG, the formula above), ``diagonal`` (SWAG-Diagonal,
@@ -352,7 +354,7 @@ def sgd_phase(
     data: Dataset,
     sgd: SGDPhase,
     start: SGDCarry,
-    collect_every: int | None,
+    collect_every: int,
     ctx: RunContext,
 ) -> SGDCarry:
     """Runs ``sgd`` from ``start`` and folds the parameters after every collection step
@@ -361,7 +363,7 @@ def sgd_phase(
     Args:
       key: the phase's key (``fold_in(run key, SGD_SALT)``).
       start: the MAP network with a fresh optimiser state, and empty moments.
-      collect_every: steps between collections (None: once per epoch).
+      collect_every: steps between collections.
       ctx: the run context; each chunk's values are logged at the phase's step.
 
     Returns:
@@ -369,8 +371,7 @@ def sgd_phase(
     """
     n = data.train.size
     per_epoch, total = sgd.steps_per_epoch(n), sgd.num_steps(n)
-    every = collect_every or per_epoch
-    collect_at = set(collection_steps(total, every))
+    collect_at = set(collection_steps(total, collect_every))
     stops = sorted(collect_at | set(range(per_epoch, total + 1, per_epoch)))
     chunks = [
         c
@@ -467,7 +468,8 @@ class SWAG(Method):
         None to train.
       sgd: the SGD phase (optimiser, constant rate, epochs, batch size).
       covariance: how members are drawn: ``LowRank`` (SWAG), ``Diagonal`` or ``SWA``.
-      collect_every: SGD steps between collected iterates (None: once per epoch).
+      collect_every: SGD steps between collected iterates; None: 2K iterates evenly over
+        the phase for ``LowRank`` (``steps // (2 rank)``), once per epoch for the others.
       bn_refresh_batches: training batches (of ``sgd.batch_size``) each member's
         BatchNorm statistics are recomputed on; a model without BatchNorm refuses
         another value than the default.
@@ -493,10 +495,18 @@ class SWAG(Method):
         if self.init_from is not None:
             checkpoint_path(self.init_from)  # fails now, before data or training
 
+    def collect_interval(self, n_train: int) -> int:
+        """SGD steps between collected iterates on a training split of ``n_train`` inputs."""
+        if self.collect_every is not None:
+            return self.collect_every
+        if self.covariance.rank:  # at least 2K iterates: see the module docstring
+            return max(1, self.sgd.num_steps(n_train) // (2 * self.covariance.rank))
+        return self.sgd.steps_per_epoch(n_train)
+
     def collections(self, n_train: int) -> int:
         """Iterates the SGD phase collects on a training split of ``n_train`` inputs."""
         total = self.sgd.num_steps(n_train)
-        return len(collection_steps(total, self.collect_every or self.sgd.steps_per_epoch(n_train)))
+        return len(collection_steps(total, self.collect_interval(n_train)))
 
     def _check(self, model: Model, n_train: int) -> None:
         """Refuses, before any training, what the run could not use."""
@@ -544,7 +554,7 @@ class SWAG(Method):
         shifted = dataclasses.replace(ctx, log=lambda values, step: ctx.log(values, step + offset))
         k_sgd = jax.random.fold_in(key, SGD_SALT)
         moments = sgd_phase(
-            k_sgd, model, data, self.sgd, start, self.collect_every, shifted
+            k_sgd, model, data, self.sgd, start, self.collect_interval(n), shifted
         ).moments
         refresh_x = None
         if model.has_batch_norm:

@@ -23,6 +23,7 @@ from bnn_bench.methods.swag import (
     SWA,
     Diagonal,
     LowRank,
+    SGDPhase,
     low_rank_fraction,
     swag_collect,
     swag_covariance,
@@ -277,6 +278,25 @@ def test_batchnorm_statistics_are_refit_for_each_draw():
     assert np.abs(np.asarray(running - got["var"])).max() > 1e-3
     (probs,) = list(method.members(jax.random.key(1), post, data.test.x))
     np.testing.assert_allclose(probs[0], model.probs(params, state, data.test.x), atol=1e-6)
+
+
+def test_default_collection_is_twice_the_rank_evenly_over_the_phase():
+    """collect_every null: every ⌊33 / 2K⌋ steps and after the last, so at least 2K iterates
+    (and on the real split, 8,420 steps and K = 20: every 210 steps, 41 iterates);
+    without deviations (diagonal, swa), once per epoch."""
+    for rank, every, collected in [(4, 4, 9), (5, 3, 11), (16, 1, 33)]:
+        _, _, method = _setup("method.collect_every=null", f"method.covariance.rank={rank}")
+        assert method.collect_interval(180) == every
+        assert method.collections(180) == collected == len({*range(every, 34, every), 33})
+        assert collected >= 2 * rank
+    _, _, method = _setup("method.collect_every=null", "method.covariance.rank=17")
+    assert method.collections(180) == 33 < 34  # as many steps as there are: warned about
+    swa = [o for o in SMALL if "covariance" not in o and "collect_every" not in o]
+    for choice in ("swa", "diagonal"):
+        method = build(compose_cfg(*swa, f"method/swag/covariance={choice}").method, "method")
+        assert method.collect_interval(180) == 11 and method.collections(180) == 3
+    real = dataclasses.replace(method, sgd=SGDPhase(), covariance=LowRank())  # the defaults
+    assert real.collect_interval(54_000) == 210 and real.collections(54_000) == 41
 
 
 def test_warns_below_twice_the_rank_of_collected_iterates(caplog):
