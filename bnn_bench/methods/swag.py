@@ -8,7 +8,8 @@ parameters θ_i are collected every ``collect_every`` steps. With n iterates:
 
 θ̄_i is the running mean right after collecting θ_i (§3.3 of the paper and the authors'
 ``SWAG.collect_model``); K is the number of deviation columns kept (at most
-``covariance.rank``). A draw is (the authors' ``sample_fullrank``)
+``covariance.rank``; the authors divide by ``max_num_models`` − 1 even before that many
+are collected). A draw is (the authors' ``sample_fullrank``)
 
     θ = θ̄ + √scale · (Σ_diag^{1/2} z₁ + D z₂ / √(K − 1)),   z₁ ~ N(0, I_P), z₂ ~ N(0, I_K).
 
@@ -301,7 +302,7 @@ class SGDPhase:
     """
 
     optimizer: Callable[..., optax.GradientTransformation] = partial(optax.sgd, momentum=0.9)
-    learning_rate: float = 0.05
+    learning_rate: float = 0.04
     l2: float = 5e-4
     epochs: int = 20
     batch_size: int = 128
