@@ -4,16 +4,28 @@ From a MAP network, SGD runs at a constant learning rate (``method.sgd``) and th
 parameters θ_i are collected every ``collect_every`` steps. With n iterates:
 
     θ̄ = (1/n) Σ θ_i,   Σ_diag = diag((1/n) Σ θ_i²  −  θ̄²),   D = [θ_i − θ̄_i]  (the last K),
-    θ ~ N(θ̄, ½ (Σ_diag + D Dᵀ / (K − 1)))
+    θ ~ N(θ̄, scale · (Σ_diag + D Dᵀ / (K − 1)))
 
-θ̄_i is the running mean right after collecting θ_i, as in the authors' code; K is the
-number of deviation columns kept (at most ``covariance.rank``). A draw is
+θ̄_i is the running mean right after collecting θ_i (§3.3 of the paper and the authors'
+``SWAG.collect_model``); K is the number of deviation columns kept (at most
+``covariance.rank``; the authors divide by ``max_num_models`` − 1 even before that many
+are collected). A draw is (the authors' ``sample_fullrank``)
 
-    θ = θ̄ + (1/√2) Σ_diag^{1/2} z₁ + (1/√(2(K − 1))) D z₂,   z₁ ~ N(0, I_P), z₂ ~ N(0, I_K).
+    θ = θ̄ + √scale · (Σ_diag^{1/2} z₁ + D z₂ / √(K − 1)),   z₁ ~ N(0, I_P), z₂ ~ N(0, I_K).
+
+``scale`` = ½ is the paper's SWAG, ½(Σ_diag + D Dᵀ/(K − 1)), and the authors' ``--scale=0.5``.
+
+Early deviations are measured against the mean of few iterates: for i.i.d. iterates
+E[(θ_i − θ̄_i)(θ_i − θ̄_i)ᵀ] = (1 − 1/i) Σ, so with n = K = 20 collected (the first column
+is 0) the low-rank term is Σ_{i≤20}(1 − 1/i)/19 ≈ 0.86 of the covariance it estimates, and
+with n = 2K ≈ 1.02. So by default (``collect_every`` null) the SGD phase collects 2K
+iterates evenly over its steps (every ⌊steps / 2K⌋ steps, and after the last); fewer than
+2K collected iterates are warned about.
 
 The ``covariance`` choice (``conf/method/swag/covariance/``) picks the members:
-``low_rank`` (SWAG, the formula above), ``diagonal`` (SWAG-Diagonal, N(θ̄, ½ Σ_diag))
-or ``swa`` (one member at θ̄: SWA, Izmailov et al., 2018). A network with BatchNorm
+``low_rank`` (SWAG, the formula above), ``diagonal`` (SWAG-Diagonal,
+N(θ̄, scale · Σ_diag); scale 1 is the paper's §3.2) or ``swa`` (one member at θ̄: SWA,
+Izmailov et al., 2018). A network with BatchNorm
 gets, for every member, statistics recomputed on ``bn_refresh_batches`` training
 batches (the average over batches of each layer's batch mean and variance, as the
 authors' ``bn_update``), since running statistics collected along the trajectory do
@@ -117,31 +129,46 @@ def swag_rank(state: SWAGState) -> jax.Array:
     return jnp.minimum(state.count, state.deviations.shape[0])
 
 
-def swag_sample(key: jax.Array, state: SWAGState, diag_only: bool = False) -> jax.Array:
-    """One θ (P,) from N(θ̄, ½(Σ_diag + D Dᵀ/(K − 1))), or N(θ̄, ½ Σ_diag) if ``diag_only``.
+def swag_sample(
+    key: jax.Array, state: SWAGState, scale: float, diag_only: bool = False
+) -> jax.Array:
+    """One θ (P,) from N(θ̄, scale · (Σ_diag + D Dᵀ/(K − 1))), or N(θ̄, scale · Σ_diag) if
+    ``diag_only``: θ̄ + √scale · (Σ_diag^{1/2} z₁ + D z₂/√(K − 1)), as the authors' code.
 
     Needs K ≥ 2 collected iterates unless ``diag_only``. Jittable.
     """
     k1, k2 = jax.random.split(key)
-    theta = state.mean + jnp.sqrt(0.5 * swag_diag_variance(state)) * jax.random.normal(
+    noise = jnp.sqrt(swag_diag_variance(state)) * jax.random.normal(
         k1, state.mean.shape, state.mean.dtype
     )
-    if diag_only:
-        return theta
-    rank = state.deviations.shape[0]
-    k = swag_rank(state)
-    z2 = jax.random.normal(k2, (rank,), state.mean.dtype) * (jnp.arange(rank) < k)
-    return theta + (z2 @ state.deviations) / jnp.sqrt(2.0 * (k - 1))
+    if not diag_only:
+        rank = state.deviations.shape[0]
+        k = swag_rank(state)
+        z2 = jax.random.normal(k2, (rank,), state.mean.dtype) * (jnp.arange(rank) < k)
+        noise = noise + (z2 @ state.deviations) / jnp.sqrt(k - 1.0)
+    return state.mean + jnp.sqrt(scale) * noise
 
 
-def swag_covariance(state: SWAGState, diag_only: bool = False) -> jax.Array:
-    """(P, P) the dense covariance ``swag_sample`` draws from (tiny models and tests)."""
-    cov = jnp.diag(0.5 * swag_diag_variance(state))
-    if diag_only:
-        return cov
-    rank = state.deviations.shape[0]
-    d = state.deviations * (jnp.arange(rank) < swag_rank(state))[:, None]  # (rank, P)
-    return cov + (d.T @ d) / (2.0 * (swag_rank(state) - 1))
+def swag_covariance(state: SWAGState, scale: float, diag_only: bool = False) -> jax.Array:
+    """(P, P) the dense covariance ``swag_sample`` draws from (tiny models and tests):
+    scale · (Σ_diag + D Dᵀ/(K − 1)), or scale · Σ_diag if ``diag_only``."""
+    cov = jnp.diag(swag_diag_variance(state))
+    if not diag_only:
+        rank = state.deviations.shape[0]
+        d = state.deviations * (jnp.arange(rank) < swag_rank(state))[:, None]  # (rank, P)
+        cov = cov + (d.T @ d) / (swag_rank(state) - 1.0)
+    return scale * cov
+
+
+def low_rank_fraction(n: int, rank: int) -> float:
+    """E[D Dᵀ/(K − 1)] / Σ for n i.i.d. iterates of covariance Σ and K = min(n, rank)
+    columns: Σ_{i=n−K+1..n} (1 − 1/i) / (K − 1), since Var(θ_i − θ̄_i) = (1 − 1/i) Σ.
+
+    >>> round(low_rank_fraction(20, 20), 3), round(low_rank_fraction(40, 20), 3)
+    (0.863, 1.017)
+    """
+    k = min(n, rank)
+    return sum(1 - 1 / i for i in range(n - k + 1, n + 1)) / (k - 1)
 
 
 # --------------------------------------------------------------- covariance choices
@@ -170,25 +197,33 @@ class Covariance(abc.ABC):
         """The members' flat parameters (S, P); member s from ``fold_in(key, s)``."""
 
 
-def _check_samples(num_samples: int) -> None:
+def _check_samples(num_samples: int, scale: float) -> None:
     if num_samples < 1:
         raise UserError(f"method.covariance.num_samples must be >= 1; got {num_samples}.")
+    if not scale > 0:
+        raise UserError(
+            f"method.covariance.scale must be > 0; got {scale} (one member at the mean is "
+            f"method/swag/covariance=swa)."
+        )
 
 
 @dataclass(frozen=True)
 class LowRank(Covariance):
-    """SWAG: N(θ̄, ½(Σ_diag + D Dᵀ/(K − 1))) from the last ``rank`` deviations.
+    """SWAG: N(θ̄, scale · (Σ_diag + D Dᵀ/(K − 1))) from the last ``rank`` deviations.
 
     Attributes:
-      rank: K, the deviation columns kept (the last K iterates; >= 2).
+      rank: K, the deviation columns kept (the last K iterates; >= 2). The SGD phase should
+        collect at least 2K iterates (see the module docstring); fewer are warned about.
       num_samples: members S.
+      scale: the factor on the covariance (√scale on the noise); ½ is the paper's SWAG.
     """
 
     rank: int = 20
     num_samples: int = 30
+    scale: float = 0.5
 
     def __post_init__(self):
-        _check_samples(self.num_samples)
+        _check_samples(self.num_samples, self.scale)
         if self.rank < 2:
             raise UserError(
                 f"method.covariance.rank={self.rank}: the low-rank term D Dᵀ/(K − 1) needs "
@@ -205,21 +240,24 @@ class LowRank(Covariance):
 
     def draw(self, key: jax.Array, moments: SWAGState) -> jax.Array:
         ids = jnp.arange(self.num_samples)
-        return jax.vmap(lambda s: swag_sample(jax.random.fold_in(key, s), moments))(ids)
+        return jax.vmap(lambda s: swag_sample(jax.random.fold_in(key, s), moments, self.scale))(ids)
 
 
 @dataclass(frozen=True)
 class Diagonal(Covariance):
-    """SWAG-Diagonal: N(θ̄, ½ Σ_diag).
+    """SWAG-Diagonal: N(θ̄, scale · Σ_diag).
 
     Attributes:
       num_samples: members S.
+      scale: the factor on the covariance; 1 is the paper's §3.2 SWAG-Diagonal, ½ (the
+        default) makes it SWAG without the low-rank term.
     """
 
     num_samples: int = 30
+    scale: float = 0.5
 
     def __post_init__(self):
-        _check_samples(self.num_samples)
+        _check_samples(self.num_samples, self.scale)
 
     @property
     def size(self) -> int:
@@ -227,7 +265,9 @@ class Diagonal(Covariance):
 
     def draw(self, key: jax.Array, moments: SWAGState) -> jax.Array:
         ids = jnp.arange(self.num_samples)
-        return jax.vmap(lambda s: swag_sample(jax.random.fold_in(key, s), moments, True))(ids)
+        return jax.vmap(
+            lambda s: swag_sample(jax.random.fold_in(key, s), moments, self.scale, diag_only=True)
+        )(ids)
 
 
 @dataclass(frozen=True)
@@ -262,7 +302,7 @@ class SGDPhase:
     """
 
     optimizer: Callable[..., optax.GradientTransformation] = partial(optax.sgd, momentum=0.9)
-    learning_rate: float = 0.05
+    learning_rate: float = 0.04
     l2: float = 5e-4
     epochs: int = 20
     batch_size: int = 128
@@ -315,7 +355,7 @@ def sgd_phase(
     data: Dataset,
     sgd: SGDPhase,
     start: SGDCarry,
-    collect_every: int | None,
+    collect_every: int,
     ctx: RunContext,
 ) -> SGDCarry:
     """Runs ``sgd`` from ``start`` and folds the parameters after every collection step
@@ -324,7 +364,7 @@ def sgd_phase(
     Args:
       key: the phase's key (``fold_in(run key, SGD_SALT)``).
       start: the MAP network with a fresh optimiser state, and empty moments.
-      collect_every: steps between collections (None: once per epoch).
+      collect_every: steps between collections.
       ctx: the run context; each chunk's values are logged at the phase's step.
 
     Returns:
@@ -332,8 +372,7 @@ def sgd_phase(
     """
     n = data.train.size
     per_epoch, total = sgd.steps_per_epoch(n), sgd.num_steps(n)
-    every = collect_every or per_epoch
-    collect_at = set(collection_steps(total, every))
+    collect_at = set(collection_steps(total, collect_every))
     stops = sorted(collect_at | set(range(per_epoch, total + 1, per_epoch)))
     chunks = [
         c
@@ -430,7 +469,8 @@ class SWAG(Method):
         None to train.
       sgd: the SGD phase (optimiser, constant rate, epochs, batch size).
       covariance: how members are drawn: ``LowRank`` (SWAG), ``Diagonal`` or ``SWA``.
-      collect_every: SGD steps between collected iterates (None: once per epoch).
+      collect_every: SGD steps between collected iterates; None: 2K iterates evenly over
+        the phase for ``LowRank`` (``steps // (2 rank)``), once per epoch for the others.
       bn_refresh_batches: training batches (of ``sgd.batch_size``) each member's
         BatchNorm statistics are recomputed on; a model without BatchNorm refuses
         another value than the default.
@@ -456,10 +496,18 @@ class SWAG(Method):
         if self.init_from is not None:
             checkpoint_path(self.init_from)  # fails now, before data or training
 
+    def collect_interval(self, n_train: int) -> int:
+        """SGD steps between collected iterates on a training split of ``n_train`` inputs."""
+        if self.collect_every is not None:
+            return self.collect_every
+        if self.covariance.rank:  # at least 2K iterates: see the module docstring
+            return max(1, self.sgd.num_steps(n_train) // (2 * self.covariance.rank))
+        return self.sgd.steps_per_epoch(n_train)
+
     def collections(self, n_train: int) -> int:
         """Iterates the SGD phase collects on a training split of ``n_train`` inputs."""
         total = self.sgd.num_steps(n_train)
-        return len(collection_steps(total, self.collect_every or self.sgd.steps_per_epoch(n_train)))
+        return len(collection_steps(total, self.collect_interval(n_train)))
 
     def _check(self, model: Model, n_train: int) -> None:
         """Refuses, before any training, what the run could not use."""
@@ -468,6 +516,20 @@ class SWAG(Method):
             raise UserError(
                 f"SWAG's SGD phase collects {collected} iterate(s); the members need at "
                 f"least {need}. Lower method.collect_every or raise method.sgd.epochs."
+            )
+        rank = self.covariance.rank
+        if rank and collected < 2 * rank:
+            # a warning, not a refusal: the estimate is defined, only narrower, and short
+            # debugging runs need not collect 2K iterates
+            log.warning(
+                "SWAG collects %d iterates for method.covariance.rank=%d: the low-rank term "
+                "is about %.2f of the covariance it estimates (independent iterates); collect "
+                "at least 2 x rank = %d (raise method.sgd.epochs, lower method.collect_every) "
+                "or lower method.covariance.rank.",
+                collected,
+                rank,
+                low_rank_fraction(collected, rank),
+                2 * rank,
             )
         if not model.has_batch_norm and self.bn_refresh_batches != BN_REFRESH_BATCHES:
             raise UserError(
@@ -493,7 +555,7 @@ class SWAG(Method):
         shifted = dataclasses.replace(ctx, log=lambda values, step: ctx.log(values, step + offset))
         k_sgd = jax.random.fold_in(key, SGD_SALT)
         moments = sgd_phase(
-            k_sgd, model, data, self.sgd, start, self.collect_every, shifted
+            k_sgd, model, data, self.sgd, start, self.collect_interval(n), shifted
         ).moments
         refresh_x = None
         if model.has_batch_norm:

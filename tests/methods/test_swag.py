@@ -1,5 +1,5 @@
-"""``swag``: the moments are the iterates' averages; draws have the stated covariance; the
-SGD phase resumes where it stopped."""
+"""``swag``: the moments are the iterates' averages; draws have the stated covariance, the
+low-rank term estimates the iterates' covariance; the SGD phase resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ from bnn_bench.errors import UserError
 from bnn_bench.methods.swag import (
     SGD_SALT,
     SWA,
+    Diagonal,
     LowRank,
+    SGDPhase,
+    low_rank_fraction,
     swag_collect,
     swag_covariance,
     swag_init,
@@ -47,7 +50,7 @@ SMALL = [
     "method.sgd.batch_size=16",
     "method.sgd.learning_rate=0.05",
     "method.collect_every=4",
-    "method.covariance.rank=5",
+    "method.covariance.rank=4",  # 9 iterates collected: at least 2K
 ]
 
 
@@ -66,17 +69,16 @@ def _collect(thetas, rank):
     return state
 
 
-def _formula(thetas, rank, diag_only=False):
-    """½(Σ_diag + D Dᵀ/(K − 1)) straight from the iterates, in float64."""
+def _formula(thetas, rank, scale, diag_only=False):
+    """scale · (Σ_diag + D Dᵀ/(K − 1)) straight from the iterates, in float64."""
     t = np.asarray(thetas, np.float64)
     n = len(t)
     means = np.cumsum(t, 0) / np.arange(1, n + 1)[:, None]  # θ̄_i after iterate i
-    diag = (t**2).mean(0) - t.mean(0) ** 2
-    cov = 0.5 * np.diag(diag)
-    if diag_only:
-        return cov
-    d = (t - means)[-rank:]  # the last K deviations, (K, P)
-    return cov + d.T @ d / (2 * (len(d) - 1))
+    cov = np.diag((t**2).mean(0) - t.mean(0) ** 2)
+    if not diag_only:
+        d = (t - means)[-rank:]  # the last K deviations, (K, P)
+        cov = cov + d.T @ d / (len(d) - 1)
+    return scale * cov
 
 
 def test_moments_and_deviations_are_those_of_the_iterates():
@@ -94,20 +96,50 @@ def test_moments_and_deviations_are_those_of_the_iterates():
     assert no_buffer.deviations.shape == (0, 5)
 
 
-@pytest.mark.parametrize("diag_only", [False, True])
-def test_draws_have_the_swag_covariance(diag_only):
+@pytest.mark.parametrize(("diag_only", "scale"), [(False, 0.5), (True, 1.0)])
+def test_draws_have_the_swag_covariance(diag_only, scale):
     thetas = jax.random.normal(jax.random.key(1), (6, 4)) @ jnp.diag(jnp.array([1.0, 2, 0.5, 1]))
     state = _collect(thetas, rank=3)  # six iterates, three kept: the buffer has wrapped
-    ref = _formula(thetas, 3, diag_only)
-    np.testing.assert_allclose(swag_covariance(state, diag_only), ref, rtol=1e-5, atol=1e-6)
+    ref = _formula(thetas, 3, scale, diag_only)
+    got = swag_covariance(state, scale, diag_only)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     n = 200_000
-    draws = jax.vmap(lambda k: swag_sample(k, state, diag_only))(
+    draws = jax.vmap(lambda k: swag_sample(k, state, scale, diag_only))(
         jax.random.split(jax.random.key(2), n)
     )
     emp = np.cov(np.asarray(draws, np.float64), rowvar=False)
     se = np.sqrt((np.outer(np.diag(ref), np.diag(ref)) + ref**2) / n)  # Wishart std
     assert (np.abs(emp - ref) <= 5 * se + 1e-9).all()
     np.testing.assert_allclose(np.asarray(draws).mean(0), state.mean, atol=0.02)
+
+
+@pytest.mark.parametrize("n", [40, 20])
+def test_low_rank_term_estimates_the_covariance_of_the_iterates(n):
+    """Iterates i.i.d. from N(μ, C), rank K = 20 (the default): over many replications the
+    low-rank term D Dᵀ/(K − 1) averages to low_rank_fraction(n, K) times the sample
+    covariance of the last K iterates (dense numpy, unbiased for C): ≈ 1.02 with n = 2K
+    iterates, ≈ 0.86 with n = K (every iterate a column, the first one zero)."""
+    k, reps = 20, 20_000
+    a = np.array([[1.0, 0, 0], [0.8, 0.6, 0], [-0.5, 0.3, 1.2]])
+    mu = jnp.array([1.0, -2.0, 0.5])
+
+    def one(key):
+        thetas = mu + jax.random.normal(key, (n, 3)) @ jnp.asarray(a.T, jnp.float32)
+        state = jax.lax.fori_loop(
+            0, n, lambda i, s: swag_collect(s, thetas[i]), swag_init(jnp.zeros(3), k)
+        )
+        low_rank = swag_covariance(state, 1.0) - swag_covariance(state, 1.0, diag_only=True)
+        return thetas[-k:], low_rank
+
+    last, low_rank = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(7), reps))
+    last, low_rank = np.asarray(last, np.float64), np.asarray(low_rank, np.float64)
+    centred = last - last.mean(1, keepdims=True)  # (reps, K, 3)
+    sample_cov = np.einsum("rki,rkj->rij", centred, centred) / (k - 1)  # each unbiased for C
+    np.testing.assert_allclose(sample_cov.mean(0), a @ a.T, atol=0.03)
+    diff = low_rank - low_rank_fraction(n, k) * sample_cov  # paired: the same iterates
+    assert (np.abs(diff.mean(0)) <= 5 * diff.std(0) / np.sqrt(reps)).all()
+    ratio = np.trace(low_rank.mean(0)) / np.trace(sample_cov.mean(0))
+    assert abs(ratio - 1) < 0.03 if n >= 2 * k else ratio < 0.88
 
 
 @pytest.fixture(scope="module")
@@ -154,24 +186,47 @@ def test_swa_mean_is_the_average_of_the_sgd_iterates(fitted):
     assert len(iterates) == -(-33 // 4) == int(post.swag.count) == method.collections(180)
     np.testing.assert_allclose(post.swag.mean, iterates.mean(0), atol=1e-5)
     np.testing.assert_allclose(
-        post.swag.deviations[(len(iterates) - 1) % 5], iterates[-1] - iterates.mean(0), atol=1e-5
+        post.swag.deviations[(len(iterates) - 1) % 4], iterates[-1] - iterates.mean(0), atol=1e-5
     )
     # the iterates moved away from the MAP start and from each other
     assert float(np.abs(iterates[0] - iterates[-1]).max()) > 1e-3
-    assert post.info == {"swag/collected": 9.0, "swag/rank": 5.0, "swag/sgd_steps": 33.0}
+    assert post.info == {"swag/collected": 9.0, "swag/rank": 4.0, "swag/sgd_steps": 33.0}
 
 
 def test_members_parameters_have_the_swag_covariance(fitted):
     data, model, method, post, key = fitted
-    many = dataclasses.replace(method, covariance=LowRank(rank=5, num_samples=20_000))
+    assert method.covariance.scale == 0.5  # the default
+    many = dataclasses.replace(method, covariance=LowRank(rank=4, num_samples=20_000))
     thetas = np.asarray(many.sample_thetas(jax.random.key(5), post), np.float64)  # (S, P)
-    ref = np.asarray(swag_covariance(post.swag), np.float64)
+    ref = np.asarray(swag_covariance(post.swag, 0.5), np.float64)
     emp = np.cov(thetas, rowvar=False)
     se = np.sqrt((np.outer(np.diag(ref), np.diag(ref)) + ref**2) / len(thetas))
     assert (np.abs(emp - ref) <= 5.5 * se + 1e-9).all()
     # the low-rank part carries correlations the diagonal lacks
     off = ref - np.diag(np.diag(ref))
     assert np.abs(off).max() > 0.1 * np.diag(ref).max()
+
+
+@pytest.mark.parametrize("covariance", [LowRank, Diagonal])
+def test_scale_multiplies_the_members_covariance(fitted, covariance):
+    """Same key: the members' offsets from θ̄ scale by √scale, so their covariance by scale
+    (scale 0.5 halves the covariance of scale 1)."""
+    _, _, method, post, _ = fitted
+    kw = {"rank": 4} if covariance is LowRank else {}
+
+    def offsets(scale):
+        m = dataclasses.replace(method, covariance=covariance(num_samples=8, scale=scale, **kw))
+        return np.asarray(m.sample_thetas(jax.random.key(4), post) - post.swag.mean)
+
+    one, half = offsets(1.0), offsets(0.5)
+    assert np.abs(one).max() > 1e-3
+    np.testing.assert_allclose(half, np.sqrt(0.5) * one, rtol=1e-5, atol=1e-7)
+    diag_only = covariance is Diagonal
+    np.testing.assert_allclose(
+        swag_covariance(post.swag, 0.5, diag_only),
+        0.5 * swag_covariance(post.swag, 1.0, diag_only),
+        rtol=1e-6,
+    )
 
 
 def test_members_are_the_networks_of_the_draws_and_swa_is_the_mean(fitted):
@@ -225,12 +280,48 @@ def test_batchnorm_statistics_are_refit_for_each_draw():
     np.testing.assert_allclose(probs[0], model.probs(params, state, data.test.x), atol=1e-6)
 
 
-def test_refuses_too_few_iterates_rank_one_and_an_unused_refresh():
+def test_default_collection_is_twice_the_rank_evenly_over_the_phase():
+    """collect_every null: every ⌊33 / 2K⌋ steps and after the last, so at least 2K iterates
+    (and on the real split, 8,420 steps and K = 20: every 210 steps, 41 iterates);
+    without deviations (diagonal, swa), once per epoch."""
+    for rank, every, collected in [(4, 4, 9), (5, 3, 11), (16, 1, 33)]:
+        _, _, method = _setup("method.collect_every=null", f"method.covariance.rank={rank}")
+        assert method.collect_interval(180) == every
+        assert method.collections(180) == collected == len({*range(every, 34, every), 33})
+        assert collected >= 2 * rank
+    _, _, method = _setup("method.collect_every=null", "method.covariance.rank=17")
+    assert method.collections(180) == 33 < 34  # as many steps as there are: warned about
+    swa = [o for o in SMALL if "covariance" not in o and "collect_every" not in o]
+    for choice in ("swa", "diagonal"):
+        method = build(compose_cfg(*swa, f"method/swag/covariance={choice}").method, "method")
+        assert method.collect_interval(180) == 11 and method.collections(180) == 3
+    real = dataclasses.replace(method, sgd=SGDPhase(), covariance=LowRank())  # the defaults
+    assert real.collect_interval(54_000) == 210 and real.collections(54_000) == 41
+
+
+def test_warns_below_twice_the_rank_of_collected_iterates(caplog):
+    data, model, method = _setup("method.covariance.rank=5")  # 9 iterates, 2K = 10
+    with caplog.at_level("WARNING", logger="bnn_bench"):
+        method.describe(model, data)  # what fit and the dry run check
+    assert "SWAG collects 9 iterates for method.covariance.rank=5" in caplog.text
+    assert f"about {low_rank_fraction(9, 5):.2f} of the covariance" in caplog.text
+    assert "2 x rank = 10" in caplog.text
+    caplog.clear()
+    data, model, method = _setup()  # rank 4: 9 >= 8
+    with caplog.at_level("WARNING", logger="bnn_bench"):
+        method.describe(model, data)
+    assert "SWAG collects" not in caplog.text
+
+
+def test_refuses_too_few_iterates_rank_one_a_bad_scale_and_an_unused_refresh():
     data, model, method = _setup("method.collect_every=1000")
     with pytest.raises(UserError, match="method.collect_every"):
         method.fit(jax.random.key(0), model, data)
     with pytest.raises(UserError, match="method/swag/covariance=diagonal"):
         _setup("method.covariance.rank=1")
+    for scale in ("0", "-0.5"):
+        with pytest.raises(UserError, match="method.covariance.scale must be > 0"):
+            _setup(f"method.covariance.scale={scale}")
     data, model, method = _setup("method.bn_refresh_batches=5")  # an MLP: no BatchNorm
     with pytest.raises(UserError, match="method.bn_refresh_batches=5"):
         method.fit(jax.random.key(0), model, data)
@@ -238,6 +329,8 @@ def test_refuses_too_few_iterates_rank_one_and_an_unused_refresh():
     swa = [o for o in SMALL if "covariance" not in o] + ["method/swag/covariance=swa"]
     with pytest.raises(HydraException, match="method.covariance.rank"):
         compose_cfg(*swa, "method.covariance.rank=3")
+    with pytest.raises(HydraException, match="method.covariance.scale"):
+        compose_cfg(*swa, "method.covariance.scale=1")
     with pytest.raises(UserError, match="Unknown key 'method.covariance.rank'"):
         validate(compose_cfg(*swa, "+method.covariance.rank=3"))
 
