@@ -529,7 +529,7 @@ def _candidates(out_dir: Path, config: dict) -> str:
         return ""
     found = []
     for p in out_dir.parents[1].glob("*/*/checkpoint/resume/run.json"):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a broken run.json
             if json.loads(p.read_text()).get("config") == identity(config):
                 found.append(p.parents[2])
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)

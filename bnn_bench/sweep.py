@@ -41,37 +41,47 @@ _dry_runs: list[tuple[str, str, str | None]] = []
 # error.txt: their folder held another job's finished results, which stay untouched
 _refused: list[tuple[str, str, str]] = []
 
-# a folder name keeps these characters; any other (``/`` of a group override, brackets,
-# quotes, spaces) makes the name a readable prefix plus a hash of the overrides
-_PLAIN = re.compile(r"[A-Za-z0-9_.,=+:@%-]*")
+# A job folder's name is ``key:value`` per override, joined by ``+``: characters that need
+# no quotes in a Hydra override, so the folder can be handed back as one (hydra.run.dir=,
+# method.init_from=, eval.reference=). An override of other characters (``/`` of a group
+# override, brackets, quotes, spaces, ``+`` or ``:`` in a value) makes the name a readable
+# prefix plus a hash of the overrides.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.@-]+")
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.%@-]*")
 _MAX_NAME = 120  # characters of a job's folder name (file systems allow 255 bytes)
 
 
 def job_overrides(overrides: Sequence[str]) -> list[str]:
-    """The overrides that say what a job computes, sorted: without the how-to-run keys
-    (``resume``, ``logger``, ``device``, ``checkpoint``, ``dry_run``, ``objective``), so
-    that re-launching with ``resume=true`` or another logger finds the same job."""
+    """The overrides that say what a job computes, sorted, without a leading ``+``: the
+    how-to-run keys (``resume``, ``logger``, ``device``, ``checkpoint``, ``dry_run``,
+    ``objective``) are left out, so that re-launching with ``resume=true`` or another
+    logger finds the same job."""
     from bnn_bench.reporting.loggers import override_key
 
-    return sorted(str(o) for o in overrides if override_key(str(o)).split(".")[0] not in HOW_TO_RUN)
+    kept = (str(o) for o in overrides if override_key(str(o)).split(".")[0] not in HOW_TO_RUN)
+    return sorted(o.lstrip("+") for o in kept)
 
 
 def job_dir(overrides: Sequence[str]) -> str:
-    """A sweep job's folder name: its sorted overrides (``method=map,seed=0``), or
-    ``default`` for none. A name with other characters than ``[A-Za-z0-9_.,=+:@%-]``
-    or longer than 120 becomes a readable prefix plus ``-`` and 8 hex digits of the
-    overrides' SHA-256: one job, one folder, whatever the launch or the job's number.
+    """A sweep job's folder name, from its overrides: ``method:map+seed:0`` for
+    ``method=map seed=0`` (sorted; ``default`` for none). Where an override has other
+    characters than ``[A-Za-z0-9_.@-]`` in its key or ``[A-Za-z0-9_.%@-]`` in its value,
+    or the name would be longer than 120, it is a readable prefix plus ``-`` and 8 hex
+    digits of the overrides' SHA-256: one job, one folder, whatever the launch or the
+    job's number.
 
     Args:
       overrides: the job's task overrides (``hydra.overrides.task``).
     """
-    name = ",".join(job_overrides(overrides))
-    if not name:
+    items = [o.partition("=") for o in job_overrides(overrides)]
+    if not items:
         return "default"
-    if _PLAIN.fullmatch(name) and len(name) <= _MAX_NAME:
+    name = "+".join(f"{k}:{v}" for k, _, v in items)
+    plain = all(_PLAIN_KEY.fullmatch(k) and _PLAIN_VALUE.fullmatch(v) for k, _, v in items)
+    if plain and len(name) <= _MAX_NAME:
         return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    readable = re.sub(r"[^A-Za-z0-9_.,=+:@%-]", "_", name)[: _MAX_NAME - 9]
+    digest = hashlib.sha256(",".join(f"{k}={v}" for k, _, v in items).encode()).hexdigest()[:8]
+    readable = re.sub(r"[^A-Za-z0-9_.:+%@-]", "_", name)[: _MAX_NAME - 9]
     return f"{readable}-{digest}"
 
 

@@ -8,7 +8,8 @@ of a group (the seeds). Works offline; W&B is not involved.
 
 Outputs, in ``--out`` (default ``<first DIR>/comparison``):
   comparison.md   the table printed to the terminal (Markdown)
-  comparison.csv  one row per group: the group's overrides, ``runs``, ``seeds``,
+  comparison.csv  one row per group: the group's overrides, ``runs`` (finished), ``jobs``
+                  (finished or not), ``seeds``,
                   and ``<metric>/mean``, ``<metric>/std`` for every numeric metric
   acc_vs_ece.png, nll.png, reliability.png   comparison plots with error bars
 

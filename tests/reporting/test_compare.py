@@ -109,7 +109,7 @@ def test_command_line_prints_the_table_and_fails_clearly_without_runs(sweep, tmp
 
 def test_single_runs_in_several_folders_group_by_what_differs(sweep, tmp_path):
     # two folders given separately; grouping by an explicit key works the same
-    dirs = sorted(p.parent for p in sweep.glob("*/metrics.json"))[:2]
+    dirs = [_job(sweep, 1, 0), _job(sweep, 1, 1)]
     table, out = compare(dirs, out=tmp_path / "two", by=["seed"], plots=False)
     rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
     assert [r["runs"] for r in rows] == ["1", "1"] and rows[0]["test/acc/std"] == ""
