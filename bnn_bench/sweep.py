@@ -14,7 +14,13 @@ not the launcher's return values, so it works the same for jobs that ran in this
 process (the basic launcher) and in others (submitit, SLURM). A dry run writes no
 files: its jobs report to this process, which is why ``dry_run=true`` runs with
 the basic launcher only (and the basic sweeper: a dry run has no objective value to
-give Optuna).
+give Optuna). A job that fails in a folder holding finished results writes no
+``error.txt`` there (it would mark those results as failed); ``FailedJobs`` lists it
+from this process's record (``record_refused``; the basic launcher's jobs).
+
+``Preflight``, another callback, stops a launch in one line (exit 2) before Hydra makes a
+folder or submits a job: an output folder that cannot be written, a SLURM launcher
+without ``sbatch``.
 """
 
 from __future__ import annotations
