@@ -113,10 +113,11 @@ def write_error(out_dir: str | Path, message: str) -> Path:
 def record_dry_run(out_dir: str | Path, overrides: list[str], error: str | None) -> None:
     """Notes a dry-run job's outcome for the end-of-sweep summary (as ``#<job number>``)."""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
 
     try:
         label = f"#{HydraConfig.get().job.num}"
-    except (ValueError, AttributeError):  # outside a Hydra job
+    except (ValueError, OmegaConfBaseException):  # outside a Hydra job; a single run
         label = Path(out_dir).name
     _dry_runs.append((label, ",".join(overrides), error))
 
