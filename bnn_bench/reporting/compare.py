@@ -341,13 +341,19 @@ def _last_launch(sweep_dir: Path) -> list[list[str]]:
 
 
 def _missing(sweep_dir: Path, folders: set[Path]) -> list[Job]:
-    """The jobs of the sweep's last launch that have no folder below ``sweep_dir``."""
+    """The jobs of the sweep's last launch that have no folder below ``sweep_dir`` (by
+    name, or by the overrides a folder holds: one named otherwise by an older bnn-bench)."""
     from bnn_bench.sweep import job_dir, job_overrides
 
+    jobs = _last_launch(sweep_dir)
+    held = set()
+    for f in folders if jobs else ():
+        with contextlib.suppress(Exception):  # an unreadable folder is listed on its own
+            held.add(tuple(job_overrides(read_overrides(f))))
     out = []
-    for overrides in _last_launch(sweep_dir):
+    for overrides in jobs:
         folder = (sweep_dir / job_dir(overrides)).resolve()
-        if folder not in folders:
+        if folder not in folders and tuple(job_overrides(overrides)) not in held:
             out.append(
                 Job(
                     "missing",
