@@ -335,7 +335,7 @@ def _leaf(path: Path, name: str, value: Any, like: Any, fix: str) -> Any:
 
 
 # how-to-run keys that never change what a job computes
-_HOW_TO_RUN = (*NOT_IDENTITY, "dry_run", "objective")
+HOW_TO_RUN = (*NOT_IDENTITY, "dry_run", "objective")
 # what a job leaves in its run folder (besides .hydra/ and run.log); a new job removes them
 RESULTS = (
     "metrics.json",
@@ -353,7 +353,7 @@ LOCK_FILE = ".lock"
 def identity(config: dict) -> dict:
     """What a run computes: its resolved config without the how-to-run keys."""
     return json.loads(
-        json.dumps({k: v for k, v in config.items() if k not in _HOW_TO_RUN}, default=str)
+        json.dumps({k: v for k, v in config.items() if k not in HOW_TO_RUN}, default=str)
     )
 
 
@@ -411,20 +411,42 @@ class RunRecord:
 
     ``plan`` decides, before any work, what to do with a run folder:
     ``"skip"`` (this job finished here), ``"resume"`` (continue its checkpoints) or
-    ``"new"`` (start afresh; old checkpoints of another job are removed).
+    ``"new"`` (start afresh; old checkpoints of another job are removed). A folder
+    holding another job's finished results (metrics.json) is refused, not cleared,
+    unless ``resume=false`` asks for it; an unreadable run.json is refused by name.
     """
 
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
         self.root = self.out_dir / "checkpoint" / "resume"
         self.path = self.root / "run.json"
-        self.saved: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.saved: dict = self._read() if self.path.is_file() else {}
+
+    def _read(self) -> dict:
+        """run.json's record, or a UserError naming the file when it is unreadable."""
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:  # ValueError: bad JSON, bytes that are not UTF-8
+            reason = f"{type(e).__name__}: {e}"
+        else:
+            if isinstance(saved, dict) and isinstance(saved.get("config", {}), dict):
+                return saved
+            reason = "not the record bnn-bench writes"
+        keep = (
+            "keep its results: give this job another folder (hydra.run.dir=..., or a new "
+            "hydra.sweep.dir); replace them: delete the file and run with resume=false"
+            if (self.out_dir / "metrics.json").is_file()
+            else "delete the file to run this job afresh there, or give it another folder"
+        )
+        raise UserError(
+            f"{self.path} is unreadable ({reason}); it names the job the folder holds. To {keep}."
+        )
 
     @property
     def logger_run_id(self) -> str | None:
         return self.saved.get("logger_run_id")
 
-    def plan(self, config: dict, resume: bool | str) -> str:
+    def plan(self, config: dict, resume: bool | str, warn: bool = True) -> str:
         if resume not in (True, False, "auto"):
             raise UserError(f"resume must be true, false or auto; got {resume!r}.")
         same = bool(self.saved) and self.saved.get("config") == identity(config)
@@ -435,7 +457,7 @@ class RunRecord:
         if same and finished:
             return "skip"
         if has_state and (same or resume is True):
-            if not same:
+            if not same and warn:
                 log.warning("resume=true: continuing %s although its config differs.", self.out_dir)
             return "resume"
         if resume is True:
@@ -444,7 +466,14 @@ class RunRecord:
                 f"folder of the interrupted run: hydra.run.dir=<run folder> (a multirun: "
                 f"hydra.sweep.dir=<sweep folder>).{_candidates(self.out_dir, config)}"
             )
-        if self.saved and not same:
+        if finished:  # never cleared by another job; resume=false is the explicit way
+            raise UserError(
+                f"{self.out_dir} holds the finished results (metrics.json) of another job "
+                f"({_difference(self.saved, identity(config))}); this job would clear them. "
+                f"To keep them, give this job another folder (hydra.run.dir=..., or a new "
+                f"hydra.sweep.dir); to replace them, run it with resume=false."
+            )
+        if self.saved and not same and warn:
             log.warning("%s held another job's checkpoints; starting afresh.", self.out_dir)
         return "new"
 
@@ -476,13 +505,31 @@ class RunRecord:
         write_json_atomic(self.path, self.saved)
 
 
+def _difference(saved: dict, config: dict) -> str:
+    """How the job a run folder holds differs from ``config``, in a few words."""
+    if not saved:
+        return "no checkpoint/resume/run.json names it"
+    paths: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        elif a != b:
+            paths.append(prefix)
+
+    walk(saved.get("config", {}), config, "")
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return f"its config differs in {shown}"
+
+
 def _candidates(out_dir: Path, config: dict) -> str:
     """Run folders near ``out_dir`` holding a checkpoint of the same job, newest first."""
     if len(out_dir.parents) < 2:
         return ""
     found = []
     for p in out_dir.parents[1].glob("*/*/checkpoint/resume/run.json"):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a broken run.json
             if json.loads(p.read_text()).get("config") == identity(config):
                 found.append(p.parents[2])
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)

@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnn_bench import checkpoint
 from bnn_bench.checkpoint import Preempted
+from bnn_bench.config import to_dict
 from bnn_bench.errors import UserError
 from bnn_bench.groups import check_overrides
 from bnn_bench.run import run
-from bnn_bench.sweep import record_dry_run, write_error
+from bnn_bench.sweep import record_dry_run, record_refused, write_error
 
 _HERE = Path(__file__).resolve().parent
 # An installed wheel carries conf/ inside the package; a source checkout has it beside.
@@ -122,21 +123,31 @@ def _dry_run(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def _job(cfg: DictConfig, out_dir: Path) -> float | None:
-    """One job in its locked run folder. A failure writes error.txt; in a multirun the
-    job then returns (None) so that the launcher goes on with the next one."""
+    """One job in its locked run folder. A failure writes error.txt (not into a folder
+    holding finished results: those stay as they are); in a multirun the job then
+    returns (None) so that the launcher goes on with the next one."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    _write_hydra_files(cfg, out_dir)
     try:
+        # before .hydra/ is written: a folder holding another job's finished results, or
+        # an unreadable run.json, is refused untouched; a finished job keeps its .hydra/
+        if checkpoint.RunRecord(out_dir).plan(to_dict(cfg), cfg.resume, warn=False) != "skip":
+            _write_hydra_files(cfg, out_dir)
         with checkpoint.stop_on_signals():  # SIGTERM, Ctrl-C: checkpoint, then stop
             configure_device(cfg.device)
             metrics = run(cfg, out_dir)
     except Exception as e:  # noqa: BLE001 - every failure of a job is recorded the same way
+        finished = (out_dir / "metrics.json").is_file()
+        if finished:  # the finished run's run.log is not this job's either
+            _detach_file_logs()
         if isinstance(e, UserError):
             message = str(e)
         else:
             log.exception("the job failed")  # the traceback goes to run.log
             message = f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}"
-        write_error(out_dir, message)
+        if finished:
+            record_refused(out_dir, list(HydraConfig.get().overrides.task), message)
+        else:
+            write_error(out_dir, message)
         _error(f"error: {message.splitlines()[0] if not isinstance(e, UserError) else e}")
         if not multirun:
             sys.exit(2 if isinstance(e, UserError) else 1)

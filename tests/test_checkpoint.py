@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -240,8 +241,25 @@ def test_run_folder_plan(tmp_path):
     assert record.plan(config, False) == "new"
     (tmp_path / "metrics.json").write_text("{}")
     assert record.plan(config, "auto") == "skip"
+    # another job never clears finished results on its own: refused, naming what differs
+    with pytest.raises(UserError, match=r"holds the finished results .*differs in seed\)"):
+        record.plan({**config, "seed": 1}, "auto")
+    assert record.plan({**config, "seed": 1}, False) == "new"  # resume=false: replace them
     record.start({**config, "seed": 1}, "new")  # a rerun clears the old job's results
     assert not (tmp_path / "metrics.json").exists() and not (record.root / "trainer").exists()
+
+
+@pytest.mark.parametrize("broken", [b'{"config": {"se', b"\xff\xfe\x00", b"[1, 2]"])
+def test_an_unreadable_run_json_is_named(tmp_path, broken):
+    record = RunRecord(tmp_path)
+    record.start({"seed": 0}, "new")
+    record.path.write_bytes(broken)
+    named = re.escape(str(record.path))
+    with pytest.raises(UserError, match=f"{named} is unreadable .*afresh there"):
+        RunRecord(tmp_path)
+    (tmp_path / "metrics.json").write_text("{}")  # finished: keep or replace, both named
+    with pytest.raises(UserError, match="another folder .*delete the file and run with resume"):
+        RunRecord(tmp_path)
 
 
 def test_submitit_preemption_signal_saves_first_then_hands_over(tmp_path):

@@ -180,7 +180,11 @@ def test_a_new_job_in_an_old_run_folder_starts_clean(tmp_path):
         (tmp_path / name).write_text(text)
     (tmp_path / "checkpoint/resume/run.json").write_text(json.dumps({"config": {"seed": 7}}))
 
-    metrics = run(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path)
+    # another job's finished results are never cleared unasked: refused, nothing touched
+    with pytest.raises(UserError, match="holds the finished results .* of another job"):
+        run(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path)
+    assert all((tmp_path / name).read_text() == text for name, text in stale.items())
+    metrics = run(compose_cfg(*TINY, "trainer.epochs=1", "resume=false"), tmp_path)
 
     for name in ("plots/old_plot.png", "samples.msgpack", "error.txt"):
         assert not (tmp_path / name).exists(), name

@@ -1,16 +1,29 @@
 """Sweeps: the launcher configs, a failed job in a sweep (basic and submitit_local
-launchers), re-launching a multirun, the Optuna sweeper."""
+launchers), re-launching a multirun (the same command, another value list), the Optuna
+sweeper, and the checks before a launch (a read-only folder, SLURM without sbatch)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import CLI, ROOT, TINY, cli_env
+
+
+def _job(sweep, *overrides: str):
+    """The folder of the sweep's one job whose overrides include ``overrides``, or None."""
+    found = [
+        m.parent.parent
+        for m in sweep.glob("*/.hydra/overrides.yaml")
+        if set(overrides) <= set(OmegaConf.load(m))
+    ]
+    assert len(found) <= 1, found
+    return found[0] if found else None
 
 
 def _hydra_cfg(*overrides: str):
@@ -85,28 +98,29 @@ def test_a_failed_job_leaves_error_txt_and_the_sweep_goes_on(tmp_path, launcher)
     cmd = [*CLI, "-m", f"hydra/launcher={launcher}", *BAD_AND_GOOD, f"hydra.sweep.dir={sweep}"]
     first = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert first.returncode == 1, first.stderr[-3000:]
-    error = (sweep / "0" / "error.txt").read_text()
+    bad, good = _job(sweep, "dataset.resize=[4,4]"), _job(sweep, "dataset.resize=[28,28]")
+    error = (bad / "error.txt").read_text()
     assert "cannot take synthetic inputs of shape (4, 4, 1)" in error
-    assert not (sweep / "0" / "metrics.json").exists()
-    assert (sweep / "1" / "metrics.json").is_file() and not (sweep / "1" / "error.txt").exists()
+    assert not (bad / "metrics.json").exists()
+    assert (good / "metrics.json").is_file() and not (good / "error.txt").exists()
     # the end of the command lists the failed job, its folder and overrides, and only it
     listing = first.stderr.split("job(s) of this sweep failed:")[1]
-    assert f"{sweep / '0'}  [" in listing and "dataset.resize=[4,4]" in listing
-    assert str(sweep / "1") not in listing
+    assert f"{bad}  [" in listing and "dataset.resize=[4,4]" in listing
+    assert str(good) not in listing
     assert f"hydra.sweep.dir={sweep}" in listing
     if launcher == "submitit_local":  # each job ran as its own submitit job
         assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2
         return
 
     # re-launched: the finished job is skipped, the failed one runs (and fails) again
-    done = (sweep / "1" / "metrics.json").read_bytes()
-    before = (sweep / "0" / "error.txt").stat().st_mtime_ns
+    done = (good / "metrics.json").read_bytes()
+    before = (bad / "error.txt").stat().st_mtime_ns
     again = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert again.returncode == 1, again.stderr[-3000:]
-    assert (sweep / "1" / "metrics.json").read_bytes() == done
-    assert "skipping" in (sweep / "1" / "run.log").read_text()
-    assert (sweep / "0" / "error.txt").stat().st_mtime_ns > before
-    assert str(sweep / "0") in again.stderr.split("failed:")[1]
+    assert (good / "metrics.json").read_bytes() == done
+    assert "skipping" in (good / "run.log").read_text()
+    assert (bad / "error.txt").stat().st_mtime_ns > before
+    assert str(bad) in again.stderr.split("failed:")[1]
 
 
 def test_the_optuna_sweeper_tunes_sgld_on_the_validation_split(tmp_path):
@@ -172,18 +186,115 @@ def test_relaunching_an_interrupted_multirun_skips_finished_jobs(tmp_path):
     first = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert first.returncode == 143, first.stderr[-3000:]
     assert f"re-launch the same command with hydra.sweep.dir={sweep}" in first.stderr
-    done = (sweep / "0" / "metrics.json").read_bytes()
-    done_mtime = (sweep / "0" / "metrics.json").stat().st_mtime_ns
-    assert not (sweep / "1" / "metrics.json").exists()
-    assert not (sweep / "2" / "metrics.json").exists()  # never started
+    seed0 = _job(sweep, "seed=0")
+    done = (seed0 / "metrics.json").read_bytes()
+    done_mtime = (seed0 / "metrics.json").stat().st_mtime_ns
+    assert not (_job(sweep, "seed=1") / "metrics.json").exists()
+    assert _job(sweep, "seed=2") is None  # never started
 
     again = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    # job 0 was skipped: its results are untouched
-    assert (sweep / "0" / "metrics.json").read_bytes() == done
-    assert (sweep / "0" / "metrics.json").stat().st_mtime_ns == done_mtime
-    assert "skipping" in (sweep / "0" / "run.log").read_text()
-    # job 1 continued from its checkpoint, job 2 ran
-    assert "resuming trainer from step 13" in (sweep / "1" / "run.log").read_text()
-    for job in ("1", "2"):
-        assert json.loads((sweep / job / "metrics.json").read_text())["cost/grad_evals"] == 28
+    # seed 0 was skipped: its results are untouched
+    assert (seed0 / "metrics.json").read_bytes() == done
+    assert (seed0 / "metrics.json").stat().st_mtime_ns == done_mtime
+    assert "skipping" in (seed0 / "run.log").read_text()
+    # seed 1 continued from its checkpoint, seed 2 ran
+    assert "resuming trainer from step 13" in (_job(sweep, "seed=1") / "run.log").read_text()
+    for seed in (1, 2):
+        metrics = json.loads((_job(sweep, f"seed={seed}") / "metrics.json").read_text())
+        assert metrics["cost/grad_evals"] == 28
+
+
+@pytest.mark.slow
+def test_relaunching_with_another_value_list_keeps_every_finished_result(tmp_path):
+    """The issue's reproduction, small: seeds 0,1, then seeds 1 alone. With job folders named
+    by their number, the second launch's job 0 (seed 1) cleared seed 0's results and compare
+    counted seed 1 twice."""
+    from bnn_bench.reporting.compare import compare
+
+    sweep = tmp_path / "sweep"
+    base = [*CLI, "-m", *[o for o in TINY if not o.startswith("trainer.epochs")]]
+    base += ["trainer.epochs=1", f"hydra.sweep.dir={sweep}"]
+    first = subprocess.run([*base, "seed=0,1"], env=cli_env(), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folders = {s: _job(sweep, f"seed={s}") for s in (0, 1)}
+    before = {s: (f / "metrics.json").read_bytes() for s, f in folders.items()}
+    mtimes = {s: (f / "metrics.json").stat().st_mtime_ns for s, f in folders.items()}
+
+    again = subprocess.run([*base, "seed=1"], env=cli_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for s, folder in folders.items():  # seed 1 skipped, seed 0 untouched
+        assert (folder / "metrics.json").read_bytes() == before[s]
+        assert (folder / "metrics.json").stat().st_mtime_ns == mtimes[s]
+    assert "skipping" in (folders[1] / "run.log").read_text()
+    assert "skipping" not in (folders[0] / "run.log").read_text()
+    report, _ = compare([sweep], out=tmp_path / "cmp", plots=False)
+    assert "2 runs in 1 groups" in report and "| all | 2 |" in report
+    assert "status: 2 of 2 jobs finished." in report
+
+    # another job in a finished job's folder is refused in one line, nothing touched
+    overrides = (folders[0] / ".hydra" / "overrides.yaml").read_bytes()
+    single = [*CLI, *TINY, "trainer.epochs=1"]
+    other = subprocess.run(
+        [*single, "seed=5", f"hydra.run.dir={folders[0]}"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode == 2, other.stderr[-3000:]
+    (line,) = other.stderr.strip().splitlines()
+    assert f"{folders[0]} holds the finished results (metrics.json) of another job" in line
+    assert "its config differs in seed" in line and "resume=false" in line
+    assert (folders[0] / "metrics.json").read_bytes() == before[0]
+    assert (folders[0] / ".hydra" / "overrides.yaml").read_bytes() == overrides
+    assert not (folders[0] / "error.txt").exists()
+
+    # a broken run.json: one line naming it; no error.txt in the finished folder
+    run_json = folders[1] / "checkpoint" / "resume" / "run.json"
+    run_json.write_text(run_json.read_text()[:20])
+    broken = subprocess.run([*base, "seed=1"], env=cli_env(), capture_output=True, text=True)
+    assert broken.returncode == 1, broken.stderr[-3000:]
+    assert f"{run_json} is unreadable (JSONDecodeError" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert str(folders[1]) in broken.stderr.split("job(s) of this sweep failed:")[1]
+    assert not (folders[1] / "error.txt").exists()
+    assert (folders[1] / "metrics.json").read_bytes() == before[1]
+
+
+def _without_write_permission(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that folder permissions hold (root ignores them: drop its override)."""
+    if os.geteuid() != 0:
+        return cmd
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: file permissions cannot be enforced")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", *cmd]
+
+
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_a_read_only_output_folder_is_one_line_and_exit_2(tmp_path, mode):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    key = "hydra.run.dir" if mode == "run" else "hydra.sweep.dir"
+    cmd = [*CLI, *(["-m", "seed=0,1"] if mode == "sweep" else []), *TINY, f"{key}={locked}/x"]
+    proc = subprocess.run(
+        _without_write_permission(cmd), env=cli_env(), capture_output=True, text=True
+    )
+    locked.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"{locked} is not writable (Permission denied)" in line and f"{key}=<folder>" in line
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+def test_a_slurm_launcher_without_slurm_is_one_line_and_exit_2(tmp_path, launcher):
+    env = cli_env() | {"PATH": str(tmp_path)}  # no sbatch on it
+    sweep = tmp_path / "sweep"
+    cmd = [*CLI, "-m", f"hydra/launcher={launcher}", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"hydra/launcher={launcher} submits the jobs to SLURM" in line
+    assert "no sbatch on the PATH" in line
+    assert not sweep.exists()  # nothing submitted, nothing written

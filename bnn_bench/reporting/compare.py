@@ -8,7 +8,8 @@ of a group (the seeds). Works offline; W&B is not involved.
 
 Outputs, in ``--out`` (default ``<first DIR>/comparison``):
   comparison.md   the table printed to the terminal (Markdown)
-  comparison.csv  one row per group: the group's overrides, ``runs``, ``seeds``,
+  comparison.csv  one row per group: the group's overrides, ``runs`` (finished), ``jobs``
+                  (finished or not), ``seeds``,
                   and ``<metric>/mean``, ``<metric>/std`` for every numeric metric
   acc_vs_ece.png, nll.png, reliability.png   comparison plots with error bars
 
@@ -22,6 +23,18 @@ runs' own metrics.json hold, and the printed table shows the test set's. With
 ``--reference`` a run's own ``eval.reference`` override does not split the groups
 (its columns are replaced); without it, it does (they hold other references' numbers).
 
+Nothing is dropped silently, and no configuration is counted twice. Every run folder
+below the given folders (one with ``.hydra/``, ``metrics.json`` or ``error.txt``) is
+finished (a readable metrics.json), failed (``error.txt``), crashed (``error.txt``
+with a traceback), unfinished (neither: interrupted, killed, or still running) or
+unreadable (a metrics.json or ``.hydra/`` file that does not parse); a job of the
+sweep's last launch without a folder is missing. Two folders holding the same job (the
+same resolved config, seed included; e.g. one left by an older launch) count once, the
+newest. The table's ``n`` says ``n of m`` where a group has jobs without results, and
+the output lists each folder left out with its file and the reason. ``--status``
+prints every job's state and the counts, writes nothing, and exits 1 unless all
+finished.
+
 Derived per run: ``time/total``, the run's wall time from the start of setup to the
 end of evaluation (the sum of ``run.py``'s stage times ``time/setup``, ``time/fit``,
 ``time/predict``, ``time/evaluate``; without the interpreter's start and the writing
@@ -31,10 +44,13 @@ of plots and files), where the run has all four and no ``time/total`` of its own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import fnmatch
 import json
 import math
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +61,10 @@ import numpy as np
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import fidelity
 from bnn_bench.reporting.loggers import NOT_IDENTITY, override_key, read_overrides
+
+ERROR_FILE, LOCK_FILE, METRICS_FILE = "error.txt", ".lock", "metrics.json"
+# a job's states, in the order the status lists them
+STATES = ("finished", "failed", "crashed", "running", "unfinished", "missing", "unreadable")
 
 # The columns of the printed table unless --metrics says otherwise.
 DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/brier", "cost/grad_evals", "time/fit")
@@ -59,20 +79,60 @@ STAGES = ("time/setup", "time/fit", "time/predict", "time/evaluate")
 
 @dataclass
 class Run:
-    """One finished run: its folder, overrides (``{key: value}``) and metrics.json."""
+    """One finished run: its folder, overrides (``{key: value}``) and metrics.json;
+    ``job``: what it computes (its resolved config, how-to-run keys left out)."""
 
     path: Path
     overrides: dict[str, str]
     metrics: dict[str, float]
     curves: dict = field(default_factory=dict)
+    job: str = ""
+
+
+@dataclass
+class Job:
+    """A job without results to compare: its state (``STATES``), the file or folder that
+    says so, the reason in a few words, its overrides and what it computes."""
+
+    state: str
+    path: Path
+    reason: str
+    overrides: dict[str, str]
+    job: str = ""
+
+
+@dataclass
+class Survey:
+    """What the folders hold: finished runs (each job once), the jobs without results
+    (one entry per job), and the folders left out as duplicates of a counted job."""
+
+    runs: list[Run]
+    jobs: list[Job]
+    duplicates: list[Job]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state (``finished`` first)."""
+        out = dict.fromkeys(STATES, 0)
+        out["finished"] = len(self.runs)
+        for j in self.jobs:
+            out[j.state] += 1
+        return out
 
 
 @dataclass
 class Group:
-    """The runs that share every differing override but the seed."""
+    """The runs that share every differing override but the seed, and the group's jobs
+    that have no results (``unfinished``: failed, crashed, missing, ...)."""
 
     label: dict[str, str]
     runs: list[Run]
+    unfinished: list[Job] = field(default_factory=list)
+
+    @property
+    def count(self) -> str:
+        """``n`` finished runs, or ``n of m`` jobs when some have no results."""
+        n, m = len(self.runs), len(self.runs) + len(self.unfinished)
+        return str(n) if n == m else f"{n} of {m}"
 
     @property
     def name(self) -> str:
@@ -96,25 +156,214 @@ class Group:
 
 
 def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
-    """Every run folder with a metrics.json below ``dirs`` (sorted by path)."""
-    runs, seen = [], set()
+    """Every finished run below ``dirs``, each job once (sorted by path); see ``survey``."""
+    return survey(dirs).runs
+
+
+def survey(dirs: Sequence[str | Path]) -> Survey:
+    """Every run folder below ``dirs`` and the state of its job, each job counted once.
+
+    A folder is a run folder when it holds ``.hydra/``, ``metrics.json`` or ``error.txt``.
+    Two finished folders of the same job (same resolved config, seed included) keep the
+    newest metrics.json; the others are listed as duplicates. A sweep folder made with
+    job folders named by their overrides (conf/config.yaml) also gives the jobs of its
+    last launch that have no folder (missing).
+    """
+    folders: set[Path] = set()
     for d in dirs:
-        for path in sorted(Path(d).rglob("metrics.json")):
-            if path.resolve() in seen:
-                continue
-            seen.add(path.resolve())
-            payload = json.loads(path.read_text())
-            curves = payload.pop("curves", {})
-            metrics = {k: v for k, v in payload.items() if isinstance(v, int | float)}
-            if "time/total" not in metrics and all(k in metrics for k in STAGES):
-                metrics["time/total"] = float(sum(metrics[k] for k in STAGES))
-            overrides = {}
-            for o in read_overrides(path.parent):
-                key = override_key(o)
-                if key.split(".")[0] not in NOT_IDENTITY:
-                    overrides[key] = o.split("=", 1)[1] if "=" in o else ""
-            runs.append(Run(path.parent, overrides, metrics, curves))
-    return runs
+        d = Path(d)
+        for pattern in (METRICS_FILE, ERROR_FILE):
+            folders.update(p.parent.resolve() for p in d.rglob(pattern))
+        folders.update(p.parent.resolve() for p in d.rglob(".hydra") if p.is_dir())
+    runs: list[Run] = []
+    jobs: list[Job] = []
+    for folder in sorted(folders):
+        entry = _read_folder(folder)
+        (runs if isinstance(entry, Run) else jobs).append(entry)
+    for d in dirs:
+        jobs += _missing(Path(d), folders)
+    # each job once: the newest finished folder counts; a job that finished somewhere is
+    # not also unfinished elsewhere (an older launch's folder)
+    newest: dict[str, Run] = {}
+    for r in runs:
+        kept = newest.get(r.job)
+        if kept is None or _mtime(r.path) > _mtime(kept.path):
+            newest[r.job] = r
+    duplicates = [
+        Job("duplicate", r.path, f"the same job as {newest[r.job].path} (newer)", r.overrides)
+        for r in runs
+        if newest[r.job] is not r
+    ]
+    pending: dict[str, Job] = {}
+    for j in jobs:
+        if j.job in newest:
+            duplicates.append(
+                Job(
+                    "duplicate",
+                    j.path,
+                    f"{j.state}: {j.reason}; the same job finished in {newest[j.job].path}",
+                    j.overrides,
+                )
+            )
+        elif j.job in pending and j.state != "missing":
+            duplicates.append(
+                Job(
+                    "duplicate",
+                    j.path,
+                    f"{j.state}: {j.reason}; the same job as {pending[j.job].path}",
+                    j.overrides,
+                )
+            )
+        else:
+            pending.setdefault(j.job, j)
+    counted = [r for r in runs if newest[r.job] is r]
+    return Survey(counted, list(pending.values()), duplicates)
+
+
+def _mtime(folder: Path) -> int:
+    with contextlib.suppress(OSError):
+        return (folder / METRICS_FILE).stat().st_mtime_ns
+    return 0
+
+
+def _overrides(overrides: Sequence[str]) -> dict[str, str]:
+    """``{key: value}`` of the overrides that say what a run computes."""
+    out = {}
+    for o in overrides:
+        key = override_key(o)
+        if key.split(".")[0] not in NOT_IDENTITY:
+            out[key] = o.split("=", 1)[1] if "=" in o else ""
+    return out
+
+
+def _job_of(folder: Path, overrides: Sequence[str]) -> str:
+    """What a run computes, as one string: its resolved config (``.hydra/config.yaml``,
+    else ``checkpoint/resume/run.json``) without how-to-run keys; else its overrides."""
+    from omegaconf import OmegaConf
+
+    from bnn_bench.checkpoint import identity
+    from bnn_bench.sweep import job_overrides
+
+    config = None
+    with contextlib.suppress(Exception):  # an unresolvable or broken file: the next source
+        loaded = OmegaConf.load(folder / ".hydra" / "config.yaml")
+        try:
+            config = OmegaConf.to_container(loaded, resolve=True)
+        except Exception:  # noqa: BLE001 - e.g. an interpolation of a key no longer there
+            config = OmegaConf.to_container(loaded)
+    if not isinstance(config, dict):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            config = json.loads((folder / "checkpoint/resume/run.json").read_text())["config"]
+    if isinstance(config, dict):
+        return "config " + json.dumps(identity(config), sort_keys=True)
+    return "overrides " + ",".join(job_overrides(overrides))
+
+
+def _read_folder(folder: Path) -> Run | Job:
+    """A finished ``Run``, or the ``Job`` saying why the folder has no results."""
+    try:
+        listed = read_overrides(folder)
+    except Exception as e:  # noqa: BLE001 - whatever the YAML parser raises
+        return Job("unreadable", folder / ".hydra" / "overrides.yaml", _why(e), {}, str(folder))
+    overrides, job = _overrides(listed), _job_of(folder, listed)
+    metrics_path = folder / METRICS_FILE
+    if metrics_path.is_file():
+        try:
+            payload = json.loads(metrics_path.read_text())
+            if not isinstance(payload, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            return Job("unreadable", metrics_path, _why(e), overrides, job)
+        curves = payload.pop("curves", {})
+        metrics = {k: v for k, v in payload.items() if isinstance(v, int | float)}
+        if "time/total" not in metrics and all(k in metrics for k in STAGES):
+            metrics["time/total"] = float(sum(metrics[k] for k in STAGES))
+        return Run(folder, overrides, metrics, curves if isinstance(curves, dict) else {}, job)
+    error = folder / ERROR_FILE
+    if error.is_file():
+        text = error.read_text(errors="replace").strip()
+        first = text.splitlines()[0] if text else "(empty)"
+        state = "crashed" if "Traceback (most recent call last)" in text else "failed"
+        return Job(state, error, first, overrides, job)
+    holder = _live_holder(folder)
+    if holder:
+        return Job("running", folder, f"no metrics.json yet; held by {holder}", overrides, job)
+    return Job(
+        "unfinished",
+        folder,
+        "no metrics.json (interrupted or killed; re-launch the same command to continue it)",
+        overrides,
+        job,
+    )
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+
+def _live_holder(folder: Path) -> str | None:
+    """``pid N`` when the process that took the folder's lock runs on this host still."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        words = (folder / LOCK_FILE).read_text().split()  # "pid N on HOST"
+        pid, host = int(words[1]), words[3]
+        if host == socket.gethostname():
+            os.kill(pid, 0)
+            return f"pid {pid} on {host}"
+    return None
+
+
+def _last_launch(sweep_dir: Path) -> list[list[str]]:
+    """The jobs (their overrides) of the sweep's last launch, from its multirun.yaml, when
+    its jobs' folders are named by their overrides and Hydra's basic sweeper made them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    try:
+        hydra = OmegaConf.load(path).hydra
+        if "bnn_bench.job_dir" not in str(OmegaConf.to_container(hydra.sweep)["subdir"]):
+            return []  # numbered job folders (an older bnn-bench): the names cannot be known
+        if not str(hydra.sweeper._target_).endswith("BasicSweeper"):
+            return []  # another sweeper (Optuna) picks its jobs as it goes
+        params = [f"{k}={v}" for k, v in (hydra.sweeper.params or {}).items()]
+        lines = [*params, *(str(o) for o in hydra.overrides.task)]
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        (batch,) = BasicSweeper.split_arguments(
+            OverridesParser.create().parse_overrides(lines), None
+        )
+    except Exception:  # noqa: BLE001 - an unreadable multirun.yaml only loses the missing jobs
+        return []
+    return [list(job) for job in batch]
+
+
+def _missing(sweep_dir: Path, folders: set[Path]) -> list[Job]:
+    """The jobs of the sweep's last launch that have no folder below ``sweep_dir`` (by
+    name, or by the overrides a folder holds: one named otherwise by an older bnn-bench)."""
+    from bnn_bench.sweep import job_dir, job_overrides
+
+    jobs = _last_launch(sweep_dir)
+    held = set()
+    for f in folders if jobs else ():
+        with contextlib.suppress(Exception):  # an unreadable folder is listed on its own
+            held.add(tuple(job_overrides(read_overrides(f))))
+    out = []
+    for overrides in jobs:
+        folder = (sweep_dir / job_dir(overrides)).resolve()
+        if folder not in folders and tuple(job_overrides(overrides)) not in held:
+            out.append(
+                Job(
+                    "missing",
+                    folder,
+                    "no folder: the job has not started",
+                    _overrides(overrides),
+                    "overrides " + ",".join(job_overrides(overrides)),
+                )
+            )
+    return out
 
 
 def add_fidelity(runs: Sequence[Run], reference: str | Path) -> None:
@@ -132,22 +381,25 @@ def add_fidelity(runs: Sequence[Run], reference: str | Path) -> None:
 
 
 def group_runs(
-    runs: Sequence[Run], by: Sequence[str] | None = None
+    runs: Sequence[Run], by: Sequence[str] | None = None, jobs: Sequence[Job] = ()
 ) -> tuple[list[str], list[Group]]:
     """Groups runs by ``by`` or, if None, by every override whose value differs
-    between runs (a missing override counts as ``default``), the seed excepted.
-    Returns the grouping keys and the groups in first-seen order."""
+    between runs and ``jobs`` (a missing override counts as ``default``), the seed
+    excepted. ``jobs`` without results join their group's ``unfinished`` (a group may
+    hold no run). Returns the grouping keys and the groups in first-seen order."""
+    entries = [*runs, *jobs]
     if by is None:
-        keys = sorted({k for r in runs for k in r.overrides})
+        keys = sorted({k for e in entries for k in e.overrides})
         by = [
             k
             for k in keys
-            if k not in AGGREGATED and len({r.overrides.get(k, "default") for r in runs}) > 1
+            if k not in AGGREGATED and len({e.overrides.get(k, "default") for e in entries}) > 1
         ]
     groups: dict[tuple, Group] = {}
-    for r in runs:
-        label = {k: r.overrides.get(k, "default") for k in by}
-        groups.setdefault(tuple(label.items()), Group(label, [])).runs.append(r)
+    for e in entries:
+        label = {k: e.overrides.get(k, "default") for k in by}
+        group = groups.setdefault(tuple(label.items()), Group(label, []))
+        (group.runs if isinstance(e, Run) else group.unfinished).append(e)
     return list(by), list(groups.values())
 
 
@@ -175,7 +427,7 @@ def markdown_table(by: Sequence[str], groups: Sequence[Group], metrics: Sequence
     head = [*(by or ["runs"]), "n", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        cells = [*(g.label.values() if by else ["all"]), str(len(g.runs))]
+        cells = [*(g.label.values() if by else ["all"]), g.count]
         cells += [_fmt(*g.mean_std(m)) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -184,13 +436,15 @@ def markdown_table(by: Sequence[str], groups: Sequence[Group], metrics: Sequence
 def write_csv(
     path: Path, by: Sequence[str], groups: Sequence[Group], metrics: Sequence[str]
 ) -> None:
-    """Full-precision means and stds; one row per group."""
+    """Full-precision means and stds; one row per group (``runs``: finished, ``jobs``: all
+    the group's jobs, finished or not)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*by, "runs", "seeds", *(f"{m}/{s}" for m in metrics for s in ("mean", "std"))])
+        stats = (f"{m}/{s}" for m in metrics for s in ("mean", "std"))
+        w.writerow([*by, "runs", "jobs", "seeds", *stats])
         for g in groups:
             seeds = " ".join(r.overrides.get("seed", "default") for r in g.runs)
-            row: list = [*g.label.values(), len(g.runs), seeds]
+            row: list = [*g.label.values(), len(g.runs), len(g.runs) + len(g.unfinished), seeds]
             for m in metrics:
                 row += ["" if math.isnan(x) else repr(x) for x in g.mean_std(m)]
             w.writerow(row)
@@ -307,21 +561,22 @@ def compare(
     ``reference``: a finished run's folder; adds agreement and total variation against
     its predictive (see ``add_fidelity``).
     """
-    runs = find_runs(dirs)
+    found = survey(dirs)
+    runs = found.runs
     if not runs:
         raise FileNotFoundError(
-            f"no metrics.json below {', '.join(map(str, dirs))}; "
-            f"only finished runs can be compared."
+            f"no metrics.json below {', '.join(map(str, dirs))}; only finished runs can be "
+            f"compared ({status_summary(found)}; bnn-bench-compare --status lists them)."
         )
     if reference is not None:
         add_fidelity(runs, reference)
         metrics = [*metrics, *FIDELITY_METRICS]
-        for r in runs:  # e.g. a second HMC seed run with eval.reference=<the first>
+        for e in [*runs, *found.jobs]:  # e.g. a second HMC seed run with eval.reference=...
             for key in REFERENCE_ONLY:
-                r.overrides.pop(key, None)
+                e.overrides.pop(key, None)
     out = Path(out) if out is not None else Path(dirs[0]) / "comparison"
     out.mkdir(parents=True, exist_ok=True)
-    keys, groups = group_runs(runs, by)
+    keys, groups = group_runs(runs, by, found.jobs)
     shown = pick_metrics(runs, metrics)
     table = markdown_table(keys, groups, shown)
     header = (
@@ -329,11 +584,47 @@ def compare(
         f"{' by ' + ', '.join(keys) if keys else ''}; mean ± std (ddof=1) over seeds."
         + (f" Agreement and total variation against {reference}." if reference else "")
     )
-    (out / "comparison.md").write_text(header + "\n\n" + table + "\n")
+    report = "\n".join([header, "", table, "", *status_lines(found, finished=False)])
+    (out / "comparison.md").write_text(report + "\n")
     write_csv(out / "comparison.csv", keys, groups, pick_metrics(runs, ["*"]))
     if plots:
-        plot_comparison(out, groups)
-    return header + "\n\n" + table, out
+        plot_comparison(out, [g for g in groups if g.runs])
+    return report, out
+
+
+def status_summary(found: Survey) -> str:
+    """``6 of 8 jobs finished, 1 failed, 1 missing``: the counts, at a glance."""
+    counts = found.counts()
+    total = sum(counts.values())
+    rest = [f"{n} {state}" for state, n in counts.items() if state != "finished" and n]
+    dup = len(found.duplicates)
+    return ", ".join(
+        [
+            f"{counts['finished']} of {total} jobs finished",
+            *rest,
+            *([f"{dup} duplicate folder(s) left out"] if dup else []),
+        ]
+    )
+
+
+def status_lines(found: Survey, finished: bool) -> list[str]:
+    """The status line and one line per job left out of the table (``finished``: also
+    each finished job): state, file or folder, reason."""
+    lines = [f"status: {status_summary(found)}."]
+    listed = [(j.state, j.path, j.reason) for j in [*found.jobs, *found.duplicates]]
+    if finished:
+        listed = [(r"finished", r.path, "metrics.json") for r in found.runs] + listed
+    elif listed:
+        lines.append("left out of the table:")
+    lines += [f"  {state:<10} {_show(path)}  {reason}" for state, path, reason in listed]
+    return lines
+
+
+def _show(path: Path) -> str:
+    """``path`` relative to the working folder when it is below it."""
+    with contextlib.suppress(ValueError):
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,7 +654,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "<set>/total_variation of every run's predictive against its predictive",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="list every job below DIR (finished, failed, crashed, running, unfinished, "
+        "missing, unreadable) and write nothing; exit 1 unless all finished",
+    )
     args = parser.parse_args(argv)
+    if args.status:
+        found = survey(args.dirs)
+        print("\n".join(status_lines(found, finished=True)))
+        return 0 if not found.jobs else 1
     try:
         table, out = compare(
             args.dirs,

@@ -84,6 +84,23 @@ def write_metrics(out_dir: Path, metrics: dict[str, float], curves: dict) -> Pat
 
 
 def read_metrics(out_dir: Path) -> dict[str, float]:
-    """The flat metrics of a finished run's ``metrics.json`` (without ``curves``)."""
-    payload = json.loads((Path(out_dir) / "metrics.json").read_text())
+    """The flat metrics of a finished run's ``metrics.json`` (without ``curves``).
+
+    Raises:
+      UserError: naming the file, when it is not a JSON object.
+    """
+    from bnn_bench.errors import UserError
+
+    path = Path(out_dir) / "metrics.json"
+    try:
+        payload = json.loads(path.read_text())
+    except ValueError as e:  # bad JSON, bytes that are not UTF-8
+        payload, reason = None, f"{type(e).__name__}: {e}"
+    else:
+        reason = "not a JSON object"
+    if not isinstance(payload, dict):
+        raise UserError(
+            f"{path} is unreadable ({reason}): the run's results are damaged. To run the "
+            f"job again, delete the file (or run it with resume=false)."
+        )
     return {k: v for k, v in payload.items() if k != "curves"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,17 @@ def sweep(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
+
+
+def _job(root, epochs, seed):
+    """The folder of the sweep's job ``trainer.epochs=<epochs> seed=<seed>`` (a job's folder
+    is named by its overrides)."""
+    (folder,) = [
+        m.parent.parent
+        for m in root.glob("*/.hydra/overrides.yaml")
+        if {f"trainer.epochs={epochs}", f"seed={seed}"} <= set(yaml.safe_load(m.read_text()))
+    ]
+    return folder
 
 
 def _runs_by_hand(root):
@@ -97,7 +109,7 @@ def test_command_line_prints_the_table_and_fails_clearly_without_runs(sweep, tmp
 
 def test_single_runs_in_several_folders_group_by_what_differs(sweep, tmp_path):
     # two folders given separately; grouping by an explicit key works the same
-    dirs = sorted(p.parent for p in sweep.glob("*/metrics.json"))[:2]
+    dirs = [_job(sweep, 1, 0), _job(sweep, 1, 1)]
     table, out = compare(dirs, out=tmp_path / "two", by=["seed"], plots=False)
     rows = list(csv.DictReader((out / "comparison.csv").read_text().splitlines()))
     assert [r["runs"] for r in rows] == ["1", "1"] and rows[0]["test/acc/std"] == ""
@@ -105,7 +117,7 @@ def test_single_runs_in_several_folders_group_by_what_differs(sweep, tmp_path):
 
 
 def test_reference_adds_agreement_and_total_variation_of_each_run(sweep, tmp_path):
-    ref = sweep / "0"  # trainer.epochs=1, seed=0
+    ref = _job(sweep, 1, 0)
     ref_test = np.load(ref / "predictive" / "test.npy")
     table, out = compare([sweep], out=tmp_path / "ref", plots=False, reference=ref)
     by_epochs: dict[str, list] = {}
@@ -129,7 +141,7 @@ def test_reference_adds_agreement_and_total_variation_of_each_run(sweep, tmp_pat
 
 def test_reference_on_the_command_line_itself_and_other_data(sweep, tmp_path):
     cmd = [sys.executable, "-m", "bnn_bench.reporting.compare"]
-    run0 = sweep / "0"
+    run0 = _job(sweep, 1, 0)
     proc = subprocess.run(
         [*cmd, str(run0), "--reference", str(run0), "--out", str(tmp_path / "c"), "--no-plots"],
         env=cli_env(),
@@ -163,13 +175,13 @@ def test_reference_ignores_the_runs_own_eval_reference_when_grouping(sweep, tmp_
     with the runs of its config under --reference, whose columns replace its own; without
     --reference its own agreement is against another reference, so it stays apart."""
     runs = tmp_path / "runs"
-    for name in ("0", "1"):  # trainer.epochs=1, seeds 0 and 1
-        shutil.copytree(sweep / name, runs / name)
+    for seed in (0, 1):  # trainer.epochs=1
+        shutil.copytree(_job(sweep, 1, seed), runs / str(seed))
     overrides = runs / "1" / ".hydra" / "overrides.yaml"
     listed = yaml.safe_load(overrides.read_text())
-    overrides.write_text(yaml.safe_dump([*listed, f"eval.reference={sweep / '2'}"]))
+    overrides.write_text(yaml.safe_dump([*listed, f"eval.reference={_job(sweep, 2, 0)}"]))
 
-    table, out = compare([runs], out=tmp_path / "with", plots=False, reference=sweep / "0")
+    table, out = compare([runs], out=tmp_path / "with", plots=False, reference=_job(sweep, 1, 0))
     (row,) = csv.DictReader((out / "comparison.csv").read_text().splitlines())
     assert row["runs"] == "2" and "eval.reference" not in row
     assert "2 runs in 1 groups" in table
@@ -210,7 +222,7 @@ def test_wall_time_is_the_sum_of_the_stage_times(sweep, tmp_path):
     assert "| trainer.epochs | n | test/acc | time/total |" in table
 
     # a run that reports its own time/total keeps it; one without every stage gets none
-    (run,) = [p.parent for p in sweep.glob("0/metrics.json")]
+    run = _job(sweep, 1, 0)
     own = tmp_path / "own" / "0"
     shutil.copytree(run, own)
     metrics = json.loads((own / "metrics.json").read_text())
@@ -220,6 +232,103 @@ def test_wall_time_is_the_sum_of_the_stage_times(sweep, tmp_path):
     shutil.copytree(run, partial)
     del metrics["time/total"], metrics["time/evaluate"]
     (partial / "metrics.json").write_text(json.dumps(metrics))
-    own_run, partial_run = find_runs([tmp_path / "own"])
+    # (each folder alone: two copies of one job together count once)
+    (own_run,), (partial_run,) = find_runs([own]), find_runs([partial])
     assert own_run.metrics["time/total"] == 123.0
     assert "time/total" not in partial_run.metrics
+
+
+# --- what compare leaves out, on hand-made run folders ----------------------------------------
+
+
+def _run_folder(path, overrides, metrics=None, error=None):
+    """A run folder as bnn-bench leaves it: .hydra/ (overrides, config), and metrics.json
+    (finished) or error.txt (failed) or neither (unfinished)."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    config = {"seed": 0, "method": {"name": "default"}}
+    for o in overrides:
+        key, value = o.split("=")
+        config = {**config, "method": {"name": value}} if key == "method" else config
+        config = {**config, "seed": int(value)} if key == "seed" else config
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if metrics is not None:
+        (path / "metrics.json").write_text(json.dumps({**metrics, "curves": {}}, indent=1))
+    if error is not None:
+        (path / "error.txt").write_text(error)
+    return path
+
+
+def test_compare_lists_what_it_left_out_and_counts_each_job_once(tmp_path):
+    root = tmp_path / "sweep"
+    a0 = _run_folder(root / "a0", ["method=a", "seed=0"], {"test/acc": 0.8, "test/nll": 0.5})
+    _run_folder(root / "a1", ["method=a", "seed=1"], {"test/acc": 0.6, "test/nll": 0.7})
+    # a corrupted metrics.json, as `head -c 300 RUN/metrics.json > m && mv m RUN/metrics.json`
+    bad = _run_folder(root / "a2", ["method=a", "seed=2"], {f"x/{i}": i for i in range(100)})
+    (bad / "metrics.json").write_bytes((bad / "metrics.json").read_bytes()[:300])
+    _run_folder(root / "a3", ["method=a", "seed=3"])  # interrupted: no metrics.json
+    _run_folder(root / "b0", ["method=b", "seed=0"], error="method.x=3 is refused; use 2.\n")
+    crash = "ValueError: boom\n\nTraceback (most recent call last):\n  ...\n"
+    _run_folder(root / "b1", ["method=b", "seed=1"], error=crash)
+    # an older folder of job a0 (a re-launch whose job numbers shifted): counted once
+    old = root / "old" / "7"
+    shutil.copytree(a0, old)
+    os.utime(old / "metrics.json", ns=(1, 1))
+    (old / "metrics.json").write_text(json.dumps({"test/acc": 0.1, "test/nll": 9.0}))
+    os.utime(old / "metrics.json", ns=(1, 1))
+
+    report, out = compare([root], out=tmp_path / "cmp", metrics=["test/acc"], plots=False)
+    rows = {r["method"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    assert (rows["a"]["runs"], rows["a"]["jobs"]) == ("2", "4")  # a0 (once), a1 of a0..a3
+    assert float(rows["a"]["test/acc/mean"]) == pytest.approx(0.7)  # not the older 0.1
+    assert (rows["b"]["runs"], rows["b"]["jobs"]) == ("0", "2")
+    assert "| a | 2 of 4 | 0.7000 ± 0.1414 |" in report
+    assert "| b | 0 of 2 | – |" in report
+    assert (
+        "status: 2 of 6 jobs finished, 1 failed, 1 crashed, 1 unfinished, 1 unreadable, "
+        "1 duplicate folder(s) left out." in report
+    )
+    left = report.split("left out of the table:")[1]
+    for state, path, reason in [
+        ("unreadable", bad / "metrics.json", "JSONDecodeError"),
+        ("unfinished", root / "a3", "no metrics.json"),
+        ("failed", root / "b0" / "error.txt", "method.x=3 is refused; use 2."),
+        ("crashed", root / "b1" / "error.txt", "ValueError: boom"),
+        ("duplicate", old, f"the same job as {a0} (newer)"),
+    ]:
+        (line,) = [x for x in left.splitlines() if x.split()[1:2] == [str(path)]]
+        assert line.split()[0] == state and reason in line, line
+    assert (out / "comparison.md").read_text().strip() == report.strip()
+
+
+def test_status_gives_finished_failed_and_missing_jobs_of_a_sweep(tmp_path, capsys):
+    from bnn_bench.reporting.compare import main
+    from bnn_bench.sweep import job_dir
+
+    sweep = tmp_path / "sweep"
+    jobs = [[f"method={m}", f"seed={s}"] for m in ("a", "b") for s in (0, 1)]
+    _run_folder(sweep / job_dir(jobs[0]), jobs[0], {"test/acc": 0.8})
+    _run_folder(sweep / job_dir(jobs[1]), jobs[1], error="refused\n")
+    _run_folder(sweep / job_dir(jobs[2]), jobs[2], {"test/acc": 0.7})
+    # the sweep's multirun.yaml, as Hydra's basic sweeper writes it: jobs[3] never started
+    hydra = {
+        "sweep": {"dir": str(sweep), "subdir": "${bnn_bench.job_dir:${hydra.overrides.task}}"},
+        "sweeper": {
+            "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+            "params": None,
+        },
+        "overrides": {"task": ["method=a,b", "seed=0,1"]},
+    }
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra, "seed": 0}))
+
+    assert main(["--status", str(sweep)]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "status: 2 of 4 jobs finished, 1 failed, 1 missing."
+    states = {line.split()[1]: line.split()[0] for line in printed[1:]}
+    assert states == {
+        str(sweep / job_dir(jobs[0])): "finished",
+        str(sweep / job_dir(jobs[1]) / "error.txt"): "failed",
+        str(sweep / job_dir(jobs[2])): "finished",
+        str(sweep / job_dir(jobs[3])): "missing",
+    }
+    assert not (sweep / "comparison").exists()  # --status writes nothing
