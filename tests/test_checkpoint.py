@@ -315,9 +315,9 @@ def test_streaming_summaries_roundtrip(tmp_path):
     x = jnp.zeros((6, 4, 4, 1), jnp.uint8)
     plan = EvalPlan({"test": x, "val": x[:3]}, keep=2, capacity=3)
     summaries = plan.empty(5)
-    probs = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 6, 5)))
-    summaries["test"] = summaries["test"].add(probs)
-    summaries["val"] = summaries["val"].add(probs[:, :3])
+    log_probs = jax.nn.log_softmax(jax.random.normal(jax.random.key(1), (2, 6, 5)))
+    summaries["test"] = summaries["test"].add(log_probs)
+    summaries["val"] = summaries["val"].add(log_probs[:, :3])
     tree = {"state": _state(3), "summaries": summaries}
     Checkpointer(tmp_path).save(40, tree)
     step, restored = Checkpointer(tmp_path).restore(
@@ -325,4 +325,6 @@ def test_streaming_summaries_roundtrip(tmp_path):
     )
     assert step == 40
     _assert_same(restored, tree)
-    np.testing.assert_allclose(restored["summaries"]["test"].mean(), probs.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        restored["summaries"]["test"].mean(), jnp.exp(log_probs).mean(0), rtol=1e-6
+    )

@@ -7,6 +7,7 @@ CIFAR-10 resized to 112x112 never has to exist in memory as a whole.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -263,6 +264,26 @@ def split_validation(
     return (rest, test, val_split) if val_from == "train" else (train, rest, val_split)
 
 
+def take_subset(train: tuple[np.ndarray, np.ndarray], subset: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``subset`` training examples first in the order of their SHA-256 (of the label,
+    then the image's bytes), in that order.
+
+    Sources store the same examples in different orders (TFDS stores MNIST-family data in
+    the order of a hash of each example's key, not the IDX files' published order), so
+    "the first N" as stored would be another subset, and another posterior, on a machine
+    whose data came from elsewhere. An order by content is the same from every source, and
+    so is the validation split carved from it.
+    """
+    x, y = train
+    n = len(y)
+    label = np.asarray(y, "<i8").view(np.uint8).reshape(n, 8)
+    rows = np.concatenate([label, np.ascontiguousarray(x, np.uint8).reshape(n, -1)], axis=1)
+    digests = np.array([hashlib.sha256(r).digest() for r in rows], dtype="S32")
+    # Identical examples tie, and then either order gives the same arrays.
+    keep = np.argsort(digests, kind="stable")[:subset]
+    return x[keep], y[keep]
+
+
 def to_device(arrays: tuple[np.ndarray, np.ndarray]) -> Split:
     return Split(jnp.asarray(arrays[0], jnp.uint8), jnp.asarray(arrays[1], jnp.int32))
 
@@ -340,7 +361,8 @@ def load(
       download: allow TFDS to download when nothing else has the data.
       val_from, val_fraction: where validation comes from (see ``split_validation``).
       resize: [H, W] to resize into on the device (aspect ratio kept), or None.
-      subset: keep only the first ``subset`` training examples (quick runs).
+      subset: keep only ``subset`` training examples, the same whatever the source
+        (``take_subset``: the first in the order of their SHA-256).
     """
     spec, candidates, tfds_dir = _setup(
         name, shape, class_names, mean, std, files, tfds_name, system_dirs, source,
@@ -355,7 +377,7 @@ def load(
             )
     train = arrays["train"]
     if subset is not None:
-        train = (train[0][:subset], train[1][:subset])
+        train = take_subset(train, subset)
     train, test, val = split_validation(train, arrays["test"], val_from, val_fraction)
     log.info(
         "dataset %s from %s: train %d, val %d, test %d, input %s",

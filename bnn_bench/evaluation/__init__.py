@@ -73,7 +73,10 @@ def compute(
     out |= {
         "acc": M.accuracy(probs, labels),
         "acc_hard": float(np.mean(np.asarray(summary.hard_vote()) == labels)),
-        "nll": M.nll(probs, labels),
+        # exact, from the members' log-probabilities, when the summary knows the labels
+        "nll": M.nll(probs, labels)
+        if summary.label_logp is None
+        else float(_f64(summary.nll()).mean()),
         "brier": M.brier(probs, labels),
         "ece": M.ece(probs, labels, num_bins),
         "aece": M.aece(probs, labels, num_bins),

@@ -2,8 +2,10 @@
 
 Every run keeps its posterior predictive: ``predictive/<set>.npy`` (N, C) float32
 per labelled evaluation set, and ``predictive/fingerprints.json``, which holds a
-fingerprint (SHA-256 of the labels and of the inputs, with their sizes) of every
-such set and of the training split. ``eval.reference=<run folder>`` (or
+fingerprint (SHA-256 of the labels and of the stored uint8 inputs, with their sizes) of
+every such set and of the training split, and what the model is fed of those inputs
+(``preprocess``: the scaling, per-channel normalisation and resize of ``Spec.preprocess``).
+``eval.reference=<run folder>`` (or
 ``bnn-bench-compare --reference``) scores a run's predictive against the
 reference's on the sets both runs have: ``<set>/agreement`` (share of inputs whose
 top-1 class matches) and ``<set>/total_variation`` (mean ½ Σ_c |p − p_ref|).
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnn_bench.data import Dataset, Split
+from bnn_bench.data import Dataset, Spec, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import PredictiveSummary
@@ -54,12 +56,29 @@ def fingerprint(split: Split) -> dict:
     }
 
 
+def preprocessing(spec: Spec) -> dict:
+    """What ``Spec.preprocess`` does to the stored uint8 images before the model sees them.
+
+    The fingerprints hash the stored images, so two runs of the same data that feed the
+    model differently (``dataset.resize``, ``mean``/``std``) must differ here.
+    """
+    return {
+        "scale": 1.0 / 255.0,
+        "mean": [float(m) for m in spec.mean],
+        "std": [float(s) for s in spec.std],
+        "resize": None if spec.resize is None else [int(r) for r in spec.resize],
+        "input_shape": [int(d) for d in spec.input_shape],
+    }
+
+
 def fingerprints(data: Dataset, sets: dict[str, Split]) -> dict:
-    """The fingerprints of a run: the training split and every labelled evaluation set
-    (all but ``ood``), each with the file its predictive goes to."""
+    """The fingerprints of a run: what the model is fed (``preprocessing``), the training
+    split and every labelled evaluation set (all but ``ood``), each with the file its
+    predictive goes to."""
     return {
         "dataset": data.spec.name,
         "num_classes": int(data.spec.num_classes),
+        "preprocess": preprocessing(data.spec),
         "train": fingerprint(data.train),
         "sets": {
             name: {**fingerprint(split), "file": set_filename(name)}
@@ -109,19 +128,64 @@ def read_predictive(run_dir: str | Path, what: str) -> tuple[dict, dict[str, np.
             f"{what}: {path} is missing, so the run's predictive is unknown (runs older "
             f"than predictive/ do not have it). Rerun the reference with this version."
         )
-    prints = json.loads(path.read_text())
+    prints = _read_fingerprints(path, what)
     probs = {}
     for name, fp in prints["sets"].items():
         file = run_dir / FOLDER / fp["file"]
         if not file.is_file():
             raise UserError(f"{what}: {file} (the predictive of set {name}) is missing.")
-        probs[name] = np.load(file)
-        if probs[name].shape != (fp["num_inputs"], prints["num_classes"]):
+        try:
+            probs[name] = np.load(file, allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            # numpy reads a damaged header as pickled data and suggests allow_pickle, which
+            # would not help: the file is broken, so say how in our words.
+            with open(file, "rb") as f:
+                why = "truncated" if f.read(6) == b"\x93NUMPY" else "it has no NumPy header"
+            raise UserError(
+                f"{what}: {file} (the predictive of set {name}) is not a readable .npy file "
+                f"({why}). {_RERUN}"
+            ) from None
+        if not isinstance(probs[name], np.ndarray) or probs[name].shape != (
+            fp["num_inputs"],
+            prints["num_classes"],
+        ):
             raise UserError(
                 f"{what}: {file} has shape {probs[name].shape}, but its fingerprint says "
                 f"{fp['num_inputs']} inputs of {prints['num_classes']} classes."
             )
     return prints, probs
+
+
+_RERUN = "The reference's files are damaged: rerun the reference run, or drop the reference."
+_KEYS = {"dataset", "num_classes", "train", "sets"}
+_SET_KEYS = {"num_inputs", "input_shape", "inputs_sha256", "labels_sha256", "file"}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _read_fingerprints(path: Path, what: str) -> dict:
+    """``fingerprints.json``, checked to hold what ``fingerprints`` writes.
+
+    Raises:
+      UserError: naming the file when it is not JSON or lacks a field.
+    """
+    try:
+        prints = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        raise UserError(
+            f"{what}: {path} is not readable JSON ({_first_line(e)}). {_RERUN}"
+        ) from None
+    try:
+        fps = [prints["train"], *prints["sets"].values()]
+        ok = all(set(fp) >= _SET_KEYS for fp in fps[1:]) and set(fps[0]) >= _SET_KEYS - {"file"}
+        ok = ok and set(prints) >= _KEYS
+    except (TypeError, KeyError, AttributeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{what}: {path} lacks the fields bnn-bench writes. {_RERUN}")
+    return prints
 
 
 def _difference(mine: dict, ref: dict) -> str | None:
@@ -136,6 +200,27 @@ def _difference(mine: dict, ref: dict) -> str | None:
     return None
 
 
+def _preprocess_difference(mine: dict | None, ref: dict | None) -> str | None:
+    """How two runs' preprocessing differs, in words, or None if it matches."""
+    for who, p in (("this run's", mine), ("the reference's", ref)):
+        if p is None:
+            return (
+                f"{who} fingerprints.json does not record what the model sees (written by an "
+                f"older bnn-bench, before resize and normalisation were fingerprinted; rerun it)"
+            )
+    parts = []
+    if mine["input_shape"] != ref["input_shape"]:
+        resize = [json.dumps(p["resize"]).replace(" ", "") for p in (mine, ref)]
+        parts.append(
+            f"images of shape {mine['input_shape']} (dataset.resize={resize[0]}) against "
+            f"{ref['input_shape']} (dataset.resize={resize[1]})"
+        )
+    for key in ("mean", "std", "scale"):
+        if mine[key] != ref[key]:
+            parts.append(f"{key} {mine[key]} against {ref[key]}")
+    return "; ".join(parts) or None
+
+
 def shared_sets(prints: dict, ref: dict, what: str) -> list[str]:
     """The labelled sets two runs share, after checking that they are comparable.
 
@@ -145,7 +230,8 @@ def shared_sets(prints: dict, ref: dict, what: str) -> list[str]:
 
     Raises:
       UserError: naming the difference when the runs differ in their classes, their
-        training split or any shared set, or share no set.
+        training split or any shared set, in what their model sees of the images
+        (resize, normalisation), or share no set.
     """
     where = f"this run ({prints['dataset']}) and the reference ({ref['dataset']})"
     fix = (
@@ -170,6 +256,13 @@ def shared_sets(prints: dict, ref: dict, what: str) -> list[str]:
                 f"{what}: the evaluation set {name} differs between {where}: {diff} (another "
                 f"dataset, subset or split). {fix}"
             )
+    diff = _preprocess_difference(prints.get("preprocess"), ref.get("preprocess"))
+    if diff is not None:
+        raise UserError(
+            f"{what}: {where} feed the model different inputs: {diff}. Score a run only "
+            f"against a reference whose model sees the same inputs (the same dataset.resize, "
+            f"mean and std), or drop the reference."
+        )
     if not shared:
         raise UserError(
             f"{what}: {where} share no labelled evaluation set (this run: "

@@ -44,9 +44,10 @@ def accuracy(probs, labels) -> float:
 def nll(probs, labels, xp=np):
     """Mean negative log-likelihood of the labels (nats); probabilities clipped at 1e-12.
 
-    The one NLL of probabilities in bnn-bench: the host metrics call it on numpy
-    arrays, jitted code (training logs, Laplace's prior-precision grid, a sampler's
-    last sample) with ``xp=jax.numpy``.
+    For probabilities only (a saved predictive, a training log, Laplace's prior-precision
+    grid), where ``xp=jax.numpy`` serves jitted code. A member's NLL comes from its
+    log-probabilities (``nll_of_log_probs``) and the posterior predictive's from the
+    summary (``PredictiveSummary.nll``), both exact below the clip.
 
     Args:
       probs: (..., N, C) class probabilities; leading axes (e.g. chains) are averaged too.
@@ -59,6 +60,23 @@ def nll(probs, labels, xp=np):
     idx = xp.broadcast_to(labels[..., None], (*probs.shape[:-1], 1))
     p = xp.take_along_axis(probs, idx, axis=-1)[..., 0]
     out = -xp.mean(xp.log(xp.clip(p, _TINY, None)))
+    return float(out) if xp is np else out
+
+
+def nll_of_log_probs(log_probs, labels, xp=np):
+    """Mean negative log-likelihood of the labels (nats) from log-probabilities: exact,
+    nothing clipped (a probability of 1e-30 counts as 69 nats, not 27.6).
+
+    Args:
+      log_probs: (..., N, C) class log-probabilities (``log_softmax`` of the logits);
+        leading axes (e.g. chains) are averaged too.
+      labels: (N,) integer labels.
+      xp: ``numpy`` (float64 on the host, returns a float) or ``jax.numpy`` (traceable).
+    """
+    if xp is np:
+        log_probs, labels = _np(log_probs, labels)
+    idx = xp.broadcast_to(labels[..., None], (*log_probs.shape[:-1], 1))
+    out = -xp.mean(xp.take_along_axis(log_probs, idx, axis=-1)[..., 0])
     return float(out) if xp is np else out
 
 

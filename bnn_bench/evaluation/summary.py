@@ -1,13 +1,16 @@
 """The streaming predictive summary: what evaluation keeps of S members.
 
-Every method ends in S members, each giving class probabilities for every
-evaluation input. Evaluation never stores the (S, N, C) array: it folds each
-chunk of members into per-input sums, so memory is O(N·C) whatever S is.
+Every method ends in S members, each giving class log-probabilities (the log-softmax of
+its logits) for every evaluation input. Evaluation never stores the (S, N, C) array: it
+folds each chunk of members into per-input sums, so memory is O(N·C) whatever S is.
 From these sums come the posterior predictive (soft voting), hard voting,
-agreement, predictive variance and mutual information.
+agreement, predictive variance and mutual information. With the set's labels it also
+keeps the log-likelihood of the mixture, log Σ_s p_s(y | x), as a running logsumexp of
+the members' log-probabilities: exact where a probability underflows or lies below any
+clipping floor (e.g. a single HMC sample's wrong answers at 1e-30).
 
 A fixed subset of inputs (``keep_idx``) also keeps every member's
-probabilities, up to ``capacity`` members, for per-image box plots.
+log-probabilities, up to ``capacity`` members, for per-image box plots and replays.
 
 A sampler's test summary can also keep a ``ChainTrace`` (``diagnostics``): each
 ``add`` of one sample per chain then records the sample's test log-likelihood and
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 
 from bnn_bench.evaluation.diagnostics import ChainTrace, sample_quantities
 
-_TINY = 1e-12
+_TINY = 1e-12  # only for the entropy of the mean, whose log is of a sum of probabilities
 
 
 class PredictiveSummary(NamedTuple):
@@ -35,10 +38,12 @@ class PredictiveSummary(NamedTuple):
       prob_sq_sum: (N, C) sum over members of p_s(y | x)^2.
       entropy_sum: (N,) sum over members of H[p_s(· | x)] (nats).
       votes: (N, C) int32, members whose argmax is each class.
-      keep_idx: (K,) int32, the inputs whose member probabilities are kept.
-      kept: (capacity, K, C) member probabilities of the kept inputs; rows past
+      keep_idx: (K,) int32, the inputs whose member log-probabilities are kept.
+      kept: (capacity, K, C) member log-probabilities of the kept inputs; rows past
         ``count`` are zero.
-      labels: (N,) the set's labels when a trace is kept, else None.
+      labels: (N,) int32, the set's labels when known, else None.
+      label_logp: (N,) float32 log Σ_s p_s(y | x) over the members so far (a running
+        logsumexp; -inf before the first), when ``labels`` are known, else None.
       trace: a sampler's per-sample quantities (``ChainTrace``: every ``add`` is one
         sample of each chain), or None.
     """
@@ -52,6 +57,7 @@ class PredictiveSummary(NamedTuple):
     kept: jax.Array
     labels: jax.Array | None = None
     trace: ChainTrace | None = None
+    label_logp: jax.Array | None = None
 
     @classmethod
     def empty(
@@ -66,15 +72,18 @@ class PredictiveSummary(NamedTuple):
     ) -> PredictiveSummary:
         """An empty summary for ``num_inputs`` inputs and ``num_classes`` classes.
 
-        With ``labels`` (N,) and ``chains``, it also keeps a ``ChainTrace`` of up to
-        ``samples`` samples per chain; then every ``add`` must be one sample per chain.
+        With ``labels`` (N,) it keeps the members' log-likelihood of them (``nll``); with
+        ``chains`` as well, a ``ChainTrace`` of up to ``samples`` samples per chain, and
+        then every ``add`` must be one sample per chain.
         """
         keep_idx = jnp.asarray(keep_idx, jnp.int32).reshape(-1)
         n, c = num_inputs, num_classes
-        trace = None
-        if labels is not None and chains is not None:
+        trace = label_logp = None
+        if labels is not None:
             labels = jnp.asarray(labels, jnp.int32)
-            trace = ChainTrace.empty(samples, chains, 1 + keep_idx.shape[0] * c)
+            label_logp = jnp.full((n,), -jnp.inf, jnp.float32)
+            if chains is not None:
+                trace = ChainTrace.empty(samples, chains, 1 + keep_idx.shape[0] * c)
         return cls(
             count=jnp.zeros((), jnp.float32),
             prob_sum=jnp.zeros((n, c), jnp.float32),
@@ -83,8 +92,9 @@ class PredictiveSummary(NamedTuple):
             votes=jnp.zeros((n, c), jnp.int32),
             keep_idx=keep_idx,
             kept=jnp.zeros((capacity, keep_idx.shape[0], c), jnp.float32),
-            labels=labels if trace is not None else None,
+            labels=labels,
             trace=trace,
+            label_logp=label_logp,
         )
 
     @property
@@ -95,21 +105,28 @@ class PredictiveSummary(NamedTuple):
     def num_classes(self) -> int:
         return self.prob_sum.shape[1]
 
-    def add(self, probs: jax.Array) -> PredictiveSummary:
+    def add(self, log_probs: jax.Array) -> PredictiveSummary:
         """Folds a chunk of members in.
 
         Args:
-          probs: (s, N, C) class probabilities of s members for all N inputs.
+          log_probs: (s, N, C) class log-probabilities of s members for all N inputs
+            (``jax.nn.log_softmax`` of their logits).
         """
-        probs = jnp.asarray(probs, jnp.float32)
+        log_probs = jnp.asarray(log_probs, jnp.float32)
+        probs = jnp.exp(log_probs)
         s, c = probs.shape[0], probs.shape[-1]
-        entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, _TINY)), axis=-1)  # (s, N)
-        votes = jax.nn.one_hot(jnp.argmax(probs, axis=-1), c, dtype=jnp.int32).sum(0)
+        # p log p -> 0 as p -> 0; the where also keeps a -inf log-probability finite here.
+        entropy = -jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), axis=-1)  # (s, N)
+        votes = jax.nn.one_hot(jnp.argmax(log_probs, axis=-1), c, dtype=jnp.int32).sum(0)
         kept = self.kept
         if kept.shape[0] and kept.shape[1]:
             rows = self.count.astype(jnp.int32) + jnp.arange(s)  # (s,)
             # Rows past capacity are dropped ("drop" mode), so kept stays bounded.
-            kept = kept.at[rows].set(probs[:, self.keep_idx], mode="drop")
+            kept = kept.at[rows].set(log_probs[:, self.keep_idx], mode="drop")
+        label_logp = self.label_logp
+        if label_logp is not None:
+            at_label = jnp.take_along_axis(log_probs, self.labels[None, :, None], axis=-1)
+            label_logp = jnp.logaddexp(label_logp, jax.nn.logsumexp(at_label[..., 0], axis=0))
         trace = self.trace
         if trace is not None:  # one sample per chain: s = chains
             trace = trace.add(sample_quantities(probs, self.labels, self.keep_idx))
@@ -121,6 +138,7 @@ class PredictiveSummary(NamedTuple):
             votes=self.votes + votes,
             kept=kept,
             trace=trace,
+            label_logp=label_logp,
         )
 
     # Derived quantities. All are (N, C) or (N,).
@@ -159,9 +177,20 @@ class PredictiveSummary(NamedTuple):
         """(N,) share of members voting for the majority class ("certainty")."""
         return self.votes.max(axis=-1) / jnp.maximum(self.count, 1.0)
 
+    def nll(self) -> jax.Array:
+        """(N,) −log p̄(y | x) = log S − log Σ_s p_s(y | x), from the members'
+        log-probabilities (no clipping). Needs the labels (``empty(labels=...)``)."""
+        if self.label_logp is None:
+            raise ValueError("PredictiveSummary.nll needs the labels: empty(..., labels=y).")
+        return jnp.log(jnp.maximum(self.count, 1.0)) - self.label_logp
+
+    def kept_log_members(self) -> jax.Array:
+        """(min(S, capacity), K, C) member log-probabilities of the kept inputs."""
+        return self.kept[: int(min(self.count, self.kept.shape[0]))]
+
     def kept_members(self) -> jax.Array:
         """(min(S, capacity), K, C) member probabilities of the kept inputs."""
-        return self.kept[: int(min(self.count, self.kept.shape[0]))]
+        return jnp.exp(self.kept_log_members())
 
 
 class EvalPlan(NamedTuple):
@@ -171,8 +200,8 @@ class EvalPlan(NamedTuple):
       inputs: name -> (N, H, W, C) uint8 inputs (``test``, ``val``, OOD and shifted sets).
       keep: the first ``keep`` inputs of each set keep every member's probabilities.
       capacity: at most this many members are kept for them.
-      labels: name -> (N,) labels of the labelled sets (the test set's feed a sampler's
-        trace), or None.
+      labels: name -> (N,) labels of the labelled sets (None for ``ood``): their summaries
+        keep the exact NLL, and the test set's feed a sampler's trace.
     """
 
     inputs: dict[str, jax.Array]
@@ -185,7 +214,8 @@ class EvalPlan(NamedTuple):
     ) -> dict[str, PredictiveSummary]:
         """One empty summary per evaluation set.
 
-        A sampler passes its ``chains`` and accepted ``samples`` per chain: the test
+        A labelled set's summary keeps the members' log-likelihood of its labels. A
+        sampler passes its ``chains`` and accepted ``samples`` per chain: the test
         summary then keeps a ``ChainTrace`` (when the plan has the test labels), and
         each ``add`` to it must be one sample of every chain.
         """
@@ -196,8 +226,8 @@ class EvalPlan(NamedTuple):
                 num_classes,
                 keep_idx=range(min(self.keep, x.shape[0])),
                 capacity=self.capacity,
-                labels=labels.get(name) if name == "test" else None,
-                chains=chains,
+                labels=labels.get(name),
+                chains=chains if name == "test" else None,
                 samples=samples,
             )
             for name, x in self.inputs.items()

@@ -1,7 +1,8 @@
-"""The method contract: ``fit`` to a posterior, then members that give class probabilities.
+"""The method contract: ``fit`` to a posterior, then members that give class log-probabilities.
 
 Every method, however different inside, ends in S members, each giving class
-probabilities for every evaluation input. ``predict`` folds them into one
+log-probabilities (the log-softmax of its logits, so that a log-likelihood is exact
+however small the probability) for every evaluation input. ``predict`` folds them into one
 ``PredictiveSummary`` per evaluation set; evaluation never knows which method ran.
 
 Every method subclasses ``Method``; ``run.py`` calls each of its hooks (``fit``,
@@ -74,8 +75,9 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def members(self, key: jax.Array, posterior: Posterior, x: jax.Array) -> Iterator[jax.Array]:
-        """Yields class probabilities in chunks (s, N, C) for x (N, H, W, C) uint8; the
-        chunk sizes add up to S. The same key gives the same members for any x."""
+        """Yields class log-probabilities in chunks (s, N, C) for x (N, H, W, C) uint8 (the
+        log-softmax of the logits, never the log of a rounded probability); the chunk
+        sizes add up to S. The same key gives the same members for any x."""
 
     def predict(
         self, key: jax.Array, posterior: Posterior, plan: EvalPlan
@@ -83,8 +85,8 @@ class Method(abc.ABC):
         """One summary per evaluation set of ``plan``."""
         summaries = plan.empty(posterior.model.spec.num_classes)
         for name, x in plan.inputs.items():
-            for probs in self.members(key, posterior, x):
-                summaries[name] = summaries[name].add(probs)
+            for log_probs in self.members(key, posterior, x):
+                summaries[name] = summaries[name].add(log_probs)
         return summaries
 
     def save(self, out_dir: Path, posterior: Posterior) -> Path | None:

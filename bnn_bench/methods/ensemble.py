@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import jax
+import numpy as np
 from flax import struct
 
 from bnn_bench.data import Dataset, Split
@@ -39,43 +40,43 @@ class StackedPosterior:
         return int(jax.tree.leaves(self.params)[0].shape[0])
 
 
-def stacked_probs(posterior: StackedPosterior, x: jax.Array) -> jax.Array:
-    """(K, N, C) evaluation-mode probabilities of every member for x (N, H, W, C) uint8."""
-    fn = jax.jit(jax.vmap(posterior.model.probs, in_axes=(0, 0, None)))
+def stacked_log_probs(posterior: StackedPosterior, x: jax.Array) -> jax.Array:
+    """(K, N, C) evaluation-mode log-probabilities of every member for x (N, H, W, C) uint8."""
+    fn = jax.jit(jax.vmap(posterior.model.log_probs, in_axes=(0, 0, None)))
     return fn(posterior.params, posterior.state, x)
 
 
 def member_metrics(
-    probs: jax.Array, labels: jax.Array, num_bins: int, prefix: str
+    log_probs: jax.Array, labels: jax.Array, num_bins: int, prefix: str
 ) -> dict[str, float]:
     """Each member's own accuracy, NLL and ECE: ``{prefix}member_<k>_{acc,nll,ece}``, and
     their means over members ``{prefix}member_mean_{acc,nll,ece}``.
 
     Args:
-      probs: (K, N, C) member probabilities.
+      log_probs: (K, N, C) member log-probabilities.
       labels: (N,) integer labels.
     """
     out: dict[str, float] = {}
     for name, fn in (
-        ("acc", M.accuracy),
-        ("nll", M.nll),
-        ("ece", lambda p, y: M.ece(p, y, num_bins)),
+        ("acc", lambda lp, y: M.accuracy(np.exp(lp), y)),
+        ("nll", M.nll_of_log_probs),
+        ("ece", lambda lp, y: M.ece(np.exp(lp), y, num_bins)),
     ):
-        values = [fn(p, labels) for p in probs]
+        values = [fn(lp, labels) for lp in np.asarray(log_probs, np.float64)]
         out |= {f"{prefix}member_{k}_{name}": v for k, v in enumerate(values)}
         out[f"{prefix}member_mean_{name}"] = float(sum(values) / len(values))
     return out
 
 
 class StackedMethod(Method):
-    """Members are K stacked networks (deep ensembles, voters): each member's probabilities,
+    """Members are K stacked networks (deep ensembles, voters): each member's log-probabilities,
     and each member's own metrics beside the ensemble's."""
 
     def members(
         self, key: jax.Array, posterior: StackedPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         del key  # deterministic
-        yield stacked_probs(posterior, x)  # (K, N, C)
+        yield stacked_log_probs(posterior, x)  # (K, N, C)
 
     def report(
         self, key: jax.Array, posterior: StackedPosterior, sets: dict[str, Split], num_bins: int
@@ -85,7 +86,8 @@ class StackedMethod(Method):
         del key
         out: dict[str, float] = {}
         for name, split in sets.items():
-            out |= member_metrics(stacked_probs(posterior, split.x), split.y, num_bins, f"{name}/")
+            lp = stacked_log_probs(posterior, split.x)
+            out |= member_metrics(lp, split.y, num_bins, f"{name}/")
         return out
 
 

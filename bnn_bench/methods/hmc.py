@@ -371,12 +371,14 @@ class HMC(FoldingSampler):
         return int(integration_steps(self.trajectory_length, step_size, self.max_integration_steps))
 
     def _replay(self, key: jax.Array, model: Model, data: Dataset, x: jax.Array) -> jax.Array:
-        """(S, N, C): every kept sample's probabilities of x, from the chains that
+        """(S, N, C): every kept sample's log-probabilities of x, from the chains that
         ``fit(key, ...)`` ran again (the same keys draw the same samples)."""
         members = self.num_samples * self.num_chains
         plan = EvalPlan({"x": x}, keep=x.shape[0], capacity=members)
         quiet = dataclasses.replace(self, save_samples=False)
-        return quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_members()
+        return (
+            quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_log_members()
+        )
 
     def describe(self, model: Model, data: Dataset) -> dict[str, float]:
         """Transitions, gradient evaluations, members (chains x samples), batch (all of

@@ -278,7 +278,7 @@ class Predictive:
     def members(
         self, key: jax.Array, post: LaplacePosterior, x: jax.Array, chunk_size: int
     ) -> Iterator[jax.Array]:
-        """Probabilities (s, N, C) of chunks of members."""
+        """Log-probabilities (s, N, C) of chunks of members."""
         raise NotImplementedError
 
     def nll_fn(
@@ -288,7 +288,7 @@ class Predictive:
 
         def nll(tau):
             p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-            probs = sum(c.sum(0) for c in self.members(key, p, val.x, chunk_size))
+            probs = sum(jnp.exp(c).sum(0) for c in self.members(key, p, val.x, chunk_size))
             return M.nll(probs / self.size, val.y)
 
         return nll
@@ -699,12 +699,12 @@ def _sampled_probs(
     batch_size: int,
     linearised: bool,
 ) -> jax.Array:
-    """(s, N, C) member probabilities for the members ``ids``."""
+    """(s, N, C) member log-probabilities for the members ``ids``."""
     z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), post.theta.shape))(
         ids
     )  # (s, P)
     logits = sampled_logits(post, x, z, batch_size=batch_size, linearised=linearised)
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.log_softmax(logits, axis=-1)
 
 
 @partial(jax.jit, static_argnames=("batch_size", "linearised"))
@@ -768,7 +768,7 @@ def _linearised_nll(
 
 @partial(jax.jit, static_argnames=("batch_size",))
 def _probit_probs(post: LaplacePosterior, x: jax.Array, batch_size: int) -> jax.Array:
-    """(N, C) softmax(μ / √(1 + π/8 σ²)), σ² = diag(J Σ Jᵀ) of the linearised logits."""
+    """(N, C) log softmax(μ / √(1 + π/8 σ²)), σ² = diag(J Σ Jᵀ) of the linearised logits."""
 
     def batch_fn(xb):
         logits = post.logits_fn(post.theta, xb)
@@ -776,7 +776,7 @@ def _probit_probs(post: LaplacePosterior, x: jax.Array, batch_size: int) -> jax.
             xb
         )  # (b, C, P)
         var = post.curvature.function_variance(post.prior_precision, jac)
-        return jax.nn.softmax(logits * jax.lax.rsqrt(1.0 + math.pi / 8 * var), axis=-1)
+        return jax.nn.log_softmax(logits * jax.lax.rsqrt(1.0 + math.pi / 8 * var), axis=-1)
 
     return map_batches(batch_fn, x, batch_size)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import serialization, struct
 
 from bnn_bench.data import Dataset, Split
@@ -52,7 +53,7 @@ class MAP(Method):
     ) -> Iterator[jax.Array]:
         del key  # deterministic
         model = posterior.model
-        yield jax.jit(model.probs)(posterior.params, posterior.state, x)[None]  # (1, N, C)
+        yield jax.jit(model.log_probs)(posterior.params, posterior.state, x)[None]  # (1, N, C)
 
     def save(self, out_dir: Path, posterior: PointPosterior) -> Path:
         """Writes the trained network to ``<out_dir>/checkpoint/map.msgpack`` (for
@@ -80,15 +81,16 @@ def map_metrics(
 ) -> dict[str, float]:
     """The metrics of the MAP network a method builds on, beside the method's own, so one
     run shows the gain: ``map/<set>/{acc,nll,ece,brier}`` for every set but ``ood``."""
-    probs = jax.jit(model.probs)
+    log_probs = jax.jit(model.log_probs)
     out: dict[str, float] = {}
     for name, split in sets.items():
         if name == "ood":  # its labels are not classes of this task
             continue
-        p = probs(params, state, split.x)
+        lp = log_probs(params, state, split.x)
+        p = jnp.exp(lp)
         out |= {
             f"map/{name}/acc": M.accuracy(p, split.y),
-            f"map/{name}/nll": M.nll(p, split.y),
+            f"map/{name}/nll": M.nll_of_log_probs(lp, split.y),
             f"map/{name}/ece": M.ece(p, split.y, num_bins),
             f"map/{name}/brier": M.brier(p, split.y),
         }

@@ -153,12 +153,14 @@ class MCDropout(Method):
         self, key: jax.Array, posterior: PointPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         model = posterior.model
-        probs = jax.jit(
-            lambda p, st, x, k: jax.nn.softmax(mc_dropout_logits(model, p, st, x, k), axis=-1)
+        log_probs = jax.jit(
+            lambda p, st, x, k: jax.nn.log_softmax(mc_dropout_logits(model, p, st, x, k), axis=-1)
         )
         keys = jax.random.split(key, self.num_samples)
         for start in range(0, self.num_samples, self.chunk_size):
-            yield probs(posterior.params, posterior.state, x, keys[start : start + self.chunk_size])
+            yield log_probs(
+                posterior.params, posterior.state, x, keys[start : start + self.chunk_size]
+            )
 
     def save(self, out_dir: Path, posterior: PointPosterior) -> Path:
         """Writes the trained network, so a later run can reuse it with ``init_from``."""

@@ -189,16 +189,16 @@ class MCBN(Method):
     ) -> Iterator[jax.Array]:
         del key  # the statistics were drawn in fit
         model = posterior.model
-        probs = jax.jit(
+        log_probs = jax.jit(
             jax.vmap(
-                lambda p, st, stats, x: model.probs(p, {**st, "batch_stats": stats}, x),
+                lambda p, st, stats, x: model.log_probs(p, {**st, "batch_stats": stats}, x),
                 in_axes=(None, None, 0, None),
             )
         )
         s = posterior.num_estimators
         for start in range(0, s, _CHUNK):
             stats = jax.tree.map(lambda a, i=start: a[i : i + _CHUNK], posterior.mc_stats)
-            yield probs(posterior.params, posterior.state, stats, x)  # (s, N, C)
+            yield log_probs(posterior.params, posterior.state, stats, x)  # (s, N, C)
 
     def save(self, out_dir: Path, posterior: MCBNPosterior) -> Path:
         """Writes the MAP network (trained running statistics), for ``init_from``."""

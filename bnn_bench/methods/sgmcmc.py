@@ -123,8 +123,8 @@ def fold_sample(
     of every evaluation set, and into row ``j`` of ``samples`` when they are kept.
     Jittable: a sampler calls it inside its loop."""
     for name, x in inputs.items():
-        probs = jax.vmap(lambda p, x=x: model.probs(p, {}, x))(params)  # (chains, N, C)
-        summaries = {**summaries, name: summaries[name].add(probs)}
+        log_probs = jax.vmap(lambda p, x=x: model.log_probs(p, {}, x))(params)  # (chains, N, C)
+        summaries = {**summaries, name: summaries[name].add(log_probs)}
     if samples is not None:
         samples = jax.tree.map(
             lambda buf, p: jax.lax.dynamic_update_index_in_dim(buf, p.astype(buf.dtype), j, 0),
@@ -142,11 +142,11 @@ def last_sample_metrics(
     tutorial's closing check); {} without a test set."""
     if "test" not in plan.inputs or data.test is None:
         return {}
-    probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, data.test.x)))(last)
+    log_probs = jax.jit(jax.vmap(lambda p: model.log_probs(p, {}, data.test.x)))(last)
     y = data.test.y
     return {
-        "test/last_sample_acc": float(jnp.mean(probs.argmax(-1) == y)),
-        "test/last_sample_nll": float(M.nll(probs, y, xp=jnp)),
+        "test/last_sample_acc": float(jnp.mean(log_probs.argmax(-1) == y)),
+        "test/last_sample_nll": M.nll_of_log_probs(log_probs, y),  # exact: no clipping
     }
 
 
@@ -177,7 +177,7 @@ class SamplePosterior:
         sample-major (sample j of chain c is row j * num_chains + c); else None.
       info: the sampler's own numbers for metrics.json (the last sample's point
         accuracy, steps per second).
-      replay: ``x -> (S, N, C)`` probabilities of every sample, from the same chains run
+      replay: ``x -> (S, N, C)`` log-probabilities of every sample, from the same chains run
         again (what ``members`` uses when the samples were not kept).
     """
 
@@ -210,7 +210,7 @@ class FoldingSampler(Method):
     def members(
         self, key: jax.Array, posterior: SamplePosterior, x: jax.Array, chunk: int = 16
     ) -> Iterator[jax.Array]:
-        """Class probabilities (s, N, C) of the accepted samples, ``chunk`` at a time, in
+        """Class log-probabilities (s, N, C) of the accepted samples, ``chunk`` at a time, in
         the order of ``samples``.
 
         With ``save_samples=true`` they come from the kept samples. Otherwise the chains
@@ -220,15 +220,15 @@ class FoldingSampler(Method):
         """
         del key  # the samples are fixed
         if posterior.samples is None:
-            probs = posterior.replay(x)  # (S, N, C)
-            for s in range(0, probs.shape[0], chunk):
-                yield probs[s : s + chunk]
+            log_probs = posterior.replay(x)  # (S, N, C)
+            for s in range(0, log_probs.shape[0], chunk):
+                yield log_probs[s : s + chunk]
             return
         model = posterior.model
-        probs = jax.jit(jax.vmap(lambda p: model.probs(p, {}, x)))
+        log_probs = jax.jit(jax.vmap(lambda p: model.log_probs(p, {}, x)))
         num = jax.tree.leaves(posterior.samples)[0].shape[0]
         for s in range(0, num, chunk):
-            yield probs(jax.tree.map(lambda a, s=s: a[s : s + chunk], posterior.samples))
+            yield log_probs(jax.tree.map(lambda a, s=s: a[s : s + chunk], posterior.samples))
 
     def save(self, out_dir: str | Path, posterior: SamplePosterior) -> Path | None:
         """Writes the kept samples to ``out_dir/samples.msgpack`` (flax serialization)."""
@@ -430,13 +430,15 @@ class SGMCMC(FoldingSampler):
         return carry, info
 
     def _replay(self, key: jax.Array, model: Model, data: Dataset, x: jax.Array) -> jax.Array:
-        """(S, N, C): every accepted sample's probabilities of x, from the chains that
+        """(S, N, C): every accepted sample's log-probabilities of x, from the chains that
         ``fit(key, ...)`` ran again (every key derives from (run key, step), so the same
         samples are drawn)."""
         members = len(self.budget(data.train.size)[2]) * self.num_chains
         plan = EvalPlan({"x": x}, keep=x.shape[0], capacity=members)
         quiet = dataclasses.replace(self, save_samples=False)
-        return quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_members()
+        return (
+            quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_log_members()
+        )
 
     @property
     def name(self) -> str:

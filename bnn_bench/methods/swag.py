@@ -618,10 +618,11 @@ class SWAG(Method):
 
 @jax.jit
 def _member_probs(post: SWAGPosterior, thetas: jax.Array, x: jax.Array) -> jax.Array:
-    """(s, N, C): the network of each θ of ``thetas`` (s, P) on x, one at a time."""
+    """(s, N, C) log-probabilities: the network of each θ of ``thetas`` (s, P) on x, one at
+    a time."""
 
     def one(theta):
         params, state = post.network(theta)
-        return post.model.probs(params, state, x)
+        return post.model.log_probs(params, state, x)
 
     return jax.lax.map(one, thetas)

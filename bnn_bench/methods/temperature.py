@@ -171,7 +171,7 @@ class TemperatureScaling(Method):
         del key  # deterministic
         model = posterior.model
         logits = jax.jit(model.logits)(posterior.params, posterior.state, x)  # (N, C)
-        yield jax.nn.softmax(logits / posterior.temperature, axis=-1)[None]  # (1, N, C)
+        yield jax.nn.log_softmax(logits / posterior.temperature, axis=-1)[None]  # (1, N, C)
 
     def describe(self, model: Model, data: Dataset) -> dict[str, float]:
         """Steps and gradient evaluations of the MAP network (0 with ``init_from``),

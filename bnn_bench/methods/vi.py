@@ -358,12 +358,12 @@ class VI(Method):
         model = posterior.model
 
         @jax.jit
-        def probs(mean, std, x, keys):  # (s, N, C)
-            return jax.vmap(lambda k: model.probs(sample_params(k, mean, std), {}, x))(keys)
+        def log_probs(mean, std, x, keys):  # (s, N, C)
+            return jax.vmap(lambda k: model.log_probs(sample_params(k, mean, std), {}, x))(keys)
 
         keys = jax.random.split(key, self.num_samples)
         for start in range(0, self.num_samples, self.chunk_size):
-            yield probs(posterior.mean, posterior.std, x, keys[start : start + self.chunk_size])
+            yield log_probs(posterior.mean, posterior.std, x, keys[start : start + self.chunk_size])
 
     def save(self, out_dir: Path, posterior: VIPosterior) -> Path:
         """Writes q to ``<out_dir>/checkpoint/vi.msgpack``: ``{"mean", "std"}``, each

@@ -24,7 +24,7 @@ from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.methods.base import RunContext
-from bnn_bench.methods.ensemble import StackedMethod, StackedPosterior, stacked_probs
+from bnn_bench.methods.ensemble import StackedMethod, StackedPosterior, stacked_log_probs
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model
 
@@ -82,8 +82,8 @@ class Vote(StackedMethod):
         each voter's own metrics (``test/member_<k>_{acc,nll,ece}``, ``test/member_mean_*``)."""
         out = super().report(key, posterior, sets, num_bins)
         for name, split in sets.items():
-            probs = stacked_probs(posterior, split.x)  # (K, N, C), as ``predict`` folds them
-            summary = PredictiveSummary.empty(*probs.shape[1:]).add(probs)
+            log_probs = stacked_log_probs(posterior, split.x)  # (K, N, C), as ``predict`` folds
+            summary = PredictiveSummary.empty(*log_probs.shape[1:]).add(log_probs)
             out |= member_std_metrics(summary, f"{name}/")
         return out
 

@@ -80,6 +80,10 @@ class Model:
         """Evaluation-mode class probabilities (N, C)."""
         return jax.nn.softmax(self.logits(params, state, x), axis=-1)
 
+    def log_probs(self, params: Params, state: State, x: jax.Array) -> jax.Array:
+        """Evaluation-mode class log-probabilities (N, C): what a member gives."""
+        return jax.nn.log_softmax(self.logits(params, state, x), axis=-1)
+
     @property
     def has_batch_norm(self) -> bool:
         _, state = jax.eval_shape(self.init, jax.random.key(0))

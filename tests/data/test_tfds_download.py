@@ -75,7 +75,7 @@ def builder_module(name: str):
     return sys.modules[tfds.builder_cls(name).__module__]
 
 
-def serve_mnist(www: Path, base: str, monkeypatch, n_train=48, n_test=24):
+def serve_mnist(www: Path, base: str, monkeypatch, n_train=48, n_test=24, builder="mnist"):
     rng = np.random.default_rng(0)
     arrays, files = {}, {}
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -86,11 +86,11 @@ def serve_mnist(www: Path, base: str, monkeypatch, n_train=48, n_test=24):
             write_idx(www / name, a)
             files[base + name] = www / name
         arrays[prefix] = (x, y)
-    module = builder_module("mnist")
-    monkeypatch.setattr(module.MNIST, "URL", base)
+    module = builder_module(builder)  # MNIST's module also holds Fashion-MNIST's builder
+    monkeypatch.setattr(tfds.builder_cls(builder), "URL", base)
     monkeypatch.setattr(module, "_TRAIN_EXAMPLES", n_train)
     monkeypatch.setattr(module, "_TEST_EXAMPLES", n_test)
-    register(monkeypatch, "mnist", files)
+    register(monkeypatch, builder, files)
     return arrays
 
 
@@ -116,6 +116,30 @@ def test_mnist_downloads_prepares_and_reads_through_tfds(tmp_path, server, monke
     # A dry run finds it too, and its sizes, from dataset_info.json alone.
     where = located("dataset=mnist", f"dataset.tfds_data_dir={tfds_dir}", "dataset.val_fraction=0")
     assert where.source == again.source and where.sizes == {"train": 48, "val": 0, "test": 24}
+
+
+def test_a_subset_is_the_same_from_the_idx_files_and_from_tfds(tmp_path, server, monkeypatch):
+    # experiment=fmnist_small's reference posterior is of dataset.subset=2000: it must be
+    # the same examples, and the same validation split, whichever source has the data.
+    www, base = server
+    arrays = serve_mnist(www, base, monkeypatch, builder="fashion_mnist")
+    tfds_dir = str(tmp_path / "tfds")
+    split = {"subset": 20, "val_fraction": 0.25}
+    from_tfds = preset("fashion_mnist", source="tfds", tfds_data_dir=tfds_dir, **split)
+    from_idx = preset("fashion_mnist", data_dir=str(www), **split)
+    assert from_tfds.source == "TFDS download" and from_idx.source.startswith("local files")
+    for a, b in ((from_tfds.train, from_idx.train), (from_tfds.val, from_idx.val)):
+        np.testing.assert_array_equal(np.asarray(a.x), np.asarray(b.x))
+        np.testing.assert_array_equal(np.asarray(a.y), np.asarray(b.y))
+    assert from_idx.train.size == 15 and from_idx.val.size == 5
+    # ... although TFDS stores the examples in another order than the IDX files
+    stored = preset("fashion_mnist", source="tfds", tfds_data_dir=tfds_dir, val_fraction=0.0)
+    x, y = arrays["train"]
+    assert not np.array_equal(np.asarray(stored.train.x)[..., 0], x)
+    assert pairs(np.asarray(stored.train.x)[..., 0], np.asarray(stored.train.y)) == pairs(x, y)
+    # and the subset is made of the served examples
+    chosen = pairs(np.asarray(from_idx.train.x)[..., 0], np.asarray(from_idx.train.y))
+    assert set(chosen) <= set(pairs(x, y))
 
 
 def serve_cifar10(www: Path, base: str, monkeypatch, per_batch=6):

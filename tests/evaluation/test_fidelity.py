@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bnn_bench.errors import UserError
+from bnn_bench.evaluation import fidelity
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.run import run
-from tests.conftest import ROOT, TINY, compose_cfg
+from tests.conftest import ROOT, TINY, cli_env, compose_cfg
 
 P = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4], [0.0, 0.0, 1.0]])
 Q = np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.1, 0.2, 0.7], [0.0, 0.0, 1.0]])
@@ -140,3 +144,81 @@ def test_reference_must_be_a_path():
 
     with pytest.raises(UserError, match="eval.reference must be a run folder"):
         build(compose_cfg("eval.reference=[1,2]").eval, "eval")
+
+
+@pytest.fixture(scope="module")
+def reference_14x14(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference_14x14")
+    run(compose_cfg(*TINY, "dataset.resize=[14,14]"), out)
+    return out
+
+
+def test_a_reference_fed_resized_inputs_is_refused_and_the_same_resize_accepted(
+    reference_14x14, tmp_path
+):
+    # The stored uint8 images are the same; only what the model sees differs.
+    with pytest.raises(UserError, match="feed the model different inputs") as err:
+        run(compose_cfg(*TINY, f"eval.reference={reference_14x14}"), tmp_path / "28")
+    assert (
+        "images of shape [28, 28, 1] (dataset.resize=null) against [14, 14, 1] "
+        "(dataset.resize=[14,14])" in str(err.value)
+    )
+    metrics = run(
+        compose_cfg(*TINY, "dataset.resize=[14,14]", f"eval.reference={reference_14x14}"),
+        tmp_path / "14",
+    )
+    assert metrics["test/agreement"] == 1.0 and metrics["test/total_variation"] == 0.0
+
+
+def test_a_reference_of_other_normalisation_or_an_old_one_is_refused(reference_run, tmp_path):
+    ref, _ = reference_run
+    prints = json.loads((ref / "predictive" / "fingerprints.json").read_text())
+    mine = {**prints, "preprocess": {**prints["preprocess"], "std": [0.3]}}
+    with pytest.raises(UserError, match=r"different inputs: std \[0.3\] against \[0.25\]"):
+        fidelity.shared_sets(mine, prints, "eval.reference=x")
+    old = {k: v for k, v in prints.items() if k != "preprocess"}
+    with pytest.raises(UserError, match="reference's fingerprints.json does not record"):
+        fidelity.shared_sets(prints, old, "eval.reference=x")
+
+
+def _damaged_copy(ref, tmp_path, name: str, damage) -> tuple:
+    copy = tmp_path / "ref"
+    shutil.copytree(ref, copy)
+    path = copy / "predictive" / name
+    path.write_bytes(damage(path.read_bytes()))
+    return copy, path
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("test.npy", lambda b: b[:300]),  # truncated
+        ("test.npy", lambda b: b"\x00garbage" + b[8:]),  # the header's magic overwritten
+        ("fingerprints.json", lambda b: b[:100]),  # truncated JSON
+        ("fingerprints.json", lambda b: b'{"sets": 3}'),  # JSON, but not fingerprints
+    ],
+)
+def test_a_damaged_reference_file_is_named_in_one_line(
+    reference_run, tmp_path, name, damage, capfd
+):
+    ref, _ = reference_run
+    copy, path = _damaged_copy(ref, tmp_path, name, damage)
+    with pytest.raises(UserError) as err:
+        run(compose_cfg(*TINY, f"eval.reference={copy}"), tmp_path / "run")
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg and "allow_pickle" not in msg
+    assert "rerun the reference" in msg
+
+
+def test_a_damaged_reference_exits_2_through_the_cli(reference_run, tmp_path):
+    ref, _ = reference_run
+    copy, path = _damaged_copy(ref, tmp_path, "test.npy", lambda b: b[:300])
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnn_bench.cli", *TINY, f"eval.reference={copy}",
+         f"hydra.run.dir={out}"],
+        capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(path) in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "metrics.json").exists()

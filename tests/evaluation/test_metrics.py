@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ def _summary(probs, chunks=None) -> PredictiveSummary:
     s = PredictiveSummary.empty(probs.shape[1], probs.shape[2], keep_idx=range(2), capacity=8)
     bounds = np.cumsum([0, *(chunks or [probs.shape[0]])])
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        s = s.add(jnp.asarray(probs[a:b]))
+        s = s.add(jnp.log(jnp.asarray(probs[a:b])))  # members give log-probabilities
     return s
 
 
@@ -253,3 +254,86 @@ def test_ood_mutual_information_is_nan_for_one_member():
         _summary(_random_probs(rng, 1, 20, 3)), _summary(_random_probs(rng, 1, 20, 3))
     )
     assert math.isnan(m["auroc_mi"]) and not math.isnan(m["auroc_msp"])
+
+
+def test_nll_is_exact_below_any_clip_against_a_dense_float64_computation():
+    # Labels whose probability is 1e-17 .. 1e-87 for some members (and underflows to
+    # zero in float32 for one): a clip at 1e-12 would cap each at 27.6 nats.
+    logits = np.array(
+        [
+            [[0.0, 40.0, 0.0], [0.0, 0.0, 200.0], [5.0, 0.0, 0.0], [0.0, 90.0, 1.0]],
+            [[1.0, 0.0, 0.0], [0.0, 0.0, 60.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0]],
+            [[0.0, 80.0, 0.0], [0.0, 0.0, 150.0], [0.0, 0.0, 2.0], [0.0, 120.0, 0.0]],
+        ]
+    )  # (S=3, N=4, C=3)
+    y = np.array([0, 1, 0, 2])
+    m = logits.max(-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))  # float64 log-softmax
+    at_y = logp[:, np.arange(4), y]  # (S, N)
+    top = at_y.max(0)
+    dense_mixture = -np.mean(top + np.log(np.exp(at_y - top).mean(0)))
+    dense_members = -np.mean(at_y)
+
+    summary = PredictiveSummary.empty(4, 3, labels=y).add(
+        jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    )
+    out = evaluation.compute(summary, y)
+    assert out["nll"] == pytest.approx(dense_mixture, rel=1e-6)
+    np.testing.assert_allclose(
+        summary.nll(), -(top + np.log(np.exp(at_y - top).mean(0))), rtol=1e-6
+    )
+    lp32 = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    assert M.nll_of_log_probs(lp32, y) == pytest.approx(dense_members, rel=1e-6)
+    assert float(M.nll_of_log_probs(lp32, jnp.asarray(y), xp=jnp)) == pytest.approx(
+        dense_members, rel=1e-6
+    )
+    # the case is one where clipping the probabilities gets it wrong by many nats
+    assert dense_mixture - M.nll(np.exp(logp).mean(0), y) > 5
+    assert dense_members - M.nll(np.exp(logp), y) > 20
+    # the rest of the summary matches the dense probabilities
+    np.testing.assert_allclose(summary.mean(), np.exp(logp).mean(0), atol=1e-7)
+    assert out["entropy"] == pytest.approx(
+        -np.mean(np.sum(xlogy(np.exp(logp).mean(0)), -1)), rel=1e-5, abs=1e-7
+    )
+
+
+def xlogy(p):
+    return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+
+
+@pytest.mark.slow  # compiles a MAP member, the MAP report and two chains (~80 s at load 20)
+def test_a_methods_members_and_point_estimates_give_the_exact_nll_of_extreme_logits():
+    # A network with weights x40 puts many labels below 1e-12 (down to ~1e-100): the NLL
+    # of the posterior predictive (MAP's one member through predict), of the MAP network
+    # and of a sampler's last samples must equal a float64 log-softmax of its logits.
+    from bnn_bench.config import build
+    from bnn_bench.data.synthetic import load as synthetic
+    from bnn_bench.evaluation import EvalPlan
+    from bnn_bench.methods.map import PointPosterior, map_metrics
+    from bnn_bench.methods.sgmcmc import last_sample_metrics
+    from bnn_bench.models import build_model
+    from bnn_bench.models.mlp import MLP
+    from tests.conftest import compose_cfg
+
+    data = synthetic(shape=(8, 8, 1), num_classes=4, train_size=8, test_size=64, val_fraction=0)
+    model = build_model(MLP(hidden=(16,), num_classes=4), data.spec)
+    nets = [jax.tree.map(lambda a: 40 * a, model.init(jax.random.key(i))[0]) for i in (0, 1)]
+    x, y = data.test.x, np.asarray(data.test.y)
+
+    def dense_nll(params):  # (N,) float64 -log softmax(logits)[y]
+        z = np.asarray(model.logits(params, {}, x), np.float64)
+        m = z.max(-1)
+        return m + np.log(np.exp(z - m[:, None]).sum(-1)) - z[np.arange(len(y)), y]
+
+    per_net = [dense_nll(p) for p in nets]
+    assert np.mean(per_net[0] > 27.7) > 0.1  # a clip at 1e-12 would cap these
+
+    method = build(compose_cfg("method=map").method, "method")
+    plan = EvalPlan({"test": x}, labels={"test": data.test.y})
+    summary = method.predict(jax.random.key(0), PointPosterior(model, nets[0], {}), plan)["test"]
+    assert evaluation.compute(summary, y)["nll"] == pytest.approx(per_net[0].mean(), rel=1e-5)
+    report = map_metrics(model, nets[0], {}, {"test": data.test}, 15)
+    assert report["map/test/nll"] == pytest.approx(per_net[0].mean(), rel=1e-5)
+    chains = jax.tree.map(lambda *a: jnp.stack(a), *nets)
+    last = last_sample_metrics(model, chains, data, plan)
+    assert last["test/last_sample_nll"] == pytest.approx(np.mean(per_net), rel=1e-5)

@@ -36,7 +36,7 @@ def _fake_run(members: int):
 
     def summary(p):
         return PredictiveSummary.empty(p.shape[1], 10, keep_idx=range(5), capacity=50).add(
-            jnp.asarray(p, jnp.float32)
+            jnp.log(jnp.asarray(p, jnp.float32))
         )
 
     test = summary(probs)
@@ -45,7 +45,7 @@ def _fake_run(members: int):
             64, 10, range(5), 50, labels=y, chains=2, samples=members // 2
         )
         for i in range(0, members, 2):
-            test = test.add(jnp.asarray(probs[i : i + 2], jnp.float32))
+            test = test.add(jnp.log(jnp.asarray(probs[i : i + 2], jnp.float32)))
     summaries = {
         "test": test,
         "ood": summary(probs[:, ::-1] * 0 + 0.1),

@@ -4,6 +4,7 @@ the voters' std."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -66,7 +67,7 @@ def test_batch_size_must_be_a_multiple_of_voters(tmp_path):
 
 def test_member_std_is_the_mean_std_over_voters():
     probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(0), (5, 40, 3)))  # (S, N, C)
-    summary = PredictiveSummary.empty(40, 3).add(probs[:2]).add(probs[2:])
+    summary = PredictiveSummary.empty(40, 3).add(jnp.log(probs[:2])).add(jnp.log(probs[2:]))
     spread = member_std_metrics(summary, "test/")
     dense = np.std(np.asarray(probs, np.float64), axis=0).mean(axis=0)  # (C,)
     for c in range(3):
