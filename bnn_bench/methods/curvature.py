@@ -323,26 +323,30 @@ def from_diagonal(d: jax.Array) -> Curvature:
 
 
 @dataclass(frozen=True)
-class KroneckerLayer:
-    """Where a Kronecker block's parameters sit in the flat vector's pytree.
+class KroneckerBlock:
+    """Which parameters a Kronecker block covers, in the flat vector's pytree.
 
     Attributes:
       path: the layer's keys in the pytree (``()`` when the pytree is the layer itself).
-      bias: whether the layer has a ``bias`` (the last row of its (D_in + 1, D_out) matrix).
+      params: the layer's leaves the block covers, stacked as the rows of its matrix:
+        ``("kernel", "bias")`` (one joint block, the bias the last row),
+        ``("kernel",)`` or ``("bias",)`` (separate weight and bias blocks).
     """
 
     path: tuple[str, ...]
-    bias: bool
+    params: tuple[str, ...]
 
 
 @struct.dataclass
 class Kronecker:
-    """KFAC: G ≈ blockdiag_l (A_l ⊗ B_l), one block per dense or convolution layer
-    (Martens & Grosse, 2015; KFC for convolutions, Grosse & Martens, 2016), each factor
-    eigendecomposed, A = Q_A diag(a) Q_Aᵀ, B = Q_B diag(b) Q_Bᵀ (Ritter et al., 2018).
+    """KFAC: G ≈ blockdiag_l (A_l ⊗ B_l), one block per dense or convolution layer, or two
+    (weight and bias) with ``separate_bias`` (Martens & Grosse, 2015; KFC for convolutions,
+    Grosse & Martens, 2016), each factor eigendecomposed, A = Q_A diag(a) Q_Aᵀ,
+    B = Q_B diag(b) Q_Bᵀ (Ritter et al., 2018).
 
-    A layer's parameters form W (D_in [+ 1 bias row], D_out) (a convolution's kernel
-    (kh, kw, C_in, C_out) flattened to (kh·kw·C_in, C_out)); the block acts on it as
+    A block's parameters form W (D_in [+ 1 bias row], D_out) (a convolution's kernel
+    (kh, kw, C_in, C_out) flattened to (kh·kw·C_in, C_out); a bias alone is (1, D_out),
+    with A = 1); the block acts on it as
     W ↦ A W B, whose eigenvectors are Q_A E_ij Q_Bᵀ with eigenvalues a_i b_j. So with
     an isotropic prior every function of the posterior precision is elementwise in the
     rotated frame W' = Q_Aᵀ W Q_B:
@@ -352,17 +356,17 @@ class Kronecker:
     and changing τ costs no refactorisation (laplace-torch's ``KronDecomposed``).
 
     Attributes:
-      qa, a: per layer, (D_in', D_in') eigenvectors and (D_in',) eigenvalues of A.
-      qb, b: per layer, (D_out, D_out) eigenvectors and (D_out,) eigenvalues of B.
-      layers: per layer, where it sits in the flat vector's pytree.
-      unravel: flat (P,) -> the parameter pytree (every leaf in some layer).
+      qa, a: per block, (D_in', D_in') eigenvectors and (D_in',) eigenvalues of A.
+      qb, b: per block, (D_out, D_out) eigenvectors and (D_out,) eigenvalues of B.
+      blocks: per block, the parameters it covers in the flat vector's pytree.
+      unravel: flat (P,) -> the parameter pytree (every leaf in some block).
     """
 
     qa: tuple[jax.Array, ...]
     a: tuple[jax.Array, ...]
     qb: tuple[jax.Array, ...]
     b: tuple[jax.Array, ...]
-    layers: tuple[KroneckerLayer, ...] = struct.field(pytree_node=False)
+    blocks: tuple[KroneckerBlock, ...] = struct.field(pytree_node=False)
     unravel: Callable = struct.field(pytree_node=False)
 
     @property
@@ -376,30 +380,28 @@ class Kronecker:
     low_rank = False
 
     def _mats(self, v: jax.Array) -> list[jax.Array]:
-        """(P,) -> per layer its (D_in', D_out) matrix."""
+        """(P,) -> per block its (D_in', D_out) matrix: the rows of its leaves, stacked."""
         flat = traverse_util.flatten_dict(self.unravel(v))
         mats = []
-        for layer in self.layers:
-            k = flat[(*layer.path, "kernel")]
-            m = k.reshape(-1, k.shape[-1])
-            if layer.bias:
-                m = jnp.concatenate([m, flat[(*layer.path, "bias")][None]], 0)
-            mats.append(m)
+        for block in self.blocks:
+            leaves = [flat[(*block.path, name)] for name in block.params]
+            mats.append(jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in leaves], 0))
         return mats
 
     def _vector(self, mats: list[jax.Array]) -> jax.Array:
         """The inverse of ``_mats``."""
         flat = traverse_util.flatten_dict(self.unravel(jnp.zeros(self.dim, mats[0].dtype)))
-        for layer, m in zip(self.layers, mats, strict=True):
-            shape = flat[(*layer.path, "kernel")].shape
-            if layer.bias:
-                flat[(*layer.path, "bias")] = m[-1]
-                m = m[:-1]
-            flat[(*layer.path, "kernel")] = m.reshape(shape)
+        for block, m in zip(self.blocks, mats, strict=True):
+            start = 0
+            for name in block.params:
+                shape = flat[(*block.path, name)].shape
+                rows = math.prod(shape[:-1])  # a bias (D_out,) is one row
+                flat[(*block.path, name)] = m[start : start + rows].reshape(shape)
+                start += rows
         return ravel_pytree(traverse_util.unflatten_dict(flat))[0]
 
     def _spectral(self, v: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
-        """fn(G) v for one v (P,): per layer Q_A ((Q_Aᵀ W Q_B) ⊙ fn(a bᵀ)) Q_Bᵀ."""
+        """fn(G) v for one v (P,): per block Q_A ((Q_Aᵀ W Q_B) ⊙ fn(a bᵀ)) Q_Bᵀ."""
         out = []
         for m, qa, a, qb, b in zip(self._mats(v), self.qa, self.a, self.qb, self.b, strict=True):
             out.append(qa @ ((qa.T @ m @ qb) * fn(jnp.outer(a, b))) @ qb.T)
@@ -422,7 +424,7 @@ class Kronecker:
         return self._batched(z, lambda lam: jax.lax.rsqrt(lam + prior_precision))
 
     def function_variance(self, prior_precision, jac: jax.Array) -> jax.Array:
-        """(..., C) diag(J Σ(τ) Jᵀ) = Σ_l Σ_ij (Q_Aᵀ J_l Q_B)²_ij / (a_i b_j + τ) for
+        """(..., C) diag(J Σ(τ) Jᵀ) = Σ_blocks Σ_ij (Q_Aᵀ J_l Q_B)²_ij / (a_i b_j + τ) for
         Jacobians jac (..., C, P)."""
 
         def one(j):

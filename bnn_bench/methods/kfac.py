@@ -11,6 +11,11 @@ factors over inputs separately:
 
     G_W ≈ (1/n Σ_n ã_n ã_nᵀ) ⊗ (Σ_n Σ_k g_nk g_nkᵀ).
 
+With the bias in ã the block is one joint (D_in + 1) x (D_in + 1) input factor, exact for
+one input (the default). laplace-torch instead gives the weight and the bias blocks of
+their own, A_w ⊗ B and B (``kronecker(separate_bias=True)``), which drops the weight-bias
+terms that the joint block keeps.
+
 A convolution is a dense layer applied at T output positions to the patches under its
 kernel; KFC (Grosse & Martens, 2016) in its "expand" form (Eschenhagen et al., 2023)
 treats the n·T (patch, output-gradient) pairs as the examples: A = 1/(nT) Σ ã ãᵀ,
@@ -197,18 +202,33 @@ def kronecker(
     examples: float,
     scale: float,
     unravel: Callable,
+    separate_bias: bool = False,
 ) -> cv.Kronecker:
     """The eigendecomposed ``Kronecker`` curvature from summed factors: A = ΣA/(n T),
     B = scale · ΣB, so that A ⊗ B ≈ scale · Σ_n J_nᵀ H_n J_n (scale = N / n rescales
-    the n curvature examples to the training set)."""
-    qa, a, qb, b, where = [], [], [], [], []
+    the n curvature examples to the training set).
+
+    ``separate_bias``: a layer with a bias gets two blocks, A_w ⊗ B for the weight (A_w:
+    A without its ones row and column) and B for the bias (A's ones entry, 1), dropping
+    the weight-bias terms of the joint block. This is laplace-torch's KFAC (its
+    curvlinops backend's ``separate_weight_and_bias=True``: ``[B, A]`` and ``[B]``;
+    its ASDL backend's ``B · A[-1, -1] / M``, the same B).
+    """
+    qa, a, qb, b, blocks = [], [], [], [], []
     for layer in layers:
         sa, sb = sums[layer.path]
-        ea, va = jnp.linalg.eigh(sa / (examples * layer.positions))
+        big_a = sa / (examples * layer.positions)
         eb, vb = jnp.linalg.eigh(scale * sb)
-        qa.append(va)
-        a.append(jnp.maximum(ea, 0.0))
-        qb.append(vb)
-        b.append(jnp.maximum(eb, 0.0))
-        where.append(cv.KroneckerLayer(layer.path[len(prefix) :], layer.bias))
-    return cv.Kronecker(tuple(qa), tuple(a), tuple(qb), tuple(b), tuple(where), unravel)
+        path = layer.path[len(prefix) :]
+        if layer.bias and separate_bias:
+            parts = [(big_a[:-1, :-1], ("kernel",)), (jnp.ones((1, 1), sa.dtype), ("bias",))]
+        else:
+            parts = [(big_a, ("kernel", "bias") if layer.bias else ("kernel",))]
+        for factor, params in parts:
+            ea, va = jnp.linalg.eigh(factor)
+            qa.append(va)
+            a.append(jnp.maximum(ea, 0.0))
+            qb.append(vb)
+            b.append(jnp.maximum(eb, 0.0))
+            blocks.append(cv.KroneckerBlock(path, params))
+    return cv.Kronecker(tuple(qa), tuple(a), tuple(qb), tuple(b), tuple(blocks), unravel)

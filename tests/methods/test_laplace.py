@@ -29,6 +29,7 @@ from bnn_bench.methods.laplace import (
     LastLayer,
     Linearised,
     MargLik,
+    Predictive,
     Probit,
     ValNLL,
     WeightSpace,
@@ -171,24 +172,77 @@ def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
     np.testing.assert_allclose(info["laplace/log_marglik"], lml(tau), rtol=1e-3)
 
 
-def test_val_nll_picks_the_grid_minimiser(map_dir):
+class _KnownCurve(Predictive):
+    """A predictive whose validation NLL is a known function of log τ (and counts calls)."""
+
+    size = 1
+
+    def __init__(self, curve):
+        self.curve, self.calls = curve, 0
+
+    def nll_fn(self, key, post, val, chunk_size):
+        def nll(tau):
+            self.calls += 1
+            return self.curve(np.log(tau))
+
+        return nll
+
+
+@pytest.mark.parametrize("optimum", [0.756, 1.2e-4, 2.0e-4, 5.0e5])
+def test_val_nll_refines_the_grid_optimum_to_the_dense_grid_optimum(optimum):
+    """21 points over 10 decades put the optimum of an asymmetric curve on a grid point (1.0
+    for 0.756); the refinement between its neighbours finds a 100,001-point grid's."""
+
+    def curve(u):  # smooth, asymmetric in log τ, minimal at log(optimum)
+        v = u - np.log(optimum) - np.log(2) / 3
+        return np.logaddexp(2 * v, -v) + 0.3
+
+    dense = np.exp(np.linspace(np.log(1e-4), np.log(1e6), 100_001))
+    ref = dense[np.argmin(curve(np.log(dense)))]
+    predictive = _KnownCurve(curve)
+    tau, info = ValNLL().choose(None, None, 0.0, 0.0, None, predictive, 1)
+    assert abs(np.log(tau) - np.log(ref)) < 0.01  # REFINE_XATOL: τ to about 1%
+    assert info["laplace/val_nll"] <= curve(np.log(ref)) + 1e-4
+    assert predictive.calls <= 21 + 20
+    grid = np.exp(np.linspace(np.log(1e-4), np.log(1e6), 21))
+    assert abs(np.log(grid[np.argmin(curve(np.log(grid)))]) - np.log(ref)) > 0.1  # not a grid point
+
+
+@pytest.mark.slow
+def test_val_nll_picks_the_dense_grid_minimiser(tmp_path):
+    """An over-fitted MAP (16 hidden units, 100 epochs on 72 images) whose probit
+    validation NLL has an interior minimum in τ: the 5-point grid's best point, refined,
+    is a 301-point grid's minimiser."""
+    wider = ["model.hidden=[16]", "trainer.epochs=100"]
+    run(
+        compose_cfg(*[o for o in SMALL if not o.startswith("method")], "method=map", *wider),
+        tmp_path,
+    )
     data, method, post = _fit(
-        map_dir,
+        tmp_path,
+        *wider,
+        "method/laplace/structure=last_layer",
         "method/laplace/prior_precision=val_nll",
         "method.prior_precision.grid_size=5",
         "method.prior_precision.prior_range=[1.0e-2,1.0e2]",
-        "method.structure.rank=10",
         "method/laplace/predictive=probit",
     )
     info = post.info
-    nlls = {}
-    for tau in np.logspace(-2, 2, 5):
+
+    def nll(tau):
         p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
         probs = jnp.exp(next(method.members(jax.random.key(0), p, data.val.x))[0])
-        nlls[tau] = float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
-    best = min(nlls, key=nlls.get)
-    np.testing.assert_allclose(info["laplace/prior_precision"], best, rtol=1e-5)
-    np.testing.assert_allclose(info["laplace/val_nll"], nlls[best], rtol=1e-4)
+        return float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
+
+    dense = np.logspace(-1, 2, 301)
+    nlls = np.array([nll(t) for t in dense])
+    best = dense[nlls.argmin()]
+    assert 0 < nlls.argmin() < len(dense) - 1  # an interior optimum, so the test can tell
+    tau = info["laplace/prior_precision"]
+    assert abs(np.log(tau) - np.log(best)) < 0.03
+    assert info["laplace/val_nll"] <= nlls.min() + 1e-5
+    np.testing.assert_allclose(info["laplace/val_nll"], nll(tau), rtol=1e-4)
+    assert min(abs(np.log(tau) - np.log(np.logspace(-2, 2, 5)))) > 0.05  # not a grid point
 
 
 def test_full_refuses_a_large_network_before_training(map_dir):

@@ -139,9 +139,14 @@ def test_a_convolution_input_factor_is_the_mean_patch_outer_product():
     np.testing.assert_allclose((qa * a) @ qa.T, ref, atol=1e-5 * np.abs(ref).max())
 
 
-def _kron_by_hand(post: LaplacePosterior, x, y) -> np.ndarray:
+def _kron_by_hand(post: LaplacePosterior, x, y, separate_bias: bool = False) -> np.ndarray:
     """The KFAC matrix of a 2-layer ReLU MLP, forward and backward written out in numpy,
-    in the flat parameter order of ``post.theta``."""
+    in the flat parameter order of ``post.theta``.
+
+    Joint: one block (A ⊗ B) per layer, A over [input; 1]. Separate (laplace-torch's
+    curvlinops backend): the weight block A_w ⊗ B, A_w = mean of a aᵀ over the inputs
+    alone, and the bias block B, the summed output-gradient outer products.
+    """
     p = post.params
     w1, b1 = np.asarray(p["Dense_0"]["kernel"], np.float64), np.asarray(p["Dense_0"]["bias"])
     w2, b2 = np.asarray(p["Dense_1"]["kernel"], np.float64), np.asarray(p["Dense_1"]["bias"])
@@ -152,7 +157,7 @@ def _kron_by_hand(post: LaplacePosterior, x, y) -> np.ndarray:
     prob = np.exp(f - f.max(1, keepdims=True))
     prob /= prob.sum(1, keepdims=True)
     n = len(x)
-    blocks, a_in = [], [h0, h1]
+    a_in = [h0, h1]
     g_out = [[], []]
     for i in range(n):
         lf = np.diag(np.sqrt(prob[i])) - np.outer(prob[i], np.sqrt(prob[i]))  # L Lᵀ = H
@@ -160,36 +165,47 @@ def _kron_by_hand(post: LaplacePosterior, x, y) -> np.ndarray:
             g2 = lf[:, k]
             g_out[1].append(g2)
             g_out[0].append((w2 @ g2) * (pre[i] > 0))
-    for layer in range(2):
-        aa = np.concatenate([a_in[layer], np.ones((n, 1))], 1)
-        big_a = aa.T @ aa / n
-        big_b = np.sum([np.outer(g, g) for g in g_out[layer]], 0)
-        blocks.append(np.kron(big_a, big_b))  # rows (i, j) of W' (D_in + 1, D_out)
-    # the flat index of each (layer, i, j): ravel a pytree of matrix positions
-    trees, start = {}, 0
-    for name, w in (("Dense_0", w1), ("Dense_1", w2)):
+    # each layer's matrix W' (D_in + 1, D_out), its bias the last row, at flat positions
+    trees, start, blocks = {}, 0, []
+    for layer, (name, w) in enumerate((("Dense_0", w1), ("Dense_1", w2))):
         din, dout = w.shape
         pos = np.arange(start, start + (din + 1) * dout).reshape(din + 1, dout)
         trees[name] = {"kernel": pos[:-1], "bias": pos[-1]}
         start += (din + 1) * dout
-    order = np.asarray(ravel_pytree(jax.tree.map(jnp.asarray, trees))[0], int)
-    b0 = blocks[0].shape[0]
+        big_b = np.sum([np.outer(g, g) for g in g_out[layer]], 0)
+        if separate_bias:
+            big_a = a_in[layer].T @ a_in[layer] / n
+            blocks += [(pos[:-1].ravel(), np.kron(big_a, big_b)), (pos[-1], big_b)]
+        else:
+            aa = np.concatenate([a_in[layer], np.ones((n, 1))], 1)
+            blocks.append((pos.ravel(), np.kron(aa.T @ aa / n, big_b)))  # rows (i, j) of W'
     dense = np.zeros((start, start))
-    dense[:b0, :b0] = blocks[0]
-    dense[b0:, b0:] = blocks[1]
+    for rows, block in blocks:
+        dense[np.ix_(rows, rows)] = block
+    # the flat index of each (layer, i, j): ravel a pytree of matrix positions
+    order = np.asarray(ravel_pytree(jax.tree.map(jnp.asarray, trees))[0], int)
     return dense[np.ix_(order, order)]
 
 
-def test_tiny_two_layer_net_log_marglik_matches_dense_kronecker_matrix(tmp_path):
-    map_dir = tmp_path / "map"
-    run(compose_cfg(*[o for o in SMALL if not o.startswith("method")], "method=map"), map_dir)
-    data, _, post = _fit(
+@pytest.fixture(scope="module")
+def map_dir(tmp_path_factory):
+    """A finished tiny `map` run (36 -> 3 -> 3 MLP); the KFAC fits below start from it."""
+    out = tmp_path_factory.mktemp("map")
+    run(compose_cfg(*[o for o in SMALL if not o.startswith("method")], "method=map"), out)
+    return out
+
+
+@pytest.mark.parametrize("separate_bias", [False, True])
+def test_tiny_two_layer_net_log_marglik_matches_dense_kronecker_matrix(map_dir, separate_bias):
+    data, method, post = _fit(
         map_dir,
         "method/laplace/structure=kfac",
         "method.curvature_batches=null",
         "method/laplace/prior_precision=marglik",
+        "method/laplace/predictive=probit",
+        f"method.structure.separate_bias={str(separate_bias).lower()}",
     )
-    g = _kron_by_hand(post, data.train.x, data.train.y)
+    g = _kron_by_hand(post, data.train.x, data.train.y, separate_bias)
     np.testing.assert_allclose(
         np.asarray(post.curvature.dense(), np.float64), g, atol=1e-4 * np.abs(g).max()
     )
@@ -211,17 +227,51 @@ def test_tiny_two_layer_net_log_marglik_matches_dense_kronecker_matrix(tmp_path)
     grid = np.logspace(-4, 6, 1001)
     assert lml(tau) >= max(lml(t) for t in grid) - 1e-3  # the evidence maximiser
     # every τ reads the same factors: covariance, samples and logit variances
+    x = data.test.x[:4]
+    jac = np.asarray(jax.jacfwd(lambda th: post.logits_fn(th, x))(post.theta), np.float64)
+    f = np.asarray(post.logits_fn(post.theta, x), np.float64)
     for t in (0.5, 20.0):
         cov = np.linalg.inv(g + t * np.eye(dim))
         scale = np.abs(cov).max()
         np.testing.assert_allclose(post.curvature.covariance(t), cov, atol=1e-4 * scale)
         root = np.asarray(post.curvature.sample(t, jnp.eye(dim)), np.float64)
         np.testing.assert_allclose(root @ root.T, cov, atol=1e-4 * scale)
-        jac = jax.jacfwd(lambda th: post.logits_fn(th, data.test.x[:4]))(post.theta)
         ref_var = np.einsum("ncp,pq,ncq->nc", jac, cov, jac)
         np.testing.assert_allclose(
             post.curvature.function_variance(t, jac), ref_var, rtol=1e-3, atol=1e-6
         )
+        # the probit predictive: softmax(f / √(1 + π/8 σ²)), σ² from the dense covariance
+        z = f / np.sqrt(1 + np.pi / 8 * ref_var)
+        ref_probs = np.exp(z - z.max(1, keepdims=True))
+        ref_probs /= ref_probs.sum(1, keepdims=True)
+        member = post.replace(prior_precision=jnp.asarray(t, jnp.float32))
+        (log_probs,) = method.members(jax.random.key(0), member, x)
+        np.testing.assert_allclose(np.exp(log_probs[0]), ref_probs, atol=1e-5)
+
+
+def test_separate_bias_drops_only_the_weight_bias_terms(map_dir):
+    """The two forms differ exactly where the joint block couples a layer's weight and bias."""
+    fits = [
+        _fit(
+            map_dir,
+            "method/laplace/structure=kfac",
+            "method.curvature_batches=null",
+            "method.prior_precision=1.0",
+            f"method.structure.separate_bias={flag}",
+        )[2]
+        for flag in ("false", "true")
+    ]
+    joint, separate = (np.asarray(p.curvature.dense(), np.float64) for p in fits)
+    tree = fits[0].unravel(jnp.arange(fits[0].theta.shape[0], dtype=jnp.float32))
+    coupled = np.zeros(joint.shape, bool)
+    for layer in tree.values():
+        w = np.asarray(layer["kernel"], int).ravel()
+        b = np.asarray(layer["bias"], int)
+        coupled[np.ix_(w, b)] = coupled[np.ix_(b, w)] = True
+    scale = np.abs(joint).max()
+    np.testing.assert_allclose(separate[~coupled], joint[~coupled], atol=1e-5 * scale)
+    np.testing.assert_allclose(separate[coupled], 0.0)
+    assert np.abs(joint[coupled]).max() > 1e-3 * scale
 
 
 def test_method_laplace_kfac_runs_and_reports(tmp_path):
@@ -256,3 +306,11 @@ def test_kfac_refuses_batch_norm_before_training_and_last_layer_takes_it(tmp_pat
 def test_kfac_subset_must_be_all_or_last_layer():
     with pytest.raises(UserError, match="subset"):
         KFAC(subset="first_layer")
+    with pytest.raises(UserError, match="separate_bias"):
+        KFAC(separate_bias="yes")
+
+
+def test_joint_block_is_the_default_and_laplace_redux_separates_the_bias():
+    assert build(compose_cfg(*SMALL, "method=laplace_kfac").method.structure, "s") == KFAC()
+    cfg = compose_cfg("experiment=laplace_redux")
+    assert build(cfg.method.structure, "s") == KFAC(subset="last_layer", separate_bias=True)
