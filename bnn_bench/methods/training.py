@@ -318,7 +318,13 @@ class Trainer:
         value at step 0."""
         rate = self.learning_rate_fn(num_steps)
         now = f"{float(rate(0) if callable(rate) else rate):.3g}"
-        if isinstance(self.schedule, partial) and "init_value" in self.schedule.keywords:
+        # an instantiated optax schedule is a closure: its factory's name tells which it is
+        made_by = getattr(self.schedule, "__qualname__", "").split(".")[0]
+        if made_by == "constant_schedule":
+            return f"Lower the learning rate trainer.schedule.value (now {now}), e.g. by 10x."
+        if made_by == "piecewise_constant_schedule" or (
+            isinstance(self.schedule, partial) and "init_value" in self.schedule.keywords
+        ):
             return f"Lower the learning rate trainer.schedule.init_value (now {now}), e.g. by 10x."
         if isinstance(self.schedule, int | float):
             return f"Lower the constant learning rate trainer.schedule (now {now}), e.g. by 10x."

@@ -59,7 +59,11 @@ def test_a_blown_up_trainer_exits_2_naming_the_learning_rate_key(tmp_path):
 @pytest.mark.parametrize(
     "schedule, key",
     [
-        ("trainer/schedule=constant trainer.schedule.value=1e3", "trainer.schedule.value"),
+        ("trainer/schedule=constant trainer.schedule.value=1e3", "schedule.value (now 1e+03)"),
+        (
+            "trainer/schedule=piecewise trainer.schedule.init_value=1e3",
+            "trainer.schedule.init_value (now 1e+03)",
+        ),
         ("trainer.schedule=1e3", "constant learning rate trainer.schedule (now 1e+03)"),
     ],
 )
