@@ -29,6 +29,11 @@ a process killed mid-write leaves the previous one usable. Leaves are stored
 with ``flax.serialization`` (msgpack) under their tree path (``.params['w']``)
 with their dtype; typed PRNG keys as their key data. A restore matches leaves by
 path, so a reordered state restores correctly and a renamed field fails loudly.
+
+An unreadable snapshot (corrupt or truncated bytes) is set aside as
+``unreadable-step_<n>`` and the loop continues from the newest readable older one,
+saying so. With none readable, ``resume=true`` stops with a ``UserError`` naming the
+file; ``resume=auto`` says in one warning that the loop starts over.
 """
 
 from __future__ import annotations
@@ -91,13 +96,20 @@ class Session:
         the stop request (``stop_on_signals``).
       every: a loop saves every this many chunks and when it ends; 0 saves only on
         a stop request.
+      resume: the run's ``resume``: True refuses to start a loop over when its
+        snapshots are all unreadable (``Checkpointer.restore``).
     """
 
     def __init__(
-        self, root: str | Path | None, every: int = 0, signals: tuple[int, ...] = STOP_SIGNALS
+        self,
+        root: str | Path | None,
+        every: int = 0,
+        signals: tuple[int, ...] = STOP_SIGNALS,
+        resume: bool | str = "auto",
     ):
         self.root = None if root is None else Path(root)
         self.every = int(every)
+        self.resume = resume
         self.signals = signals
         self.signum: int | None = None  # the signal that asked the run to stop
         self.running = 0  # loops between their restore and their final save
@@ -111,7 +123,7 @@ class Session:
             raise ValueError(f"a loop named {name!r} already ran in this run; name it apart.")
         self._names.add(name)
         directory = None if self.root is None else self.root / name
-        return Checkpointer(directory, every=self.every, session=self)
+        return Checkpointer(directory, every=self.every, session=self, resume=self.resume)
 
     def __enter__(self) -> Session:
         self.signum, self.running = None, 0
@@ -177,6 +189,8 @@ class Checkpointer:
       keep: complete checkpoints kept (>= 1; the newest are kept).
       session: the run's session, whose stop request ``maybe_save`` obeys; None:
         no signal handling.
+      resume: True: ``restore`` raises when snapshots exist and none is readable;
+        otherwise it warns and the loop starts over.
     """
 
     def __init__(
@@ -185,10 +199,12 @@ class Checkpointer:
         every: int = 0,
         keep: int = 1,
         session: Session | None = None,
+        resume: bool | str = "auto",
     ):
         self.directory = None if directory is None else Path(directory)
         self.every, self.keep = int(every), max(1, int(keep))
         self.session = session
+        self.resume = resume
         self._chunks = 0
         self._open = False
         if self.directory is not None and self.directory.is_dir():
@@ -208,20 +224,60 @@ class Checkpointer:
 
     def restore(self, template: Any) -> tuple[int, Any] | None:
         """The newest readable checkpoint as ``(step, pytree)`` shaped like ``template``,
-        or None. Marks the loop as running (SIGTERM then waits for ``maybe_save``)."""
+        or None when there is none. Marks the loop as running (SIGTERM then waits for
+        ``maybe_save``).
+
+        Unreadable snapshots newer than the one restored are set aside
+        (``unreadable-step_<n>``: a later save must not be pruned in favour of them), with
+        a warning naming the file. With snapshots but none readable, ``resume=True``
+        raises and anything else warns that the loop starts over.
+
+        Raises:
+          UserError: the state belongs to another configuration (another shape, dtype
+            or field), or, with ``resume=True``, no snapshot is readable.
+        """
         if self.session is not None and not self._open:
             self.session.running += 1
         self._open = True
+        unreadable: list[tuple[Path, str]] = []  # newest first
         for step in reversed(self.steps()):
-            path = self.directory / f"step_{step:09d}"
+            path = self.directory / f"step_{step:09d}" / STATE_FILE
             try:
-                tree = _load(path / STATE_FILE, template)
-            except (OSError, ValueError) as e:
-                log.warning("checkpoint %s is unreadable (%s); trying an older one.", path, e)
+                tree = _load(path, template)
+            except _Unreadable as e:
+                unreadable.append((path, str(e)))
                 continue
+            if unreadable:
+                log.warning(
+                    "checkpoint %s is unreadable (%s); resuming %s from the older %s instead.",
+                    *(*unreadable[0], self.directory.name, path),
+                )
+                self._set_aside(unreadable)
             log.info("resuming %s from step %d", self.directory.name, step)
             return step, tree
+        if not unreadable:
+            return None
+        (newest, why), older = unreadable[0], len(unreadable) - 1
+        also = f", and so {'are' if older > 1 else 'is'} the {older} older one(s)" if older else ""
+        if self.resume is True:
+            raise UserError(
+                f"resume=true, but checkpoint {newest} is unreadable ({why}){also}: nothing "
+                f"to continue from. Start over with resume=false (it clears the run folder)."
+            )
+        log.warning(
+            "checkpoint %s is unreadable (%s)%s; %s starts over from step 0.",
+            *(newest, why, also, self.directory.name),
+        )
+        self._set_aside(unreadable)
         return None
+
+    def _set_aside(self, unreadable: list[tuple[Path, str]]) -> None:
+        """Renames each unreadable ``step_<n>`` folder to ``unreadable-step_<n>``."""
+        for path, _ in unreadable:
+            folder = path.parent
+            aside = folder.with_name(f"unreadable-{folder.name}")
+            shutil.rmtree(aside, ignore_errors=True)  # one set aside before gives way
+            os.replace(folder, aside)
 
     # -- writing
     def save(self, step: int, tree: Any) -> Path | None:
@@ -291,11 +347,29 @@ def _dump(tree: Any) -> bytes:
     return serialization.msgpack_serialize(stored)
 
 
+class _Unreadable(ValueError):
+    """A snapshot's file cannot be read or decoded."""
+
+
 def _load(path: Path, template: Any) -> Any:
     """The pytree of ``template``'s structure whose leaves are the arrays stored under the
     same tree paths. A missing or extra path, another shape or another dtype is refused:
-    the checkpoint belongs to another configuration."""
-    stored = serialization.msgpack_restore(path.read_bytes())
+    the checkpoint belongs to another configuration.
+
+    Raises:
+      _Unreadable: the file cannot be read, or its bytes are not a saved state.
+      UserError: it is a saved state, of another configuration.
+    """
+    try:
+        stored = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - corrupt bytes raise ValueError, TypeError, ...
+        raise _Unreadable(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from e
+    if not (
+        isinstance(stored, dict)
+        and stored
+        and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in stored.items())
+    ):
+        raise _Unreadable("its bytes decode to no saved state")
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     names = [jax.tree_util.keystr(p) for p, _ in leaves]
     fix = "Start a new run folder (or resume=false)."

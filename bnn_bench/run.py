@@ -86,7 +86,7 @@ def _run(
 
     # --- inference
     tic = time.perf_counter()
-    checkpoints = checkpoint.Session(record.root, cfg.checkpoint.every)
+    checkpoints = checkpoint.Session(record.root, cfg.checkpoint.every, resume=cfg.resume)
     with checkpoints:  # SIGTERM: save at the next chunk end, then stop
         posterior = method.fit(k_fit, model, data, RunContext(plan, logger.log, checkpoints, meter))
     timings["time/fit"] = time.perf_counter() - tic

@@ -1,9 +1,10 @@
 """Every key an error or warning message names works as an override.
 
-The messages are read from the source: every string in a ``UserError(...)`` or a
-``.warning(...)`` call under ``bnn_bench/``. Each config key in them (``method.x.y``,
-``trainer.z=v``, a group choice ``method/laplace/structure=diagonal``) must compose,
-validate and build for at least one method.
+The messages are read from the source: every string in a ``UserError(...)``, a
+``.warning(...)`` or a ``Divergence(...)`` call under ``bnn_bench/``. Each config key
+in them (``method.x.y``, ``trainer.z=v``, a group choice
+``method/laplace/structure=diagonal``) must compose, validate and build for at least
+one method.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def _message_strings(tree: ast.AST):
         if not isinstance(node, ast.Call):
             continue
         name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
-        if name not in ("UserError", "warning"):
+        if name not in ("UserError", "warning", "Divergence"):  # a Divergence's fix is a message
             continue
-        for arg in node.args:
+        for arg in [*node.args, *(k.value for k in node.keywords)]:
             for sub in ast.walk(arg):
                 if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
                     yield sub.value

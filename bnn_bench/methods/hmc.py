@@ -51,11 +51,10 @@ from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods.base import RunContext
-from bnn_bench.methods.loop import chunked_loop, chunks_of
+from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.methods.sgmcmc import (
     FoldingSampler,
     SamplePosterior,
-    _all_finite,
     fold_sample,
     last_sample_metrics,
     make_log_density,
@@ -315,18 +314,14 @@ class HMC(FoldingSampler):
                 "sampler/collected": float(max(0, end - warm) // self.thinning * chains),
             }
 
-        def diverged(carry: HMCCarry, values: dict[str, float], end: int) -> str | None:
-            if bool(_all_finite(carry.chains.states.position)):
-                return None
-            return (
-                f"hmc: the parameters became non-finite by transition {end} of {self.total} "
-                f"(step size {values['hmc/step_size']:.3g}). Lower method.step_size or "
-                f"method.target_acceptance's complement (raise it towards 0.9), or raise "
-                f"method.prior_scale."
-            )
-
+        # a Metropolis-corrected chain rejects a loss blow-up: only its positions are checked
+        divergence = Divergence(
+            fix="Lower method.step_size or method.target_acceptance's complement (raise it "
+            "towards 0.9), or raise method.prior_scale.",
+            params=lambda carry: carry.chains.states.position,
+        )
         # gradient evaluations depend on the adapted ε: counted below from the carry
-        carry = chunked_loop(ctx, "hmc", carry, runner.chunks, run, diverged, 0, self.name)
+        carry = chunked_loop(ctx, "hmc", carry, runner.chunks, run, divergence, 0, self.name)
         stats = carry.chains.stats
         ctx.count(grad_evals=chains * (1 + int(stats.leapfrog_steps)), samples=kept * chains)
         eps = float(carry.chains.step_size)

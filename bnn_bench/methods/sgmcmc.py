@@ -36,7 +36,7 @@ from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods import schedules
 from bnn_bench.methods.base import Method, RunContext
-from bnn_bench.methods.loop import chunked_loop, chunks_of
+from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.methods.schedules import Schedule
 from bnn_bench.methods.sgmcmc_kernels import Kernel
 from bnn_bench.models import Model, Params
@@ -393,6 +393,8 @@ class SGMCMC(FoldingSampler):
             *(self.name, chains, total, burn, kept, runner.compile_s),
         )
         seconds = {"burn_in": 0.0, "sampling": 0.0}
+        probe = min(self.batch_size, data.train.size)  # a fixed batch: one forward per chunk
+        worst_nll = chains_nll(model, data.train.x[:probe], data.train.y[:probe])
 
         def run(carry: SamplerCarry, start: int, end: int):
             tic = time.perf_counter()
@@ -402,21 +404,20 @@ class SGMCMC(FoldingSampler):
             return carry, {
                 "sampler/step_size": float(self.step_size(end - 1, total)),
                 "sampler/collected": collected,
+                "sampler/train_nll": float(worst_nll(carry.states.params)),
             }
 
-        def diverged(carry: SamplerCarry, values: dict[str, float], end: int) -> str | None:
-            # once per chunk, not per step: a non-finite chain stays non-finite
-            if bool(_all_finite(carry.states.params)):
-                return None
-            start = max(s for s, _ in runner.chunks if s < end)
-            return (
-                f"{self.name}: the parameters became non-finite at step {end} of {total} or "
-                f"earlier (after step {start}; step size {values['sampler/step_size']:.3g}). "
-                f"Lower method.step_size (e.g. by 10x) or raise method.prior_scale."
-            )
-
+        divergence = Divergence(
+            fix=lambda values: (
+                f"Lower method.step_size (now {values['sampler/step_size']:.3g}), "
+                f"e.g. by 10x, or raise method.prior_scale."
+            ),
+            params=lambda carry: carry.states.params,
+            num_classes=model.spec.num_classes,
+            loss=lambda carry, values: values["sampler/train_nll"],
+        )
         grads = total * chains * self.kernel.grads_per_step
-        carry = chunked_loop(ctx, "sgmcmc", carry, runner.chunks, run, diverged, grads, self.name)
+        carry = chunked_loop(ctx, "sgmcmc", carry, runner.chunks, run, divergence, grads, self.name)
         kept *= chains
         ctx.count(samples=kept)
         log.info(
@@ -466,9 +467,16 @@ class SGMCMC(FoldingSampler):
         }
 
 
-def _all_finite(tree: Params) -> jax.Array:
-    """() bool: every leaf of ``tree`` is finite."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(tree)]))
+def chains_nll(model: Model, x: jax.Array, y: jax.Array) -> Callable[[Params], jax.Array]:
+    """A jitted ``params (leaves (chains, ...)) -> ()``: the largest over the chains of the
+    mean NLL of ``(x (n, ...), y (n,))``, from the logits (what the divergence check
+    bounds after every chunk)."""
+
+    def nll(params: Params) -> jax.Array:
+        logits, _ = model.apply(params, {}, x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1))
+
+    return jax.jit(lambda params: jnp.max(jax.vmap(nll)(params)))
 
 
 class _ChunkRunner:

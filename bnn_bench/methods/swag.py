@@ -60,7 +60,7 @@ from jax.flatten_util import ravel_pytree
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.methods.base import Method, RunContext
-from bnn_bench.methods.loop import chunked_loop, chunks_of, nonfinite
+from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.methods.map import checkpoint_path, map_metrics, save_point
 from bnn_bench.methods.mcbn import batch_norm_statistics
 from bnn_bench.methods.posthoc import map_point
@@ -402,16 +402,13 @@ def sgd_phase(
             "swag/collected": float(moments.count),
         }
 
-    def diverged(carry: SGDCarry, values: dict[str, float], end: int) -> str | None:
-        del carry
-        if not nonfinite(values, "swag/loss"):
-            return None
-        return (
-            f"SWAG's SGD phase diverged at step {end} (loss {values['swag/loss']}); lower "
-            f"method.sgd.learning_rate."
-        )
-
-    return chunked_loop(ctx, "swag", start, chunks, run, diverged, total, "swag sgd")
+    divergence = Divergence(
+        fix="Lower method.sgd.learning_rate, e.g. by 10x.",
+        params=lambda carry: carry.ts,
+        num_classes=model.spec.num_classes,
+        loss=lambda carry, values: values["swag/loss"],
+    )
+    return chunked_loop(ctx, "swag", start, chunks, run, divergence, total, "swag sgd")
 
 
 # --------------------------------------------------------------- BatchNorm refresh

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import RunContext
-from bnn_bench.methods.loop import chunked_loop, chunks_of
+from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.models import Model, Params, State
 
 log = logging.getLogger(__name__)
@@ -258,7 +257,9 @@ class Trainer:
           ts: the initial state, any pytree (leaves with a leading member axis for
             several members): a ``TrainState`` for ``train``.
           run_chunk: ``make_chunk_runner``'s ``(ts, split, idx, keys, active) -> (ts,
-            (loss, acc))``, one compiled scan.
+            (loss, acc))``, one compiled scan; or ``(ts, (loss, acc, nll))`` when the loss
+            is more than the training NLL (vi: it adds the KL term), so that the divergence
+            check sees the NLL alone (logged as ``train/nll``).
           epoch_idx: epoch -> (steps_per_epoch, ...) minibatch indices of that epoch.
           chunk_keys: (step, size) -> the dropout keys of steps [step, step + size).
           evaluate: ``(ts, x, y) -> (nll, acc)`` on the validation split.
@@ -280,36 +281,59 @@ class Trainer:
         ]
         batches = functools.lru_cache(maxsize=1)(epoch_idx)  # one permutation per epoch
         t0 = time.perf_counter()
+        worst_nll = [0.0]  # the last chunk's mean training NLL of its worst member
 
         def run(ts: Any, start: int, end: int) -> tuple[Any, dict[str, float]]:
             epoch, size = start // per_epoch, end - start
             pad = np.minimum(np.arange(length), size - 1)  # padding repeats the last step
             lo = start - epoch * per_epoch
             idx, keys = batches(epoch)[lo : lo + size][pad], chunk_keys(start, size)[pad]
-            ts, (loss, acc) = run_chunk(ts, data.train, idx, keys, np.arange(length) < size)
+            ts, (loss, acc, *nll) = run_chunk(ts, data.train, idx, keys, np.arange(length) < size)
             values = {
                 "train/loss": float(loss[:size].mean()),
                 "train/acc": float(acc[:size].mean()),
             }
+            fit = np.asarray((nll[0] if nll else loss)[:size]).mean(0)  # () or (members,)
+            worst_nll[0] = float(fit.max())
+            if nll:
+                values["train/nll"] = float(fit.mean())
             if end % per_epoch == 0 or end == total:
                 values |= self._end_epoch(ts, epoch + 1, end, end == total, values, data, evaluate)
             return ts, values
 
-        def diverged(ts: Any, values: dict[str, float], end: int) -> str | None:
-            del ts
-            if math.isfinite(values["train/loss"]):
-                return None
-            return (
-                f"training diverged at step {end} (loss {values['train/loss']}); "
-                f"lower the learning rate: trainer.schedule.init_value, or a "
-                f"constant rate such as trainer.schedule=1e-4."
-            )
-
+        divergence = Divergence(
+            fix=self.lower_the_rate(total),
+            params=lambda ts: ts,  # every float leaf of the state: parameters and moments
+            num_classes=data.spec.num_classes,
+            loss=lambda ts, values: worst_nll[0],
+        )
         desc = desc or ("train" if members == 1 else f"train x{members}")
         grads = total * members * grad_evals_per_step
-        ts = chunked_loop(ctx, name, ts, chunks, run, diverged, grads, desc)
+        ts = chunked_loop(ctx, name, ts, chunks, run, divergence, grads, desc)
         log.info("trained %d x %d steps in %.1fs", members, total, time.perf_counter() - t0)
         return ts
+
+    def lower_the_rate(self, num_steps: int) -> str:
+        """The advice of a diverged run: the learning-rate key of this schedule, and its
+        value at step 0."""
+        rate = self.learning_rate_fn(num_steps)
+        now = f"{float(rate(0) if callable(rate) else rate):.3g}"
+        # an instantiated optax schedule is a closure: its factory's name tells which it is
+        made_by = getattr(self.schedule, "__qualname__", "").split(".")[0]
+        if made_by == "constant_schedule":
+            return f"Lower the learning rate trainer.schedule.value (now {now}), e.g. by 10x."
+        if made_by == "piecewise_constant_schedule" or (
+            isinstance(self.schedule, partial) and "init_value" in self.schedule.keywords
+        ):
+            return f"Lower the learning rate trainer.schedule.init_value (now {now}), e.g. by 10x."
+        if isinstance(self.schedule, int | float):
+            return f"Lower the constant learning rate trainer.schedule (now {now}), e.g. by 10x."
+        return (
+            f"Lower the learning rate (now {now} at step 0), e.g. by 10x: "
+            f"trainer.schedule.value (trainer/schedule=constant), "
+            f"trainer.schedule.init_value (cosine, piecewise), or a constant "
+            f"trainer.schedule=1e-4."
+        )
 
     def _end_epoch(
         self, ts, epoch: int, step: int, last: bool, train: dict[str, float], data, evaluate
@@ -366,7 +390,8 @@ def make_chunk_runner(model: Model, tx: optax.GradientTransformation, members: b
 
 def scan_steps(step_fn, members: bool = False):
     """``make_chunk_runner`` for any step ``(ts, x (B, ...), y (B,), key) -> (ts, (loss,
-    acc))`` over any state pytree ``ts`` (``vi`` steps its variational parameters)."""
+    acc))`` or ``(ts, (loss, acc, nll))`` over any state pytree ``ts`` (``vi`` steps its
+    variational parameters)."""
 
     def one(ts, split, idx, key):
         return step_fn(ts, split.x[idx], split.y[idx], key)
@@ -378,10 +403,11 @@ def scan_steps(step_fn, members: bool = False):
         idx, key, on = inp
         if on is None:
             ts, out = live(ts, split, idx, key)
-        else:  # an inactive step returns zero loss and accuracy, () or (K,)
-            zero = jnp.zeros(jax.tree.leaves(ts)[0].shape[:1] if members else ())
+        else:  # an inactive step returns zeros, each () or (K,)
+            shapes = jax.eval_shape(lambda ts: live(ts, split, idx, key)[1], ts)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             ts, out = jax.lax.cond(
-                on, lambda ts: live(ts, split, idx, key), lambda ts: (ts, (zero, zero)), ts
+                on, lambda ts: live(ts, split, idx, key), lambda ts: (ts, zeros), ts
             )
         return (ts, split), out
 

@@ -205,8 +205,8 @@ def make_elbo_step(
       warmup_steps: W; β_t = min(1, (t + 1) / W) at step t (0: β = 1).
 
     Returns:
-      ``step(state, x, y, key) -> (state, (loss, acc))``, pure; loss is the objective
-      at the step's draws.
+      ``step(state, x, y, key) -> (state, (loss, acc, nll))``, pure; loss is the objective
+      at the step's draws, nll its first term alone (what the divergence check bounds).
     """
 
     def loss_fn(mean_rho, x, y, key, beta):
@@ -215,15 +215,18 @@ def make_elbo_step(
         keys = jax.random.split(key, num_train_samples)
         loglik, correct = jax.vmap(lambda k: log_likelihood(mean, std, x, y, k))(keys)
         kl = kl_divergence(mean, std, prior_scale)
-        return -jnp.mean(loglik) + beta * kl / data_size, jnp.mean(correct)
+        nll = -jnp.mean(loglik)
+        return nll + beta * kl / data_size, (jnp.mean(correct), nll)
 
     def step(state: VIState, x, y, key):
         beta = jnp.minimum(1.0, (state.step + 1) / warmup_steps) if warmup_steps else 1.0
         mean_rho = (state.mean, state.rho)
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(mean_rho, x, y, key, beta)
+        (loss, (acc, nll)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            mean_rho, x, y, key, beta
+        )
         updates, opt_state = tx.update(grads, state.opt_state, mean_rho)
         mean, rho = optax.apply_updates(mean_rho, updates)
-        return VIState(mean, rho, opt_state, state.step + 1), (loss, acc)
+        return VIState(mean, rho, opt_state, state.step + 1), (loss, acc, nll)
 
     return step
 

@@ -194,7 +194,7 @@ def test_elbo_optimum_is_the_exact_mean_field_posterior():
         keys = jax.random.split(jax.random.key(1), steps)
         return jax.lax.scan(lambda st, k: step(st, xs, ys, k), state, keys)
 
-    state, (loss, _) = fit(state)
+    state, (loss, *_) = fit(state)
     got_mean = np.asarray(state.mean["Dense_0"]["kernel"])[:, 0]
     got_std = np.asarray(jax.nn.softplus(state.rho["Dense_0"]["kernel"]))[:, 0]
     np.testing.assert_allclose(got_mean, post_mean, atol=0.02 * np.abs(post_mean).max())
@@ -213,7 +213,7 @@ def test_kl_warmup_weights_the_kl_linearly():
     kl = float(kl_divergence(mean, std, 1.0))
     losses = []
     for _ in range(6):
-        state, (loss, _) = step(state, jnp.zeros(2), jnp.zeros(2), jax.random.key(0))
+        state, (loss, *_) = step(state, jnp.zeros(2), jnp.zeros(2), jax.random.key(0))
         losses.append(float(loss))
     np.testing.assert_allclose(losses, [kl / 10 * b for b in (0.25, 0.5, 0.75, 1, 1, 1)], rtol=1e-5)
 
