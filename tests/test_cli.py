@@ -18,7 +18,7 @@ import yaml
 from bnn_bench import checkpoint
 from bnn_bench.errors import UserError
 from bnn_bench.run import run
-from tests.conftest import CLI, TINY, cli_env, compose_cfg
+from tests.conftest import CLI, TINY, cli_env, compose_cfg, tiny
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -259,6 +259,73 @@ def test_dry_run_plans_the_work_the_run_then_does_and_writes_nothing(tmp_path):
     assert plan["plan/device_mib"] > 0
 
 
+def _batch_norm(method: str) -> list[str]:
+    """tiny(method) on a LeNet with batch norm."""
+    return [o for o in tiny(method) if not o.startswith("model")] + [
+        "model=lenet",
+        "model.norm=batchnorm",
+    ]
+
+
+# Configs refused before any work, each with words of its message. Each is refused by the
+# run and by its dry run alike (one ``dry_run.check``), with the same message.
+REFUSED = {
+    "negative subset": (
+        ["method=map", "dataset=fashion_mnist", "dataset.subset=-5"],
+        "dataset.subset must be a positive",
+    ),
+    "zero subset": (
+        ["method=map", "dataset=mnist", "dataset.subset=0"],
+        "dataset.subset must be a positive",
+    ),
+    "split": ([*TINY, "dataset.val_fraction=1.5"], "dataset.val_fraction must be in [0, 1)"),
+    "resize": ([*TINY, "dataset.resize=[0,4]"], "dataset.resize must be two positive"),
+    "batch": ([*TINY, "trainer.batch_size=5000"], "trainer.batch_size=5000 is larger than"),
+    "sampler, batch norm": (_batch_norm("sgld"), "SG-MCMC needs a model without"),
+    "hmc, batch norm": (_batch_norm("hmc"), "HMC needs a model without"),
+    "mcbn without": ([*tiny("mcbn")], "method=mcbn needs a model with BatchNorm"),
+    "mcbn batch": (
+        [*_batch_norm("mcbn"), "method.mc_batch_size=5000"],
+        "method.mc_batch_size=5000 is larger than",
+    ),
+    "no dropout": ([*tiny("mc_dropout"), "model.dropout_rate=0"], "needs a model with dropout"),
+    "CIFAR-10-C": ([*TINY, "eval.shift=[cifar10c_fog]"], "eval.shift=cifar10c_fog is CIFAR-10-C"),
+    "local": (
+        ["method=map", "dataset=mnist", "dataset.source=local"],
+        "dataset.source=local needs",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_run_and_its_dry_run_refuse_the_same_things_with_the_same_message(
+    tmp_path, plan_only, case
+):
+    overrides, words = REFUSED[case]
+    messages = []
+    for dry in (False, True):
+        folder = tmp_path / ("dry" if dry else "run")
+        with pytest.raises(UserError) as e:
+            run(compose_cfg(*overrides, f"dry_run={str(dry).lower()}"), folder)
+        messages.append(str(e.value))
+        assert not folder.exists()  # refused before anything was written
+    assert messages[0] == messages[1]
+    assert words in messages[0], messages[0]
+
+
+def test_a_bad_subset_is_refused_by_the_command_naming_its_key(tmp_path):
+    """The issue's command: a negative subset trained on 53,995 examples and exited 0."""
+    proc = _cli(
+        "method=map",
+        "dataset.subset=-5",
+        "trainer.steps=5",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "dataset.subset must be a positive number" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
     sweep = tmp_path / "sweep"
     tic = time.monotonic()
@@ -278,8 +345,7 @@ def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
     failed = proc.stderr.split("these jobs would fail:")[1]
     assert "#1 [" in failed and "method=sgld" in failed and "method=map" not in failed
     assert "SG-MCMC needs a model without batch norm" in failed and "#0" not in failed
-    written = [p.name for p in sweep.rglob("*") if p.is_file()]
-    assert not set(written) - {"multirun.yaml", "run.log"}, written  # Hydra's own only
+    assert not sweep.exists()  # not even Hydra's folders, run.log or multirun.yaml
     print(f"2-job dry-run sweep: {took:.1f} s")
 
 
