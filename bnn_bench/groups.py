@@ -10,6 +10,7 @@ method without one some other way (``+trainer...``, a preset).
 
 from __future__ import annotations
 
+import difflib
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,14 +68,80 @@ def check_composed(cfg: DictConfig) -> None:
         )
 
 
+def _is_group(key: str, config_dir: str | Path) -> bool:
+    return Path(config_dir, key).is_dir()
+
+
+def _missing(cfg: DictConfig, key: str) -> tuple[str, str, list[str]] | None:
+    """None if the dotted ``key`` is in ``cfg`` (or a node on its way is not a mapping,
+    which Hydra reports itself); else (the mapping that lacks it, the part it lacks, the
+    mapping's keys)."""
+    node, path = cfg, []
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or node._is_missing() or node._is_none():
+            return None
+        if part not in node:
+            return ".".join(path), part, [str(k) for k in node if not str(k).startswith("_")]
+        node, path = node._get_node(part), [*path, part]
+    return None
+
+
+def _unknown_key(key: str, line: str, gaps: dict[str, tuple], good: list[str]) -> str:
+    """One line for an override whose key the configs of some choices (``gaps``: the
+    choices -> what ``_missing`` found) lack; ``good``: the choices that have it."""
+    bad = list(gaps)
+    near = {}  # a close key -> the choices that have it
+    for choice, (where, part, known) in gaps.items():
+        for k in difflib.get_close_matches(part, known, n=1):
+            near.setdefault(".".join(filter(None, [where, k])), []).append(choice)
+    everywhere = len(near) == 1 and len(next(iter(near.values()), [])) == len(bad)
+    hint = "".join(
+        f" Did you mean {k}{'' if everywhere else ' (' + ', '.join(c) + ')'}?"
+        for k, c in near.items()
+    )
+    verb = lambda c: "has" if len(c) == 1 else "have"  # noqa: E731
+    if good:
+        return (
+            f"{key}: {' and '.join(bad)} {verb(bad)} no such key ({' and '.join(good)} "
+            f"{verb(good)} it).{hint} Launch the jobs apart: {_choices(good)} {line}, and "
+            f"{_choices(bad)} without it."
+        )
+    where, part, known = next(iter(gaps.values()))
+    if len(bad) > 1:
+        return f"Unknown key {key} (for {', '.join(bad)}).{hint}"
+    return (
+        f"Unknown key {key}: {where or 'the config'} has no {part!r}"
+        f"{' (' + bad[0] + ')' if bad[0] else ''}.{hint} Its keys: {', '.join(sorted(known))}."
+    )
+
+
+def _choices(combos: list[str]) -> str:
+    """``method=psgld,sgld`` for [method=psgld, method=sgld]; else the combinations."""
+    groups = {c.split("=", 1)[0] for c in combos}
+    if len(groups) == 1 and all(" " not in c for c in combos):
+        return f"{groups.pop()}={','.join(c.split('=', 1)[1] for c in combos)}"
+    return " | ".join(combos)
+
+
+def _label(combo: tuple[str, ...], others: list[tuple[str, ...]]) -> str:
+    """The choices of ``combo`` that no combination in ``others`` has (the whole combo
+    if there are none): what sets it apart."""
+    seen = {c for other in others for c in other}
+    return " ".join([c for c in combo if c not in seen] or combo)
+
+
 def check_overrides(args: Sequence[str], config_dir: str | Path) -> None:
-    """Refuses command-line ``trainer.*`` overrides for a method without a trainer.
+    """Refuses command-line overrides of keys the composed config does not have, before
+    Hydra stops with "Key ... is not in struct".
 
     ``args`` are the command's arguments (Hydra's flags are skipped). With a sweep over
-    ``method`` or ``experiment``, every combination is checked.
+    config groups (``method=map,sgld``, ``model=mlp,lenet``), every combination is
+    composed and checked: a key that some methods have and others not is named with the
+    choices that lack it. ``trainer.*`` for a method that does not train names the
+    method's own key of the same meaning.
 
     Raises:
-      UserError: naming the key, the method, and the method's own key of the same meaning.
+      UserError: naming the key, the choices without it, and a key that exists.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -84,26 +151,51 @@ def check_overrides(args: Sequence[str], config_dir: str | Path) -> None:
         overrides = OverridesParser.create().parse_overrides(lines)
     except Exception:  # noqa: BLE001 - a malformed override is Hydra's to report
         return
-    ours = [o for o in overrides if o.key_or_group.split(".")[0].split("/")[0] == GROUP]
-    if not ours:
+    keys = [
+        o
+        for o in overrides
+        if not o.is_add()
+        and not o.is_delete()
+        and not o.is_force_add()
+        and o.package is None
+        and "." in o.key_or_group
+        and not o.key_or_group.startswith("hydra")
+        and not _is_group(o.key_or_group, config_dir)
+    ]
+    if not keys:
         return
     fixed, swept = [], []
     for o in overrides:
-        if o in ours or o.key_or_group.startswith("hydra"):
+        if o in keys or o.key_or_group.startswith("hydra"):
             continue
         if not o.is_sweep_override():
             fixed.append(o.input_line)
-        elif o.key_or_group in ("method", "experiment"):
+        elif _is_group(o.key_or_group.split("@")[0], config_dir):
             swept.append([f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()])
+    composed = []
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         for combo in itertools.product(*swept):
             try:
                 cfg = compose("config", [*fixed, *combo], return_hydra_config=True)
             except Exception:  # noqa: BLE001 - Hydra reports its own composition errors
                 continue
-            if GROUP not in cfg:
+            composed.append((combo, cfg))
+    for o in keys:
+        key = o.key_or_group
+        if any(key.startswith(k.key_or_group + ".") for k in keys):
+            continue  # another override sets a node above it: Hydra judges the two
+        good, gaps = [], {}
+        for combo, cfg in composed:
+            if key.split(".")[0] == GROUP and GROUP not in cfg and "method" in cfg:
+                value = None if o.is_sweep_override() else str(o.value())
                 method = cfg.hydra.runtime.choices.method
-                o = ours[0]
-                value = o.value() if not o.is_sweep_override() else None
-                value = None if value is None else str(value)
-                raise UserError(_message(o.key_or_group, value, method, cfg, config_dir))
+                raise UserError(_message(key, value, method, cfg, config_dir))
+            missing = _missing(cfg, key)
+            if missing is None:
+                good.append(combo)
+            else:
+                gaps[combo] = missing
+        if gaps:
+            labelled = {_label(c, good): gap for c, gap in gaps.items()}
+            have = list(dict.fromkeys(_label(c, list(gaps)) for c in good))
+            raise UserError(_unknown_key(key, o.input_line, labelled, have))
