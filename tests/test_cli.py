@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,6 +243,19 @@ def test_a_signal_outside_a_loop_stops_with_one_line_and_the_resume_command(tmp_
     lines = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
     assert len(lines) == 1 and f"hydra.run.dir={folder}" in lines[0]
     assert not (folder / "metrics.json").exists()
+
+
+def test_result_files_are_written_with_the_users_umask(tmp_path):
+    """metrics.json and run.json were 0600 (tempfile's mode) whatever the umask."""
+    old = os.umask(0o027)
+    try:
+        run(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path / "run")
+    finally:
+        os.umask(old)
+    files = {p.relative_to(tmp_path / "run"): p.stat().st_mode & 0o777
+             for p in (tmp_path / "run").rglob("*") if p.is_file()}  # fmt: skip
+    assert Path("metrics.json") in files and Path("checkpoint/resume/run.json") in files
+    assert {p: m for p, m in files.items() if m != 0o640} == {}
 
 
 # --- dry runs -------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def test_no_network_fails_fast_with_one_message_and_leaves_nothing(tmp_path, mon
     assert not tfds_dir.exists()
 
 
-def test_a_dry_run_probes_the_download_as_the_run_does(tmp_path, monkeypatch, plan_only):
+def test_a_dry_run_probes_the_download_as_the_run_does(tmp_path, monkeypatch):
     """`bnn-bench dry_run=true method=psgld dataset=cifar10` without network: the dry run
     makes the run's reachability probe and stops with the run's message (it exited 0)."""
     from bnn_bench.run import run
