@@ -338,6 +338,12 @@ def test_a_bad_subset_is_refused_by_the_command_naming_its_key(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "dataset.subset must be a positive number" in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+    # its dry run: the same line, and not even the folder Hydra made for it is left
+    dry = _cli("method=map", "dataset.subset=-5", "trainer.steps=5", "dry_run=true",
+               f"hydra.run.dir={tmp_path / 'dry' / 'run'}")  # fmt: skip
+    errors = [[ln for ln in p.stderr.splitlines() if "error:" in ln] for p in (proc, dry)]
+    assert dry.returncode == 2 and errors[0] == errors[1] and len(errors[0]) == 1
+    assert not (tmp_path / "dry").exists()
 
 
 def _entry(monkeypatch, capsys, *args: str) -> tuple[int, str]:

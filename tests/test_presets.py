@@ -281,3 +281,32 @@ def test_the_issues_prior_precision_override_is_refused_with_a_fix_that_composes
     assert compose_cfg(*base, "trainer/optimizer=sgd").trainer.optimizer == OmegaConf.load(
         CONF / "trainer/optimizer/sgd.yaml"
     )
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_every_method_in_one_sweep(tmp_path):
+    """`bnn-bench -m experiment=smoke method=<every method>`: every job finishes (its
+    metrics.json), none fails, and the sweep exits 0."""
+    import time
+
+    methods = config_choices("method")
+    sweep = tmp_path / "sweep"
+    tic = time.monotonic()
+    proc = subprocess.run(
+        [*CLI, "-m", "experiment=smoke", f"method={','.join(methods)}", f"hydra.sweep.dir={sweep}"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=3600,
+    )
+    took = time.monotonic() - tic
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finished = {
+        OmegaConf.load(p.parent / ".hydra" / "overrides.yaml")[-1]
+        for p in sweep.rglob("metrics.json")
+    }
+    assert finished == {f"method={m}" for m in methods}
+    assert not list(sweep.rglob("error.txt"))
+    print(
+        f"experiment=smoke, {len(methods)} methods: {took:.0f} s, {took / len(methods):.1f} s/job"
+    )
