@@ -6,6 +6,12 @@ it. A ``trainer.*`` override with a sampler would stop in Hydra with "Key 'train
 not in struct"; ``check_overrides`` finds that case before Hydra composes and names
 the key that works instead. ``check_composed`` refuses a trainer node that reached a
 method without one some other way (``+trainer...``, a preset).
+
+``check_overrides`` also composes a command's configs before Hydra does (every
+combination of the groups it sweeps) and refuses, in one line, what Hydra would not
+apply as asked: a key some or all of the composed configs lack (naming the choices
+without it, and a key that exists), and a group choice whose node a preset's settings
+would replace. ``help_groups`` lists the groups and their choices for ``--help``.
 """
 
 from __future__ import annotations
@@ -191,7 +197,10 @@ def _check_preset(cfg: DictConfig, given: list[str], compose: Any, config_dir) -
         for g, c in choices.items()
         if c is not None and g not in groups and not g.startswith(("hydra", "experiment"))
     ]
-    ref = compose("config", [*(f"{g}={c}" for g, c in groups.items()), *pinned])
+    try:
+        ref = compose("config", [*(f"{g}={c}" for g, c in groups.items()), *pinned])
+    except Exception:  # noqa: BLE001 - Hydra reports its own composition errors
+        return
     for group, choice in groups.items():
         package = _package(group, choice, config_dir)
         if package is None:
