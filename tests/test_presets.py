@@ -231,15 +231,17 @@ def test_a_group_chosen_on_the_command_line_wins_over_the_preset_or_is_refused(e
     from bnn_bench.groups import check_overrides
 
     checked = refused = 0
-    for i, method in enumerate(_preset_methods(experiment)):
+    done = set()  # (group, choice) of the groups every method shares: checked once
+    for method in _preset_methods(experiment):
         base = [f"experiment={experiment}", f"method={method}"]
         choices = _choices_of(*base)
         groups = [g for g in choices if g.startswith(("trainer", "method/"))]
-        groups += ["dataset", "model"] if i == 0 else []  # the same for each method
-        for group in groups:
+        for group in [*groups, "dataset", "model"]:
             for choice in config_choices(group):
-                if choice == choices[group]:
-                    continue  # the preset's own choice
+                if choice == choices[group] or (group, choice) in done:
+                    continue  # the preset's own choice, or a shared group checked already
+                if not group.startswith("method/"):
+                    done.add((group, choice))
                 args = [*base, f"{group}={choice}"]
                 package, own = _option(group, choice)
                 checked += 1
