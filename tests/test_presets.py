@@ -137,7 +137,15 @@ def test_training_presets_pin_their_recipe(experiment):
     for key, value in PRESET_TRAINERS[experiment].items():
         got = OmegaConf.select(cfg.trainer, key)
         assert got == (pytest.approx(value) if isinstance(value, float) else value), key
-        if not key.endswith("_target_"):  # the targets come from the groups it overrides
+        if key.endswith("_target_"):  # the targets come from the groups it overrides
+            continue
+        group, _, leaf = key.rpartition(".")
+        if group in ("optimizer", "schedule"):  # its settings of its choice of that group
+            overrides = {k: v for d in preset.defaults for k, v in d.items()}
+            choice = overrides[f"override /trainer/{group}"]
+            own = CONF / "experiment" / experiment / "trainer" / group / f"{choice}.yaml"
+            assert OmegaConf.select(OmegaConf.load(own), leaf) is not None, key
+        else:
             assert OmegaConf.select(preset.trainer, key) is not None, key
 
 
