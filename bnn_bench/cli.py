@@ -17,7 +17,7 @@ from bnn_bench import checkpoint
 from bnn_bench.checkpoint import Preempted
 from bnn_bench.config import to_dict
 from bnn_bench.errors import UserError
-from bnn_bench.groups import check_overrides
+from bnn_bench.groups import check_overrides, help_groups
 from bnn_bench.run import run
 from bnn_bench.sweep import record_dry_run, record_refused, write_error
 
@@ -26,6 +26,8 @@ _HERE = Path(__file__).resolve().parent
 CONF = str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf")
 
 log = logging.getLogger("bnn_bench")
+# --help's list of config groups and their choices (conf/config.yaml's help template)
+OmegaConf.register_new_resolver("bnn_bench_groups", help_groups, replace=True)
 
 
 def configure_device(device: DictConfig) -> dict[str, str]:

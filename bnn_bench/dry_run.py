@@ -1,11 +1,14 @@
 """``dry_run=true``: check a run and print its plan without doing the work.
 
-Composes nothing itself (the config is Hydra's) and writes nothing. It builds
-what ``run`` builds, with shapes in place of data: the dataset's source and split
-sizes (``data.resolve``: headers and metadata only), the model (checked against
-the input shape), the method (its config checks), the method's own account of
-its work (``Method.describe``), and the evaluation sets. A job that would fail
-raises the ``UserError`` the real run would raise.
+Composes nothing itself (the config is Hydra's) and writes nothing. ``check``
+builds what ``run`` builds, with shapes in place of data: the dataset's source
+and split sizes (``data.resolve``: headers and metadata only; a download is probed
+with the run's reachability check, not made), the model (checked against the
+input shape), the method (its config checks), the method's own account of its
+work (``Method.describe``), and the evaluation sets. The run calls the same
+``check`` before its work, so a job the dry run refuses, the run refuses with the
+same message; only what needs the data itself (e.g. a file's image shape) is left
+to the run.
 
 Device memory is an estimate, stated as such in the plan: XLA's
 ``memory_analysis`` of one training step (``value_and_grad`` of the
@@ -14,18 +17,27 @@ batch, compiled for the backend the dry run runs on, whichever is larger; plus
 two parameter-sized buffers per network for the optimiser or sampler state
 (Adam's moments; more than SGLD needs), plus the uint8 evaluation and training
 images the run keeps on the device and the predictive summaries.
+
+``LeaveNothing``, a Hydra callback, removes the folders Hydra itself makes for a
+dry run (the run or sweep folder, each job's folder) and restores a sweep folder's
+``multirun.yaml``, so a dry run leaves the file system as it found it.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from bnn_bench.config import build
 from bnn_bench.data import Dataset, Split
@@ -39,13 +51,43 @@ from bnn_bench.models import Model, build_model, num_params
 MIB = 2**20
 
 
-def plan(cfg: DictConfig) -> dict[str, float]:
-    """Builds the run of ``cfg`` without data, prints its plan, returns its numbers
-    (``plan/steps``, ``plan/grad_evals``, ``plan/members``, ``plan/params``,
-    ``plan/device_mib``, ``plan/<set>_size``).
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What ``check`` built of a run, with shapes in place of data.
+
+    Attributes:
+      settings: the evaluation settings.
+      data: the dataset as ``resolve`` finds it (splits of ``jax.ShapeDtypeStruct``).
+      model: the model, built on the dataset's input shape.
+      method: the method.
+      params: the model's parameter count.
+      work: ``method.describe``'s account of its work (steps, members, ...).
+      sets: inputs per evaluation set, by name.
+      objective: None if ``objective.metric`` names a set of the run; else why a sweeper
+        would get no value.
+    """
+
+    settings: EvalSettings
+    data: Dataset
+    model: Model
+    method: Any
+    params: int
+    work: dict[str, float]
+    sets: dict[str, int]
+    objective: str | None
+
+
+def check(cfg: DictConfig) -> Checked:
+    """Every refusal a run can make before it reads data, made on shapes: the run
+    calls it before its work, and the dry run before printing its plan, so the two
+    refuse the same things with the same words.
+
+    Finds the dataset's source (a download is probed, not made), builds the model on
+    its input shape and the method, asks the method for its work (``describe`` raises
+    what ``fit`` would refuse) and sizes the evaluation sets.
 
     Raises:
-      UserError: what the run itself would stop with (before its expensive work).
+      UserError: what was wrong, naming the key.
     """
     settings: EvalSettings = build(cfg.eval, "eval")
     data = resolve(cfg.dataset)
@@ -53,25 +95,52 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     model = build_model(module, data.spec, type(module).__name__.lower(), settings.batch_size)
     method = build(cfg.method, "method")
     params, _ = jax.eval_shape(model.init, jax.random.key(0))
-    n_params = num_params(params)
     work = method.describe(model, data)
     sets = set_sizes(data, settings)
     metric = str(cfg.objective.metric)
+    objective = None
     if metric.split("/")[0] not in sets:
-        raise UserError(
+        objective = (
             f"objective.metric={metric} names the evaluation set {metric.split('/')[0]!r}, "
-            f"which this run does not have (it has {', '.join(sets)}). Choose e.g. "
-            f"objective.metric=val/nll (needs dataset.val_fraction > 0)."
+            f"which this run does not have (it has {', '.join(sets)}), so a sweeper would "
+            f"get no value. Name a set it has, or give it a validation split "
+            f"(dataset.val_fraction > 0) for val/*."
         )
-    memory, how = device_memory(model, data, settings, work, sets)
+        if _tuning():
+            raise UserError(objective)
+    return Checked(settings, data, model, method, num_params(params), work, sets, objective)
+
+
+def _tuning() -> bool:
+    """Whether a sweeper other than Hydra's basic one waits for the objective's value."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    target = str(OmegaConf.select(HydraConfig.get(), "sweeper._target_", default="") or "")
+    return HydraConfig.get().mode == RunMode.MULTIRUN and not target.endswith("BasicSweeper")
+
+
+def plan(cfg: DictConfig) -> dict[str, float]:
+    """Checks the run of ``cfg`` as the run does (``check``), prints its plan, returns
+    its numbers (``plan/steps``, ``plan/grad_evals``, ``plan/members``, ``plan/params``,
+    ``plan/device_mib``, ``plan/<set>_size``).
+
+    Raises:
+      UserError: what the run itself would stop with (before its expensive work).
+    """
+    c = check(cfg)
+    data, model, work, sets = c.data, c.model, c.work, c.sets
+    memory, how = device_memory(model, data, c.settings, work, sets)
     numbers = {
         "plan/steps": float(work.get("steps", 0)),
         "plan/grad_evals": float(work.get("grad_evals", 0)),
         "plan/members": float(work.get("members", 0)),
-        "plan/params": float(n_params),
+        "plan/params": float(c.params),
         "plan/device_mib": memory / MIB,
         **{f"plan/{name}_size": float(n) for name, n in sets.items()},
     }
+    objective = f"{cfg.objective.metric} ({cfg.objective.direction})"
     print(
         "\n".join(
             [
@@ -79,12 +148,12 @@ def plan(cfg: DictConfig) -> dict[str, float]:
                 f"  data       {data.spec.name} from {data.source}: train {data.train.size:,}, "
                 f"val {0 if data.val is None else data.val.size:,}, test {data.test.size:,}; "
                 f"input {data.spec.input_shape}",
-                f"  model      {model.name}: {n_params:,} parameters",
-                f"  method     {type(method).__name__}: {int(work.get('steps', 0)):,} steps, "
+                f"  model      {model.name}: {c.params:,} parameters",
+                f"  method     {type(c.method).__name__}: {int(work.get('steps', 0)):,} steps, "
                 f"{int(work.get('grad_evals', 0)):,} gradient evaluations, "
                 f"{int(work.get('members', 0)):,} members",
                 "  eval sets  " + ", ".join(f"{k} ({n:,})" for k, n in sets.items()),
-                f"  objective  {metric} ({cfg.objective.direction})",
+                f"  objective  {objective if c.objective is None else 'none: ' + c.objective}",
                 f"  memory     ~{memory / MIB:,.1f} MiB on {jax.default_backend()} ({how})",
             ]
         ),
@@ -174,3 +243,72 @@ def _compiled_bytes(model: Model, networks: int, batch: int, train: bool) -> int
         - stats.alias_size_in_bytes
     )
     return int(max(total, getattr(stats, "peak_memory_in_bytes", 0)))
+
+
+class LeaveNothing(Callback):
+    """A Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): a dry run leaves
+    the file system as it found it.
+
+    Hydra makes the run folder (a sweep folder, each job's folder in it, and its
+    ``multirun.yaml``) before a job starts; a dry run writes nothing into them (its
+    run.log opens only on the first record, and the dry run detaches it first). At the
+    end, and at exit after a refusal, the folders that were not there before are removed
+    if still empty, and ``multirun.yaml`` is put back as it was.
+    """
+
+    def __init__(self) -> None:
+        self._top: Path | None = None
+        self._base: Path | None = None  # the nearest folder that was there before
+        self._dirs: set[Path] = set()
+        self._multirun_yaml: bytes | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        del kwargs
+        if config.get("dry_run") is True:
+            self._remember(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        del kwargs
+        if config.get("dry_run") is True:
+            self._remember(Path(config.hydra.sweep.dir))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        del config, kwargs
+        self.restore()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        del config, kwargs
+        self.restore()
+
+    def _remember(self, top: Path) -> None:
+        self._top = top.absolute()
+        base = self._top
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        self._base = base
+        self._dirs = set(_folders(self._top))
+        yaml = self._top / "multirun.yaml"
+        self._multirun_yaml = yaml.read_bytes() if yaml.is_file() else None
+        atexit.register(self.restore)  # a refused single run leaves by sys.exit(2)
+
+    def restore(self) -> None:
+        """Undoes Hydra's folders and ``multirun.yaml`` of the dry run (idempotent)."""
+        top, self._top = self._top, None
+        if top is None or self._base is None:
+            return
+        yaml = top / "multirun.yaml"
+        if yaml.is_file():
+            if self._multirun_yaml is None:
+                yaml.unlink()
+            elif yaml.read_bytes() != self._multirun_yaml:
+                yaml.write_bytes(self._multirun_yaml)
+        new = [p for p in _folders(top) if p not in self._dirs]
+        parents = [top, *top.parents]
+        new += parents[: parents.index(self._base)] if self._base in parents else []
+        for folder in sorted(set(new), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: someone else's, keep it
+                folder.rmdir()
+
+
+def _folders(top: Path) -> list[Path]:
+    return [p for p in top.rglob("*") if p.is_dir()] if top.is_dir() else []

@@ -30,7 +30,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     """Runs one experiment and writes its run folder; returns the flat metrics."""
     out_dir = Path(out_dir)
     validate(cfg)  # a misspelt key stops here, before any data is read
-    if cfg.get("dry_run"):  # build without data, print the plan; nothing is written
+    if cfg.get("dry_run"):  # the run's checks without data, then the plan; nothing is written
         return dry_run.plan(cfg)
     config, record = to_dict(cfg), checkpoint.RunRecord(out_dir)
     todo = record.plan(config, cfg.resume)  # new | resume | skip (finished here already)
@@ -39,6 +39,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
             "%s holds this job's metrics.json already; skipping (resume=false reruns it).", out_dir
         )
         return read_metrics(out_dir)
+    dry_run.check(cfg)  # what a dry run refuses, by the same code, before anything is cleared
     record.start(config, todo)  # a new run clears the folder's old results and checkpoints
     with cost.Meter() as meter:  # gradient evaluations, samples, compile time, peak memory
         return _run(cfg, out_dir, config, record, meter)

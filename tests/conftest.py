@@ -69,10 +69,13 @@ def key():
 @pytest.fixture
 def plan_only(tmp_path, monkeypatch):
     """Dry runs without the XLA memory estimate, which compiles the model (seconds each;
-    tests/test_cli.py covers it), and with a TFDS folder of their own, not the user's."""
+    tests/test_cli.py covers it), with a TFDS folder of their own, not the user's, and
+    offline: a download's hosts count as reachable (tests/data covers the probe)."""
     from bnn_bench import dry_run
+    from bnn_bench.data import sources
 
     monkeypatch.setattr(dry_run, "_compiled_bytes", lambda *args: 0)
+    monkeypatch.setattr(sources, "probe_download", lambda *args: None)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import yaml
 from bnn_bench import checkpoint
 from bnn_bench.errors import UserError
 from bnn_bench.run import run
-from tests.conftest import CLI, TINY, cli_env, compose_cfg
+from tests.conftest import CLI, TINY, cli_env, compose_cfg, tiny
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -248,6 +249,19 @@ def test_a_signal_outside_a_loop_stops_with_one_line_and_the_resume_command(tmp_
     assert not (folder / "metrics.json").exists()
 
 
+def test_result_files_are_written_with_the_users_umask(tmp_path):
+    """metrics.json and run.json were 0600 (tempfile's mode) whatever the umask."""
+    old = os.umask(0o027)
+    try:
+        run(compose_cfg(*TINY, "trainer.epochs=1"), tmp_path / "run")
+    finally:
+        os.umask(old)
+    files = {p.relative_to(tmp_path / "run"): p.stat().st_mode & 0o777
+             for p in (tmp_path / "run").rglob("*") if p.is_file()}  # fmt: skip
+    assert Path("metrics.json") in files and Path("checkpoint/resume/run.json") in files
+    assert {p: m for p, m in files.items() if m != 0o640} == {}
+
+
 # --- dry runs -------------------------------------------------------------------------------
 
 
@@ -261,6 +275,104 @@ def test_dry_run_plans_the_work_the_run_then_does_and_writes_nothing(tmp_path):
     assert plan["plan/params"] == metrics["model/params"]
     assert plan["plan/test_size"] == 256 and plan["plan/val_size"] == 128  # 25% of 512
     assert plan["plan/device_mib"] > 0
+
+
+def _batch_norm(method: str) -> list[str]:
+    """tiny(method) on a LeNet with batch norm."""
+    return [o for o in tiny(method) if not o.startswith("model")] + [
+        "model=lenet",
+        "model.norm=batchnorm",
+    ]
+
+
+# Configs refused before any work, each with words of its message. Each is refused by the
+# run and by its dry run alike (one ``dry_run.check``), with the same message.
+REFUSED = {
+    "negative subset": (
+        ["method=map", "dataset=fashion_mnist", "dataset.subset=-5"],
+        "dataset.subset must be a positive",
+    ),
+    "zero subset": (
+        ["method=map", "dataset=mnist", "dataset.subset=0"],
+        "dataset.subset must be a positive",
+    ),
+    "split": ([*TINY, "dataset.val_fraction=1.5"], "dataset.val_fraction must be in [0, 1)"),
+    "resize": ([*TINY, "dataset.resize=[0,4]"], "dataset.resize must be two positive"),
+    "batch": ([*TINY, "trainer.batch_size=5000"], "trainer.batch_size=5000 is larger than"),
+    "sampler, batch norm": (_batch_norm("sgld"), "SG-MCMC needs a model without"),
+    "hmc, batch norm": (_batch_norm("hmc"), "HMC needs a model without"),
+    "mcbn without": ([*tiny("mcbn")], "method=mcbn needs a model with BatchNorm"),
+    "mcbn batch": (
+        [*_batch_norm("mcbn"), "method.mc_batch_size=5000"],
+        "method.mc_batch_size=5000 is larger than",
+    ),
+    "no dropout": ([*tiny("mc_dropout"), "model.dropout_rate=0"], "needs a model with dropout"),
+    "CIFAR-10-C": ([*TINY, "eval.shift=[cifar10c_fog]"], "eval.shift=cifar10c_fog is CIFAR-10-C"),
+    "local": (
+        ["method=map", "dataset=mnist", "dataset.source=local"],
+        "dataset.source=local needs",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_a_run_and_its_dry_run_refuse_the_same_things_with_the_same_message(
+    tmp_path, plan_only, case
+):
+    overrides, words = REFUSED[case]
+    messages = []
+    for dry in (False, True):
+        folder = tmp_path / ("dry" if dry else "run")
+        with pytest.raises(UserError) as e:
+            run(compose_cfg(*overrides, f"dry_run={str(dry).lower()}"), folder)
+        messages.append(str(e.value))
+        assert not folder.exists()  # refused before anything was written
+    assert messages[0] == messages[1]
+    assert words in messages[0], messages[0]
+
+
+def test_a_bad_subset_is_refused_by_the_command_naming_its_key(tmp_path):
+    """The issue's command: a negative subset trained on 53,995 examples and exited 0."""
+    proc = _cli(
+        "method=map",
+        "dataset.subset=-5",
+        "trainer.steps=5",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "dataset.subset must be a positive number" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    # its dry run: the same line, and not even the folder Hydra made for it is left
+    dry = _cli("method=map", "dataset.subset=-5", "trainer.steps=5", "dry_run=true",
+               f"hydra.run.dir={tmp_path / 'dry' / 'run'}")  # fmt: skip
+    errors = [[ln for ln in p.stderr.splitlines() if "error:" in ln] for p in (proc, dry)]
+    assert dry.returncode == 2 and errors[0] == errors[1] and len(errors[0]) == 1
+    assert not (tmp_path / "dry").exists()
+
+
+def _entry(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """``bnn-bench <args>`` in this process, for refusals made before Hydra starts."""
+    from bnn_bench import cli
+
+    monkeypatch.setattr(sys, "argv", ["bnn-bench", *args])
+    monkeypatch.setattr(cli, "main", lambda: pytest.fail("the command was not refused"))
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_a_key_only_some_swept_methods_have_is_one_line_naming_them(monkeypatch, capsys):
+    """`-m method=map,sgld method.accepted_samples=10` got Hydra's "not in struct"; now one
+    line names the methods without the key, and the fix it suggests composes."""
+    code, err = _entry(monkeypatch, capsys, "-m", "method=map,sgld", "method.accepted_samples=10")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "method=map has no such key (method=sgld has it)" in line
+    fix = line.split("Launch the jobs apart: ")[1].split(", and ")[0]
+    assert fix == "method=sgld method.accepted_samples=10"
+    assert compose_cfg(*fix.split()).method.accepted_samples == 10
+    code, err = _entry(monkeypatch, capsys, "method=sgld", "method.acepted_samples=10")
+    assert code == 2 and "Did you mean method.accepted_samples?" in err
 
 
 def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
@@ -282,8 +394,7 @@ def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
     failed = proc.stderr.split("these jobs would fail:")[1]
     assert "#1 [" in failed and "method=sgld" in failed and "method=map" not in failed
     assert "SG-MCMC needs a model without batch norm" in failed and "#0" not in failed
-    written = [p.name for p in sweep.rglob("*") if p.is_file()]
-    assert not set(written) - {"multirun.yaml", "run.log"}, written  # Hydra's own only
+    assert not sweep.exists()  # not even Hydra's folders, run.log or multirun.yaml
     print(f"2-job dry-run sweep: {took:.1f} s")
 
 

@@ -132,6 +132,11 @@ def test_cli_help_lists_groups():
     assert "bnn-bench" in out
     for group in GROUPS:
         assert f"{group}:" in out
+    # where jobs run and how a sweep picks them, with every choice this checkout has
+    lines = dict(ln.split(": ", 1) for ln in out.splitlines() if ln.startswith("hydra/"))
+    assert {"basic", "slurm", "submitit_slurm"} <= set(lines["hydra/launcher"].split(", "))
+    assert {"basic", "tune"} <= set(lines["hydra/sweeper"].split(", "))
+    assert "experiment/" not in out  # a preset's own files are not choices
 
 
 def test_dry_run_refuses_a_full_laplace_the_run_would_refuse(tmp_path, plan_only):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from bnn_bench.config import build, validate
+from bnn_bench.errors import UserError
 from bnn_bench.methods.laplace import Lanczos, Linearised
 from bnn_bench.methods.map import MAP
 from bnn_bench.run import run
@@ -136,7 +137,15 @@ def test_training_presets_pin_their_recipe(experiment):
     for key, value in PRESET_TRAINERS[experiment].items():
         got = OmegaConf.select(cfg.trainer, key)
         assert got == (pytest.approx(value) if isinstance(value, float) else value), key
-        if not key.endswith("_target_"):  # the targets come from the groups it overrides
+        if key.endswith("_target_"):  # the targets come from the groups it overrides
+            continue
+        group, _, leaf = key.rpartition(".")
+        if group in ("optimizer", "schedule"):  # its settings of its choice of that group
+            overrides = {k: v for d in preset.defaults for k, v in d.items()}
+            choice = overrides[f"override /trainer/{group}"]
+            own = CONF / "experiment" / experiment / "trainer" / group / f"{choice}.yaml"
+            assert OmegaConf.select(OmegaConf.load(own), leaf) is not None, key
+        else:
             assert OmegaConf.select(preset.trainer, key) is not None, key
 
 
@@ -191,3 +200,123 @@ def test_a_trainer_node_reaching_a_sampler_is_refused():
     """`+trainer...` or a preset could add a trainer node the sampler would ignore."""
     with pytest.raises(Exception, match="would ignore the trainer"):
         validate(compose_cfg("+trainer.epochs=1"))
+
+
+# --- a user's override wins over a preset ------------------------------------------------
+
+
+def _choices_of(*overrides: str) -> dict[str, str]:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", list(overrides), return_hydra_config=True)
+    return {g: c for g, c in cfg.hydra.runtime.choices.items() if c is not None}
+
+
+def _option(group: str, choice: str) -> tuple[str, DictConfig]:
+    """Where conf/<group>/<choice>.yaml lands (its `# @package`, else the group's path),
+    and its own keys."""
+    path = CONF / group / f"{choice}.yaml"
+    head = path.read_text().splitlines()[0]
+    package = head.split()[2] if head.startswith("# @package") else group.replace("/", ".")
+    own = OmegaConf.load(path)
+    return package, OmegaConf.masked_copy(own, [k for k in own if k != "defaults"])
+
+
+def _preset_methods(experiment: str) -> list[str]:
+    own = _choices_of(f"experiment={experiment}")["method"]
+    return sorted({own, *(m for p, m in PRESET_METHODS if p == experiment)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", PRESETS)
+def test_a_group_chosen_on_the_command_line_wins_over_the_preset_or_is_refused(experiment):
+    """For every method of the preset, every group the method composes (trainer/*,
+    method/*), and the dataset and model groups, every choice other than the preset's:
+    `experiment=<preset> method=<method> <group>=<choice>` either composes the choice (its
+    _target_, no key of it replaced, no key it does not take) or the command refuses it,
+    naming the preset; a fix it suggests composes."""
+    from bnn_bench.groups import check_overrides
+
+    checked = refused = 0
+    done = set()  # (group, choice) of the groups every method shares: checked once
+    for method in _preset_methods(experiment):
+        base = [f"experiment={experiment}", f"method={method}"]
+        choices = _choices_of(*base)
+        groups = [g for g in choices if g.startswith(("trainer", "method/"))]
+        for group in [*groups, "dataset", "model"]:
+            for choice in config_choices(group):
+                if choice == choices[group] or (group, choice) in done:
+                    continue  # the preset's own choice, or a shared group checked already
+                if not group.startswith("method/"):
+                    done.add((group, choice))
+                args = [*base, f"{group}={choice}"]
+                package, own = _option(group, choice)
+                checked += 1
+                try:
+                    check_overrides(args, CONF)
+                except UserError as e:
+                    refused += 1
+                    msg = str(e)
+                    assert f"{group}={choice}: experiment={experiment} sets" in msg, msg
+                    if "give the node whole: '" in msg:
+                        fix = msg.split("give the node whole: '")[1].rsplit("'", 1)[0]
+                        node = OmegaConf.select(compose_cfg(*base, fix), package)
+                        assert node._target_ == own._target_, (fix, node)
+                    continue
+                cfg = compose_cfg(*args)
+                node = OmegaConf.select(cfg, package)
+                assert isinstance(node, DictConfig), (args, node)
+                assert node.get("_target_") == own.get("_target_"), (args, node)
+                if "defaults" not in OmegaConf.load(CONF / group / f"{choice}.yaml"):
+                    assert set(node) <= set(own), (args, set(node) - set(own))
+    assert checked > refused
+    print(f"{experiment}: {checked} choices, {refused} refused with the preset named")
+
+
+def test_the_issues_prior_precision_override_is_refused_with_a_fix_that_composes():
+    """`experiment=laplax_mnist dataset=fashion_mnist method/laplace/prior_precision=marglik`
+    composed the preset's fixed τ 1e4 in silence."""
+    from bnn_bench.groups import check_overrides
+
+    base = ["experiment=laplax_mnist", "dataset=fashion_mnist"]
+    with pytest.raises(UserError) as e:
+        check_overrides([*base, "method/laplace/prior_precision=marglik"], CONF)
+    msg = str(e.value)
+    assert "sets method.prior_precision=10000.0" in msg, msg
+    fix = msg.split("give the node whole: '")[1].rsplit("'", 1)[0]
+    assert compose_cfg(*base, fix).method.prior_precision._target_.endswith("MargLik")
+    # a choice the preset has no setting for is applied as chosen
+    check_overrides([*base, "trainer/optimizer=sgd"], CONF)
+    assert compose_cfg(*base, "trainer/optimizer=sgd").trainer.optimizer == OmegaConf.load(
+        CONF / "trainer/optimizer/sgd.yaml"
+    )
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_every_method_in_one_sweep(tmp_path):
+    """`bnn-bench -m experiment=smoke method=<every method>`: every job finishes (its
+    metrics.json), none fails, and the sweep exits 0."""
+    import time
+
+    methods = config_choices("method")
+    sweep = tmp_path / "sweep"
+    tic = time.monotonic()
+    proc = subprocess.run(
+        [*CLI, "-m", "experiment=smoke", f"method={','.join(methods)}", f"hydra.sweep.dir={sweep}"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=3600,
+    )
+    took = time.monotonic() - tic
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finished = {
+        OmegaConf.load(p.parent / ".hydra" / "overrides.yaml")[-1]
+        for p in sweep.rglob("metrics.json")
+    }
+    assert finished == {f"method={m}" for m in methods}
+    assert not list(sweep.rglob("error.txt"))
+    print(
+        f"experiment=smoke, {len(methods)} methods: {took:.0f} s, {took / len(methods):.1f} s/job"
+    )

@@ -114,7 +114,8 @@ def _offline_hint(files: Files, tfds_name: str | None) -> str:
 class _Candidate(NamedTuple):
     where: str
     read: Callable[[], sources.Arrays]  # raises DataNotFound when the source lacks the data
-    count: Callable[[], dict[str, int] | None]  # the same, cheaply: split sizes if known
+    # the same, cheaply: split sizes if known (a download: None, after probing its hosts)
+    count: Callable[[], dict[str, int] | None]
 
 
 def _candidates(
@@ -174,7 +175,8 @@ def _candidates(
             _Candidate(
                 "TFDS download",
                 lambda: sources.read_tfds(tfds_name, tfds_dir, download=True),
-                lambda: None,  # not checked: a dry run does not download
+                # the run's reachability probe, without the download
+                lambda: sources.probe_download(tfds_name),
             )
         )
     return out
@@ -201,11 +203,15 @@ def _read(name, files, tfds_name, candidates, source, download, tfds_dir):
         except sources.DataNotFound as e:
             tried.append(f"{c.where}: {e}")
         except sources.DownloadFailed as e:
-            raise UserError(
-                f"Could not download dataset {name!r} with TFDS into {tfds_dir}: {e}\n"
-                f"{_offline_hint(files, tfds_name)}"
-            ) from None
+            raise _download_failed(name, files, tfds_name, tfds_dir, e) from None
     raise _not_found(name, files, tfds_name, source, download, tried)
+
+
+def _download_failed(name, files, tfds_name, tfds_dir, e: Exception) -> UserError:
+    return UserError(
+        f"Could not download dataset {name!r} with TFDS into {tfds_dir}: {e}\n"
+        f"{_offline_hint(files, tfds_name)}"
+    )
 
 
 def _check_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
@@ -304,6 +310,7 @@ def _setup(
     val_from,
     val_fraction,
     resize,
+    subset,
 ):
     """Checks every argument before any data is read; returns the spec and the sources."""
     if source not in SOURCES:
@@ -316,6 +323,11 @@ def _setup(
     if len(mean) not in (1, shape[2]) or len(std) != len(mean):
         raise UserError(f"dataset.mean/std need 1 or {shape[2]} values each.")
     _check_split(val_from, val_fraction)
+    if subset is not None and not (isinstance(subset, int) and subset > 0):
+        raise UserError(
+            f"dataset.subset must be a positive number of training examples, or null for "
+            f"all of them; got {subset!r}."
+        )
     spec = Spec(name, shape, len(class_names), class_names, mean, std, _check_resize(resize))
     tfds_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     candidates = _candidates(files, tfds_name, system_dirs, source, data_dir, tfds_dir, download)
@@ -366,7 +378,7 @@ def load(
     """
     spec, candidates, tfds_dir = _setup(
         name, shape, class_names, mean, std, files, tfds_name, system_dirs, source,
-        data_dir, tfds_data_dir, download, val_from, val_fraction, resize,
+        data_dir, tfds_data_dir, download, val_from, val_fraction, resize, subset,
     )  # fmt: skip
     arrays, where = _read(name, files, tfds_name, candidates, source, download, tfds_dir)
     for split, (x, _) in arrays.items():
@@ -436,12 +448,13 @@ def locate(
 
     Takes ``load``'s arguments and raises the same errors for bad arguments, a
     missing or incomplete ``data_dir``, or no source at all. Reads only file
-    headers and TFDS's ``dataset_info.json``; imports neither TensorFlow nor TFDS,
-    and never downloads.
+    headers and TFDS's ``dataset_info.json``; imports no TensorFlow and never
+    downloads, but where the run would download, probes the download hosts as the
+    run does (``sources.probe_download``) and fails as the run would without them.
     """
-    spec, candidates, _ = _setup(
+    spec, candidates, tfds_dir = _setup(
         name, shape, class_names, mean, std, files, tfds_name, system_dirs, source,
-        data_dir, tfds_data_dir, download, val_from, val_fraction, resize,
+        data_dir, tfds_data_dir, download, val_from, val_fraction, resize, subset,
     )  # fmt: skip
     tried = []
     for c in candidates:
@@ -450,6 +463,8 @@ def locate(
         except sources.DataNotFound as e:
             tried.append(f"{c.where}: {e}")
             continue
+        except sources.DownloadFailed as e:
+            raise _download_failed(name, files, tfds_name, tfds_dir, e) from None
         sizes = None
         if counts is not None:
             sizes = split_sizes(counts["train"], counts["test"], val_from, val_fraction, subset)

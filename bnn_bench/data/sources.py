@@ -344,6 +344,18 @@ class _Cleanup:
             d.rmdir()
 
 
+def probe_download(name: str, timeout: float = 10.0) -> None:
+    """The reachability check ``tfds_builder`` makes before a download, alone (for a
+    dry run): imports TFDS's builder class for the URLs, not TensorFlow.
+
+    Raises:
+      DownloadFailed: a download host did not answer.
+    """
+    import tensorflow_datasets as tfds
+
+    check_reachable(tfds.builder_cls(name.split("/")[0]).url_infos or (), timeout)
+
+
 def tfds_builder(name: str, data_dir: str | None, download: bool, probe_timeout: float = 10.0):
     """A prepared TFDS builder: prepared already, or downloaded and prepared now.
 
@@ -367,9 +379,7 @@ def tfds_builder(name: str, data_dir: str | None, download: bool, probe_timeout:
     if download and not list((root / name).glob("*/dataset_info.json")):
         # Not prepared: check the download hosts before importing TensorFlow (10-30 s),
         # so that a run without network stops soon. TFDS alone does not import it.
-        import tensorflow_datasets as tfds
-
-        check_reachable(tfds.builder_cls(base).url_infos or (), probe_timeout)
+        probe_download(name, probe_timeout)
         probed = True
     keep_tensorflow_off_gpu()
     import tensorflow_datasets as tfds

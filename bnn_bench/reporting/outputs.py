@@ -27,11 +27,22 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _temporary(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` (its descriptor and name) with the mode a plain
+    ``open`` gives under the user's umask (``mkstemp`` makes it 0600, and the rename
+    would keep that: results others cannot read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0o022)  # read it: os.umask only reads by setting
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Writes ``payload`` to ``path`` via a temporary file and a rename, so a reader
     (or a crash) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(payload), f, indent=1, sort_keys=True)
@@ -45,9 +56,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
     """Writes ``array`` to ``path`` (``.npy``) via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary(Path(path))
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)

@@ -243,7 +243,8 @@ def test_locate_refuses_what_load_refuses(tmp_path, monkeypatch):
 
 
 def test_locate_a_download_without_tensorflow(tmp_path):
-    """A dry run of a dataset TFDS would download: named as such, in a process that never
+    """A dry run of a dataset TFDS would download: named as such, its host probed as the
+    run probes it (here a loopback server stands for CIFAR-10's), in a process that never
     imports TensorFlow (seconds per job in a sweep)."""
     import subprocess
     import sys
@@ -251,13 +252,20 @@ def test_locate_a_download_without_tensorflow(tmp_path):
     from tests.conftest import cli_env
 
     code = (
-        "import sys\n"
+        "import functools, http.server, sys, threading\n"
+        "import tensorflow_datasets as tfds\n"
         "from tests.data.test_sources import located\n"
+        "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory='.')\n"
+        "httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)\n"
+        "threading.Thread(target=httpd.serve_forever, daemon=True).start()\n"
+        "url = f'http://127.0.0.1:{httpd.server_address[1]}/cifar.tar.gz'\n"
+        "tfds.builder_cls('cifar10').url_infos = {url: None}\n"
         f"w = located('dataset=cifar10', 'dataset.tfds_data_dir={tmp_path}')\n"
         "print(w.source, w.sizes, 'tensorflow' in sys.modules)\n"
     )
+    env = {**cli_env(), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "TFDS download None False"

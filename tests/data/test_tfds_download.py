@@ -244,6 +244,29 @@ def test_no_network_fails_fast_with_one_message_and_leaves_nothing(tmp_path, mon
     assert not tfds_dir.exists()
 
 
+def test_a_dry_run_probes_the_download_as_the_run_does(tmp_path, monkeypatch):
+    """`bnn-bench dry_run=true method=psgld dataset=cifar10` without network: the dry run
+    makes the run's reachability probe and stops with the run's message (it exited 0)."""
+    from bnn_bench.run import run
+    from tests.conftest import compose_cfg
+
+    url = closed_port_url() + "cifar-10-binary.tar.gz"
+    info = tfds.core.download.checksums.UrlInfo(size=1, checksum="0" * 64, filename="c.tar.gz")
+    monkeypatch.setattr(tfds.builder_cls("cifar10"), "url_infos", {url: info})
+    tfds_dir = tmp_path / "tfds"
+    messages = []
+    for dry in ("true", "false"):
+        cfg = compose_cfg("method=psgld", "dataset=cifar10", f"dry_run={dry}",
+                          f"dataset.tfds_data_dir={tfds_dir}")  # fmt: skip
+        with pytest.raises(UserError) as e:
+            run(cfg, tmp_path / "run")
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+    assert "Could not download dataset 'cifar10'" in messages[0]
+    assert "cannot reach 127.0.0.1" in messages[0] and "dataset.data_dir=PATH" in messages[0]
+    assert not tfds_dir.exists() and not (tmp_path / "run").exists()
+
+
 def test_failed_download_removes_only_what_it_created(tmp_path, server, monkeypatch):
     """The host answers but one file is missing (HTTP 404): TFDS fails mid-download. Its
     temporary files and new empty folders go; an older file in the data dir stays."""
