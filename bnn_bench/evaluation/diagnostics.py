@@ -24,6 +24,7 @@ over all chains, as Stan). ``plots.traces`` draws the log-likelihood traces.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -31,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnn_bench.evaluation import metrics as M
+from bnn_bench.reporting.outputs import write_npy_atomic
+
+TRACES = "traces.npy"  # in the run folder: the test set's (chains, S, Q) draws
 
 
 def split_chains(x: np.ndarray) -> np.ndarray:
@@ -139,3 +143,23 @@ def chain_metrics(draws: np.ndarray) -> dict[str, float]:
     if x.shape[-1] and chains > 1 and s >= 4:
         rhat = float(np.max(split_rhat(x)))
     return {"rhat": rhat, "ess": ess}
+
+
+def write_traces(out_dir: str | Path, summaries: dict) -> Path | None:
+    """Writes ``traces.npy``, the test set's chain trace (chains, S, Q) float32 (Q = 1 + K·C:
+    the test log-likelihood, then log p(c | x_i) input by input, class by class), the draws
+    ``test/rhat`` and ``test/ess`` are computed from; atomically.
+
+    Args:
+      out_dir: the run folder.
+      summaries: set name -> ``PredictiveSummary``; only the test set keeps a trace.
+
+    Returns:
+      The file, or None when the test summary has no trace (not a sampler).
+    """
+    test = summaries.get("test")
+    if test is None or test.trace is None:
+        return None
+    path = Path(out_dir) / TRACES
+    write_npy_atomic(path, test.trace.draws().astype(np.float32))
+    return path
