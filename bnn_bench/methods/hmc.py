@@ -348,16 +348,18 @@ class HMC(FoldingSampler):
             runner.compile_s,
         )
         seconds = {"warmup": 0.0, "sampling": 0.0}
-        warned = []
+        checked = False  # whether the sampling ε was checked against the cap on L
 
         def run(carry: HMCCarry, start: int, end: int):
+            nonlocal checked
             before = float(carry.chains.stats.acceptance)
             tic = time.perf_counter()
             carry = jax.block_until_ready(runner(carry, k_run, start, end))
             seconds["sampling" if start >= warm else "warmup"] += time.perf_counter() - tic
             eps = float(carry.chains.step_size)
-            if end >= warm and not warned:  # ε (and with it L) is fixed from here on
-                warned.append(self._warn_if_capped(eps))
+            if end >= warm and not checked:  # ε (and with it L) is fixed from here on
+                self._warn_if_capped(eps)
+                checked = True
             return carry, {
                 "hmc/step_size": eps,
                 "hmc/integration_steps": float(self._steps(eps)),
@@ -381,7 +383,7 @@ class HMC(FoldingSampler):
         stats = carry.chains.stats
         ctx.count(grad_evals=chains * (1 + int(stats.leapfrog_steps)), samples=kept * chains)
         eps = float(carry.chains.step_size)
-        if not warned:  # resumed after the warm-up
+        if not checked:  # resumed after the warm-up
             self._warn_if_capped(eps)
         sampling = self.total - warm
         info = {
@@ -424,21 +426,20 @@ class HMC(FoldingSampler):
     def _steps(self, step_size: float) -> int:
         return int(integration_steps(self.trajectory_length, step_size, self.max_integration_steps))
 
-    def _warn_if_capped(self, step_size: float) -> bool:
+    def _warn_if_capped(self, step_size: float) -> None:
         """Warns when ``max_integration_steps`` caps L = ⌈τ/ε⌉ at the sampling ε, i.e. the
-        trajectories are shorter than ``trajectory_length``. Returns True."""
+        trajectories are shorter than ``trajectory_length``."""
         needed = int(integration_steps(self.trajectory_length, step_size, 2**31 - 1))
         if needed > self.max_integration_steps:
             log.warning(
-                "hmc: method.max_integration_steps=%d caps L: the warm-up's step size %.3g "
+                "hmc: method.max_integration_steps=%d caps L: the sampling step size %.3g "
                 "needs L = ⌈τ/ε⌉ = %s leapfrog steps for method.trajectory_length=%g, so "
-                "every trajectory is %.3g long instead (hmc/trajectory_length). Raise "
+                "trajectories are about %.3g long instead (hmc/trajectory_length). Raise "
                 "method.max_integration_steps to %s, or shorten method.trajectory_length.",
                 *(self.max_integration_steps, step_size, needed, self.trajectory_length),
                 self.max_integration_steps * step_size,
                 needed,
             )
-        return True
 
     def _replay(self, key: jax.Array, model: Model, data: Dataset, x: jax.Array) -> jax.Array:
         """(S, N, C): every kept sample's probabilities of x, from the chains that
