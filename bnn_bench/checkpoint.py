@@ -416,6 +416,7 @@ RESULTS = (
     "history.jsonl",
     "error.txt",
     "samples.msgpack",
+    "traces.npy",
     "checkpoint",
     "plots",
     "predictive",

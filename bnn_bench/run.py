@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from bnn_bench import checkpoint, dry_run, evaluation
 from bnn_bench.config import build, to_dict, validate
-from bnn_bench.evaluation import EvalPlan, fidelity, tables
+from bnn_bench.evaluation import EvalPlan, diagnostics, fidelity, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
 from bnn_bench.methods.base import Method, RunContext
@@ -108,6 +108,7 @@ def _run(
     )
     metrics.update(set_metrics)
     fidelity.write_predictive(out_dir, summaries, prints)  # predictive/*.npy before metrics.json
+    diagnostics.write_traces(out_dir, summaries)  # a sampler's traces.npy, for test/rhat, test/ess
     metrics.update(reference.metrics(summaries) if reference is not None else {})
     metrics.update(method.report(k_predict, posterior, evalsets, settings.num_bins))
     timings["time/evaluate"] = time.perf_counter() - tic

@@ -17,7 +17,15 @@ acceptance probability, so all chains share one ε; each transition runs
 L = min(⌈τ/ε⌉, ``max_integration_steps``) leapfrog steps, a trip count traced inside
 the jitted loop (a ``while_loop``), so τ stays fixed while ε moves. After the warm-up
 ε is frozen at dual averaging's averaged value, and with it L. Sharing ε keeps L
-the same for every chain, so the vmapped trajectory wastes no steps.
+the same for every chain, so the vmapped trajectory wastes no steps. When the cap
+binds after the warm-up the trajectories are shorter than τ: the run warns, and
+``hmc/trajectory_length`` reports the length actually used.
+
+Jitter (``jitter`` = j, off by default): each transition of each chain then runs
+its L steps with ε·(1 + j·u), u ~ U(−1, 1), L still from the shared ε, so the
+trajectory length varies by ±j around L·ε: a cheap guard against trajectories that
+return to where they started (Neal 2011, §5.4.2.2; Stan's ``stepsize_jitter``). With
+j = 0 the chains are those of plain HMC, draw for draw.
 
 ``num_chains`` chains run in parallel (``vmap``) from independent initialisations;
 after the warm-up every ``thinning``-th transition of every chain is a member,
@@ -74,12 +82,15 @@ class HMCStats(NamedTuple):
       sampling_acceptance: () float32, the same over the post-warm-up transitions only.
       divergences: () int32, divergent post-warm-up transitions (energy error > 1000),
         all chains (the warm-up's, while ε is tuned, are expected and not counted).
+      trajectory: () float32, sum over the post-warm-up transitions of the chains' mean
+        trajectory length L·ε (ε as used, jittered or not).
     """
 
     leapfrog_steps: jax.Array
     acceptance: jax.Array
     sampling_acceptance: jax.Array
     divergences: jax.Array
+    trajectory: jax.Array
 
 
 class HMCChains(NamedTuple):
@@ -90,12 +101,15 @@ class HMCChains(NamedTuple):
         leaves (chains, ...).
       adaptation: the dual-averaging state of the shared step size.
       step_size: () float32, ε of the next transition.
+      used_step_sizes: (chains,) float32, the ε each chain ran its last transition with
+        (``step_size`` jittered; the initial ε before the first transition).
       stats: running totals (``HMCStats``).
     """
 
     states: bj_hmc.HMCState
     adaptation: DualAveragingAdaptationState
     step_size: jax.Array
+    used_step_sizes: jax.Array
     stats: HMCStats
 
 
@@ -121,6 +135,13 @@ def integration_steps(trajectory_length: float, step_size, max_steps: int) -> ja
     return jnp.clip(jnp.nan_to_num(steps, nan=max_steps), 1, max_steps).astype(jnp.int32)
 
 
+def jittered(key: jax.Array, step_size, jitter: float, chains: int) -> jax.Array:
+    """(chains,) step sizes ε·(1 + j·u), u ~ U(−1, 1) independently per chain (Stan's
+    ``stepsize_jitter``). Jittable."""
+    u = jax.random.uniform(key, (chains,), jnp.float32, minval=-1.0, maxval=1.0)
+    return (step_size * (1.0 + jitter * u)).astype(jnp.float32)
+
+
 class ChainsKernel(NamedTuple):
     """``init(positions (chains, ...), step_size) -> HMCChains``;
     ``step(key, chains, t) -> HMCChains`` runs transition t (0-based) of every chain."""
@@ -135,12 +156,15 @@ def hmc_chains(
     num_warmup: int,
     target_acceptance: float = 0.8,
     max_integration_steps: int = 1000,
+    jitter: float = 0.0,
 ) -> ChainsKernel:
     """HMC on several chains that share a step size tuned in a warm-up. Pure, jittable.
 
     Transition t runs ``blackjax.mcmc.hmc.build_kernel()`` (identity mass matrix) on
     every chain with its own key, ε the shared step size and L = ⌈τ/ε⌉ leapfrog steps
-    (τ = ``trajectory_length``, L at most ``max_integration_steps``). While
+    (τ = ``trajectory_length``, L at most ``max_integration_steps``); with ``jitter``
+    j > 0 each chain integrates its L steps with its own ε·(1 + j·u), u ~ U(−1, 1)
+    drawn anew every transition (the chains' keys are those of j = 0). While
     t < ``num_warmup``, dual averaging then moves log ε by the chains' mean acceptance
     probability towards ``target_acceptance``; after the last warm-up transition ε is
     its average and stays fixed. ``HMC`` runs this on a network's parameters, the
@@ -155,25 +179,37 @@ def hmc_chains(
     kernel = bj_hmc.build_kernel()
     da_init, da_update, _ = dual_averaging_adaptation(target_acceptance)
 
+    if not 0 <= jitter < 1:
+        raise ValueError(f"jitter must be in [0, 1); got {jitter}")
+
     def init(positions, step_size) -> HMCChains:
         zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+        states = jax.vmap(lambda p: bj_hmc.init(p, logdensity_fn))(positions)
+        chains = jax.tree.leaves(states.position)[0].shape[0]
         return HMCChains(
-            jax.vmap(lambda p: bj_hmc.init(p, logdensity_fn))(positions),
+            states,
             da_init(jnp.float32(step_size)),
             jnp.float32(step_size),
-            HMCStats(zero_i, zero_f, zero_f, zero_i),
+            jnp.full((chains,), step_size, jnp.float32),
+            HMCStats(zero_i, zero_f, zero_f, zero_i, zero_f),
         )
 
     def step(key, chains: HMCChains, t) -> HMCChains:
         eps = chains.step_size
         steps = integration_steps(trajectory_length, eps, max_integration_steps)
 
-        def one(k, state):
+        def one(k, state, eps):
             inv_mass = jnp.ones_like(ravel_pytree(state.position)[0])
             return kernel(k, state, logdensity_fn, eps, inv_mass, steps)
 
-        keys = jax.random.split(key, jax.tree.leaves(chains.states.position)[0].shape[0])
-        states, info = jax.vmap(one)(keys, chains.states)
+        num_chains = chains.used_step_sizes.shape[0]
+        keys = jax.random.split(key, num_chains)
+        if jitter:  # its own stream, so the chains' keys stay those of jitter = 0
+            used = jittered(jax.random.fold_in(key, _JITTER_STREAM), eps, jitter, num_chains)
+            states, info = jax.vmap(one)(keys, chains.states, used)
+        else:
+            used = jnp.broadcast_to(eps, (num_chains,))
+            states, info = jax.vmap(one, (0, 0, None))(keys, chains.states, eps)
         accept = jnp.mean(info.acceptance_rate)
         warm = t < num_warmup
         stats = chains.stats
@@ -182,6 +218,7 @@ def hmc_chains(
             stats.acceptance + accept,
             stats.sampling_acceptance + jnp.where(warm, 0.0, accept),
             stats.divergences + jnp.where(warm, 0, jnp.sum(info.is_divergent)).astype(jnp.int32),
+            stats.trajectory + jnp.where(warm, 0.0, steps * jnp.mean(used)),
         )
         tuned = da_update(chains.adaptation, accept)
         adaptation = jax.tree.map(lambda a, b: jnp.where(warm, a, b), tuned, chains.adaptation)
@@ -189,9 +226,12 @@ def hmc_chains(
             t == num_warmup - 1, tuned.log_step_size_avg, tuned.log_step_size
         )  # the last warm-up transition fixes ε at its average
         eps = jnp.where(warm, jnp.exp(log_eps), eps).astype(jnp.float32)
-        return HMCChains(states, adaptation, eps, stats)
+        return HMCChains(states, adaptation, eps, used, stats)
 
     return ChainsKernel(init, step)
+
+
+_JITTER_STREAM = 0x6A17  # folded into a transition's key for the jitter's draws
 
 
 @dataclass(frozen=True)
@@ -203,7 +243,9 @@ class HMC(FoldingSampler):
       step_size: the initial ε; the warm-up tunes it (dual averaging).
       target_acceptance: the acceptance probability the warm-up aims ε at.
       max_integration_steps: the most leapfrog steps per transition (a cap on L while a
-        small ε is tried in the warm-up).
+        small ε is tried in the warm-up); the run warns when it caps L after the warm-up.
+      jitter: j in [0, 1): each transition of each chain uses ε·(1 + j·u), u ~ U(−1, 1),
+        with L from the unjittered ε (0: off, plain HMC).
       temperature: T; the log density is divided by T (T = 1: the Bayes posterior).
       prior_scale: s of the Gaussian prior N(0, s² I) on all parameters.
       num_chains: chains run in parallel (vmap); members = chains x samples.
@@ -218,6 +260,7 @@ class HMC(FoldingSampler):
     step_size: float = 1.0e-3
     target_acceptance: float = 0.8
     max_integration_steps: int = 1000
+    jitter: float = 0.0
     temperature: float = 1.0
     prior_scale: float = 1.0
     num_chains: int = 4
@@ -247,6 +290,11 @@ class HMC(FoldingSampler):
         if not 0 < self.target_acceptance < 1:
             raise UserError(
                 f"method.target_acceptance must be in (0, 1); got {self.target_acceptance}."
+            )
+        if not 0 <= self.jitter < 1:
+            raise UserError(
+                f"method.jitter must be in [0, 1) (0.1: the step size varies by ±10% per "
+                f"transition; 0: off); got {self.jitter}."
             )
 
     @property
@@ -299,13 +347,18 @@ class HMC(FoldingSampler):
             runner.compile_s,
         )
         seconds = {"warmup": 0.0, "sampling": 0.0}
+        checked = False  # whether the sampling ε was checked against the cap on L
 
         def run(carry: HMCCarry, start: int, end: int):
+            nonlocal checked
             before = float(carry.chains.stats.acceptance)
             tic = time.perf_counter()
             carry = jax.block_until_ready(runner(carry, k_run, start, end))
             seconds["sampling" if start >= warm else "warmup"] += time.perf_counter() - tic
             eps = float(carry.chains.step_size)
+            if end >= warm and not checked:  # ε (and with it L) is fixed from here on
+                self._warn_if_capped(eps)
+                checked = True
             return carry, {
                 "hmc/step_size": eps,
                 "hmc/integration_steps": float(self._steps(eps)),
@@ -325,10 +378,13 @@ class HMC(FoldingSampler):
         stats = carry.chains.stats
         ctx.count(grad_evals=chains * (1 + int(stats.leapfrog_steps)), samples=kept * chains)
         eps = float(carry.chains.step_size)
+        if not checked:  # resumed after the warm-up
+            self._warn_if_capped(eps)
         sampling = self.total - warm
         info = {
             "hmc/step_size": eps,
             "hmc/integration_steps": float(self._steps(eps)),
+            "hmc/trajectory_length": float(stats.trajectory) / sampling,
             "hmc/acceptance_rate": float(stats.sampling_acceptance) / sampling,
             "hmc/warmup_acceptance_rate": (
                 float(stats.acceptance - stats.sampling_acceptance) / warm if warm else float("nan")
@@ -364,6 +420,21 @@ class HMC(FoldingSampler):
 
     def _steps(self, step_size: float) -> int:
         return int(integration_steps(self.trajectory_length, step_size, self.max_integration_steps))
+
+    def _warn_if_capped(self, step_size: float) -> None:
+        """Warns when ``max_integration_steps`` caps L = ⌈τ/ε⌉ at the sampling ε, i.e. the
+        trajectories are shorter than ``trajectory_length``."""
+        needed = int(integration_steps(self.trajectory_length, step_size, 2**31 - 1))
+        if needed > self.max_integration_steps:
+            log.warning(
+                "hmc: method.max_integration_steps=%d caps L: the sampling step size %.3g "
+                "needs L = ⌈τ/ε⌉ = %s leapfrog steps for method.trajectory_length=%g, so "
+                "trajectories are about %.3g long instead (hmc/trajectory_length). Raise "
+                "method.max_integration_steps to %s, or shorten method.trajectory_length.",
+                *(self.max_integration_steps, step_size, needed, self.trajectory_length),
+                self.max_integration_steps * step_size,
+                needed,
+            )
 
     def _replay(self, key: jax.Array, model: Model, data: Dataset, x: jax.Array) -> jax.Array:
         """(S, N, C): every kept sample's log-probabilities of x, from the chains that
@@ -426,6 +497,7 @@ class _ChunkRunner:
             m.num_warmup,
             m.target_acceptance,
             m.max_integration_steps,
+            m.jitter,
         )
 
     def init_chains(self, params: Params, train: Split) -> HMCChains:

@@ -299,7 +299,8 @@ def traces(path: Path, draws: np.ndarray, rhat: float, ess: float, title: str) -
 
     Args:
       draws: (chains, S, Q) per-sample quantities; quantity 0 is the test log-likelihood.
-      rhat, ess: the run's ``test/rhat`` and ``test/ess`` (NaN: not defined), for the legend.
+      rhat, ess: the run's ``test/rhat`` and ``test/ess`` (bulk ESS; NaN: not defined), for
+        the title.
     """
     chains, s = draws.shape[:2]
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -310,7 +311,8 @@ def traces(path: Path, draws: np.ndarray, rhat: float, ess: float, title: str) -
     ax.set_ylabel("test log-likelihood (nats per input)")
     rhat_text = "n/a (one chain)" if np.isnan(rhat) else f"{rhat:.3f}"
     ax.set_title(
-        f"{title}\nmax split-R̂ {rhat_text}, min ESS {ess:.1f} (over all tracked quantities)",
+        f"{title}\nmax rank-normalised split-R̂ {rhat_text}, min bulk ESS {ess:.1f} "
+        "(over all tracked quantities)",
         fontsize=9,
     )
     if chains <= 10:

@@ -1,18 +1,19 @@
-"""Sampler diagnostics: split-R̂ and ESS against blackjax.diagnostics and a direct
-formula, on mixed and stuck chains; the trace folded in a scan; the traces plot; an
-SGLD run's test/rhat and test/ess against its saved samples."""
+"""Sampler diagnostics: rank-normalised split-R̂ and bulk/tail ESS against ArviZ on fixed
+chains (mixed, one chain, few draws, slow, stuck, drifting, unequal spread); the trace
+folded in a scan; the traces plot; an SGLD run's test/rhat, test/ess, test/ess_tail and
+traces.npy against its saved samples."""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-from blackjax import diagnostics as bd
 from flax import serialization
 
 from bnn_bench.config import build
@@ -21,6 +22,10 @@ from bnn_bench.models import build_model
 from bnn_bench.reporting import plots
 from bnn_bench.run import run
 from tests.conftest import compose_cfg, tiny
+
+with warnings.catch_warnings():  # ArviZ announces its refactor on import
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az  # the peer implementation (a test dependency: pyproject's dev extra)
 
 
 def ar1(chains: int, samples: int, rho: float, q: int = 3, seed: int = 0) -> np.ndarray:
@@ -33,61 +38,95 @@ def ar1(chains: int, samples: int, rho: float, q: int = 3, seed: int = 0) -> np.
     return x
 
 
-def split_rhat_by_hand(x: np.ndarray) -> np.ndarray:
-    """Split-R̂ as BDA3 §11.4 writes it, for (chains, S, Q)."""
-    half = x.shape[1] // 2
-    s = np.concatenate([x[:, :half], x[:, -half:]], axis=0)  # (2 chains, n, Q)
-    n = s.shape[1]
-    b = n * s.mean(1).var(0, ddof=1)
-    w = s.var(1, ddof=1).mean(0)
-    return np.sqrt(((n - 1) / n * w + b / n) / w)
+def arviz(x: np.ndarray) -> dict[str, np.ndarray]:
+    """ArviZ's rank R̂, bulk and tail ESS of each quantity of (chains, S, Q) draws."""
+    per_q = [x[..., q] for q in range(x.shape[-1])]
+    return {
+        "rhat": np.array([float(az.rhat(d, method="rank")) for d in per_q]),
+        "ess": np.array([float(az.ess(d, method="bulk")) for d in per_q]),
+        "ess_tail": np.array([float(az.ess(d, method="tail")) for d in per_q]),
+    }
 
 
-def test_rhat_and_ess_equal_blackjax_and_the_direct_formula():
-    x = ar1(4, 301, 0.5)  # odd: the middle sample of each chain is dropped when splitting
-    half = 150
-    split = np.concatenate([x[:, :half], x[:, -half:]], axis=0)
-    np.testing.assert_allclose(
-        D.split_rhat(x), bd.potential_scale_reduction(split, chain_axis=0, sample_axis=1), 1e-6
-    )
-    np.testing.assert_allclose(D.split_rhat(x), split_rhat_by_hand(x), rtol=1e-6)
-    np.testing.assert_allclose(
-        D.effective_sample_size(x), bd.effective_sample_size(x, chain_axis=0, sample_axis=1), 1e-6
-    )
-    assert np.all(D.split_rhat(x) < 1.05)
+def ours(x: np.ndarray) -> dict[str, np.ndarray]:
+    return {"rhat": D.rank_rhat(x), "ess": D.bulk_ess(x), "ess_tail": D.tail_ess(x)}
+
+
+# (chains, S, ρ): an odd S (the middle draw is dropped when splitting), few draws, slow
+# mixing, many chains
+SHAPES = [(4, 301, 0.5), (2, 7, 0.3), (8, 50, 0.95), (3, 1000, 0.0)]
+
+
+@pytest.mark.parametrize("chains,samples,rho", SHAPES)
+def test_rhat_and_ess_equal_arviz(chains, samples, rho):
+    x = ar1(chains, samples, rho, seed=samples)
+    want, got = arviz(x), ours(x)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
+    metrics = D.chain_metrics(x)
+    assert metrics["rhat"] == pytest.approx(want["rhat"].max(), rel=1e-6)
+    assert metrics["ess"] == pytest.approx(want["ess"].min(), rel=1e-6)
+    assert metrics["ess_tail"] == pytest.approx(want["ess_tail"].min(), rel=1e-6)
+
+
+def test_one_chain_has_ess_and_no_rhat():
+    x = ar1(1, 200, 0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = arviz(x)  # ArviZ's R̂ of one chain is NaN too (it logs a shape warning)
+    assert np.all(np.isnan(want["rhat"]))
+    metrics = D.chain_metrics(x)
+    assert math.isnan(metrics["rhat"])  # null in metrics.json, as before
+    # the halves of the one chain are compared for ESS
+    assert metrics["ess"] == pytest.approx(want["ess"].min(), rel=1e-6)
+    assert metrics["ess_tail"] == pytest.approx(want["ess_tail"].min(), rel=1e-6)
 
 
 def test_ess_counts_independent_and_correlated_draws():
-    iid = D.effective_sample_size(ar1(4, 500, 0.0, q=20))
+    iid = D.bulk_ess(ar1(4, 500, 0.0, q=20))
     assert 0.85 * 2000 < np.median(iid) < 1.15 * 2000
     # AR(1): ESS ≈ N (1 - ρ) / (1 + ρ) = 2000 · 0.1 / 1.9 ≈ 105
-    correlated = D.effective_sample_size(ar1(4, 500, 0.9, q=20))
+    correlated = D.bulk_ess(ar1(4, 500, 0.9, q=20))
     assert 60 < np.median(correlated) < 160
 
 
-def test_rhat_is_large_for_chains_stuck_in_different_places():
-    x = ar1(4, 200, 0.5) + np.array([0.0, 5.0, 10.0, 15.0])[:, None, None]
-    assert np.all(D.split_rhat(x) > 3)
-    metrics = D.chain_metrics(x)
-    assert metrics["rhat"] > 3
+def test_rhat_is_large_for_stuck_and_drifting_chains():
+    stuck = ar1(4, 200, 0.5) + np.array([0.0, 5.0, 10.0, 15.0])[:, None, None]
+    np.testing.assert_allclose(D.rank_rhat(stuck), arviz(stuck)["rhat"], rtol=1e-6)
+    assert np.all(D.rank_rhat(stuck) > 2) and D.chain_metrics(stuck)["rhat"] > 2
+    # chains that never move, each at its own value: R̂ ≫ 1 (ArviZ's too)
+    frozen = np.broadcast_to(np.array([0.0, 1.0, 2.0, 3.0])[:, None, None], (4, 100, 1))
+    np.testing.assert_allclose(D.rank_rhat(frozen), arviz(frozen)["rhat"], rtol=1e-6)
+    assert D.chain_metrics(frozen)["rhat"] > 1e3
     # a drift inside each chain shows in split-R̂ even when the chains agree
     drift = ar1(4, 200, 0.5) + np.linspace(0, 6, 200)[None, :, None]
-    assert np.all(D.split_rhat(drift) > 1.3)
+    np.testing.assert_allclose(D.rank_rhat(drift), arviz(drift)["rhat"], rtol=1e-6)
+    assert np.all(D.rank_rhat(drift) > 1.3)
 
 
-def test_one_chain_has_an_ess_and_no_rhat():
-    x = ar1(1, 200, 0.5)
-    metrics = D.chain_metrics(x)
-    assert math.isnan(metrics["rhat"])
-    assert metrics["ess"] == pytest.approx(float(np.min(bd.effective_sample_size(x))), 1e-6)
+def test_folding_sees_chains_of_equal_centre_but_unequal_spread():
+    """The tail R̂ (draws folded about the median) catches what the bulk R̂ cannot."""
+    x = ar1(4, 400, 0.0, seed=1) * np.array([1.0, 1.0, 1.0, 4.0])[:, None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split = np.array([float(az.rhat(x[..., q], method="split")) for q in range(3)])
+    assert np.all(split < 1.05)  # the classic split-R̂ sees nothing wrong
+    assert np.all(D.rank_rhat(x) > 1.1)
+    np.testing.assert_allclose(D.rank_rhat(x), arviz(x)["rhat"], rtol=1e-6)
 
 
 def test_constant_quantities_are_left_out():
     x = ar1(2, 100, 0.3, q=2)
     x[..., 1] = math.log(1e-12)  # a probability clipped in every sample
     metrics = D.chain_metrics(x)
-    assert metrics["ess"] == pytest.approx(float(D.effective_sample_size(x[..., 0])), 1e-6)
-    assert metrics["rhat"] == pytest.approx(float(D.split_rhat(x[..., 0])), 1e-6)
+    assert metrics["ess"] == pytest.approx(float(D.bulk_ess(x[..., 0])), 1e-6)
+    assert metrics["ess_tail"] == pytest.approx(float(D.tail_ess(x[..., 0])), 1e-6)
+    assert metrics["rhat"] == pytest.approx(float(D.rank_rhat(x[..., 0])), 1e-6)
+
+
+def test_too_few_draws_give_no_numbers():
+    metrics = D.chain_metrics(ar1(4, 3, 0.3))  # ArviZ needs 4 draws per chain too
+    assert all(math.isnan(v) for v in metrics.values())
 
 
 def test_trace_folds_each_sample_inside_a_scan():
@@ -153,17 +192,32 @@ def test_sgld_run_reports_rhat_ess_and_traces_of_its_chains(tmp_path):
     probs = np.asarray(jax.vmap(lambda p: model.probs(p, {}, data.test.x))(samples), np.float64)
     probs = probs.reshape(8, 3, *probs.shape[1:]).swapaxes(0, 1)  # (chains, S, N, C)
     y = np.asarray(data.test.y)
-    loglik = np.log(np.take_along_axis(probs, y[None, None, :, None], -1)[..., 0]).mean(-1)
-    logp = np.log(np.clip(probs[:, :, :5], 1e-12, None)).reshape(3, 8, -1)  # eval.keep_inputs
-    draws = np.concatenate([loglik[..., None], logp], axis=-1)
-    rhat = np.max(bd.potential_scale_reduction(D.split_chains(draws), 0, 1))
-    ess = np.min(bd.effective_sample_size(draws, 0, 1))
-    assert metrics["test/rhat"] == pytest.approx(float(rhat), rel=1e-3)
-    assert metrics["test/ess"] == pytest.approx(float(ess), rel=1e-3)
+    logp = np.log(np.clip(probs, 1e-12, None))  # the quantities clip as the test NLL does
+    loglik = np.take_along_axis(logp, y[None, None, :, None], -1)[..., 0].mean(-1)
+    kept = logp[:, :, :5].reshape(3, 8, -1)  # eval.keep_inputs
+    draws = np.concatenate([loglik[..., None], kept], axis=-1)  # (chains, S, Q)
+    # the run folder keeps the draws it computed the diagnostics from
+    saved = np.load(tmp_path / D.TRACES)
+    assert saved.shape == draws.shape == (3, 8, 1 + 5 * 10)
+    np.testing.assert_allclose(saved, draws, rtol=1e-4, atol=1e-5)
+    recomputed = D.chain_metrics(saved)
+    for name in ("rhat", "ess", "ess_tail"):
+        assert metrics[f"test/{name}"] == pytest.approx(recomputed[name], rel=1e-6)
+    varying = np.ptp(saved.reshape(24, -1), axis=0) > 0
+    want = arviz(saved[..., varying].astype(np.float64))
+    assert metrics["test/rhat"] == pytest.approx(want["rhat"].max(), rel=1e-6)
+    assert metrics["test/ess"] == pytest.approx(want["ess"].min(), rel=1e-6)
+    assert metrics["test/ess_tail"] == pytest.approx(want["ess_tail"].min(), rel=1e-6)
     assert "val/rhat" not in metrics  # the test set is the one tracked
 
 
 def test_one_chain_run_has_ess_and_null_rhat(tmp_path):
     run(compose_cfg(*tiny("sgld"), *SGLD, "method.num_chains=1", "eval.plots=false"), tmp_path)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["test/rhat"] is None and saved["test/ess"] > 0
+    assert saved["test/rhat"] is None and saved["test/ess"] > 0 and saved["test/ess_tail"] > 0
+    assert np.load(tmp_path / D.TRACES).shape[:2] == (1, 8)
+
+
+def test_a_point_estimate_writes_no_traces(tmp_path):
+    run(compose_cfg(*tiny("map"), "trainer.epochs=1", "eval.plots=false"), tmp_path)
+    assert not (tmp_path / D.TRACES).exists()

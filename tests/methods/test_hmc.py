@@ -1,5 +1,7 @@
-"""Full-batch HMC: the exact posterior of Bayesian linear regression, the warm-up's step
-size, the method's config checks, resume, and the same posterior as SG-MCMC at T = 1."""
+"""Full-batch HMC: the exact posterior of Bayesian linear regression (with and without
+step-size jitter), the warm-up's step size, plain BlackJAX HMC draw for draw without jitter,
+the jitter's band, the method's config checks, the cap on L, resume, and the same
+posterior as SG-MCMC at T = 1."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from blackjax.mcmc import hmc as bj_hmc
 
 from bnn_bench.checkpoint import Preempted
 from bnn_bench.config import build
@@ -24,6 +27,7 @@ from tests.conftest import compose_cfg, tiny
 # y = X w + N(0, σ²), w ~ N(0, s² I): the posterior is N(μ, Σ) with
 #   Σ = (XᵀX / σ² + I / s²)⁻¹,   μ = Σ Xᵀy / σ².
 N_DATA, DIM, NOISE, PRIOR = 40, 3, 0.5, 1.0
+KEY = jax.random.key(0)
 CHAINS, WARMUP, SAMPLES = 64, 200, 400
 Z = 4.0  # standard errors; 9 mean and covariance checks at once
 
@@ -59,10 +63,11 @@ def _sample(kernel, key, start):
     return path[WARMUP:], chains
 
 
-def test_hmc_recovers_the_linear_regression_posterior_within_monte_carlo_error():
+@pytest.mark.parametrize("jitter", [0.0, 0.1])
+def test_hmc_recovers_the_linear_regression_posterior_within_monte_carlo_error(jitter):
     x, y, mean, cov = _regression()
     tau = 0.5 * np.pi * np.sqrt(np.linalg.eigvalsh(cov).max())  # a quarter of the widest period
-    kernel = hmc_chains(_log_density(x, y), tau, WARMUP, target_acceptance=0.8)
+    kernel = hmc_chains(_log_density(x, y), tau, WARMUP, target_acceptance=0.8, jitter=jitter)
     start = jnp.asarray(np.random.default_rng(1).normal(size=(CHAINS, DIM)) * 3, jnp.float32)
     path, chains = jax.jit(lambda k, s: _sample(kernel, k, s))(jax.random.key(0), start)
     draws = np.swapaxes(np.asarray(path, np.float64), 0, 1)  # (CHAINS, SAMPLES, DIM)
@@ -108,6 +113,60 @@ def test_without_warmup_the_step_size_is_never_tuned():
     assert int(chains.stats.leapfrog_steps) == 3 * 6  # ⌈0.3 / 0.05⌉ per transition
 
 
+def _run_chains(kernel, key, start, eps, transitions):
+    """(transitions, chains, DIM) positions and (transitions, chains) used step sizes."""
+    chains = kernel.init({"w": start}, eps)
+
+    def body(chains, t):
+        chains = kernel.step(jax.random.fold_in(key, t), chains, t)
+        return chains, (chains.states.position["w"], chains.used_step_sizes)
+
+    return jax.jit(lambda c: jax.lax.scan(body, c, jnp.arange(transitions)))(chains)
+
+
+def test_without_jitter_the_chains_are_plain_blackjax_hmc_draw_for_draw():
+    x, y, _, _ = _regression()
+    density, start = _log_density(x, y), jnp.zeros((4, DIM))
+    last, (path, used) = _run_chains(hmc_chains(density, 0.3, 0, jitter=0.0), KEY, start, 0.05, 6)
+    np.testing.assert_array_equal(used, 0.05 * np.ones((6, 4), np.float32))
+
+    kernel = bj_hmc.build_kernel()  # BlackJAX alone: ε = 0.05, L = ⌈0.3 / 0.05⌉ = 6
+
+    def one(k, state):
+        return kernel(k, state, density, 0.05, jnp.ones(DIM), 6)[0]
+
+    states, step = jax.vmap(lambda p: bj_hmc.init({"w": p}, density))(start), jax.jit(jax.vmap(one))
+    for t in range(6):
+        states = step(jax.random.split(jax.random.fold_in(KEY, t), 4), states)
+        np.testing.assert_allclose(path[t], states.position["w"], rtol=1e-6, atol=1e-7)
+    assert float(last.stats.trajectory) == pytest.approx(6 * 6 * 0.05, rel=1e-6)
+
+
+def test_jitter_varies_each_chains_step_size_within_its_band():
+    x, y, _, _ = _regression()
+    density, start, eps, transitions = _log_density(x, y), jnp.zeros((4, DIM)), 0.05, 100
+    kernel = hmc_chains(density, 0.3, 0, jitter=0.1)
+    last, (path, used) = _run_chains(kernel, KEY, start, eps, transitions)
+    used = np.asarray(used, np.float64)  # (transitions, chains)
+    assert np.all(used >= 0.9 * eps * (1 - 1e-6)) and np.all(used <= 1.1 * eps * (1 + 1e-6))
+    # spread over the band, drawn anew per transition and per chain
+    assert used.min() < 0.92 * eps and used.max() > 1.08 * eps
+    assert np.abs(used.mean() / eps - 1) < 0.02  # U(-1, 1): mean 1, se 0.058 / √400
+    assert np.all(np.ptp(used, axis=1) > 0) and np.all(np.ptp(used, axis=0) > 0)
+    # L stays ⌈τ/ε⌉ of the unjittered ε; the trajectory length follows the used ε
+    assert int(last.stats.leapfrog_steps) == transitions * 6
+    assert float(last.stats.trajectory) == pytest.approx(6 * used.mean(1).sum(), rel=1e-5)
+    # the jitter draws from its own stream: ε's changes alone move the chains away
+    _, (plain, _) = _run_chains(hmc_chains(density, 0.3, 0), KEY, start, eps, transitions)
+    assert not np.allclose(path, plain)
+
+
+@pytest.mark.parametrize("jitter", [-0.1, 1.0])
+def test_a_jitter_outside_zero_to_one_is_refused(jitter):
+    with pytest.raises(ValueError, match=r"jitter must be in \[0, 1\)"):
+        hmc_chains(lambda p: 0.0, 0.3, 0, jitter=jitter)
+
+
 # ------------------------------------------------------------------------- the method
 
 # 8 warm-up transitions and 4 samples of 2 chains, in chunks of 3: 3, 6, 8 | 11, 12
@@ -130,6 +189,8 @@ HMC_TINY = [
         ("method.temperature=0", "method.temperature must be positive"),
         ("method.num_warmup=-1", "method.num_warmup must be >= 0"),
         ("method.target_acceptance=1", r"method.target_acceptance must be in \(0, 1\)"),
+        ("method.jitter=1", r"method.jitter must be in \[0, 1\)"),
+        ("method.jitter=-0.1", r"method.jitter must be in \[0, 1\)"),
     ],
 )
 def test_bad_settings_are_refused_by_name(override, message):
@@ -180,6 +241,8 @@ def test_preempted_mid_hmc_then_resumed_equals_an_uninterrupted_run(tmp_path, ca
     # the gradient evaluations follow the adapted ε: 2 chains x (1 + Σ L over transitions)
     steps = int(integration_steps(0.05, metrics["hmc/step_size"], 20))
     assert metrics["hmc/integration_steps"] == steps
+    assert metrics["hmc/trajectory_length"] == pytest.approx(steps * metrics["hmc/step_size"])
+    assert steps < 20 and metrics["hmc/trajectory_length"] >= 0.05  # L = ⌈τ/ε⌉, not capped
     low, high = 2 * (1 + 8 * 1 + 4 * steps), 2 * (1 + 8 * 20 + 4 * steps)  # L in [1, 20]
     assert low <= metrics["cost/grad_evals"] <= high
 
@@ -196,3 +259,15 @@ def test_preempted_mid_hmc_then_resumed_equals_an_uninterrupted_run(tmp_path, ca
     expected, got = _results(whole), _results(parts)
     assert got.keys() == expected.keys()
     assert got == expected  # bit-identical metrics (cost/grad_evals included), curves too
+
+
+def test_a_cap_on_l_is_warned_about_and_the_shorter_trajectory_reported(tmp_path, caplog):
+    # no warm-up: ε = 0.01 throughout, so τ = 0.05 needs L = 5, capped at 3; jittered ±10%
+    cfg = [*HMC_TINY, "method.num_warmup=0", "method.max_integration_steps=3", "eval.plots=false"]
+    with caplog.at_level("WARNING", logger="bnn_bench"):
+        metrics = run(compose_cfg(*cfg, "method.jitter=0.1"), tmp_path)
+    assert "method.max_integration_steps=3 caps L" in caplog.text
+    assert "needs L = ⌈τ/ε⌉ = 5 leapfrog steps" in caplog.text
+    assert metrics["hmc/integration_steps"] == 3
+    length = metrics["hmc/trajectory_length"]  # the mean over 4 transitions x 2 chains
+    assert 0.9 * 0.03 < length < 1.1 * 0.03 and length != pytest.approx(0.03, rel=1e-6)
