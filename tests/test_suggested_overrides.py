@@ -25,13 +25,14 @@ from tests.conftest import CONF, ROOT, TINY, compose_cfg, config_choices
 
 GROUPS = "method|trainer|dataset|model|eval|logger|checkpoint|device"
 # a dotted key (method.structure.rank) or a group choice (method/laplace/structure), then
-# an optional =value; a value in capitals or <...> is a placeholder
+# an optional =value
 KEY = re.compile(
     rf"(?<![\w./@])((?:{GROUPS})(?:(?:\.[a-z_][a-z_0-9]*)+|(?:/[a-z_][a-z_0-9]*)+"
     rf"|@[a-z_][a-z_0-9.]*))"
     rf"(=[^\s,;'\"{{}}()]*)?"
 )
-PLACEHOLDER = re.compile(r"^([A-Z_]+|<.*>)$")
+# a value in capitals, <...> or a %-format (a logging call's argument) is a placeholder
+PLACEHOLDER = re.compile(r"^([A-Z_]+|<.*>|%[-+ #0-9.]*[dgfsr]\S*)$")
 
 
 def _message_strings(tree: ast.AST):

@@ -182,11 +182,12 @@ def tail_ess(x) -> np.ndarray:
     return _per_quantity(_tail_ess, x)
 
 
-def sample_quantities(probs: jax.Array, labels: jax.Array, inputs) -> jax.Array:
-    """The tracked quantities of one sample per chain. Jittable.
+def sample_quantities(log_probs: jax.Array, labels: jax.Array, inputs) -> jax.Array:
+    """The tracked quantities of one sample per chain, exact (nothing clipped: a sample
+    that gives an image probability 1e-30 is traced at -69 nats, not at a floor). Jittable.
 
     Args:
-      probs: (chains, N, C) test-set class probabilities of each chain's sample.
+      log_probs: (chains, N, C) test-set class log-probabilities of each chain's sample.
       labels: (N,) test labels.
       inputs: (K,) indices of the fixed test inputs whose log-probabilities are tracked.
 
@@ -194,9 +195,9 @@ def sample_quantities(probs: jax.Array, labels: jax.Array, inputs) -> jax.Array:
       (chains, 1 + K·C): the test log-likelihood, then log p(c | x_i) for the K inputs
       i, every class c.
     """
-    loglik = -jax.vmap(lambda p: M.nll(p, labels, xp=jnp))(probs)  # (chains,)
-    logp = jnp.log(jnp.clip(probs[:, jnp.asarray(inputs, jnp.int32)], 1e-12))  # (chains, K, C)
-    return jnp.concatenate([loglik[:, None], logp.reshape(probs.shape[0], -1)], axis=1)
+    loglik = -jax.vmap(lambda lp: M.nll_of_log_probs(lp, labels, xp=jnp))(log_probs)  # (chains,)
+    logp = log_probs[:, jnp.asarray(inputs, jnp.int32)]  # (chains, K, C)
+    return jnp.concatenate([loglik[:, None], logp.reshape(log_probs.shape[0], -1)], axis=1)
 
 
 class ChainTrace(NamedTuple):

@@ -129,7 +129,7 @@ class PredictiveSummary(NamedTuple):
             label_logp = jnp.logaddexp(label_logp, jax.nn.logsumexp(at_label[..., 0], axis=0))
         trace = self.trace
         if trace is not None:  # one sample per chain: s = chains
-            trace = trace.add(sample_quantities(probs, self.labels, self.keep_idx))
+            trace = trace.add(sample_quantities(log_probs, self.labels, self.keep_idx))
         return self._replace(
             count=self.count + s,
             prob_sum=self.prob_sum + probs.sum(0),

@@ -388,10 +388,10 @@ def make_chunk_runner(model: Model, tx: optax.GradientTransformation, members: b
     return scan_steps(_make_step(model, tx), members)
 
 
-def scan_steps(step_fn, members: bool = False):
+def scan_steps(step_fn, members: bool = False, num_outputs: int = 2):
     """``make_chunk_runner`` for any step ``(ts, x (B, ...), y (B,), key) -> (ts, (loss,
-    acc))`` or ``(ts, (loss, acc, nll))`` over any state pytree ``ts`` (``vi`` steps its
-    variational parameters)."""
+    acc))`` or, with ``num_outputs=3``, ``(ts, (loss, acc, nll))`` over any state pytree
+    ``ts`` (``vi`` steps its variational parameters)."""
 
     def one(ts, split, idx, key):
         return step_fn(ts, split.x[idx], split.y[idx], key)
@@ -404,8 +404,10 @@ def scan_steps(step_fn, members: bool = False):
         if on is None:
             ts, out = live(ts, split, idx, key)
         else:  # an inactive step returns zeros, each () or (K,)
-            shapes = jax.eval_shape(lambda ts: live(ts, split, idx, key)[1], ts)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            # from num_outputs, not jax.eval_shape of the step: that would trace the model
+            # a second time per compile
+            zero = jnp.zeros(jax.tree.leaves(ts)[0].shape[:1] if members else ())
+            zeros = (zero,) * num_outputs
             ts, out = jax.lax.cond(
                 on, lambda ts: live(ts, split, idx, key), lambda ts: (ts, zeros), ts
             )

@@ -117,7 +117,7 @@ def test_folding_sees_chains_of_equal_centre_but_unequal_spread():
 
 def test_constant_quantities_are_left_out():
     x = ar1(2, 100, 0.3, q=2)
-    x[..., 1] = math.log(1e-12)  # a probability clipped in every sample
+    x[..., 1] = -3.0  # a quantity that never changes (a saturated member's log-probability)
     metrics = D.chain_metrics(x)
     assert metrics["ess"] == pytest.approx(float(D.bulk_ess(x[..., 0])), 1e-6)
     assert metrics["ess_tail"] == pytest.approx(float(D.tail_ess(x[..., 0])), 1e-6)
@@ -133,13 +133,14 @@ def test_trace_folds_each_sample_inside_a_scan():
     chains, samples, n, c, k = 3, 7, 20, 4, 2
     logits = jax.random.normal(jax.random.key(0), (samples, chains, n, c))
     probs = jax.nn.softmax(logits, -1)
+    log_probs = jax.nn.log_softmax(logits, -1)
     labels = jax.random.randint(jax.random.key(1), (n,), 0, c)
 
     def body(trace, p):
         return trace.add(D.sample_quantities(p, labels, jnp.arange(k))), None
 
     empty = D.ChainTrace.empty(samples - 2, chains, 1 + k * c)  # room for 5: two are dropped
-    trace, _ = jax.jit(lambda t, p: jax.lax.scan(body, t, p))(empty, probs)
+    trace, _ = jax.jit(lambda t, p: jax.lax.scan(body, t, p))(empty, log_probs)
     draws = trace.draws()
     assert draws.shape == (chains, samples - 2, 1 + k * c)
     p = np.asarray(probs, np.float64)[: samples - 2]  # (S, chains, N, C)
@@ -160,13 +161,13 @@ def test_traces_plot(tmp_path):
     assert one.is_file()
 
 
-def test_jnp_quantities_are_finite_for_zero_probabilities():
-    probs = jnp.asarray([[[1.0, 0.0], [0.5, 0.5]]])  # (1 chain, 2 inputs, 2 classes)
-    q = D.sample_quantities(probs, jnp.asarray([1, 0]), [0])
-    assert np.all(np.isfinite(np.asarray(q)))
-    np.testing.assert_allclose(
-        np.asarray(q)[0], [np.mean(np.log([1e-12, 0.5])), 0.0, np.log(1e-12)], rtol=1e-5
-    )
+def test_quantities_are_exact_far_below_any_clip():
+    # logits (0, -80): the label's probability is e^-80 ≈ 1.8e-35, far below a 1e-12 floor
+    logits = jnp.asarray([[[0.0, -80.0], [0.0, 0.0]]])  # (1 chain, 2 inputs, 2 classes)
+    q = np.asarray(D.sample_quantities(jax.nn.log_softmax(logits, -1), jnp.asarray([1, 0]), [0]))
+    lse = np.logaddexp(0.0, -80.0)  # float64 reference
+    want = [np.mean([-80.0 - lse, np.log(0.5)]), -lse, -80.0 - lse]
+    np.testing.assert_allclose(q[0], want, rtol=1e-6, atol=1e-30)
 
 
 SGLD = [
@@ -189,10 +190,11 @@ def test_sgld_run_reports_rhat_ess_and_traces_of_its_chains(tmp_path):
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "mlp", 128)
     template = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(jax.random.key(0), 24))
     samples = serialization.from_bytes(template, (tmp_path / "samples.msgpack").read_bytes())
-    probs = np.asarray(jax.vmap(lambda p: model.probs(p, {}, data.test.x))(samples), np.float64)
-    probs = probs.reshape(8, 3, *probs.shape[1:]).swapaxes(0, 1)  # (chains, S, N, C)
+    logits = jax.vmap(lambda p: model.logits(p, {}, data.test.x))(samples)
+    logp = np.asarray(logits, np.float64)
+    logp = logp - np.logaddexp.reduce(logp, axis=-1, keepdims=True)  # exact, nothing clipped
+    logp = logp.reshape(8, 3, *logp.shape[1:]).swapaxes(0, 1)  # (chains, S, N, C)
     y = np.asarray(data.test.y)
-    logp = np.log(np.clip(probs, 1e-12, None))  # the quantities clip as the test NLL does
     loglik = np.take_along_axis(logp, y[None, None, :, None], -1)[..., 0].mean(-1)
     kept = logp[:, :, :5].reshape(3, 8, -1)  # eval.keep_inputs
     draws = np.concatenate([loglik[..., None], kept], axis=-1)  # (chains, S, Q)
