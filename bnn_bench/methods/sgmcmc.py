@@ -473,8 +473,7 @@ def chains_nll(model: Model, x: jax.Array, y: jax.Array) -> Callable[[Params], j
     bounds after every chunk)."""
 
     def nll(params: Params) -> jax.Array:
-        logits, _ = model.apply(params, {}, x)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1))
+        return M.nll_of_log_probs(model.log_probs(params, {}, x), y, xp=jnp)
 
     return jax.jit(lambda params: jnp.max(jax.vmap(nll)(params)))
 
