@@ -5,7 +5,7 @@ builds what ``run`` builds, with shapes in place of data: the dataset's source
 and split sizes (``data.resolve``: headers and metadata only; a download is probed
 with the run's reachability check, not made), the model (checked against the
 input shape), the method (its config checks), the method's own account of its
-work (``Method.describe``), and the evaluation sets. The run calls the same
+work (``Method.check``, then ``Method.plan``), and the evaluation sets. The run calls the same
 ``check`` before its work, so a job the dry run refuses, the run refuses with the
 same message; only what needs the data itself (e.g. a file's image shape) is left
 to the run.
@@ -46,6 +46,7 @@ from bnn_bench.errors import UserError
 from bnn_bench.evaluation.sets import ood_split
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.shift import is_tfds, level_name
+from bnn_bench.methods.base import Work
 from bnn_bench.models import Model, build_model, num_params
 
 MIB = 2**20
@@ -61,7 +62,7 @@ class Checked:
       model: the model, built on the dataset's input shape.
       method: the method.
       params: the model's parameter count.
-      work: ``method.describe``'s account of its work (steps, members, ...).
+      work: ``method.plan``'s account of its work (steps, members, ...).
       sets: inputs per evaluation set, by name.
       objective: None if ``objective.metric`` names a set of the run; else why a sweeper
         would get no value.
@@ -72,7 +73,7 @@ class Checked:
     model: Model
     method: Any
     params: int
-    work: dict[str, float]
+    work: Work
     sets: dict[str, int]
     objective: str | None
 
@@ -83,8 +84,8 @@ def check(cfg: DictConfig) -> Checked:
     refuse the same things with the same words.
 
     Finds the dataset's source (a download is probed, not made), builds the model on
-    its input shape and the method, asks the method for its work (``describe`` raises
-    what ``fit`` would refuse) and sizes the evaluation sets.
+    its input shape and the method, lets the method refuse what ``fit`` would refuse
+    (``check``), asks it for its work (``plan``) and sizes the evaluation sets.
 
     Raises:
       UserError: what was wrong, naming the key.
@@ -95,7 +96,8 @@ def check(cfg: DictConfig) -> Checked:
     model = build_model(module, data.spec, type(module).__name__.lower(), settings.batch_size)
     method = build(cfg.method, "method")
     params, _ = jax.eval_shape(model.init, jax.random.key(0))
-    work = method.describe(model, data)
+    method.check(model, data)
+    work = method.plan(model, data)
     sets = set_sizes(data, settings)
     metric = str(cfg.objective.metric)
     objective = None
@@ -133,9 +135,9 @@ def plan(cfg: DictConfig) -> dict[str, float]:
     data, model, work, sets = c.data, c.model, c.work, c.sets
     memory, how = device_memory(model, data, c.settings, work, sets)
     numbers = {
-        "plan/steps": float(work.get("steps", 0)),
-        "plan/grad_evals": float(work.get("grad_evals", 0)),
-        "plan/members": float(work.get("members", 0)),
+        "plan/steps": float(work.steps),
+        "plan/grad_evals": float(work.grad_evals),
+        "plan/members": float(work.members),
         "plan/params": float(c.params),
         "plan/device_mib": memory / MIB,
         **{f"plan/{name}_size": float(n) for name, n in sets.items()},
@@ -149,9 +151,9 @@ def plan(cfg: DictConfig) -> dict[str, float]:
                 f"val {0 if data.val is None else data.val.size:,}, test {data.test.size:,}; "
                 f"input {data.spec.input_shape}",
                 f"  model      {model.name}: {c.params:,} parameters",
-                f"  method     {type(c.method).__name__}: {int(work.get('steps', 0)):,} steps, "
-                f"{int(work.get('grad_evals', 0)):,} gradient evaluations, "
-                f"{int(work.get('members', 0)):,} members",
+                f"  method     {type(c.method).__name__}: {work.steps:,} steps, "
+                f"{work.grad_evals:,} gradient evaluations, "
+                f"{work.members:,} members",
                 "  eval sets  " + ", ".join(f"{k} ({n:,})" for k, n in sets.items()),
                 f"  objective  {objective if c.objective is None else 'none: ' + c.objective}",
                 f"  memory     ~{memory / MIB:,.1f} MiB on {jax.default_backend()} ({how})",
@@ -187,11 +189,11 @@ def set_sizes(data: Dataset, settings: EvalSettings) -> dict[str, int]:
 
 
 def device_memory(
-    model: Model, data: Dataset, settings: EvalSettings, work: dict[str, float], sets: dict
+    model: Model, data: Dataset, settings: EvalSettings, work: Work, sets: dict
 ) -> tuple[float, str]:
     """Estimated peak device bytes of the run, and how it was estimated (module docstring)."""
-    networks = int(work.get("networks", 1))
-    batch = int(work.get("batch_size", 128))
+    networks = work.networks
+    batch = work.batch_size
     eval_batch = max(1, min(settings.batch_size, max(sets.values())))
     step = _compiled_bytes(model, networks, batch, True)
     forward = _compiled_bytes(model, networks, eval_batch, False)

@@ -299,9 +299,9 @@ REFUSED = {
     "split": ([*TINY, "dataset.val_fraction=1.5"], "dataset.val_fraction must be in [0, 1)"),
     "resize": ([*TINY, "dataset.resize=[0,4]"], "dataset.resize must be two positive"),
     "batch": ([*TINY, "trainer.batch_size=5000"], "trainer.batch_size=5000 is larger than"),
-    "sampler, batch norm": (_batch_norm("sgld"), "SG-MCMC needs a model without"),
-    "hmc, batch norm": (_batch_norm("hmc"), "HMC needs a model without"),
-    "mcbn without": ([*tiny("mcbn")], "method=mcbn needs a model with BatchNorm"),
+    "sampler, batch norm": (_batch_norm("sgld"), "method=sgld needs a model without"),
+    "hmc, batch norm": (_batch_norm("hmc"), "method=hmc needs a model without"),
+    "mcbn without": ([*tiny("mcbn")], "method=mcbn needs a model with batch norm"),
     "mcbn batch": (
         [*_batch_norm("mcbn"), "method.mc_batch_size=5000"],
         "method.mc_batch_size=5000 is larger than",
@@ -393,7 +393,7 @@ def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
     assert "dry run: 2 job(s) checked, 1 would fail." in proc.stdout
     failed = proc.stderr.split("these jobs would fail:")[1]
     assert "#1 [" in failed and "method=sgld" in failed and "method=map" not in failed
-    assert "SG-MCMC needs a model without batch norm" in failed and "#0" not in failed
+    assert "method=sgld needs a model without batch norm" in failed and "#0" not in failed
     assert not sweep.exists()  # not even Hydra's folders, run.log or multirun.yaml
     print(f"2-job dry-run sweep: {took:.1f} s")
 

@@ -5,8 +5,11 @@ log-probabilities (the log-softmax of its logits, so that a log-likelihood is ex
 however small the probability) for every evaluation input. ``predict`` folds them into one
 ``PredictiveSummary`` per evaluation set; evaluation never knows which method ran.
 
-Every method subclasses ``Method``; ``run.py`` calls each of its hooks (``fit``,
-``predict``, ``save``, ``report``) unconditionally. A method talks to the run only
+Every method subclasses ``Method``; ``run.py`` calls each of its hooks (``check``,
+``fit``, ``predict``, ``save``, ``report``) unconditionally, and the dry run calls
+``check`` and ``plan``. A method declares what it ``needs`` of a model (``Need``: with or
+without batch norm, dropout, ...); ``check`` refuses the rest, one message per trait, for
+the run and the dry run alike. A method talks to the run only
 through the ``RunContext`` given to ``fit``: the logger, a checkpoint slot per loop
 name, the cost counter and the evaluation plan. No module-level state.
 """
@@ -17,14 +20,15 @@ import abc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
 from bnn_bench.checkpoint import Checkpointer, Session
 from bnn_bench.data import Dataset, Split
+from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
-from bnn_bench.models import Model
+from bnn_bench.models import TRAITS, Model
 from bnn_bench.reporting.cost import Meter
 
 Posterior = Any  # a pytree with ``model`` (static) and ``info`` (a dict of numbers)
@@ -61,10 +65,86 @@ class RunContext:
         self.meter.count(**amounts)
 
 
+@dataclass(frozen=True)
+class Work:
+    """What a run of a method will do, counted without doing it (``Method.plan``).
+
+    Attributes:
+      steps: optimiser or sampler steps (of one network or chain; with a MAP step, the MAP's
+        steps plus the method's own).
+      grad_evals: minibatch gradient evaluations of all networks together.
+      members: S, the members the predictive averages.
+      batch_size: the training batch of one network (its examples per gradient).
+      networks: networks trained or chains run at once (device memory scales with it).
+    """
+
+    steps: int
+    grad_evals: int
+    members: int
+    batch_size: int
+    networks: int = 1
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a method needs of a model: a trait it must have (``present=True``) or lack.
+
+    Attributes:
+      trait: a key of ``models.TRAITS`` (``batch_norm``, ``dropout``, ``depthwise``).
+      present: True: the model must have the trait; False: it must not.
+      why: the reason, one clause (it completes "because ...").
+    """
+
+    trait: str
+    present: bool
+    why: str
+
+    def refusal(self, method: str, model: Model) -> str | None:
+        """None if ``model`` meets the need; else the one message for this trait."""
+        trait = TRAITS[self.trait]
+        if trait.of(model) == self.present:
+            return None
+        has = "has none" if self.present else f"has {trait.noun}"
+        fix = trait.with_ if self.present else trait.without
+        return (
+            f"method={method} needs a model {'with' if self.present else 'without'} "
+            f"{trait.noun} ({self.why}), and model {model.name or type(model.module).__name__} "
+            f"{has}. {fix}"
+        )
+
+
 class Method(abc.ABC):
-    """What ``run.py`` needs of a method. Subclasses implement ``fit`` and ``members``;
-    ``predict`` streams ``members`` into the summaries chunk by chunk (memory O(N·C)),
-    and ``save``, ``report`` and ``describe`` do nothing unless overridden."""
+    """What ``run.py`` needs of a method. Subclasses implement ``fit``, ``members`` and
+    ``plan``; ``predict`` streams ``members`` into the summaries chunk by chunk (memory
+    O(N·C)); ``check`` refuses a model that lacks what ``needs`` declares (subclasses add
+    their own refusals after ``super().check``); ``save`` and ``report`` do nothing unless
+    overridden.
+
+    Attributes:
+      needs: what the method needs of a model (checked by ``check``).
+      name: how the method is named in messages (its ``method=`` choice).
+    """
+
+    needs: ClassVar[tuple[Need, ...]] = ()
+    name: ClassVar[str] = ""
+
+    def check(self, model: Model, data: Dataset) -> None:
+        """Raises what ``fit`` would refuse, before any work: the run and the dry run call
+        it (``data`` may hold shapes only).
+
+        Raises:
+          UserError: what was wrong and what to do.
+        """
+        del data
+        for need in self.needs:
+            message = need.refusal(self.name or type(self).__name__.lower(), model)
+            if message is not None:
+                raise UserError(message)
+
+    @abc.abstractmethod
+    def plan(self, model: Model, data: Dataset) -> Work:
+        """The work of ``fit`` and ``predict`` without doing it (``data`` may hold shapes
+        only): steps, gradient evaluations, members, batch and networks."""
 
     @abc.abstractmethod
     def fit(
@@ -110,9 +190,4 @@ class Method(abc.ABC):
           num_bins: the calibration bins of the run's evaluation (``eval.num_bins``).
         """
         del key, posterior, sets, num_bins
-        return {}
-
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
-        """The plan of a run without doing it (``dry_run=true``): steps, samples, ..."""
-        del model, data
         return {}

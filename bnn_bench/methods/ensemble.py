@@ -21,7 +21,7 @@ from flax import struct
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
 
@@ -116,17 +116,17 @@ class Ensemble(StackedMethod):
         ctx.count(samples=self.size)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps (of each member), gradient evaluations (of all), members, batch, networks.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
         hold shapes only) and raises what ``fit`` would refuse."""
         del model
         steps = self.trainer.num_steps(data.train.size)
-        return {
-            "steps": steps,
-            "grad_evals": steps * self.size,
-            "members": self.size,
-            "batch_size": self.trainer.batch_size,
-            "networks": self.size,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps * self.size,
+            members=self.size,
+            batch_size=self.trainer.batch_size,
+            networks=self.size,
+        )

@@ -58,7 +58,7 @@ from jax.flatten_util import ravel_pytree
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
-from bnn_bench.methods.base import RunContext
+from bnn_bench.methods.base import RunContext, Work
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.methods.sgmcmc import (
     FoldingSampler,
@@ -312,7 +312,7 @@ class HMC(FoldingSampler):
     ) -> SamplePosterior:
         """Samples ``num_chains`` chains, folding every kept sample into the sets of
         ``ctx.plan`` (none outside a run: then only ``members`` gives the samples)."""
-        _check_model(model)
+        self.check(model, data)
         ctx = ctx or RunContext()
         plan = ctx.plan if ctx.plan is not None else EvalPlan({})
         carry, info = self._sample(key, model, data, plan, ctx)
@@ -446,28 +446,18 @@ class HMC(FoldingSampler):
             quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_log_members()
         )
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Transitions, gradient evaluations, members (chains x samples), batch (all of
         train), networks.
 
         For ``dry_run``. Gradient evaluations depend on the step size the warm-up
         finds; the plan counts them at the initial ``step_size`` (L = ⌈τ/ε⌉)."""
-        _check_model(model)
-        return {
-            "steps": self.total,
-            "grad_evals": self.num_chains * (1 + self.total * self._steps(self.step_size)),
-            "members": self.num_samples * self.num_chains,
-            "batch_size": data.train.size,
-            "networks": self.num_chains,
-        }
-
-
-def _check_model(model: Model) -> None:
-    if model.has_batch_norm:
-        raise UserError(
-            f"HMC needs a model without batch norm (its statistics are not parameters a "
-            f"sampler can draw), but model {model.name or ''} has batch_stats. Choose one "
-            f"without: model.use_bn=false (mobilenet), model.norm=none (lenet), or model=mlp/cnn."
+        return Work(
+            steps=self.total,
+            grad_evals=self.num_chains * (1 + self.total * self._steps(self.step_size)),
+            members=self.num_samples * self.num_chains,
+            batch_size=data.train.size,
+            networks=self.num_chains,
         )
 
 

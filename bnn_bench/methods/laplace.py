@@ -46,7 +46,7 @@ from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods import curvature as cv
 from bnn_bench.methods import kfac
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer, epoch_batches
 from bnn_bench.models import Model, Params, State, module_calls, num_params
@@ -692,22 +692,27 @@ class Laplace(Method):
         del key
         return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def check(self, model: Model, data: Dataset) -> None:
+        """Refuses a structure ``fit`` would refuse (e.g. ``full`` over more than
+        ``FULL_MAX_PARAMS`` parameters, ``kfac`` on a depthwise convolution)."""
+        super().check(model, data)
+        self.structure.covers(model)
+
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps and gradient evaluations of the MAP network (0 with ``init_from``),
         members (1 for the probit predictive), batch, networks.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
         hold shapes only), and refuses a structure ``fit`` would refuse (e.g. ``full``
         over more than ``FULL_MAX_PARAMS`` parameters)."""
-        self.structure.covers(model)
         steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
-        return {
-            "steps": steps,
-            "grad_evals": steps,
-            "members": self.predictive.size,
-            "batch_size": self.trainer.batch_size,
-            "networks": 1,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps,
+            members=self.predictive.size,
+            batch_size=self.trainer.batch_size,
+            networks=1,
+        )
 
 
 # ---------------------------------------------------------------------- jitted pieces

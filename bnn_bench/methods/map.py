@@ -13,7 +13,7 @@ from flax import serialization, struct
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
 
@@ -60,20 +60,20 @@ class MAP(Method):
         post-hoc methods' ``init_from``)."""
         return save_point(out_dir, posterior.params, posterior.state)
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps, gradient evaluations, members, batch and networks trained at once.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
         hold shapes only) and raises what ``fit`` would refuse."""
         del model
         steps = self.trainer.num_steps(data.train.size)
-        return {
-            "steps": steps,
-            "grad_evals": steps,
-            "members": 1,
-            "batch_size": self.trainer.batch_size,
-            "networks": 1,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps,
+            members=1,
+            batch_size=self.trainer.batch_size,
+            networks=1,
+        )
 
 
 def map_metrics(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import Method, Need, RunContext, Work
 from bnn_bench.methods.map import PointPosterior, checkpoint_path, map_metrics, save_point
 from bnn_bench.methods.posthoc import map_point
 from bnn_bench.methods.training import Trainer
@@ -112,6 +113,9 @@ class MCDropout(Method):
       chunk_size: passes evaluated together, (chunk_size, N, C) at a time.
     """
 
+    name: ClassVar = "mc_dropout"
+    needs: ClassVar = (Need("dropout", True, "rate > 0: without it, its members would all agree"),)
+
     trainer: Trainer
     init_from: str | None = None
     num_samples: int = 16
@@ -130,24 +134,23 @@ class MCDropout(Method):
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> PointPosterior:
         ctx = ctx or RunContext()
-        _check_dropout(model)
+        self.check(model, data)
         params, state = map_point(key, model, data, self.trainer, self.init_from, ctx)
         ctx.count(samples=self.num_samples)
         return PointPosterior(model=model, params=params, state=state)
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps and gradient evaluations of the MAP network (0 with ``init_from``),
         members, batch, networks. For ``dry_run``: counts the work of ``fit`` without
         doing it and raises what ``fit`` would refuse."""
-        _check_dropout(model)
         steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
-        return {
-            "steps": steps,
-            "grad_evals": steps,
-            "members": self.num_samples,
-            "batch_size": self.trainer.batch_size,
-            "networks": 1,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps,
+            members=self.num_samples,
+            batch_size=self.trainer.batch_size,
+            networks=1,
+        )
 
     def members(
         self, key: jax.Array, posterior: PointPosterior, x: jax.Array
@@ -173,14 +176,3 @@ class MCDropout(Method):
         ``map/<set>/{acc,nll,ece,brier}``."""
         del key
         return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
-
-
-def _check_dropout(model: Model) -> None:
-    """Refuses a model without dropout (or with rate 0): its members would all agree."""
-    if not any(r > 0 for r in dropout_rates(model)):
-        raise UserError(
-            f"method=mc_dropout needs a model with dropout, and model "
-            f"{model.name or type(model.module).__name__} has none (or rate 0). Set "
-            f"model.dropout_rate, e.g. model.dropout_rate=0.2 (mlp, cnn, lenet), "
-            f"or use model=convmod."
-        )

@@ -29,6 +29,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -37,7 +38,7 @@ from flax import struct, traverse_util
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import Method, Need, RunContext, Work
 from bnn_bench.methods.map import map_metrics, save_point
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
@@ -125,6 +126,9 @@ class MCBN(Method):
         convention) instead of the biased one (training-mode BatchNorm, Teye et al.).
     """
 
+    name: ClassVar = "mcbn"
+    needs: ClassVar = (Need("batch_norm", True, "its members are batch-norm statistics"),)
+
     trainer: Trainer
     num_estimators: int = 8
     mc_batch_size: int = 32
@@ -139,22 +143,23 @@ class MCBN(Method):
                 f"inputs); got {self.mc_batch_size}."
             )
 
+    def check(self, model: Model, data: Dataset) -> None:
+        """Refuses a model without batch norm (``needs``) and a batch larger than train."""
+        super().check(model, data)
+        self._check_batch(data.train.size)
+
+    def _check_batch(self, n_train: int) -> None:
+        if self.mc_batch_size > n_train:
+            raise UserError(
+                f"method.mc_batch_size={self.mc_batch_size} is larger than the "
+                f"training split ({n_train} inputs); lower it."
+            )
+
     def fit(
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> MCBNPosterior:
         ctx = ctx or RunContext()
-        if not model.has_batch_norm:
-            raise UserError(
-                f"method=mcbn needs a model with BatchNorm, and model "
-                f"{model.name or type(model.module).__name__} has none. Use "
-                f"model=lenet model.norm=batchnorm, or model=mobilenet "
-                f"model.use_bn=true."
-            )
-        if self.mc_batch_size > data.train.size:  # before training
-            raise UserError(
-                f"method.mc_batch_size={self.mc_batch_size} is larger than the "
-                f"training split ({data.train.size} inputs); lower it."
-            )
+        self.check(model, data)  # before training
         ts = self.trainer.train(key, model, data, ctx)  # the `map` run's network
         ctx.count(samples=self.num_estimators)
         return self.fit_statistics(
@@ -168,11 +173,7 @@ class MCBN(Method):
         inputs and stores each one's BatchNorm statistics (TorchUncertainty's
         ``MCBatchNorm.fit``). ``params``/``state`` are the trained network's, kept as is."""
         n = train.size
-        if self.mc_batch_size > n:
-            raise UserError(
-                f"method.mc_batch_size={self.mc_batch_size} is larger than the "
-                f"training split ({n} inputs); lower it."
-            )
+        self._check_batch(n)
         idx = jax.vmap(
             lambda s: jax.random.permutation(jax.random.fold_in(key, s), n)[: self.mc_batch_size]
         )(jnp.arange(self.num_estimators))  # (S, m)
@@ -211,27 +212,17 @@ class MCBN(Method):
         del key
         return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps and gradient evaluations of the MAP network, members (estimators),
         batch, networks.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
         hold shapes only) and raises what ``fit`` would refuse."""
-        if not model.has_batch_norm:
-            raise UserError(
-                f"method=mcbn needs a model with BatchNorm, and model {model.name} has none. "
-                f"Use model=lenet model.norm=batchnorm, or model=mobilenet model.use_bn=true."
-            )
-        if self.mc_batch_size > data.train.size:
-            raise UserError(
-                f"method.mc_batch_size={self.mc_batch_size} is larger than the training "
-                f"split ({data.train.size} inputs); lower it."
-            )
         steps = self.trainer.num_steps(data.train.size)
-        return {
-            "steps": steps,
-            "grad_evals": steps,
-            "members": self.num_estimators,
-            "batch_size": self.trainer.batch_size,
-            "networks": 1,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps,
+            members=self.num_estimators,
+            batch_size=self.trainer.batch_size,
+            networks=1,
+        )

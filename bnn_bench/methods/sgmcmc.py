@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods import schedules
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import Method, Need, RunContext, Work
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.methods.schedules import Schedule
 from bnn_bench.methods.sgmcmc_kernels import Kernel
@@ -193,6 +193,10 @@ class FoldingSampler(Method):
     """A sampler that folds its members into the evaluation while it samples (SG-MCMC,
     HMC): ``fit`` returns a ``SamplePosterior`` whose summaries ``predict`` hands on, and
     whose kept samples, or a replay of the chains, give ``members``."""
+
+    needs: ClassVar = (
+        Need("batch_norm", False, "its statistics are not parameters a sampler can draw"),
+    )
 
     def predict(
         self, key: jax.Array, posterior: SamplePosterior, plan: EvalPlan
@@ -354,12 +358,7 @@ class SGMCMC(FoldingSampler):
     ) -> SamplePosterior:
         """Samples ``num_chains`` chains, folding every accepted sample into the sets of
         ``ctx.plan`` (none outside a run: then only ``members`` gives the samples)."""
-        if model.has_batch_norm:
-            raise UserError(
-                f"SG-MCMC needs a model without batch norm, but model {model.name or ''} has "
-                f"batch_stats. Choose one without: model.use_bn=false (mobilenet), "
-                f"model.norm=none (lenet), or model=mlp/cnn."
-            )
+        self.check(model, data)
         ctx = ctx or RunContext()
         plan = ctx.plan if ctx.plan is not None else EvalPlan({})
         carry, info = self._sample(key, model, data, plan, ctx)
@@ -445,26 +444,20 @@ class SGMCMC(FoldingSampler):
     def name(self) -> str:
         return self.kernel.step.__qualname__.split(".")[0]
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps per chain, gradient evaluations, members (chains x samples), batch,
         networks (chains).
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
         hold shapes only) and raises what ``fit`` would refuse."""
-        if model.has_batch_norm:
-            raise UserError(
-                f"SG-MCMC needs a model without batch norm (its statistics are not "
-                f"parameters a sampler can draw), but model {model.name} has batch_stats. "
-                f"Choose one without: model.use_bn=false (mobilenet), model.norm=none (lenet)."
-            )
         total, _, accepted = self.budget(data.train.size)
-        return {
-            "steps": total,
-            "grad_evals": total * self.num_chains * self.kernel.grads_per_step,
-            "members": len(accepted) * self.num_chains,
-            "batch_size": self.batch_size,
-            "networks": self.num_chains,
-        }
+        return Work(
+            steps=total,
+            grad_evals=total * self.num_chains * self.kernel.grads_per_step,
+            members=len(accepted) * self.num_chains,
+            batch_size=self.batch_size,
+            networks=self.num_chains,
+        )
 
 
 def chains_nll(model: Model, x: jax.Array, y: jax.Array) -> Callable[[Params], jax.Array]:

@@ -59,7 +59,7 @@ from jax.flatten_util import ravel_pytree
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.methods.map import checkpoint_path, map_metrics, save_point
 from bnn_bench.methods.mcbn import batch_norm_statistics
@@ -506,8 +506,10 @@ class SWAG(Method):
         total = self.sgd.num_steps(n_train)
         return len(collection_steps(total, self.collect_interval(n_train)))
 
-    def _check(self, model: Model, n_train: int) -> None:
+    def check(self, model: Model, data: Dataset) -> None:
         """Refuses, before any training, what the run could not use."""
+        super().check(model, data)
+        n_train = data.train.size
         collected, need = self.collections(n_train), self.covariance.min_iterates
         if collected < need:
             raise UserError(
@@ -540,7 +542,7 @@ class SWAG(Method):
     ) -> SWAGPosterior:
         ctx = ctx or RunContext()
         n = data.train.size
-        self._check(model, n)
+        self.check(model, data)
         params, state = map_point(key, model, data, self.trainer, self.init_from, ctx)
         theta, unravel = ravel_pytree(params)
         tx = self.sgd.make_optimizer()
@@ -586,20 +588,19 @@ class SWAG(Method):
         for start in range(0, thetas.shape[0], _CHUNK):
             yield _member_probs(posterior, thetas[start : start + _CHUNK], x)
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps and gradient evaluations of the MAP network (0 with ``init_from``) and
         the SGD phase, members, batch, networks. For ``dry_run``: counts the work of
         ``fit`` without doing it and raises what ``fit`` would refuse."""
         n = data.train.size
-        self._check(model, n)
         steps = (0 if self.init_from else self.trainer.num_steps(n)) + self.sgd.num_steps(n)
-        return {
-            "steps": steps,
-            "grad_evals": steps,
-            "members": self.covariance.size,
-            "batch_size": self.sgd.batch_size,
-            "networks": 1,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps,
+            members=self.covariance.size,
+            batch_size=self.sgd.batch_size,
+            networks=1,
+        )
 
     def save(self, out_dir: Path, posterior: SWAGPosterior) -> Path:
         """Writes the MAP network, so a later run can reuse it with ``init_from``."""

@@ -29,7 +29,7 @@ from scipy.special import logsumexp
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.map import checkpoint_path, map_metrics, save_point
 from bnn_bench.methods.posthoc import map_point
 from bnn_bench.methods.training import Trainer
@@ -173,18 +173,18 @@ class TemperatureScaling(Method):
         logits = jax.jit(model.logits)(posterior.params, posterior.state, x)  # (N, C)
         yield jax.nn.log_softmax(logits / posterior.temperature, axis=-1)[None]  # (1, N, C)
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps and gradient evaluations of the MAP network (0 with ``init_from``),
         members, batch, networks. For ``dry_run``: counts the work of ``fit`` without
         doing it and raises what ``fit`` would refuse."""
         steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
-        return {
-            "steps": steps,
-            "grad_evals": steps,
-            "members": 1,
-            "batch_size": self.trainer.batch_size,
-            "networks": 1,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps,
+            members=1,
+            batch_size=self.trainer.batch_size,
+            networks=1,
+        )
 
     def save(self, out_dir: Path, posterior: TemperedPosterior) -> Path:
         """Writes the MAP network, so a later run can reuse it with ``init_from``."""

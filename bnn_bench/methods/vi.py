@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -51,8 +51,7 @@ from flax import serialization, struct, traverse_util
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.methods.base import Method, RunContext
-from bnn_bench.methods.mc_dropout import dropout_rates
+from bnn_bench.methods.base import Method, Need, RunContext, Work
 from bnn_bench.methods.training import Trainer, epoch_batches, scan_steps
 from bnn_bench.models import Model, Params, module_calls
 from bnn_bench.models.layers import Conv
@@ -262,6 +261,12 @@ class VI(Method):
       chunk_size: members evaluated together, (chunk_size, N, C) at a time.
     """
 
+    name: ClassVar = "vi"
+    needs: ClassVar = (
+        Need("batch_norm", False, "its running statistics are not parameters q can describe"),
+        Need("dropout", False, "q draws the noise; dropout would add a second"),
+    )
+
     trainer: Trainer
     prior_scale: float = 1.0
     init_std: float = 1e-3
@@ -288,21 +293,6 @@ class VI(Method):
                 f"parameters; the prior is method.prior_scale. Set trainer.l2=0."
             )
 
-    def check_model(self, model: Model) -> None:
-        """Refuses batch norm and dropout (see the module docstring), before any work."""
-        name = model.name or type(model.module).__name__
-        if model.has_batch_norm:
-            raise UserError(
-                f"method=vi needs a model without batch norm (its running statistics are "
-                f"not parameters q can describe), but model {name} has batch_stats. Choose "
-                f"one without: model.norm=none (lenet), model.use_bn=false (mobilenet)."
-            )
-        if any(r > 0 for r in dropout_rates(model)):
-            raise UserError(
-                f"method=vi draws its noise from q; model {name} also has dropout. Set "
-                f"model.dropout_rate=0 (mlp, cnn, lenet, convmod)."
-            )
-
     def warmup_steps(self, n: int) -> int:
         return round(self.kl_warmup_epochs * self.trainer.steps_per_epoch(n))
 
@@ -310,7 +300,7 @@ class VI(Method):
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> VIPosterior:
         ctx = ctx or RunContext()
-        self.check_model(model)
+        self.check(model, data)
         k_init, k_data, k_noise = jax.random.split(key, 3)
         mean, _ = model.init(k_init)
         rho = jax.tree.map(lambda m: jnp.full_like(m, softplus_inverse(self.init_std)), mean)
@@ -377,17 +367,16 @@ class VI(Method):
         path.write_bytes(serialization.to_bytes(tree))
         return path
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps, gradient evaluations (steps × num_train_samples), members, batch.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may hold
         shapes only) and raises what ``fit`` would refuse."""
-        self.check_model(model)
         steps = self.trainer.num_steps(data.train.size)
-        return {
-            "steps": steps,
-            "grad_evals": steps * self.num_train_samples,
-            "members": self.num_samples,
-            "batch_size": self.trainer.batch_size,
-            "networks": 1,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps * self.num_train_samples,
+            members=self.num_samples,
+            batch_size=self.trainer.batch_size,
+            networks=1,
+        )

@@ -23,7 +23,7 @@ import jax
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import PredictiveSummary
-from bnn_bench.methods.base import RunContext
+from bnn_bench.methods.base import RunContext, Work
 from bnn_bench.methods.ensemble import StackedMethod, StackedPosterior, stacked_log_probs
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model
@@ -87,7 +87,7 @@ class Vote(StackedMethod):
             out |= member_std_metrics(summary, f"{name}/")
         return out
 
-    def describe(self, model: Model, data: Dataset) -> dict[str, float]:
+    def plan(self, model: Model, data: Dataset) -> Work:
         """Steps, gradient evaluations (one per voter and step, on its slice of the
         batch), members, each voter's batch, networks.
 
@@ -95,10 +95,10 @@ class Vote(StackedMethod):
         hold shapes only) and raises what ``fit`` would refuse."""
         del model
         steps = self.trainer.num_steps(data.train.size)
-        return {
-            "steps": steps,
-            "grad_evals": steps * self.n_voters,
-            "members": self.n_voters,
-            "batch_size": self.trainer.batch_size // self.n_voters,
-            "networks": self.n_voters,
-        }
+        return Work(
+            steps=steps,
+            grad_evals=steps * self.n_voters,
+            members=self.n_voters,
+            batch_size=self.trainer.batch_size // self.n_voters,
+            networks=self.n_voters,
+        )

@@ -91,6 +91,58 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Trait:
+    """A property of a model that some methods need or refuse (``methods.base.Need``).
+
+    Attributes:
+      noun: how messages name it ("batch norm").
+      of: whether a model has it (computed on shapes, without data).
+      with_: how to choose a model that has it (one sentence).
+      without: how to choose a model that lacks it (one sentence).
+    """
+
+    noun: str
+    of: Callable[[Model], bool]
+    with_: str
+    without: str
+
+
+def _has_dropout(model: Model) -> bool:
+    return any(
+        isinstance(c.module, nn.Dropout) and float(c.module.rate) > 0 for c in module_calls(model)
+    )
+
+
+def _has_depthwise(model: Model) -> bool:
+    return any(getattr(c.module, "feature_group_count", 1) != 1 for c in module_calls(model))
+
+
+# The traits methods declare needs on; the one place each trait's refusal is worded.
+TRAITS: dict[str, Trait] = {
+    "batch_norm": Trait(
+        "batch norm",
+        lambda model: model.has_batch_norm,
+        "Use model=lenet model.norm=batchnorm, or model=mobilenet model.use_bn=true.",
+        "Choose one without: model=mlp or model=cnn, model.norm=none (lenet), "
+        "model.use_bn=false (mobilenet).",
+    ),
+    "dropout": Trait(
+        "dropout",
+        _has_dropout,
+        "Set model.dropout_rate, e.g. model.dropout_rate=0.2 (mlp, cnn, lenet), or use "
+        "model=convmod.",
+        "Set model.dropout_rate=0 (mlp, cnn, lenet, convmod).",
+    ),
+    "depthwise": Trait(
+        "depthwise convolutions",
+        _has_depthwise,
+        "Use model=mobilenet.",
+        "Choose a model without: model=mlp, cnn, lenet or convmod.",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Call:
     """One call of a submodule's ``__call__`` in a forward pass.
 

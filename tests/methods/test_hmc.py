@@ -204,8 +204,8 @@ def test_a_model_with_batch_norm_is_refused():
     data = build(cfg.dataset, "dataset")
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "lenet")
-    with pytest.raises(UserError, match="HMC needs a model without batch norm"):
-        build(cfg.method, "method").describe(model, data)
+    with pytest.raises(UserError, match="method=hmc needs a model without batch norm"):
+        build(cfg.method, "method").check(model, data)
 
 
 def test_the_log_density_is_sgmcmcs_on_all_of_train_divided_by_t():

@@ -124,7 +124,7 @@ def test_statistics_use_the_biased_variance_unless_told(unbiased):
 
 def test_model_without_batch_norm_is_a_clear_error(tmp_path):
     cfg = compose_cfg(*[o for o in SMALL if not o.startswith("model")], "model=mlp")
-    with pytest.raises(UserError, match="needs a model with BatchNorm.*model.norm=batchnorm"):
+    with pytest.raises(UserError, match="needs a model with batch norm.*model.norm=batchnorm"):
         run(cfg, tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 

@@ -302,14 +302,14 @@ def test_default_collection_is_twice_the_rank_evenly_over_the_phase():
 def test_warns_below_twice_the_rank_of_collected_iterates(caplog):
     data, model, method = _setup("method.covariance.rank=5")  # 9 iterates, 2K = 10
     with caplog.at_level("WARNING", logger="bnn_bench"):
-        method.describe(model, data)  # what fit and the dry run check
+        method.check(model, data)  # what fit and the dry run check
     assert "SWAG collects 9 iterates for method.covariance.rank=5" in caplog.text
     assert f"about {low_rank_fraction(9, 5):.2f} of the covariance" in caplog.text
     assert "2 x rank = 10" in caplog.text
     caplog.clear()
     data, model, method = _setup()  # rank 4: 9 >= 8
     with caplog.at_level("WARNING", logger="bnn_bench"):
-        method.describe(model, data)
+        method.check(model, data)
     assert "SWAG collects" not in caplog.text
 
 

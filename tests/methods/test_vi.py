@@ -228,7 +228,7 @@ def test_kl_warmup_weights_the_kl_linearly():
 def test_refuses_batch_norm_and_dropout(overrides, message):
     data, model, method = _setup("vi", *overrides)
     with pytest.raises(UserError, match=message):
-        method.describe(model, data)
+        method.check(model, data)
     with pytest.raises(UserError, match=message):
         method.fit(jax.random.key(0), model, data)
 
