@@ -13,7 +13,7 @@ import pytest
 from bnn_bench.config import build
 from bnn_bench.data import Spec, Split
 from bnn_bench.errors import UserError
-from bnn_bench.methods.mcbn import MCBN
+from bnn_bench.methods.posthoc.mcbn import MCBN
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg

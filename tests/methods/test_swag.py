@@ -18,7 +18,7 @@ from jax.flatten_util import ravel_pytree
 from bnn_bench.checkpoint import Preempted
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
-from bnn_bench.methods.swag import (
+from bnn_bench.methods.posthoc.swag import (
     SGD_SALT,
     SWA,
     Diagonal,

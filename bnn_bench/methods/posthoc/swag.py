@@ -62,8 +62,8 @@ from bnn_bench.errors import UserError
 from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.methods.map import checkpoint_path, map_metrics, save_point
-from bnn_bench.methods.mcbn import batch_norm_statistics
 from bnn_bench.methods.posthoc import map_point
+from bnn_bench.methods.posthoc.mcbn import batch_norm_statistics
 from bnn_bench.methods.training import Trainer, TrainState, epoch_batches, make_chunk_runner
 from bnn_bench.models import Model, Params, State
 
