@@ -13,7 +13,7 @@ import pytest
 from bnn_bench.config import build
 from bnn_bench.data import Spec, Split
 from bnn_bench.errors import UserError
-from bnn_bench.methods.mcbn import MCBN
+from bnn_bench.methods.posthoc.mcbn import MCBN
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
@@ -132,3 +132,22 @@ def test_model_without_batch_norm_is_a_clear_error(tmp_path):
 def test_default_is_biased_and_the_torchuncertainty_preset_uses_its_unbiased_convention():
     assert build(compose_cfg(*SMALL).method, "method").unbiased_variance is False
     assert compose_cfg("experiment=tu_mnist_mcbn").method.unbiased_variance is True
+
+
+def test_init_from_a_map_run_gives_the_members_of_training(tmp_path):
+    """``init_from`` a `map` run of the same LeNet-BN and seed: the members are those of an
+    `mcbn` run that trains its own MAP (the same network, the same minibatch keys); the
+    trainer is ignored (1 epoch here would give another network), and nothing is trained."""
+    as_map = [o for o in SMALL if not o.startswith("method")]
+    mapped = run(compose_cfg(*as_map, "method=map"), tmp_path / "map")
+    trained = run(compose_cfg(*SMALL), tmp_path / "trained")
+    loaded = run(
+        compose_cfg(*SMALL, f"method.init_from={tmp_path / 'map'}", "trainer.epochs=1"),
+        tmp_path / "loaded",
+    )
+    assert loaded["map/test/acc"] == mapped["test/acc"]
+    assert loaded["map/test/nll"] == pytest.approx(mapped["test/nll"], rel=1e-6)
+    for name in ("test/acc", "test/nll", "test/ece"):
+        assert loaded[name] == pytest.approx(trained[name], rel=1e-6), name
+    assert trained["cost/grad_evals"] > 0 and loaded.get("cost/grad_evals", 0) == 0
+    assert loaded["test/nll"] != pytest.approx(loaded["map/test/nll"], rel=1e-4)  # MC != MAP

@@ -18,18 +18,18 @@ from jax.flatten_util import ravel_pytree
 from bnn_bench.checkpoint import Preempted
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
-from bnn_bench.methods.swag import (
-    SGD_SALT,
+from bnn_bench.methods.posthoc.swag import SGD_SALT
+from bnn_bench.methods.posthoc.swag_covariance import (
     SWA,
     Diagonal,
     LowRank,
-    SGDPhase,
     low_rank_fraction,
     swag_collect,
     swag_covariance,
     swag_init,
     swag_sample,
 )
+from bnn_bench.methods.posthoc.swag_sgd import SGDPhase
 from bnn_bench.methods.training import cross_entropy, epoch_batches
 from bnn_bench.models import build_model
 from bnn_bench.run import run

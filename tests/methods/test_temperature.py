@@ -11,7 +11,7 @@ from scipy.special import log_softmax
 
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
-from bnn_bench.methods.temperature import fit_temperature
+from bnn_bench.methods.posthoc.temperature import fit_temperature
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg

@@ -18,7 +18,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +27,10 @@ from flax import struct
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
-from bnn_bench.data import Dataset, Split
+from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import Method, RunContext, Work
-from bnn_bench.methods.map import checkpoint_path, map_metrics, save_point
-from bnn_bench.methods.posthoc import map_point
-from bnn_bench.methods.training import Trainer
+from bnn_bench.methods.base import RunContext, Work
+from bnn_bench.methods.posthoc.base import PostHoc
 from bnn_bench.models import Model, Params, State
 
 log = logging.getLogger(__name__)
@@ -105,41 +103,48 @@ class TemperedPosterior:
     info: dict[str, float] = struct.field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class TemperatureScaling(Method):
+@dataclass(frozen=True, kw_only=True)
+class TemperatureScaling(PostHoc):
     """A MAP network whose logits are divided by a temperature fitted on the validation split.
 
     Attributes:
-      trainer: trains the MAP network (ignored with ``init_from``).
-      init_from: a run folder whose ``checkpoint/map.msgpack`` holds the MAP network
-        (written by every ``map``, ``laplace``, ``temperature``, ... run); None to train.
+      trainer, init_from: the MAP network (``PostHoc``).
       temperature_range: [low, high], the interval T is searched in.
     """
 
-    trainer: Trainer
-    init_from: str | None = None
+    name: ClassVar = "temperature"
+
     temperature_range: tuple[float, float] = (0.05, 20.0)
 
     def __post_init__(self):
+        super().__post_init__()
         low, high = (float(v) for v in self.temperature_range)
         if not 0 < low < high:
             raise UserError(
                 f"method.temperature_range must be [low, high] with 0 < low < high; "
                 f"got {list(self.temperature_range)}."
             )
-        if self.init_from is not None:
-            checkpoint_path(self.init_from)  # fails now, before data or training
 
-    def fit(
-        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
-    ) -> TemperedPosterior:
-        ctx = ctx or RunContext()
+    def check(self, model: Model, data: Dataset) -> None:
+        """Refuses a dataset without a validation split (T is fitted on it)."""
+        super().check(model, data)
         if data.val is None:
             raise UserError(
                 "method=temperature fits T on the validation split, and this dataset "
                 "has none; set dataset.val_fraction > 0 (e.g. dataset.val_fraction=0.1)."
             )
-        params, state = map_point(key, model, data, self.trainer, self.init_from, ctx)
+
+    def fit_map(
+        self,
+        key: jax.Array,
+        model: Model,
+        data: Dataset,
+        params: Params,
+        state: State,
+        ctx: RunContext,
+    ) -> TemperedPosterior:
+        """Fits T on the validation logits of the MAP network ``(params, state)``."""
+        del key  # deterministic
         logits = jax.jit(model.logits)(params, state, data.val.x)  # (n_val, C)
         t = fit_temperature(logits, data.val.y, self.temperature_range)
         before = temperature_nll(logits, data.val.y, 1.0)
@@ -168,31 +173,12 @@ class TemperatureScaling(Method):
     def members(
         self, key: jax.Array, posterior: TemperedPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
+        """One member (1, N, C): the MAP's logits divided by T."""
         del key  # deterministic
         model = posterior.model
         logits = jax.jit(model.logits)(posterior.params, posterior.state, x)  # (N, C)
         yield jax.nn.log_softmax(logits / posterior.temperature, axis=-1)[None]  # (1, N, C)
 
-    def plan(self, model: Model, data: Dataset) -> Work:
-        """Steps and gradient evaluations of the MAP network (0 with ``init_from``),
-        members, batch, networks. For ``dry_run``: counts the work of ``fit`` without
-        doing it and raises what ``fit`` would refuse."""
-        steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
-        return Work(
-            steps=steps,
-            grad_evals=steps,
-            members=1,
-            batch_size=self.trainer.batch_size,
-            networks=1,
-        )
-
-    def save(self, out_dir: Path, posterior: TemperedPosterior) -> Path:
-        """Writes the MAP network, so a later run can reuse it with ``init_from``."""
-        return save_point(out_dir, posterior.params, posterior.state)
-
-    def report(
-        self, key: jax.Array, posterior: TemperedPosterior, sets: dict[str, Split], num_bins: int
-    ) -> dict[str, float]:
-        """The MAP network's own prediction (T = 1): ``map/<set>/{acc,nll,ece,brier}``."""
-        del key
-        return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
+    def plan_map(self, model: Model, data: Dataset) -> Work:
+        """No steps after the MAP; one member."""
+        return Work(steps=0, grad_evals=0, members=1, batch_size=0)

@@ -20,7 +20,8 @@ The trained network's running statistics are kept beside them: the MAP predictio
 is reported as ``map/<split>/{acc,nll,ece,brier}``, and ``save`` writes the MAP
 network for a later run's ``init_from``. The MAP part is trained from
 the same key as ``method=map`` uses, so it is the network a ``map`` run with the
-same seed and trainer gives.
+same seed and trainer gives, or loaded from such a run (``init_from``); the
+minibatches are drawn from ``fold_in(key, _MC_SALT)`` either way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import flax.linen as nn
@@ -38,9 +38,8 @@ from flax import struct, traverse_util
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import Method, Need, RunContext, Work
-from bnn_bench.methods.map import map_metrics, save_point
-from bnn_bench.methods.training import Trainer
+from bnn_bench.methods.base import Need, RunContext, Work
+from bnn_bench.methods.posthoc.base import PostHoc
 from bnn_bench.models import Model, Params, State
 
 _MC_SALT = 0x6D63626E  # "mcbn": the minibatch key, apart from the MAP training's keys
@@ -114,12 +113,12 @@ def batch_norm_statistics(
     return traverse_util.unflatten_dict(found)
 
 
-@dataclass(frozen=True)
-class MCBN(Method):
+@dataclass(frozen=True, kw_only=True)
+class MCBN(PostHoc):
     """A MAP network whose BatchNorm statistics come from random training minibatches.
 
     Attributes:
-      trainer: optimiser, schedule and budget of the MAP network (``trainer`` group).
+      trainer, init_from: the MAP network, with BatchNorm (``PostHoc``).
       num_estimators: S, the number of minibatches (members).
       mc_batch_size: inputs per minibatch (at most the training split's size).
       unbiased_variance: store the unbiased batch variance (TorchUncertainty's
@@ -129,12 +128,12 @@ class MCBN(Method):
     name: ClassVar = "mcbn"
     needs: ClassVar = (Need("batch_norm", True, "its members are batch-norm statistics"),)
 
-    trainer: Trainer
     num_estimators: int = 8
     mc_batch_size: int = 32
     unbiased_variance: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_estimators < 1:
             raise UserError(f"method.num_estimators must be >= 1; got {self.num_estimators}.")
         if self.mc_batch_size < 2:
@@ -155,15 +154,20 @@ class MCBN(Method):
                 f"training split ({n_train} inputs); lower it."
             )
 
-    def fit(
-        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
+    def fit_map(
+        self,
+        key: jax.Array,
+        model: Model,
+        data: Dataset,
+        params: Params,
+        state: State,
+        ctx: RunContext,
     ) -> MCBNPosterior:
-        ctx = ctx or RunContext()
-        self.check(model, data)  # before training
-        ts = self.trainer.train(key, model, data, ctx)  # the `map` run's network
+        """The MC statistics of the MAP network ``(params, state)`` (``fit_statistics``),
+        from the minibatches of ``fold_in(key, _MC_SALT)``."""
         ctx.count(samples=self.num_estimators)
         return self.fit_statistics(
-            jax.random.fold_in(key, _MC_SALT), model, ts.params, ts.state, data.train
+            jax.random.fold_in(key, _MC_SALT), model, params, state, data.train
         )
 
     def fit_statistics(
@@ -188,7 +192,9 @@ class MCBN(Method):
     def members(
         self, key: jax.Array, posterior: MCBNPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
-        del key  # the statistics were drawn in fit
+        """The estimators in chunks (s, N, C): the MAP network normalised with each one's
+        statistics (the same for any ``key``: they were drawn in ``fit``)."""
+        del key
         model = posterior.model
         log_probs = jax.jit(
             jax.vmap(
@@ -201,28 +207,6 @@ class MCBN(Method):
             stats = jax.tree.map(lambda a, i=start: a[i : i + _CHUNK], posterior.mc_stats)
             yield log_probs(posterior.params, posterior.state, stats, x)  # (s, N, C)
 
-    def save(self, out_dir: Path, posterior: MCBNPosterior) -> Path:
-        """Writes the MAP network (trained running statistics), for ``init_from``."""
-        return save_point(out_dir, posterior.params, posterior.state)
-
-    def report(
-        self, key: jax.Array, posterior: MCBNPosterior, sets: dict[str, Split], num_bins: int
-    ) -> dict[str, float]:
-        """The MAP prediction (trained running statistics): ``map/<set>/{acc,nll,ece,brier}``."""
-        del key
-        return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
-
-    def plan(self, model: Model, data: Dataset) -> Work:
-        """Steps and gradient evaluations of the MAP network, members (estimators),
-        batch, networks.
-
-        For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
-        hold shapes only) and raises what ``fit`` would refuse."""
-        steps = self.trainer.num_steps(data.train.size)
-        return Work(
-            steps=steps,
-            grad_evals=steps,
-            members=self.num_estimators,
-            batch_size=self.trainer.batch_size,
-            networks=1,
-        )
+    def plan_map(self, model: Model, data: Dataset) -> Work:
+        """No steps after the MAP (the statistics are forward passes); the estimators."""
+        return Work(steps=0, grad_evals=0, members=self.num_estimators, batch_size=0)

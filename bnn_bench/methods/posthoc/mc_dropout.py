@@ -18,19 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnn_bench.data import Dataset, Split
+from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import Method, Need, RunContext, Work
-from bnn_bench.methods.map import PointPosterior, checkpoint_path, map_metrics, save_point
-from bnn_bench.methods.posthoc import map_point
-from bnn_bench.methods.training import Trainer
+from bnn_bench.methods.base import Need, RunContext, Work
+from bnn_bench.methods.map import PointPosterior
+from bnn_bench.methods.posthoc.base import PostHoc
 from bnn_bench.models import Model, Params, State, module_calls
 
 
@@ -101,14 +99,13 @@ def dropout_rates(model: Model) -> list[float]:
     return [float(c.module.rate) for c in module_calls(model) if isinstance(c.module, nn.Dropout)]
 
 
-@dataclass(frozen=True)
-class MCDropout(Method):
+@dataclass(frozen=True, kw_only=True)
+class MCDropout(PostHoc):
     """A network trained with dropout; S stochastic forward passes with dropout on.
 
     Attributes:
-      trainer: trains the network, with dropout (ignored with ``init_from``).
-      init_from: a run folder whose ``checkpoint/map.msgpack`` holds a network of the
-        same model (e.g. a ``method=map model.dropout_rate=0.2`` run); None to train.
+      trainer, init_from: the network, trained with dropout (``PostHoc``); ``init_from``
+        e.g. a ``method=map model.dropout_rate=0.2`` run.
       num_samples: S, the stochastic forward passes (members).
       chunk_size: passes evaluated together, (chunk_size, N, C) at a time.
     """
@@ -116,45 +113,40 @@ class MCDropout(Method):
     name: ClassVar = "mc_dropout"
     needs: ClassVar = (Need("dropout", True, "rate > 0: without it, its members would all agree"),)
 
-    trainer: Trainer
-    init_from: str | None = None
     num_samples: int = 16
     chunk_size: int = 8
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_samples < 1 or self.chunk_size < 1:
             raise UserError(
                 f"method.num_samples and method.chunk_size must be >= 1; got "
                 f"{self.num_samples} and {self.chunk_size}."
             )
-        if self.init_from is not None:
-            checkpoint_path(self.init_from)  # fails now, before data or training
 
-    def fit(
-        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
+    def fit_map(
+        self,
+        key: jax.Array,
+        model: Model,
+        data: Dataset,
+        params: Params,
+        state: State,
+        ctx: RunContext,
     ) -> PointPosterior:
-        ctx = ctx or RunContext()
-        self.check(model, data)
-        params, state = map_point(key, model, data, self.trainer, self.init_from, ctx)
+        """The trained network itself: its members draw their masks in ``members``."""
+        del key, data
         ctx.count(samples=self.num_samples)
         return PointPosterior(model=model, params=params, state=state)
 
-    def plan(self, model: Model, data: Dataset) -> Work:
-        """Steps and gradient evaluations of the MAP network (0 with ``init_from``),
-        members, batch, networks. For ``dry_run``: counts the work of ``fit`` without
-        doing it and raises what ``fit`` would refuse."""
-        steps = 0 if self.init_from else self.trainer.num_steps(data.train.size)
-        return Work(
-            steps=steps,
-            grad_evals=steps,
-            members=self.num_samples,
-            batch_size=self.trainer.batch_size,
-            networks=1,
-        )
+    def plan_map(self, model: Model, data: Dataset) -> Work:
+        """No steps after the MAP; ``num_samples`` members."""
+        return Work(steps=0, grad_evals=0, members=self.num_samples, batch_size=0)
 
     def members(
         self, key: jax.Array, posterior: PointPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
+        """``num_samples`` members in chunks (chunk_size, N, C): pass s masks with
+        ``split(key, num_samples)[s]``."""
         model = posterior.model
         log_probs = jax.jit(
             lambda p, st, x, k: jax.nn.log_softmax(mc_dropout_logits(model, p, st, x, k), axis=-1)
@@ -164,15 +156,3 @@ class MCDropout(Method):
             yield log_probs(
                 posterior.params, posterior.state, x, keys[start : start + self.chunk_size]
             )
-
-    def save(self, out_dir: Path, posterior: PointPosterior) -> Path:
-        """Writes the trained network, so a later run can reuse it with ``init_from``."""
-        return save_point(out_dir, posterior.params, posterior.state)
-
-    def report(
-        self, key: jax.Array, posterior: PointPosterior, sets: dict[str, Split], num_bins: int
-    ) -> dict[str, float]:
-        """The network with dropout off (the usual dropout prediction):
-        ``map/<set>/{acc,nll,ece,brier}``."""
-        del key
-        return map_metrics(posterior.model, posterior.params, posterior.state, sets, num_bins)
