@@ -74,13 +74,18 @@ def identity(config: dict) -> dict:
 
 
 def write_hydra(cfg: Any, out_dir: str | Path) -> None:
-    """``.hydra/`` as Hydra writes it, when a Hydra job runs (``run`` called directly
-    writes none). ``hydra.output_subdir`` is null in conf/config.yaml, so that nothing
-    lands in the folder before its lock is held and the job's decision is made."""
+    """``.hydra/`` as Hydra writes it, when ``out_dir`` is the folder of the Hydra job
+    running now (``run`` called directly writes none). ``hydra.output_subdir`` is null in
+    conf/config.yaml, so that nothing lands in the folder before its lock is held and the
+    job's decision is made."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    if not HydraConfig.initialized():
+    # the folder check: Hydra's state outlives a job that ran in this process
+    if not (
+        HydraConfig.initialized()
+        and Path(HydraConfig.get().runtime.output_dir).resolve() == Path(out_dir).resolve()
+    ):
         return
     folder = Path(out_dir) / HYDRA
     folder.mkdir(parents=True, exist_ok=True)
