@@ -75,8 +75,6 @@ class Preempted(BaseException):  # noqa: N818 - it is an event, not an error
         self.signum, self.step, self.path = signum, step, path
 
 
-# --- the run's checkpoints and its stop request ----------------------------------------------
-
 # SIGTERM: SLURM's preemption; SIGINT: Ctrl-C. Both stop a run the same way.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -172,9 +170,6 @@ def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
     if usr is not None and usr not in signals and callable(signal.getsignal(usr)):
         return (*signals, usr)
     return signals
-
-
-# --- one loop's checkpoints ----------------------------------------------------------------
 
 
 class Checkpointer:
