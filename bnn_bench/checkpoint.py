@@ -1,10 +1,11 @@
 """Checkpoint and resume: atomic snapshots of a loop's state, SIGTERM handling.
 
 A run keeps its resume state in ``<run>/checkpoint/resume/``: ``run.json`` (what
-the job computes, its W&B run id) and one folder per checkpointed loop, named by
-the loop (``trainer``, ``sgmcmc``, ...), so a resumed run finds each loop's state
-by name. A ``Session`` is the run's side of it: ``run.py`` opens one and hands it
-to the method in the run context, and each loop asks it for its ``Checkpointer``.
+the job computes, its W&B run id: ``run_folder.RunRecord``) and one folder per
+checkpointed loop, named by the loop (``trainer``, ``sgmcmc``, ...), so a resumed
+run finds each loop's state by name. A ``Session`` is the run's side of it: ``run.py``
+opens one and hands it to the method in the run context, and each loop asks it for
+its ``Checkpointer``.
 The chunked loop in ``methods/loop.py`` is the one user::
 
     session = checkpoint.Session(root, every=2)
@@ -56,8 +57,6 @@ import numpy as np
 from flax import serialization
 
 from bnn_bench.errors import UserError
-from bnn_bench.reporting.loggers import NOT_IDENTITY  # how-to-run keys: may change on resume
-from bnn_bench.reporting.outputs import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +74,6 @@ class Preempted(BaseException):  # noqa: N818 - it is an event, not an error
         super().__init__(f"stopped by {signal.Signals(signum).name}{where}")
         self.signum, self.step, self.path = signum, step, path
 
-
-# --- the run's checkpoints and its stop request ----------------------------------------------
 
 # SIGTERM: SLURM's preemption; SIGINT: Ctrl-C. Both stop a run the same way.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -173,9 +170,6 @@ def _extra_signals(signals: tuple[int, ...]) -> tuple[int, ...]:
     if usr is not None and usr not in signals and callable(signal.getsignal(usr)):
         return (*signals, usr)
     return signals
-
-
-# --- one loop's checkpoints ----------------------------------------------------------------
 
 
 class Checkpointer:
@@ -403,211 +397,3 @@ def _leaf(path: Path, name: str, value: Any, like: Any, fix: str) -> Any:
             f"a different configuration. {fix}"
         )
     return jnp.asarray(value)
-
-
-# --- which job a run folder holds ------------------------------------------------------------
-
-
-# how-to-run keys that never change what a job computes
-HOW_TO_RUN = (*NOT_IDENTITY, "dry_run", "objective")
-# what a job leaves in its run folder (besides .hydra/ and run.log); a new job removes them
-RESULTS = (
-    "metrics.json",
-    "history.jsonl",
-    "error.txt",
-    "samples.msgpack",
-    "traces.npy",
-    "checkpoint",
-    "plots",
-    "predictive",
-    "wandb",
-)
-LOCK_FILE = ".lock"
-
-
-def identity(config: dict) -> dict:
-    """What a run computes: its resolved config without the how-to-run keys."""
-    return json.loads(
-        json.dumps({k: v for k, v in config.items() if k not in HOW_TO_RUN}, default=str)
-    )
-
-
-class FolderBusy(UserError):
-    """Another process holds the run folder's lock."""
-
-
-_held: dict[Path, list[int]] = {}  # run folder -> [lock fd, nesting depth]
-
-
-@contextlib.contextmanager
-def folder_lock(out_dir: str | Path) -> Iterator[None]:
-    """Holds ``<out_dir>/.lock`` (``fcntl.flock``, exclusive) while inside: one job per
-    run folder. Take it before writing anything there. The OS releases it when the
-    holder dies, so a crashed run never blocks its own resume. Re-entrant in a process.
-
-    Raises:
-      FolderBusy: at once, when another process holds the folder.
-    """
-    import fcntl
-    import socket
-
-    path = Path(out_dir).resolve()
-    if path in _held:
-        _held[path][1] += 1
-        try:
-            yield
-        finally:
-            _held[path][1] -= 1
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise FolderBusy(
-            f"run folder {path} is in use by {holder}: one job per run folder. Wait for it "
-            f"to end, or give this job another folder (hydra.run.dir=..., or a new "
-            f"hydra.sweep.dir for a multirun)."
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-    _held[path] = [fd, 1]
-    try:
-        yield
-    finally:
-        del _held[path]
-        os.close(fd)  # releases the lock
-
-
-class RunRecord:
-    """``<run>/checkpoint/resume/run.json``: the job a run folder holds and its tracker id.
-
-    ``plan`` decides, before any work, what to do with a run folder:
-    ``"skip"`` (this job finished here), ``"resume"`` (continue its checkpoints) or
-    ``"new"`` (start afresh; old checkpoints of another job are removed). A folder
-    holding another job's finished results (metrics.json) is refused, not cleared,
-    unless ``resume=false`` asks for it; an unreadable run.json is refused by name.
-    """
-
-    def __init__(self, out_dir: str | Path):
-        self.out_dir = Path(out_dir)
-        self.root = self.out_dir / "checkpoint" / "resume"
-        self.path = self.root / "run.json"
-        self.saved: dict = self._read() if self.path.is_file() else {}
-
-    def _read(self) -> dict:
-        """run.json's record, or a UserError naming the file when it is unreadable."""
-        try:
-            saved = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:  # ValueError: bad JSON, bytes that are not UTF-8
-            reason = f"{type(e).__name__}: {e}"
-        else:
-            if isinstance(saved, dict) and isinstance(saved.get("config", {}), dict):
-                return saved
-            reason = "not the record bnn-bench writes"
-        keep = (
-            "keep its results: give this job another folder (hydra.run.dir=..., or a new "
-            "hydra.sweep.dir); replace them: delete the file and run with resume=false"
-            if (self.out_dir / "metrics.json").is_file()
-            else "delete the file to run this job afresh there, or give it another folder"
-        )
-        raise UserError(
-            f"{self.path} is unreadable ({reason}); it names the job the folder holds. To {keep}."
-        )
-
-    @property
-    def logger_run_id(self) -> str | None:
-        return self.saved.get("logger_run_id")
-
-    def plan(self, config: dict, resume: bool | str, warn: bool = True) -> str:
-        if resume not in (True, False, "auto"):
-            raise UserError(f"resume must be true, false or auto; got {resume!r}.")
-        same = bool(self.saved) and self.saved.get("config") == identity(config)
-        finished = (self.out_dir / "metrics.json").is_file()
-        has_state = self.root.is_dir() and any(p.is_dir() for p in self.root.iterdir())
-        if resume is False:
-            return "new"
-        if same and finished:
-            return "skip"
-        if has_state and (same or resume is True):
-            if not same and warn:
-                log.warning("resume=true: continuing %s although its config differs.", self.out_dir)
-            return "resume"
-        if resume is True:
-            raise UserError(
-                f"resume=true, but {self.out_dir} holds no checkpoint to continue. Give the "
-                f"folder of the interrupted run: hydra.run.dir=<run folder> (a multirun: "
-                f"hydra.sweep.dir=<sweep folder>).{_candidates(self.out_dir, config)}"
-            )
-        if finished:  # never cleared by another job; resume=false is the explicit way
-            raise UserError(
-                f"{self.out_dir} holds the finished results (metrics.json) of another job "
-                f"({_difference(self.saved, identity(config))}); this job would clear them. "
-                f"To keep them, give this job another folder (hydra.run.dir=..., or a new "
-                f"hydra.sweep.dir); to replace them, run it with resume=false."
-            )
-        if self.saved and not same and warn:
-            log.warning("%s held another job's checkpoints; starting afresh.", self.out_dir)
-        return "new"
-
-    def start(self, config: dict, plan: str) -> None:
-        """Records the job; for a ``new`` run first clears the folder of an earlier
-        job's results, checkpoints and log (a rerun must not leave another job's
-        metrics.json, plots or history behind). An old ``error.txt`` always goes."""
-        (self.out_dir / "error.txt").unlink(missing_ok=True)
-        if plan == "new":
-            held = any((self.out_dir / name).exists() for name in RESULTS)
-            for name in RESULTS:
-                path = self.out_dir / name
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-            if held and (self.out_dir / "run.log").is_file():
-                os.truncate(self.out_dir / "run.log", 0)  # the log is opened for appending
-            if held:
-                log.warning("%s held an earlier job's results; cleared them.", self.out_dir)
-        attempts = int(self.saved.get("attempts", 0)) + 1 if plan == "resume" else 1
-        keep_id = self.logger_run_id if plan == "resume" else None
-        self.saved = {"config": identity(config), "attempts": attempts, "logger_run_id": keep_id}
-        write_json_atomic(self.path, self.saved)
-
-    def set_logger_run_id(self, run_id: str | None) -> None:
-        """Keeps the tracker's run id with the checkpoints: a resumed run continues it."""
-        self.saved["logger_run_id"] = run_id
-        write_json_atomic(self.path, self.saved)
-
-
-def _difference(saved: dict, config: dict) -> str:
-    """How the job a run folder holds differs from ``config``, in a few words."""
-    if not saved:
-        return "no checkpoint/resume/run.json names it"
-    paths: list[str] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b), key=str):
-                walk(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
-        elif a != b:
-            paths.append(prefix)
-
-    walk(saved.get("config", {}), config, "")
-    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-    return f"its config differs in {shown}"
-
-
-def _candidates(out_dir: Path, config: dict) -> str:
-    """Run folders near ``out_dir`` holding a checkpoint of the same job, newest first."""
-    if len(out_dir.parents) < 2:
-        return ""
-    found = []
-    for p in out_dir.parents[1].glob("*/*/checkpoint/resume/run.json"):
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # a broken run.json
-            if json.loads(p.read_text()).get("config") == identity(config):
-                found.append(p.parents[2])
-    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return (
-        (" Interrupted runs of this job: " + ", ".join(map(str, found[:3])) + ".") if found else ""
-    )

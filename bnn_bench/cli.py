@@ -13,9 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bnn_bench import checkpoint
+from bnn_bench import checkpoint, run_folder
 from bnn_bench.checkpoint import Preempted
-from bnn_bench.config import to_dict
 from bnn_bench.errors import UserError
 from bnn_bench.groups import check_overrides, help_groups
 from bnn_bench.run import run
@@ -77,16 +76,6 @@ def _detach_file_logs() -> None:
             handler.close()
 
 
-def _write_hydra_files(cfg: DictConfig, out_dir: Path) -> None:
-    """``.hydra/`` as Hydra writes it (``hydra.output_subdir`` is null in conf/config.yaml,
-    so that nothing lands in the folder before its lock is held)."""
-    folder = out_dir / ".hydra"
-    folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, folder / "config.yaml")
-    OmegaConf.save(HydraConfig.instance().cfg, folder / "hydra.yaml")
-    OmegaConf.save(HydraConfig.get().overrides.task, folder / "overrides.yaml")
-
-
 def _resume_hint(out_dir: Path) -> str:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
@@ -130,15 +119,11 @@ def _job(cfg: DictConfig, out_dir: Path) -> float | None:
     returns (None) so that the launcher goes on with the next one."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        # before .hydra/ is written: a folder holding another job's finished results, or
-        # an unreadable run.json, is refused untouched; a finished job keeps its .hydra/
-        if checkpoint.RunRecord(out_dir).plan(to_dict(cfg), cfg.resume, warn=False) != "skip":
-            _write_hydra_files(cfg, out_dir)
         with checkpoint.stop_on_signals():  # SIGTERM, Ctrl-C: checkpoint, then stop
             configure_device(cfg.device)
             metrics = run(cfg, out_dir)
     except Exception as e:  # noqa: BLE001 - every failure of a job is recorded the same way
-        finished = (out_dir / "metrics.json").is_file()
+        finished = (out_dir / run_folder.METRICS).is_file()
         if finished:  # the finished run's run.log is not this job's either
             _detach_file_logs()
         if isinstance(e, UserError):
@@ -164,9 +149,9 @@ def main(cfg: DictConfig) -> float | None:
         _dry_run(cfg, out_dir)
         return None
     try:
-        with checkpoint.folder_lock(out_dir):  # one job per run folder
+        with run_folder.folder_lock(out_dir):  # one job per run folder
             return _job(cfg, out_dir)
-    except checkpoint.FolderBusy as e:
+    except run_folder.FolderBusy as e:
         _detach_file_logs()
         print(f"bnn-bench: error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 from omegaconf import DictConfig
 
-from bnn_bench import checkpoint, dry_run, evaluation
+from bnn_bench import checkpoint, dry_run, evaluation, run_folder
 from bnn_bench.config import build, to_dict, validate
 from bnn_bench.evaluation import EvalPlan, diagnostics, fidelity, tables
 from bnn_bench.evaluation.complexity import flops_per_input
@@ -29,11 +29,16 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     """Runs one experiment and writes its run folder; returns the flat metrics."""
     out_dir = Path(out_dir)
-    validate(cfg)  # a misspelt key stops here, before any data is read
     if cfg.get("dry_run"):  # the run's checks without data, then the plan; nothing is written
+        validate(cfg)
         return dry_run.plan(cfg)
-    config, record = to_dict(cfg), checkpoint.RunRecord(out_dir)
-    todo = record.plan(config, cfg.resume)  # new | resume | skip (finished here already)
+    config, record = to_dict(cfg), run_folder.RunRecord(out_dir)
+    # new | resume | skip (finished here already). Before anything is written: a folder
+    # holding another job's finished results, or an unreadable run.json, stays untouched
+    todo = record.decide(config, cfg.resume)
+    if todo != "skip":  # a finished job keeps its .hydra/
+        run_folder.write_hydra(cfg, out_dir)
+    validate(cfg)  # a misspelt key stops here, before any data is read
     if todo == "skip":
         log.info(
             "%s holds this job's metrics.json already; skipping (resume=false reruns it).", out_dir
@@ -46,7 +51,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
 
 
 def _run(
-    cfg: DictConfig, out_dir: Path, config: dict, record: checkpoint.RunRecord, meter: cost.Meter
+    cfg: DictConfig, out_dir: Path, config: dict, record: run_folder.RunRecord, meter: cost.Meter
 ) -> dict[str, float]:
     k_fit, k_predict = jax.random.split(jax.random.key(cfg.seed))
     settings = build(cfg.eval, "eval")
@@ -121,7 +126,7 @@ def _run(
     title = f"{type(method).__name__} · {model.name} · {data.spec.name}"
     if settings.plots:
         for name, png in plots.write_all(
-            out_dir / "plots", title, summaries, evalsets, metrics, curves, data.spec
+            out_dir / run_folder.PLOTS, title, summaries, evalsets, metrics, curves, data.spec
         ).items():
             logger.image(name, png)
     logger.summary(metrics)

@@ -37,9 +37,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bnn_bench.checkpoint import HOW_TO_RUN
-
-ERROR_FILE = "error.txt"
+from bnn_bench.run_folder import ERROR, HOW_TO_RUN, HYDRA, OVERRIDES
 
 # (job label, overrides, error message or None) of the dry-run jobs of this process
 _dry_runs: list[tuple[str, str, str | None]] = []
@@ -103,8 +101,8 @@ _register_resolver()
 
 def write_error(out_dir: str | Path, message: str) -> Path:
     """Writes ``message`` to ``<out_dir>/error.txt`` (atomically: a reader never sees half)."""
-    path = Path(out_dir) / ERROR_FILE
-    tmp = path.with_name(f".{ERROR_FILE}.tmp")
+    path = Path(out_dir) / ERROR
+    tmp = path.with_name(f".{ERROR}.tmp")
     tmp.write_text(message.rstrip() + "\n")
     tmp.replace(path)
     return path
@@ -129,7 +127,7 @@ def record_refused(out_dir: str | Path, overrides: list[str], message: str) -> N
 
 
 def _overrides(folder: Path) -> str:
-    path = folder / ".hydra" / "overrides.yaml"
+    path = folder / HYDRA / OVERRIDES
     try:
         return ",".join(OmegaConf.load(path))  # type: ignore[arg-type]
     except (OSError, ValueError):
@@ -139,7 +137,7 @@ def _overrides(folder: Path) -> str:
 def _errors(sweep_dir: Path) -> dict[Path, tuple[int, int]]:
     """Every ``error.txt`` below ``sweep_dir`` with its (mtime_ns, size)."""
     found = {}
-    for path in sweep_dir.rglob(ERROR_FILE) if sweep_dir.is_dir() else ():
+    for path in sweep_dir.rglob(ERROR) if sweep_dir.is_dir() else ():
         st = path.stat()
         found[path] = (st.st_mtime_ns, st.st_size)
     return found
@@ -187,7 +185,7 @@ class FailedJobs(Callback):
         for folder, overrides, message in _refused:
             lines.append(f"  {folder}  [{overrides}]\n      {message.splitlines()[0]}")
         lines.append(
-            f"Each folder's {ERROR_FILE} has the message. After a fix, re-launch the same "
+            f"Each folder's {ERROR} has the message. After a fix, re-launch the same "
             f"command with hydra.sweep.dir={sweep_dir}: finished jobs are skipped, failed "
             f"and interrupted ones run again."
         )

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnn_bench.checkpoint import Checkpointer, RunRecord
+from bnn_bench.checkpoint import Checkpointer
 from bnn_bench.errors import UserError
+from bnn_bench.run_folder import RunRecord
 from tests.conftest import CLI, ROOT, TINY, cli_env
 from tests.reporting.wandb_records import read_run
 
@@ -223,28 +224,28 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert got == expected  # bit-identical metrics, curves included
 
 
-def test_run_folder_plan(tmp_path):
+def test_run_record_decide(tmp_path):
     config = {"seed": 0, "method": {"x": 1}, "logger": {"a": 1}, "resume": "auto"}
     record = RunRecord(tmp_path)
-    assert record.plan(config, "auto") == "new"
+    assert record.decide(config, "auto") == "new"
     with pytest.raises(UserError, match="holds no checkpoint"):
-        record.plan(config, True)
+        record.decide(config, True)
     record.start(config, "new")
     record.set_logger_run_id("abc")
     (record.root / "trainer").mkdir()
     record = RunRecord(tmp_path)
     assert record.logger_run_id == "abc"
     # how-to-run keys (logger, resume) do not make it another job
-    assert record.plan({**config, "logger": {"b": 2}, "resume": True}, "auto") == "resume"
-    assert record.plan({**config, "seed": 1}, "auto") == "new"  # another job: afresh
-    assert record.plan({**config, "seed": 1}, True) == "resume"  # unless insisted
-    assert record.plan(config, False) == "new"
+    assert record.decide({**config, "logger": {"b": 2}, "resume": True}, "auto") == "resume"
+    assert record.decide({**config, "seed": 1}, "auto") == "new"  # another job: afresh
+    assert record.decide({**config, "seed": 1}, True) == "resume"  # unless insisted
+    assert record.decide(config, False) == "new"
     (tmp_path / "metrics.json").write_text("{}")
-    assert record.plan(config, "auto") == "skip"
+    assert record.decide(config, "auto") == "skip"
     # another job never clears finished results on its own: refused, naming what differs
     with pytest.raises(UserError, match=r"holds the finished results .*differs in seed\)"):
-        record.plan({**config, "seed": 1}, "auto")
-    assert record.plan({**config, "seed": 1}, False) == "new"  # resume=false: replace them
+        record.decide({**config, "seed": 1}, "auto")
+    assert record.decide({**config, "seed": 1}, False) == "new"  # resume=false: replace them
     record.start({**config, "seed": 1}, "new")  # a rerun clears the old job's results
     assert not (tmp_path / "metrics.json").exists() and not (record.root / "trainer").exists()
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bnn_bench import checkpoint
+from bnn_bench import run_folder
 from bnn_bench.errors import UserError
 from bnn_bench.run import run
 from tests.conftest import CLI, TINY, cli_env, compose_cfg, tiny
@@ -142,8 +142,8 @@ def test_the_lock_dies_with_its_holder(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom bnn_bench import checkpoint\n"
-            f"with checkpoint.folder_lock({str(tmp_path)!r}):\n"
+            "import sys, time\nfrom bnn_bench import run_folder\n"
+            f"with run_folder.folder_lock({str(tmp_path)!r}):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n",
         ],
         stdout=subprocess.PIPE,
@@ -153,15 +153,15 @@ def test_the_lock_dies_with_its_holder(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with (
-            pytest.raises(checkpoint.FolderBusy, match=f"pid {holder.pid}"),
-            checkpoint.folder_lock(tmp_path),
+            pytest.raises(run_folder.FolderBusy, match=f"pid {holder.pid}"),
+            run_folder.folder_lock(tmp_path),
         ):
             pass
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs
         holder.wait()
-    with checkpoint.folder_lock(tmp_path), checkpoint.folder_lock(tmp_path):  # re-entrant
-        assert (tmp_path / checkpoint.LOCK_FILE).read_text().startswith(f"pid {os.getpid()}")
+    with run_folder.folder_lock(tmp_path), run_folder.folder_lock(tmp_path):  # re-entrant
+        assert (tmp_path / run_folder.LOCK).read_text().startswith(f"pid {os.getpid()}")
 
 
 def test_a_new_job_in_an_old_run_folder_starts_clean(tmp_path):

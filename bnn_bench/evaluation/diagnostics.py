@@ -47,8 +47,7 @@ from scipy import special, stats
 
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.reporting.outputs import write_npy_atomic
-
-TRACES = "traces.npy"  # in the run folder: the test set's (chains, S, Q) draws
+from bnn_bench.run_folder import TRACES  # the test set's (chains, S, Q) draws
 
 
 def split_chains(x: np.ndarray) -> np.ndarray:

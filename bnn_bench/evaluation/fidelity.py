@@ -29,9 +29,7 @@ from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.reporting.outputs import write_json_atomic, write_npy_atomic
-
-FOLDER = "predictive"
-FINGERPRINTS = "fingerprints.json"
+from bnn_bench.run_folder import FINGERPRINTS, METRICS, PREDICTIVE
 
 
 def set_filename(name: str) -> str:
@@ -97,7 +95,7 @@ def write_predictive(
     Returns:
       The ``predictive`` folder.
     """
-    folder = Path(out_dir) / FOLDER
+    folder = Path(out_dir) / PREDICTIVE
     for name, fp in prints["sets"].items():
         write_npy_atomic(folder / fp["file"], np.asarray(summaries[name].mean(), np.float32))
     write_json_atomic(folder / FINGERPRINTS, prints)
@@ -115,10 +113,10 @@ def read_predictive(run_dir: str | Path, what: str) -> tuple[dict, dict[str, np.
       UserError: when the folder, its fingerprints or a predictive file is missing.
     """
     run_dir = Path(run_dir)
-    path = run_dir / FOLDER / FINGERPRINTS
+    path = run_dir / PREDICTIVE / FINGERPRINTS
     if not run_dir.is_dir():
         raise UserError(f"{what}: no such run folder. Give the folder of a finished run.")
-    if not (run_dir / "metrics.json").is_file():
+    if not (run_dir / METRICS).is_file():
         raise UserError(
             f"{what}: {run_dir} holds no metrics.json; the run has not finished. Give the "
             f"folder of a finished run."
@@ -131,7 +129,7 @@ def read_predictive(run_dir: str | Path, what: str) -> tuple[dict, dict[str, np.
     prints = _read_fingerprints(path, what)
     probs = {}
     for name, fp in prints["sets"].items():
-        file = run_dir / FOLDER / fp["file"]
+        file = run_dir / PREDICTIVE / fp["file"]
         if not file.is_file():
             raise UserError(f"{what}: {file} (the predictive of set {name}) is missing.")
         try:

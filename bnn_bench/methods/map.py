@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import serialization, struct
 
+from bnn_bench import run_folder
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
@@ -17,7 +18,7 @@ from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
 
-CHECKPOINT = Path("checkpoint") / "map.msgpack"  # inside a run folder
+CHECKPOINT = run_folder.MAP_POINT  # inside a run folder
 
 
 @struct.dataclass

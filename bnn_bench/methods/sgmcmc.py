@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, struct
 
+from bnn_bench import run_folder
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
@@ -238,7 +239,7 @@ class FoldingSampler(Method):
         """Writes the kept samples to ``out_dir/samples.msgpack`` (flax serialization)."""
         if posterior.samples is None:
             return None
-        path = Path(out_dir) / "samples.msgpack"
+        path = Path(out_dir) / run_folder.SAMPLES
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(serialization.msgpack_serialize(jax.device_get(posterior.samples)))
         log.info("wrote %d samples to %s", jax.tree.leaves(posterior.samples)[0].shape[0], path)

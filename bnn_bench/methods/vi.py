@@ -48,6 +48,7 @@ import numpy as np
 import optax
 from flax import serialization, struct, traverse_util
 
+from bnn_bench import run_folder
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
@@ -59,7 +60,7 @@ from bnn_bench.models.layers import Conv
 log = logging.getLogger(__name__)
 
 STD = "vi_std"  # the variable collection that carries σ into the intercepted layers
-CHECKPOINT = Path("checkpoint") / "vi.msgpack"  # inside a run folder
+CHECKPOINT = run_folder.VI_POSTERIOR  # inside a run folder
 _TINY = 1e-16  # keeps √ of a zero variance differentiable
 
 LogLik = Callable[[Params, Params, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-log = logging.getLogger(__name__)
+from bnn_bench.run_folder import HISTORY, HYDRA, NOT_IDENTITY, OVERRIDES
 
-# Overrides that say how to run, not what: left out of run names and job identity.
-NOT_IDENTITY = ("resume", "logger", "device", "checkpoint")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def read_overrides(run_dir: Path) -> list[str]:
     """The overrides Hydra saved in ``run_dir/.hydra/overrides.yaml`` ([] if none)."""
     from omegaconf import OmegaConf
 
-    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    path = Path(run_dir) / HYDRA / OVERRIDES
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
@@ -124,7 +123,7 @@ class NoLogger:
 class HistoryLogger(NoLogger):
     """Appends every ``log`` call to ``<run>/history.jsonl`` (always on, offline)."""
 
-    def __init__(self, filename: str = "history.jsonl"):
+    def __init__(self, filename: str = HISTORY):
         self.filename = filename
         self._file = None
 

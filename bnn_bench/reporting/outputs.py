@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from bnn_bench.run_folder import HYDRA, HYDRA_CONFIG, METRICS
+
 
 def _clean(value: Any) -> Any:
     """JSON-ready: numpy scalars to floats, non-finite floats to None."""
@@ -76,7 +78,7 @@ def config_choice(out_dir: Path, group: str, node: Mapping) -> str:
     ``_target_`` (``bnn_bench.models.mobilenet.MobileNetV1`` -> ``mobilenet``), which is
     the name of every shipped choice.
     """
-    path = Path(out_dir) / ".hydra" / "hydra.yaml"
+    path = Path(out_dir) / HYDRA / HYDRA_CONFIG
     if path.is_file():
         choice = OmegaConf.select(OmegaConf.load(path), f"hydra.runtime.choices.{group}")
         if choice:
@@ -87,7 +89,7 @@ def config_choice(out_dir: Path, group: str, node: Mapping) -> str:
 
 def write_metrics(out_dir: Path, metrics: dict[str, float], curves: dict) -> Path:
     """``metrics.json``: flat ``{name: number}`` plus ``curves``."""
-    path = Path(out_dir) / "metrics.json"
+    path = Path(out_dir) / METRICS
     write_json_atomic(path, {**metrics, "curves": curves})
     return path
 
@@ -100,7 +102,7 @@ def read_metrics(out_dir: Path) -> dict[str, float]:
     """
     from bnn_bench.errors import UserError
 
-    path = Path(out_dir) / "metrics.json"
+    path = Path(out_dir) / METRICS
     try:
         payload = json.loads(path.read_text())
     except ValueError as e:  # bad JSON, bytes that are not UTF-8

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from bnn_bench.reporting.compare import compare, find_runs
+from bnn_bench.reporting.compare import compare
+from bnn_bench.reporting.runs import find_runs
 from tests.conftest import CLI, TINY, cli_env
 
 
@@ -193,7 +194,7 @@ def test_reference_ignores_the_runs_own_eval_reference_when_grouping(sweep, tmp_
 
 
 def test_format_drops_the_spread_of_a_count_the_seeds_do_not_change():
-    from bnn_bench.reporting.compare import _fmt
+    from bnn_bench.reporting.compare_table import _fmt
 
     assert _fmt(150000.0, 0.0) == "150000"  # e.g. cost/grad_evals of two seeds
     assert _fmt(280.0, float("nan")) == "280"
@@ -332,3 +333,39 @@ def test_status_gives_finished_failed_and_missing_jobs_of_a_sweep(tmp_path, caps
         str(sweep / job_dir(jobs[3])): "missing",
     }
     assert not (sweep / "comparison").exists()  # --status writes nothing
+
+
+def test_old_metric_keys_are_read_under_their_new_names_and_named(tmp_path, monkeypatch):
+    from bnn_bench.reporting import runs
+
+    # two renames, as the renaming pass adds them: one key, and one name in every set
+    monkeypatch.setitem(runs.OLD_KEYS, "cost/old_evals", "cost/grad_evals")
+    monkeypatch.setitem(runs.OLD_KEYS, "*/accuracy", "*/acc")
+    root = tmp_path / "runs"
+    old = _run_folder(
+        root / "old", ["seed=0"], {"test/accuracy": 0.6, "val/accuracy": 0.5, "cost/old_evals": 7}
+    )
+    _run_folder(root / "new", ["seed=1"], {"test/acc": 0.8, "val/acc": 0.7, "cost/grad_evals": 7})
+    # a file holding both names keeps the new one's value
+    both = _run_folder(root / "both", ["seed=2"], {"test/acc": 0.9, "test/accuracy": 0.1})
+
+    (run,) = [r for r in find_runs([root]) if r.path == old.resolve()]
+    assert run.metrics == {"test/acc": 0.6, "val/acc": 0.5, "cost/grad_evals": 7}
+    assert run.renamed == {
+        "test/accuracy": "test/acc",
+        "val/accuracy": "val/acc",
+        "cost/old_evals": "cost/grad_evals",
+    }
+    report, out = compare([root], out=tmp_path / "cmp", metrics=["test/acc"], plots=False)
+    assert "| all | 3 | 0.7667 ± 0.1528 |" in report  # 0.6, 0.8, 0.9
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert float(rows[0]["val/acc/mean"]) == pytest.approx(0.6)  # (0.5 + 0.7) / 2
+    assert "val/accuracy/mean" not in rows[0]
+    head, *again = report.split("old metric names translated in 2 metrics.json file(s):\n")[1:]
+    named = {line.split()[0]: line.split(None, 1)[1] for line in head.strip().splitlines()}
+    assert named == {
+        str(old.resolve() / "metrics.json"): "test/accuracy -> test/acc, val/accuracy -> "
+        "val/acc, cost/old_evals -> cost/grad_evals",
+        str(both.resolve() / "metrics.json"): "test/accuracy -> test/acc",
+    }
+    assert not again
