@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from bnn_bench.errors import UserError
-from bnn_bench.methods import curvature as cv
+from bnn_bench.methods.laplace import curvature as cv
 from bnn_bench.models import Model, module_calls
 from bnn_bench.models import layers as L
 

@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.methods import curvature as cv
-from bnn_bench.methods import kfac
+from bnn_bench.methods.laplace import curvature as cv
+from bnn_bench.methods.laplace import kfac
 from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer, epoch_batches
