@@ -82,8 +82,9 @@ def _project_side(args) -> tuple[dict, dict]:
     import optax
 
     from bnn_bench.data import preset
-    from bnn_bench.methods import curvature as cv
     from bnn_bench.methods.laplace import KFAC, LaplacePosterior, Probit
+    from bnn_bench.methods.laplace import curvature as cv
+    from bnn_bench.methods.laplace import gaussian as gs
     from bnn_bench.models import build_model
     from bnn_bench.models.mlp import MLP
 
@@ -137,11 +138,11 @@ def _project_side(args) -> tuple[dict, dict]:
                 "loglik": loglik,
             }
             for tau in TAUS:
-                r[f"lml/{tau}"] = float(cv.log_marginal_likelihood(curv, tau, loglik, sq))
+                r[f"lml/{tau}"] = float(gs.log_marginal_likelihood(curv, tau, loglik, sq))
                 p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
                 (log_probs,) = Probit().members(None, p, test.x, 1)  # log-probabilities
                 r[f"probit/{tau}"] = np.exp(np.asarray(log_probs[0]))
-            r["marglik_tau"] = cv.maximise_marginal_likelihood(curv, loglik, sq, 1e-4, 1e6)[0]
+            r["marglik_tau"] = gs.maximise_marginal_likelihood(curv, loglik, sq, 1e-4, 1e6)[0]
             results[subset, separate] = r
     return arrays, results
 

@@ -15,7 +15,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from scipy.stats import multivariate_normal
 
-from bnn_bench.methods import curvature as cv
+from bnn_bench.methods.laplace import curvature as cv
+from bnn_bench.methods.laplace import gaussian as gs
 
 N, D, H, C = 40, 4, 5, 3
 
@@ -100,7 +101,7 @@ def test_full_rank_lanczos_recovers_dense_posterior(n):
     np.testing.assert_allclose(evecs.T @ evecs, np.eye(p), atol=1e-4)
     ref_evals = np.sort(np.linalg.eigvalsh(g))[::-1]
     np.testing.assert_allclose(evals, np.maximum(ref_evals, 0), atol=2e-3 * ref_evals[0])
-    curv = cv.Curvature(evecs, evals, jnp.zeros(p))
+    curv = gs.Curvature(evecs, evals, jnp.zeros(p))
     for tau in (0.5, 10.0):
         ref_cov = np.linalg.inv(g + tau * np.eye(p))
         np.testing.assert_allclose(
@@ -123,13 +124,13 @@ def test_sampling_covariance_and_function_variance(structure):
     g = _dense_ggn(logits_fn, theta, x, y)
     p = theta.shape[0]
     if structure == "dense":
-        curv = cv.from_dense(jnp.asarray(g, jnp.float32))
+        curv = gs.from_dense(jnp.asarray(g, jnp.float32))
     elif structure == "diagonal":
-        curv = cv.from_diagonal(jnp.asarray(np.diag(g), jnp.float32))
+        curv = gs.from_diagonal(jnp.asarray(np.diag(g), jnp.float32))
     else:
         mv = lambda v: jnp.asarray(g, jnp.float32) @ v
         evals, evecs = cv.lanczos(jax.random.key(0), mv, p, rank=10)
-        curv = cv.Curvature(evecs, evals, jnp.zeros(p))
+        curv = gs.Curvature(evecs, evals, jnp.zeros(p))
     tau = 2.0
     cov = np.asarray(curv.covariance(tau), np.float64)
     if structure == "dense":
@@ -160,13 +161,13 @@ def test_log_marginal_likelihood_matches_dense_and_optimum_is_grid_maximiser():
             - 0.5 * np.linalg.slogdet(g + tau * np.eye(p))[1]
         )
 
-    curv = cv.from_dense(jnp.asarray(g, jnp.float32))
+    curv = gs.from_dense(jnp.asarray(g, jnp.float32))
     sq = float(jnp.sum(theta**2))
     for tau in (0.01, 1.0, 30.0):
         np.testing.assert_allclose(
-            cv.log_marginal_likelihood(curv, tau, loglik, sq), dense_lml(tau), rtol=1e-4
+            gs.log_marginal_likelihood(curv, tau, loglik, sq), dense_lml(tau), rtol=1e-4
         )
-    tau_star, lml_star = cv.maximise_marginal_likelihood(curv, loglik, sq, 1e-4, 1e4)
+    tau_star, lml_star = gs.maximise_marginal_likelihood(curv, loglik, sq, 1e-4, 1e4)
     grid = np.logspace(-4, 4, 2001)
     dense = np.array([dense_lml(t) for t in grid])
     assert dense_lml(tau_star) >= dense.max() - 1e-3

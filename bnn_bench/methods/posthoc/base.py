@@ -17,6 +17,7 @@ import abc
 import logging
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 
@@ -63,6 +64,8 @@ class PostHoc(Method):
         model (written by every ``map`` and post-hoc run); None to train one.
     """
 
+    map_time_key: ClassVar[str | None] = None  # the info key of the MAP step's seconds, if any
+
     trainer: Trainer
     init_from: str | None = None
 
@@ -76,8 +79,13 @@ class PostHoc(Method):
         """Checks, trains or loads the MAP network, then ``fit_map``."""
         ctx = ctx or RunContext()
         self.check(model, data)  # before training
+        tic = time.perf_counter()
         params, state = map_point(key, model, data, self.trainer, self.init_from, ctx)
-        return self.fit_map(key, model, data, params, state, ctx)
+        seconds = time.perf_counter() - tic
+        posterior = self.fit_map(key, model, data, params, state, ctx)
+        if self.map_time_key is None:
+            return posterior
+        return posterior.replace(info={**posterior.info, self.map_time_key: seconds})
 
     @abc.abstractmethod
     def fit_map(

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from bnn_bench.errors import UserError
-from bnn_bench.methods import curvature as cv
+from bnn_bench.methods.laplace import curvature as cv
+from bnn_bench.methods.laplace.gaussian import Kronecker, KroneckerBlock
 from bnn_bench.models import Model, module_calls
 from bnn_bench.models import layers as L
 
@@ -203,7 +204,7 @@ def kronecker(
     scale: float,
     unravel: Callable,
     separate_bias: bool = False,
-) -> cv.Kronecker:
+) -> Kronecker:
     """The eigendecomposed ``Kronecker`` curvature from summed factors: A = ΣA/(n T),
     B = scale · ΣB, so that A ⊗ B ≈ scale · Σ_n J_nᵀ H_n J_n (scale = N / n rescales
     the n curvature examples to the training set).
@@ -230,5 +231,5 @@ def kronecker(
             a.append(jnp.maximum(ea, 0.0))
             qb.append(vb)
             b.append(jnp.maximum(eb, 0.0))
-            blocks.append(cv.KroneckerBlock(path, params))
-    return cv.Kronecker(tuple(qa), tuple(a), tuple(qb), tuple(b), tuple(blocks), unravel)
+            blocks.append(KroneckerBlock(path, params))
+    return Kronecker(tuple(qa), tuple(a), tuple(qb), tuple(b), tuple(blocks), unravel)
