@@ -61,13 +61,21 @@ def _message(key: str, value: str | None, method: str, cfg: DictConfig, config_d
     return msg
 
 
+def _takes(node: DictConfig, key: str) -> bool:
+    """Whether ``node`` or a mapping inside it (``method.base`` of ``method=multi``) has
+    ``key``."""
+    return key in node or any(
+        isinstance(node._get_node(k), DictConfig) and _takes(node._get_node(k), key) for k in node
+    )
+
+
 def check_composed(cfg: DictConfig) -> None:
-    """Refuses a trainer node in ``cfg`` when ``cfg.method`` does not use it.
+    """Refuses a trainer node in ``cfg`` when no node of ``cfg.method`` uses it.
 
     Raises:
       UserError: naming the group and the method.
     """
-    if GROUP in cfg and "method" in cfg and GROUP not in cfg.method:
+    if GROUP in cfg and "method" in cfg and not _takes(cfg.method, GROUP):
         method = cfg.method.get("_target_", "the method")
         raise UserError(
             f"{GROUP}: {method} does not train a network and would ignore the {GROUP} "

@@ -80,6 +80,16 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.covariance.num_samples=3",
     ],
     "vi": ["method.num_samples=3", "method.chunk_size=2", "method.kl_warmup_epochs=1"],
+    "multi": [
+        "method.fits=2",
+        "trainer.epochs=4",
+        "trainer.batch_size=64",
+        "method.base.sgd.epochs=2",
+        "method.base.sgd.batch_size=64",
+        "method.base.collect_every=4",
+        "method.base.covariance.rank=3",
+        "method.base.covariance.num_samples=3",
+    ],
 }
 # they report their MAP's metrics and save it (mc_dropout: the network with dropout off)
 BUILDS_ON_MAP = {"laplace", "mcbn", "temperature", "mc_dropout", "swag"}
