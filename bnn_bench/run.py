@@ -54,7 +54,7 @@ def _run(
     tic = time.perf_counter()
 
     # --- data and model
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(
         module, data.spec, config_choice(out_dir, "model", cfg.model), settings.batch_size

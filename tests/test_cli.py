@@ -290,14 +290,14 @@ def _batch_norm(method: str) -> list[str]:
 REFUSED = {
     "negative subset": (
         ["method=map", "dataset=fashion_mnist", "dataset.subset=-5"],
-        "dataset.subset must be a positive",
+        "dataset.subset must be > 0, got -5",
     ),
     "zero subset": (
         ["method=map", "dataset=mnist", "dataset.subset=0"],
-        "dataset.subset must be a positive",
+        "dataset.subset must be > 0, got 0",
     ),
     "split": ([*TINY, "dataset.val_fraction=1.5"], "dataset.val_fraction must be in [0, 1)"),
-    "resize": ([*TINY, "dataset.resize=[0,4]"], "dataset.resize must be two positive"),
+    "resize": ([*TINY, "dataset.resize=[0,4]"], "dataset.resize[0] must be > 0, got 0"),
     "batch": ([*TINY, "trainer.batch_size=5000"], "trainer.batch_size=5000 is larger than"),
     "sampler, batch norm": (_batch_norm("sgld"), "method=sgld needs a model without"),
     "hmc, batch norm": (_batch_norm("hmc"), "method=hmc needs a model without"),
@@ -340,7 +340,7 @@ def test_a_bad_subset_is_refused_by_the_command_naming_its_key(tmp_path):
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "dataset.subset must be a positive number" in proc.stderr
+    assert "dataset.subset must be > 0, got -5" in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
     # its dry run: the same line, and not even the folder Hydra made for it is left
     dry = _cli("method=map", "dataset.subset=-5", "trainer.steps=5", "dry_run=true",
