@@ -1,6 +1,6 @@
 """Where a dataset config would load from, and its split sizes, without reading the data.
 
-``dry_run=true`` calls ``resolve(cfg.dataset)``: the dataset config's ``locate()``
+``dry_run=true`` calls ``resolve`` on the dataset's typed config: its ``locate()``
 (``StoredDataset``, ``SyntheticDataset``) makes the same checks and walks the same
 sources in the same order as its ``load()``, but reads only file headers and metadata.
 The result is a ``Dataset`` whose splits hold ``jax.ShapeDtypeStruct``s instead of
@@ -13,9 +13,10 @@ import logging
 
 import jax
 import numpy as np
-from omegaconf import DictConfig
 
 from bnn_bench.data import dataset as ds
+from bnn_bench.data.stored import StoredDataset
+from bnn_bench.data.synthetic import SyntheticDataset
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,8 @@ def _shapes(n: int, shape: tuple[int, ...]) -> ds.Split:
     )
 
 
-def resolve(node: DictConfig) -> ds.Dataset:
-    """The dataset ``node`` (a ``conf/dataset`` config) would load, as shapes only.
+def resolve(config: StoredDataset | SyntheticDataset) -> ds.Dataset:
+    """The dataset ``config`` (a built ``conf/dataset`` node) would load, as shapes only.
 
     ``Dataset.source`` says where the data would come from. A dataset whose sizes
     neither its files nor ``stored.PUBLISHED`` tell is loaded for real (slower, but
@@ -36,9 +37,6 @@ def resolve(node: DictConfig) -> ds.Dataset:
     Raises:
       UserError: what ``load`` would raise for a missing source or a bad setting.
     """
-    from bnn_bench.config import build
-
-    config = build(node, "dataset")
     located: ds.Located = config.locate()
     if located.sizes is None:
         log.info("the sizes of %s are not known without reading it; loading it.", located.spec.name)
