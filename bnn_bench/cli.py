@@ -13,11 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bnn_bench import checkpoint, run_folder
+from bnn_bench import checkpoint, presets, run_folder
 from bnn_bench.checkpoint import Preempted
+from bnn_bench.config import check_fields
 from bnn_bench.errors import UserError
-from bnn_bench.groups import check_overrides, help_groups
+from bnn_bench.overrides import explain
 from bnn_bench.run import run
+from bnn_bench.schema import Device
 from bnn_bench.sweep import record_dry_run, record_refused, write_error
 
 _HERE = Path(__file__).resolve().parent
@@ -25,21 +27,51 @@ _HERE = Path(__file__).resolve().parent
 CONF = str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf")
 
 log = logging.getLogger("bnn_bench")
+HYDRA_GROUPS = ("hydra/launcher", "hydra/sweeper")  # the Hydra groups --help lists
+
+
+def help_groups() -> str:
+    """The config groups and their choices, for ``--help`` (an OmegaConf resolver that
+    ``conf/config.yaml``'s help template calls): the app's groups, without the presets'
+    per-method and per-choice files (``experiment/<preset>/...``), and Hydra's launchers
+    and sweepers (``hydra/launcher``, ``hydra/sweeper``)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    loader = GlobalHydra.instance().config_loader()
+    lines: dict[str, str] = {}
+
+    def walk(parent: str) -> None:
+        for name in sorted(loader.list_groups(parent)):
+            group = f"{parent}/{name}" if parent else name
+            if group.startswith("experiment/") or (
+                group.startswith("hydra/") and group not in HYDRA_GROUPS
+            ):
+                continue
+            options = sorted(loader.get_group_options(group, ObjectType.CONFIG))
+            if options and group != "hydra":
+                lines[group] = f"{group}: {', '.join(options)}"
+            walk(group)
+
+    walk("")
+    return "".join(lines[g] + "\n" for g in sorted(lines, key=lambda g: (g[:6] == "hydra/", g)))
+
+
 # --help's list of config groups and their choices (conf/config.yaml's help template)
 OmegaConf.register_new_resolver("bnn_bench_groups", help_groups, replace=True)
 
 
 def configure_device(device: DictConfig) -> dict[str, str]:
-    """Sets XLA's GPU memory variables from ``device``; they only take effect before
-    JAX starts its backend, which nothing has done yet when the CLI calls this."""
+    """Sets XLA's GPU memory variables from ``device`` (checked against
+    ``schema.Device`` first); they only take effect before JAX starts its backend,
+    which nothing has done yet when the CLI calls this."""
     from jax._src import xla_bridge
 
+    check_fields(device, Device, "device")
     env = {}
     if device.preallocate is not None:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true" if device.preallocate else "false"
     if device.mem_fraction is not None:
-        if not 0 < float(device.mem_fraction) <= 1:
-            raise UserError(f"device.mem_fraction must be in (0, 1]; got {device.mem_fraction}.")
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(float(device.mem_fraction))
     changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
     if changed and xla_bridge.backends_are_initialized():
@@ -97,11 +129,25 @@ def _objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     return float(value)
 
 
+def _check_preset(cfg: DictConfig) -> None:
+    """Refuses a group chosen on the command line that the preset's settings replace
+    (``presets.check``), composing the same choices without the preset to compare."""
+    hc = HydraConfig.get()
+    presets.check(
+        cfg,
+        hc.runtime.choices,
+        list(hc.overrides.task),
+        lambda overrides: hydra.compose("config", overrides),
+        CONF,
+    )
+
+
 def _dry_run(cfg: DictConfig, out_dir: Path) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     overrides = list(HydraConfig.get().overrides.task)
     _detach_file_logs()
     try:
+        _check_preset(cfg)
         with checkpoint.stop_on_signals():
             run(cfg, out_dir)
     except UserError as e:
@@ -119,6 +165,7 @@ def _job(cfg: DictConfig, out_dir: Path) -> float | None:
     returns (None) so that the launcher goes on with the next one."""
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        _check_preset(cfg)
         with checkpoint.stop_on_signals():  # SIGTERM, Ctrl-C: checkpoint, then stop
             configure_device(cfg.device)
             metrics = run(cfg, out_dir)
@@ -164,15 +211,34 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def entry() -> None:
-    """The ``bnn-bench`` command: refuses ``trainer.*`` overrides for a method that does
-    not train (Hydra would stop with "Key 'trainer' is not in struct" before ``main``),
-    then runs ``main``."""
+    """The ``bnn-bench`` command: runs ``main``. When Hydra cannot compose the command's
+    config because of an override key (e.g. ``trainer.*`` for a method that does not
+    train, a key only some swept methods have), one line from ``overrides.explain``
+    replaces Hydra's "Key ... is not in struct" (exit 2); Hydra reports anything else."""
+    from hydra._internal.utils import run_and_report
+    from hydra.errors import ConfigCompositionException
+
+    user_choice = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us, unprinted
     try:
-        check_overrides(sys.argv[1:], CONF)
-    except UserError as e:
-        print(f"bnn-bench: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    main()
+        main()
+    except Exception as e:  # noqa: BLE001 - reported below, as Hydra would
+        message = explain(sys.argv[1:], CONF) if isinstance(e, ConfigCompositionException) else None
+        if message is not None:
+            print(f"bnn-bench: error: {message}", file=sys.stderr)
+            sys.exit(2)
+        if user_choice is not None:
+            raise
+        del os.environ["HYDRA_FULL_ERROR"]
+        error = e
+
+        def again() -> None:
+            raise error
+
+        run_and_report(again)  # Hydra's own short report, then exit 1
+    finally:
+        if user_choice is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

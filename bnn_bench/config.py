@@ -11,13 +11,14 @@ errors into the same kind of message.
 from __future__ import annotations
 
 import collections.abc as cabc
+import dataclasses
 import difflib
 import inspect
 import os
 import sys
 import types
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from hydra.utils import get_object, instantiate
@@ -25,21 +26,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bnn_bench.errors import UserError
-from bnn_bench.groups import check_composed
+from bnn_bench.schema import Root, out_of_range
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
-
-# The top-level keys of conf/config.yaml that no _target_ takes, with their types.
-TOP_LEVEL: dict[str, Any] = {
-    "seed": int,
-    "resume": bool | Literal["auto"],
-    "dry_run": bool,
-    "checkpoint.every": int,
-    "device.preallocate": bool | None,
-    "device.mem_fraction": float | None,
-    "objective.metric": str,
-    "objective.direction": Literal["minimize", "maximize"],
-}
 
 
 def _accepted(target: Any) -> tuple[dict[str, Any], bool]:
@@ -196,6 +185,9 @@ _MAPPINGS = (dict, cabc.Mapping, cabc.MutableMapping)
 def _fits_atom(value: Any, hint: Any, path: str) -> str | None:
     """None if ``value`` fits the single (non-Union) annotation ``hint``; else why not."""
     origin = typing.get_origin(hint)
+    if origin is Annotated:  # a type and its range (bnn_bench.schema.Interval)
+        base, *marks = typing.get_args(hint)
+        return _fits(value, base, path) or out_of_range(value, tuple(marks), path)
     bad = f"{path}: expected {_describe(hint)}, got {_show(value)}"
     test = _scalar_test(hint)
     if test is not None:
@@ -226,19 +218,65 @@ def _check_value(cfg: DictConfig, key: Any, hint: Any, path: str) -> None:
         raise UserError(why + ".")
 
 
-def check_top_level(cfg: DictConfig) -> None:
-    """Checks the types of the keys in ``TOP_LEVEL`` that ``cfg`` has."""
-    for dotted, hint in TOP_LEVEL.items():
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for p in parents:
-            node = node.get(p) if isinstance(node, DictConfig) else None
-        if isinstance(node, DictConfig) and leaf in node:
-            _check_value(node, leaf, hint, dotted)
+def _passed_on(cfg: DictConfig, key: str) -> bool:
+    """Whether an interpolation outside the top-level node ``key`` names it
+    (``method.trainer: ${trainer}``): the only way a node beyond ``Root``'s is read."""
+
+    def strings(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return [s for v in node.values() for s in strings(v)]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    others = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in (key, "hydra")])
+    texts = strings(OmegaConf.to_container(others, resolve=False))
+    return any(f"${{{key}}}" in t or f"${{{key}." in t for t in texts)
+
+
+def _check_schema(cfg: DictConfig, key: Any, hint: Any, path: str) -> None:
+    """Checks ``cfg[key]`` against ``hint``; a dataclass (a node of ``Root``) key by key."""
+    node = cfg._get_node(key)
+    if dataclasses.is_dataclass(hint) and isinstance(node, DictConfig):
+        check_fields(node, hint, path)
+    else:
+        _check_value(cfg, key, hint, path)
+
+
+def check_fields(node: DictConfig, schema: type, path: str) -> None:
+    """Checks the keys of ``node`` (at ``path``) against the fields of the dataclass
+    ``schema``: no unknown key, each value of its field's type and range.
+
+    Raises:
+      UserError: naming the first key that is unknown or whose value does not fit.
+    """
+    names, _ = _accepted(schema)
+    for k in node:
+        if k not in names:
+            _unknown(f"{path}.{k}", schema.__name__, names)
+        _check_schema(node, k, names[k], f"{path}.{k}")
+
+
+def _validate_root(cfg: DictConfig) -> None:
+    """The root's own keys against ``schema.Root``; a node beyond them (``trainer``)
+    must be passed on by an interpolation, else the run would ignore it."""
+    names, _ = _accepted(Root)
+    for key in cfg:
+        if key == "hydra":
+            continue
+        if key in names:
+            _check_schema(cfg, key, names[key], str(key))
+        elif not _passed_on(cfg, key):
+            method = OmegaConf.select(cfg, "method._target_", default="the method")
+            raise UserError(
+                f"{key}: no part of this config reads it (no ${{{key}}} interpolation passes "
+                f"it on; {method} takes no {key}), so the run would ignore the {key} keys; "
+                f"remove them."
+            )
 
 
 def validate(cfg: Any, path: str = "") -> None:
-    """Checks ``cfg`` before any work: the top-level keys' types, then every
+    """Checks ``cfg`` before any work: the root's own keys (``schema.Root``), then every
     ``_target_`` node (recursively) against its target's signature.
 
     A node that is an interpolation of another (``trainer: ${trainer}``) is
@@ -249,8 +287,7 @@ def validate(cfg: Any, path: str = "") -> None:
         the target's annotation does not accept.
     """
     if not path and isinstance(cfg, DictConfig):
-        check_composed(cfg)  # a trainer node reached a method that does not train
-        check_top_level(cfg)
+        _validate_root(cfg)
     if isinstance(cfg, ListConfig):
         for i in range(len(cfg)):
             node = cfg._get_node(i)
@@ -283,15 +320,19 @@ def _validate_target(cfg: DictConfig, path: str) -> None:
         if key not in names:
             if var_kw:
                 continue
-            close = difflib.get_close_matches(str(key), sorted(names), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UserError(
-                f"Unknown key '{prefix}{key}' for {name}.{hint} "
-                f"Accepted keys: {', '.join(sorted(names))}."
-            )
+            _unknown(f"{prefix}{key}", name, names)
         node = cfg._get_node(key)
         if not (isinstance(node, DictConfig | ListConfig) and node._is_interpolation()):
             _check_value(cfg, key, names[key], f"{prefix}{key}")
+
+
+def _unknown(path: str, name: str, names: dict[str, Any]) -> None:
+    """Refuses the key at ``path``, which ``name`` does not take (``names``)."""
+    close = difflib.get_close_matches(path.rsplit(".", 1)[-1], sorted(names), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise UserError(
+        f"Unknown key '{path}' for {name}.{hint} Accepted keys: {', '.join(sorted(names))}."
+    )
 
 
 def build(cfg: DictConfig, path: str, **runtime: Any) -> Any:

@@ -48,6 +48,7 @@ from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.shift import is_tfds, level_name
 from bnn_bench.methods.base import Work
 from bnn_bench.models import Model, build_model, num_params
+from bnn_bench.parts import Parts
 
 MIB = 2**20
 
@@ -78,7 +79,7 @@ class Checked:
     objective: str | None
 
 
-def check(cfg: DictConfig) -> Checked:
+def check(parts: Parts) -> Checked:
     """Every refusal a run can make before it reads data, made on shapes: the run
     calls it before its work, and the dry run before printing its plan, so the two
     refuse the same things with the same words.
@@ -90,16 +91,14 @@ def check(cfg: DictConfig) -> Checked:
     Raises:
       UserError: what was wrong, naming the key.
     """
-    settings: EvalSettings = build(cfg.eval, "eval")
-    data = resolve(cfg.dataset)
-    module = build(cfg.model, "model", num_classes=data.spec.num_classes)
+    settings, method, module = parts.settings, parts.method, parts.module
+    data = resolve(parts.dataset)
     model = build_model(module, data.spec, type(module).__name__.lower(), settings.batch_size)
-    method = build(cfg.method, "method")
     params, _ = jax.eval_shape(model.init, jax.random.key(0))
     method.check(model, data)
     work = method.plan(model, data)
     sets = set_sizes(data, settings)
-    metric = str(cfg.objective.metric)
+    metric = parts.objective.metric
     objective = None
     if metric.split("/")[0] not in sets:
         objective = (
@@ -123,15 +122,15 @@ def _tuning() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN and not target.endswith("BasicSweeper")
 
 
-def plan(cfg: DictConfig) -> dict[str, float]:
-    """Checks the run of ``cfg`` as the run does (``check``), prints its plan, returns
+def plan(parts: Parts) -> dict[str, float]:
+    """Checks the run of ``parts`` as the run does (``check``), prints its plan, returns
     its numbers (``plan/steps``, ``plan/grad_evals``, ``plan/members``, ``plan/params``,
     ``plan/device_mib``, ``plan/<set>_size``).
 
     Raises:
       UserError: what the run itself would stop with (before its expensive work).
     """
-    c = check(cfg)
+    c = check(parts)
     data, model, work, sets = c.data, c.model, c.work, c.sets
     memory, how = device_memory(model, data, c.settings, work, sets)
     numbers = {
@@ -142,7 +141,7 @@ def plan(cfg: DictConfig) -> dict[str, float]:
         "plan/device_mib": memory / MIB,
         **{f"plan/{name}_size": float(n) for name, n in sets.items()},
     }
-    objective = f"{cfg.objective.metric} ({cfg.objective.direction})"
+    objective = f"{parts.objective.metric} ({parts.objective.direction})"
     print(
         "\n".join(
             [
@@ -170,7 +169,7 @@ def set_sizes(data: Dataset, settings: EvalSettings) -> dict[str, int]:
     if data.val is not None:
         sizes["val"] = data.val.size
     if settings.ood_dataset is not None:
-        ood = resolve(settings.ood_dataset)
+        ood = resolve(build(settings.ood_dataset, "eval.ood_dataset"))
         # the real check, traced on shapes: resizes and compares without data
         jax.eval_shape(
             lambda t: ood_split(dataclasses.replace(ood, test=Split(*t)), data.spec.shape),

@@ -17,8 +17,9 @@ from bnn_bench.config import build, to_dict, validate
 from bnn_bench.evaluation import EvalPlan, diagnostics, fidelity, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
-from bnn_bench.methods.base import Method, RunContext
+from bnn_bench.methods.base import RunContext
 from bnn_bench.models import build_model, num_params
+from bnn_bench.parts import Parts
 from bnn_bench.reporting import cost, plots
 from bnn_bench.reporting.loggers import HistoryLogger, Loggers, RunInfo
 from bnn_bench.reporting.outputs import config_choice, read_metrics, write_metrics
@@ -31,7 +32,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     out_dir = Path(out_dir)
     if cfg.get("dry_run"):  # the run's checks without data, then the plan; nothing is written
         validate(cfg)
-        return dry_run.plan(cfg)
+        return dry_run.plan(Parts.of(cfg))
     config, record = to_dict(cfg), run_folder.RunRecord(out_dir)
     # new | resume | skip (finished here already). Before anything is written: a folder
     # holding another job's finished results, or an unreadable run.json, stays untouched
@@ -44,27 +45,31 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
             "%s holds this job's metrics.json already; skipping (resume=false reruns it).", out_dir
         )
         return read_metrics(out_dir)
-    dry_run.check(cfg)  # what a dry run refuses, by the same code, before anything is cleared
+    parts = Parts.of(cfg)  # cfg becomes typed objects once; the layers below get these
+    dry_run.check(parts)  # what a dry run refuses, by the same code, before anything is cleared
     record.start(config, todo)  # a new run clears the folder's old results and checkpoints
     with cost.Meter() as meter:  # gradient evaluations, samples, compile time, peak memory
-        return _run(cfg, out_dir, config, record, meter)
+        return _run(cfg, parts, out_dir, config, record, meter)
 
 
 def _run(
-    cfg: DictConfig, out_dir: Path, config: dict, record: run_folder.RunRecord, meter: cost.Meter
+    cfg: DictConfig,
+    parts: Parts,
+    out_dir: Path,
+    config: dict,
+    record: run_folder.RunRecord,
+    meter: cost.Meter,
 ) -> dict[str, float]:
     k_fit, k_predict = jax.random.split(jax.random.key(cfg.seed))
-    settings = build(cfg.eval, "eval")
+    settings, method, module = parts.settings, parts.method, parts.module
     timings: dict[str, float] = {}
     tic = time.perf_counter()
 
     # --- data and model
-    data = build(cfg.dataset, "dataset")
-    module = build(cfg.model, "model", num_classes=data.spec.num_classes)
+    data = parts.dataset.load()
     model = build_model(
         module, data.spec, config_choice(out_dir, "model", cfg.model), settings.batch_size
     )
-    method: Method = build(cfg.method, "method")
     n_params = num_params(jax.eval_shape(model.init, jax.random.key(0))[0])
     log.info(
         "model %s: %s parameters, input %s; method %s; device %s",

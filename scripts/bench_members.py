@@ -41,7 +41,7 @@ def main() -> None:
                 f"trainer.chunk_size={args.steps}",
             ],
         )
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     model = build_model(
         build(cfg.model, "model", num_classes=data.spec.num_classes), data.spec, args.model
     )

@@ -30,7 +30,7 @@ import jax
 from hydra import compose, initialize_config_dir
 
 from bnn_bench.config import build
-from bnn_bench.data.synthetic import load as synthetic
+from bnn_bench.data import SyntheticDataset
 from bnn_bench.methods.sgmcmc import make_log_density
 from bnn_bench.models import build_model
 from bnn_bench.reporting.cost import peak_device_bytes
@@ -95,7 +95,7 @@ def psgld_overrides(size: dict, steps: int) -> list[str]:
 
 def bare_gradient_rate(cfg, steps: int) -> float:
     """Steps/s of ``value_and_grad`` of the preset's potential in ``lax.scan`` (no sampler)."""
-    data = synthetic(**{k: v for k, v in cfg.dataset.items() if k != "_target_"})
+    data = SyntheticDataset(**{k: v for k, v in cfg.dataset.items() if k != "_target_"}).load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mobilenet")
     log_density = make_log_density(model, data.train.size, cfg.method.prior_scale)

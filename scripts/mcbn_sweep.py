@@ -54,7 +54,7 @@ def main() -> None:
         cfg = compose(config_name="config", overrides=args.overrides)
     validate(cfg)
     k_fit = jax.random.split(jax.random.key(cfg.seed))[0]  # as run.py
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(
         module, data.spec, cfg.model._target_.rsplit(".", 1)[-1].lower(), cfg.eval.batch_size

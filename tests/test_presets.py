@@ -172,12 +172,14 @@ def test_preset_map_baseline_runs(tmp_path):
 
 def test_cli_refuses_trainer_keys_for_a_sampler_and_names_its_own():
     """The default method samples: trainer.epochs=1 is refused before any work, naming
-    method.epochs; with a method that trains the same key works."""
+    the methods that compose the trainer group and method.epochs; with a method that
+    trains the same key works."""
     proc = subprocess.run(
         [*CLI, "trainer.epochs=1"], capture_output=True, text=True, env=cli_env(), timeout=120
     )
     assert proc.returncode == 2
-    assert "method=sgld does not train" in proc.stderr and "method.epochs=1" in proc.stderr
+    assert "method=sgld does not compose the trainer group" in proc.stderr
+    assert "Did you mean method.epochs=1?" in proc.stderr
     swept = subprocess.run(
         [*CLI, "-m", "method=map,psgld", "trainer.steps=3"],
         capture_output=True,
@@ -185,7 +187,8 @@ def test_cli_refuses_trainer_keys_for_a_sampler_and_names_its_own():
         env=cli_env(),
         timeout=120,
     )
-    assert swept.returncode == 2 and "method.iterations=3" in swept.stderr
+    assert swept.returncode == 2 and "method=psgld does not compose the trainer" in swept.stderr
+    assert "Launch the jobs apart: method=map trainer.steps=3" in swept.stderr
     ok = subprocess.run(
         [*CLI, "--cfg", "job", "method=map", "trainer.epochs=1"],
         capture_output=True,
@@ -224,6 +227,18 @@ def _option(group: str, choice: str) -> tuple[str, DictConfig]:
     return package, OmegaConf.masked_copy(own, [k for k in own if k != "defaults"])
 
 
+def _check_preset(*args: str) -> None:
+    """``presets.check`` as the job runs it, on the config ``args`` compose."""
+    from hydra import compose, initialize_config_dir
+
+    from bnn_bench import presets
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", list(args), return_hydra_config=True)
+        choices = cfg.hydra.runtime.choices
+        presets.check(cfg, choices, list(args), lambda o: compose("config", o), CONF)
+
+
 def _preset_methods(experiment: str) -> list[str]:
     own = _choices_of(f"experiment={experiment}")["method"]
     return sorted({own, *(m for p, m in PRESET_METHODS if p == experiment)})
@@ -237,8 +252,6 @@ def test_a_group_chosen_on_the_command_line_wins_over_the_preset_or_is_refused(e
     `experiment=<preset> method=<method> <group>=<choice>` either composes the choice (its
     _target_, no key of it replaced, no key it does not take) or the command refuses it,
     naming the preset; a fix it suggests composes."""
-    from bnn_bench.groups import check_overrides
-
     checked = refused = 0
     done = set()  # (group, choice) of the groups every method shares: checked once
     for method in _preset_methods(experiment):
@@ -255,7 +268,7 @@ def test_a_group_chosen_on_the_command_line_wins_over_the_preset_or_is_refused(e
                 package, own = _option(group, choice)
                 checked += 1
                 try:
-                    check_overrides(args, CONF)
+                    _check_preset(*args)
                 except UserError as e:
                     refused += 1
                     msg = str(e)
@@ -278,17 +291,15 @@ def test_a_group_chosen_on_the_command_line_wins_over_the_preset_or_is_refused(e
 def test_the_issues_prior_precision_override_is_refused_with_a_fix_that_composes():
     """`experiment=laplax_mnist dataset=fashion_mnist method/laplace/prior_precision=marglik`
     composed the preset's fixed τ 1e4 in silence."""
-    from bnn_bench.groups import check_overrides
-
     base = ["experiment=laplax_mnist", "dataset=fashion_mnist"]
     with pytest.raises(UserError) as e:
-        check_overrides([*base, "method/laplace/prior_precision=marglik"], CONF)
+        _check_preset(*base, "method/laplace/prior_precision=marglik")
     msg = str(e.value)
     assert "sets method.prior_precision=10000.0" in msg, msg
     fix = msg.split("give the node whole: '")[1].rsplit("'", 1)[0]
     assert compose_cfg(*base, fix).method.prior_precision._target_.endswith("MargLik")
     # a choice the preset has no setting for is applied as chosen
-    check_overrides([*base, "trainer/optimizer=sgd"], CONF)
+    _check_preset(*base, "trainer/optimizer=sgd")
     assert compose_cfg(*base, "trainer/optimizer=sgd").trainer.optimizer == OmegaConf.load(
         CONF / "trainer/optimizer/sgd.yaml"
     )

@@ -35,7 +35,7 @@ def test_synthetic_run_writes_a_complete_run_folder(tmp_path):
     assert 0.0 <= metrics["test/ece"] <= 1.0 and metrics["test/members"] == 1
     assert len(metrics["curves"]["test"]["reliability"]["count"]) == 15
     cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    assert cfg["dataset"]["_target_"] == "bnn_bench.data.synthetic.load" and cfg["seed"] == 0
+    assert cfg["dataset"]["_target_"] == "bnn_bench.data.SyntheticDataset" and cfg["seed"] == 0
     assert (run / "plots" / "reliability.png").stat().st_size > 1000
     log = (run / "run.log").read_text()
     assert "parameters" in log and "Acc (soft vote)" in log
@@ -74,7 +74,7 @@ BAD_INPUT = {
     ),
     "trainer keys for a sampler": (
         [*(o for o in TINY if not o.startswith("method")), "method=sgld"],
-        ["method=sgld does not train a network", "method.epochs=4"],
+        ["method=sgld does not compose the trainer group", "Did you mean method.epochs=4?"],
     ),
 }
 

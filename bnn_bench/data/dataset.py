@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnn_bench.data import sources
 from bnn_bench.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -97,137 +95,9 @@ class Dataset:
     source: str = ""
 
 
-SOURCES = ("auto", "local", "tfds", "system")
-Files = sources.IdxFiles | sources.CifarBatches
-
-
-def _offline_hint(files: Files, tfds_name: str | None) -> str:
-    steps = [f"put {files.describe()} in a folder and pass dataset.data_dir=PATH"]
-    if tfds_name:
-        steps.append(
-            f"run `tfds build {tfds_name} --data_dir=DIR` on a machine with network, "
-            f"copy DIR here and pass dataset.tfds_data_dir=DIR"
-        )
-    return "To run without network, " + ", or ".join(steps) + "."
-
-
-class _Candidate(NamedTuple):
-    where: str
-    read: Callable[[], sources.Arrays]  # raises DataNotFound when the source lacks the data
-    # the same, cheaply: split sizes if known (a download: None, after probing its hosts)
-    count: Callable[[], dict[str, int] | None]
-
-
-def _candidates(
-    files: Files,
-    tfds_name: str | None,
-    system_dirs: Sequence[str],
-    source: str,
-    data_dir: str | None,
-    tfds_dir: str,
-    download: bool,
-) -> list[_Candidate]:
-    """The sources to try, in order. A ``data_dir`` the user names is the only one:
-    when it is missing or incomplete, that is the error (never a fall back)."""
-    if data_dir and source in ("auto", "local"):
-        sources.check_folder(files, data_dir, "dataset.data_dir")
-        return [
-            _Candidate(
-                f"local files in {data_dir}",
-                lambda: files.read(data_dir),
-                lambda: files.count(data_dir),
-            )
-        ]
-    if source == "local":
-        raise UserError(
-            f"dataset.source=local needs dataset.data_dir=PATH, a folder with {files.describe()}."
-        )
-    out = []
-    use_tfds = source in ("auto", "tfds") and tfds_name is not None
-    if use_tfds:
-        # Prepared TFDS data first; a download is the last resort (slow, needs network).
-        out.append(
-            _Candidate(
-                f"TFDS data dir {tfds_dir}",
-                lambda: sources.read_tfds(tfds_name, tfds_dir, download=False),
-                lambda: sources.tfds_prepared_sizes(tfds_name, tfds_dir),
-            )
-        )
-    if source in ("auto", "system"):
-        for d in system_dirs:
-
-            def found(d=d) -> str:
-                if not Path(d).is_dir():
-                    raise sources.DataNotFound("absent")
-                if files.missing(d):
-                    raise sources.DataNotFound("incomplete")
-                return d
-
-            out.append(
-                _Candidate(
-                    f"system copy {d}",
-                    lambda found=found: files.read(found()),
-                    lambda found=found: files.count(found()),
-                )
-            )
-    if use_tfds and download:
-        out.append(
-            _Candidate(
-                "TFDS download",
-                lambda: sources.read_tfds(tfds_name, tfds_dir, download=True),
-                # the run's reachability probe, without the download
-                lambda: sources.probe_download(tfds_name),
-            )
-        )
-    return out
-
-
-def _not_found(name, files, tfds_name, source, download, tried) -> UserError:
-    ways = [f"put {files.describe()} in a folder and pass dataset.data_dir=PATH"]
-    if source in ("auto", "tfds") and tfds_name is not None:
-        ways.append("allow a TFDS download with dataset.download=true (needs network)")
-        ways.append("point dataset.tfds_data_dir at TFDS data prepared with `tfds build`")
-    return UserError(
-        f"Could not find dataset {name!r} (dataset.source={source}, "
-        f"dataset.download={str(download).lower()}). Tried: {'; '.join(tried) or 'nothing'}.\n"
-        f"Either {', or '.join(ways)}."
-    )
-
-
-def _read(name, files, tfds_name, candidates, source, download, tfds_dir):
-    """Reads from the first candidate that holds the data; returns the arrays and where from."""
-    tried = []
-    for c in candidates:
-        try:
-            return c.read(), c.where
-        except sources.DataNotFound as e:
-            tried.append(f"{c.where}: {e}")
-        except sources.DownloadFailed as e:
-            raise _download_failed(name, files, tfds_name, tfds_dir, e) from None
-    raise _not_found(name, files, tfds_name, source, download, tried)
-
-
-def _download_failed(name, files, tfds_name, tfds_dir, e: Exception) -> UserError:
-    return UserError(
-        f"Could not download dataset {name!r} with TFDS into {tfds_dir}: {e}\n"
-        f"{_offline_hint(files, tfds_name)}"
-    )
-
-
-def _check_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
-    if resize is None:
-        return None
-    r = tuple(resize)
-    if len(r) != 2 or not all(isinstance(v, int) and v > 0 for v in r):
-        raise UserError(f"dataset.resize must be two positive integers [H, W]; got {list(r)}.")
-    return (int(r[0]), int(r[1]))
-
-
-def _check_split(val_from: str, val_fraction: float) -> None:
-    if val_from not in ("train", "test"):
-        raise UserError(f"dataset.val_from must be 'train' or 'test'; got {val_from!r}.")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"dataset.val_fraction must be in [0, 1); got {val_fraction}.")
+def check_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
+    """``resize`` as (H, W) (its type and range: the dataset config's annotation)."""
+    return None if resize is None else (int(resize[0]), int(resize[1]))
 
 
 def _num_val(n: int, val_fraction: float) -> int:
@@ -238,7 +108,6 @@ def split_sizes(
     n_train: int, n_test: int, val_from: str, val_fraction: float, subset: int | None = None
 ) -> dict[str, int]:
     """The sizes ``split_validation`` gives (after ``subset``), from the split sizes alone."""
-    _check_split(val_from, val_fraction)
     n_train = n_train if subset is None else min(n_train, subset)
     n_val = _num_val(n_train if val_from == "train" else n_test, val_fraction)
     if val_from == "train":
@@ -257,7 +126,6 @@ def split_validation(
     ``val_from="test"`` with ``val_fraction=0.5`` is the JaxSGMC tutorial's choice:
     half of the test split validates, the other half tests.
     """
-    _check_split(val_from, val_fraction)
     if val_fraction == 0.0:
         return train, test, None
     src = train if val_from == "train" else test
@@ -294,121 +162,6 @@ def to_device(arrays: tuple[np.ndarray, np.ndarray]) -> Split:
     return Split(jnp.asarray(arrays[0], jnp.uint8), jnp.asarray(arrays[1], jnp.int32))
 
 
-def _setup(
-    name,
-    shape,
-    class_names,
-    mean,
-    std,
-    files,
-    tfds_name,
-    system_dirs,
-    source,
-    data_dir,
-    tfds_data_dir,
-    download,
-    val_from,
-    val_fraction,
-    resize,
-    subset,
-):
-    """Checks every argument before any data is read; returns the spec and the sources."""
-    if source not in SOURCES:
-        raise UserError(f"dataset.source must be one of {', '.join(SOURCES)}; got {source!r}.")
-    shape = tuple(int(s) for s in shape)
-    class_names = tuple(str(c) for c in class_names)
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if len(shape) != 3 or len(class_names) < 2:
-        raise UserError(f"dataset.shape must be [H, W, C] and class_names 2 or more; got {shape}.")
-    if len(mean) not in (1, shape[2]) or len(std) != len(mean):
-        raise UserError(f"dataset.mean/std need 1 or {shape[2]} values each.")
-    _check_split(val_from, val_fraction)
-    if subset is not None and not (isinstance(subset, int) and subset > 0):
-        raise UserError(
-            f"dataset.subset must be a positive number of training examples, or null for "
-            f"all of them; got {subset!r}."
-        )
-    spec = Spec(name, shape, len(class_names), class_names, mean, std, _check_resize(resize))
-    tfds_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-    candidates = _candidates(files, tfds_name, system_dirs, source, data_dir, tfds_dir, download)
-    return spec, candidates, tfds_dir
-
-
-def load(
-    name: str,
-    shape: Sequence[int],
-    class_names: Sequence[str],
-    mean: Sequence[float],
-    std: Sequence[float],
-    files: Files,
-    tfds_name: str | None = None,
-    system_dirs: Sequence[str] = (),
-    source: str = "auto",
-    data_dir: str | None = None,
-    tfds_data_dir: str | None = None,
-    download: bool = True,
-    val_from: str = "train",
-    val_fraction: float = 0.1,
-    resize: Sequence[int] | None = None,
-    subset: int | None = None,
-) -> Dataset:
-    """Loads an image-classification dataset from the first source that holds it.
-
-    The facts (``shape`` to ``system_dirs``) come from the dataset's YAML
-    (``conf/dataset/<name>.yaml``); the rest says where to look and how to split.
-
-    Args:
-      name: the dataset's name (in logs and metrics).
-      shape: (H, W, C) of the stored images.
-      class_names: one name per class; their number is the number of classes.
-      mean, std: per-channel normalisation after scaling to [0, 1] (1 or C values).
-      files: the file format a ``data_dir`` holds (``sources.IdxFiles``, ``sources.CifarBatches``).
-      tfds_name: the TFDS name, or None when TFDS does not have it.
-      system_dirs: folders where a system package installs the files.
-      source: ``auto`` (``data_dir`` when given; else prepared TFDS data, system
-        copies, then a TFDS download), or one of ``local``, ``tfds``, ``system``.
-      data_dir: a folder with ``files``; when given, the only source.
-      tfds_data_dir: the TFDS data directory (default ``$TFDS_DATA_DIR``, else
-        ``~/tensorflow_datasets``).
-      download: allow TFDS to download when nothing else has the data.
-      val_from, val_fraction: where validation comes from (see ``split_validation``).
-      resize: [H, W] to resize into on the device (aspect ratio kept), or None.
-      subset: keep only ``subset`` training examples, the same whatever the source
-        (``take_subset``: the first in the order of their SHA-256).
-    """
-    spec, candidates, tfds_dir = _setup(
-        name, shape, class_names, mean, std, files, tfds_name, system_dirs, source,
-        data_dir, tfds_data_dir, download, val_from, val_fraction, resize, subset,
-    )  # fmt: skip
-    arrays, where = _read(name, files, tfds_name, candidates, source, download, tfds_dir)
-    for split, (x, _) in arrays.items():
-        if x.shape[1:] != spec.shape:
-            raise UserError(
-                f"{name} {split} images from {where} have shape {x.shape[1:]}, "
-                f"expected {spec.shape}. Check dataset.data_dir."
-            )
-    train = arrays["train"]
-    if subset is not None:
-        train = take_subset(train, subset)
-    train, test, val = split_validation(train, arrays["test"], val_from, val_fraction)
-    log.info(
-        "dataset %s from %s: train %d, val %d, test %d, input %s",
-        name,
-        where,
-        len(train[1]),
-        0 if val is None else len(val[1]),
-        len(test[1]),
-        spec.input_shape,
-    )
-    return Dataset(
-        spec,
-        to_device(train),
-        to_device(test),
-        None if val is None else to_device(val),
-        source=where,
-    )
-
-
 @dataclass(frozen=True)
 class Located:
     """Where a dataset would be read from, found without reading its data.
@@ -426,52 +179,6 @@ class Located:
     sizes: dict[str, int] | None
 
 
-def locate(
-    name: str,
-    shape: Sequence[int],
-    class_names: Sequence[str],
-    mean: Sequence[float],
-    std: Sequence[float],
-    files: Files,
-    tfds_name: str | None = None,
-    system_dirs: Sequence[str] = (),
-    source: str = "auto",
-    data_dir: str | None = None,
-    tfds_data_dir: str | None = None,
-    download: bool = True,
-    val_from: str = "train",
-    val_fraction: float = 0.1,
-    resize: Sequence[int] | None = None,
-    subset: int | None = None,
-) -> Located:
-    """``load``'s checks and choice of source, without reading the data (for dry runs).
-
-    Takes ``load``'s arguments and raises the same errors for bad arguments, a
-    missing or incomplete ``data_dir``, or no source at all. Reads only file
-    headers and TFDS's ``dataset_info.json``; imports no TensorFlow and never
-    downloads, but where the run would download, probes the download hosts as the
-    run does (``sources.probe_download``) and fails as the run would without them.
-    """
-    spec, candidates, tfds_dir = _setup(
-        name, shape, class_names, mean, std, files, tfds_name, system_dirs, source,
-        data_dir, tfds_data_dir, download, val_from, val_fraction, resize, subset,
-    )  # fmt: skip
-    tried = []
-    for c in candidates:
-        try:
-            counts = c.count()
-        except sources.DataNotFound as e:
-            tried.append(f"{c.where}: {e}")
-            continue
-        except sources.DownloadFailed as e:
-            raise _download_failed(name, files, tfds_name, tfds_dir, e) from None
-        sizes = None
-        if counts is not None:
-            sizes = split_sizes(counts["train"], counts["test"], val_from, val_fraction, subset)
-        return Located(spec, c.where, sizes)
-    raise _not_found(name, files, tfds_name, source, download, tried)
-
-
 def preset(name: str, **overrides) -> Dataset:
     """Loads the dataset of ``conf/dataset/<name>.yaml``, for scripts outside the CLI.
 
@@ -479,7 +186,7 @@ def preset(name: str, **overrides) -> Dataset:
     """
     from omegaconf import OmegaConf
 
-    from bnn_bench.config import build
+    from bnn_bench.config import build, validate
 
     here = Path(__file__).resolve().parents[1]
     conf = here / "conf" if (here / "conf").is_dir() else here.parent / "conf"
@@ -487,4 +194,6 @@ def preset(name: str, **overrides) -> Dataset:
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise UserError(f"Unknown dataset {name!r}. Known: {', '.join(known)}.")
-    return build(OmegaConf.merge(OmegaConf.load(path), overrides), "dataset")
+    node = OmegaConf.merge(OmegaConf.load(path), overrides)
+    validate(node, "dataset")
+    return build(node, "dataset").load()

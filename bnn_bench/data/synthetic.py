@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 
@@ -10,12 +12,14 @@ from bnn_bench.data.dataset import (
     Dataset,
     Located,
     Spec,
-    _check_resize,
+    check_resize,
     split_sizes,
     split_validation,
     to_device,
 )
-from bnn_bench.errors import UserError
+from bnn_bench.schema import Interval, NonNegative, Positive
+
+PositiveInt = Annotated[int, Positive]
 
 
 def make_arrays(
@@ -33,81 +37,69 @@ def make_arrays(
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8), y
 
 
-def _spec(shape: Sequence[int], num_classes: int, resize: Sequence[int] | None) -> Spec:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1 or num_classes < 2:
-        raise UserError(
-            f"synthetic: shape must be [H, W, C] and num_classes >= 2; "
-            f"got {list(shape)}, {num_classes}."
-        )
-    names = tuple(f"class {i}" for i in range(num_classes))
-    c = shape[2]
-    return Spec(
-        "synthetic", shape, num_classes, names, (0.5,) * c, (0.25,) * c, _check_resize(resize)
-    )
-
-
-def load(
-    shape: Sequence[int] = (28, 28, 1),
-    num_classes: int = 10,
-    train_size: int = 2048,
-    test_size: int = 512,
-    noise: float = 0.35,
-    contrast: float = 0.25,
-    data_seed: int = 0,
-    val_from: str = "train",
-    val_fraction: float = 0.1,
-    resize: Sequence[int] | None = None,
-) -> Dataset:
+@dataclass(frozen=True)
+class SyntheticDataset:
     """Synthetic images: each class is a smooth random pattern; samples are noisy copies.
 
     Learnable well above chance by every model, yet not perfectly separable at the
     default ``noise``, so calibration metrics are not degenerate. The data depend on
     ``data_seed`` only, never on the run's ``seed``.
 
-    Args:
+    Attributes:
       shape: (H, W, C) of the images.
       num_classes: number of classes.
       train_size, test_size: examples per split (validation is carved from train).
       noise: standard deviation of the pixel noise, on a [0, 1] scale.
       contrast: how far the class patterns stray from grey (smaller is harder).
       data_seed: seed of the generator.
-      val_from, val_fraction, resize: as for ``bnn_bench.data.load``.
+      val_from, val_fraction, resize: as for ``stored.StoredDataset``.
     """
-    spec = _spec(shape, num_classes, resize)
-    shape = spec.shape
-    rng = np.random.default_rng(data_seed)
-    h, w, c = shape
-    # Smooth prototypes: low-frequency random fields upsampled to the image size.
-    coarse = rng.uniform(0, 1, size=(num_classes, max(2, h // 4), max(2, w // 4), c))
-    rows = np.linspace(0, coarse.shape[1] - 1, h).round().astype(int)
-    cols = np.linspace(0, coarse.shape[2] - 1, w).round().astype(int)
-    prototypes = 0.5 + contrast * (coarse[:, rows][:, :, cols] - 0.5)
-    train = make_arrays(shape, num_classes, train_size, noise, rng, prototypes)
-    test = make_arrays(shape, num_classes, test_size, noise, rng, prototypes)
-    train, test, val = split_validation(train, test, val_from, val_fraction)
-    return Dataset(
-        spec,
-        to_device(train),
-        to_device(test),
-        None if val is None else to_device(val),
-        source="generated in memory",
-    )
 
+    shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (28, 28, 1)
+    num_classes: Annotated[int, Interval(2, None)] = 10
+    train_size: Annotated[int, Positive] = 2048
+    test_size: Annotated[int, Positive] = 512
+    noise: Annotated[float, NonNegative] = 0.35
+    contrast: float = 0.25
+    data_seed: int = 0
+    val_from: Literal["train", "test"] = "train"
+    val_fraction: Annotated[float, Interval(0, 1, hi_open=True)] = 0.1
+    resize: tuple[PositiveInt, PositiveInt] | None = None
 
-def locate(
-    shape: Sequence[int] = (28, 28, 1),
-    num_classes: int = 10,
-    train_size: int = 2048,
-    test_size: int = 512,
-    noise: float = 0.35,
-    contrast: float = 0.25,
-    data_seed: int = 0,
-    val_from: str = "train",
-    val_fraction: float = 0.1,
-    resize: Sequence[int] | None = None,
-) -> Located:
-    """``load``'s checks and split sizes without generating the images (for dry runs)."""
-    del noise, contrast, data_seed
-    sizes = split_sizes(train_size, test_size, val_from, val_fraction)
-    return Located(_spec(shape, num_classes, resize), "generated in memory", sizes)
+    @property
+    def spec(self) -> Spec:
+        """The generated images' spec: mid-grey mean, a fixed spread."""
+        shape = tuple(int(s) for s in self.shape)
+        names = tuple(f"class {i}" for i in range(self.num_classes))
+        c = shape[2]
+        mean, std = (0.5,) * c, (0.25,) * c
+        return Spec(
+            "synthetic", shape, self.num_classes, names, mean, std, check_resize(self.resize)
+        )
+
+    def load(self) -> Dataset:
+        """Generates the images (host numpy, then on the device)."""
+        spec = self.spec
+        rng = np.random.default_rng(self.data_seed)
+        h, w, c = shape = spec.shape
+        k = self.num_classes
+        # Smooth prototypes: low-frequency random fields upsampled to the image size.
+        coarse = rng.uniform(0, 1, size=(k, max(2, h // 4), max(2, w // 4), c))
+        rows = np.linspace(0, coarse.shape[1] - 1, h).round().astype(int)
+        cols = np.linspace(0, coarse.shape[2] - 1, w).round().astype(int)
+        prototypes = 0.5 + self.contrast * (coarse[:, rows][:, :, cols] - 0.5)
+        train = make_arrays(shape, k, self.train_size, self.noise, rng, prototypes)
+        test = make_arrays(shape, k, self.test_size, self.noise, rng, prototypes)
+        train, test, val = split_validation(train, test, self.val_from, self.val_fraction)
+        return Dataset(
+            spec,
+            to_device(train),
+            to_device(test),
+            None if val is None else to_device(val),
+            source="generated in memory",
+        )
+
+    def locate(self) -> Located:
+        """The spec and split sizes without generating the images (dry runs)."""
+        sizes = split_sizes(self.train_size, self.test_size, self.val_from, self.val_fraction)
+        return Located(self.spec, "generated in memory", sizes)

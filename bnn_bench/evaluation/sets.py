@@ -56,7 +56,7 @@ def evaluation_sets(data: Dataset, settings: EvalSettings) -> dict[str, Split]:
     if data.val is not None:
         sets["val"] = data.val
     if settings.ood_dataset is not None:
-        ood = build(settings.ood_dataset, "eval.ood_dataset")
+        ood = build(settings.ood_dataset, "eval.ood_dataset").load()
         sets["ood"] = ood_split(ood, data.spec.shape)
     if settings.shift:
         test = data.test

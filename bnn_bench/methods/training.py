@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.models import Model, Params, State
+from bnn_bench.schema import NonNegative, Positive
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,15 @@ class Trainer:
     """
 
     optimizer: Callable[..., optax.GradientTransformation] = partial(optax.adam)
-    schedule: optax.Schedule | Callable[..., optax.Schedule] | float = partial(
+    schedule: optax.Schedule | Callable[..., optax.Schedule] | Annotated[float, Positive] = partial(
         optax.cosine_decay_schedule, init_value=3e-3
     )
-    l2: float = 0.0
-    epochs: int = 20
-    steps: int | None = None
-    batch_size: int = 128
-    eval_every: int = 1
-    chunk_size: int = 200
+    l2: Annotated[float, NonNegative] = 0.0
+    epochs: Annotated[int, Positive] = 20
+    steps: Annotated[int, Positive] | None = None
+    batch_size: Annotated[int, Positive] = 128
+    eval_every: Annotated[int, NonNegative] = 1
+    chunk_size: Annotated[int, Positive] = 200
 
     def __post_init__(self):
         if not callable(self.optimizer):
@@ -95,14 +96,6 @@ class Trainer:
                 f"trainer.schedule must be an optax schedule node (e.g. "
                 f"trainer/schedule=cosine) or a number (a constant rate); got {self.schedule!r}."
             )
-        if isinstance(self.schedule, int | float) and not self.schedule > 0:
-            raise UserError(f"trainer.schedule (a constant rate) must be > 0; got {self.schedule}.")
-        if self.batch_size < 1 or self.chunk_size < 1 or self.l2 < 0:
-            raise UserError(
-                "trainer.batch_size and trainer.chunk_size must be positive, trainer.l2 >= 0."
-            )
-        if self.steps is None and self.epochs < 1:
-            raise UserError("trainer.epochs must be >= 1 (or set trainer.steps).")
 
     def steps_per_epoch(self, n: int) -> int:
         if self.batch_size > n:

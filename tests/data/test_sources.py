@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bnn_bench.data import preset
-from bnn_bench.data.sources import read_idx
+from bnn_bench.data.files import read_idx
 from bnn_bench.errors import UserError
 
 
@@ -191,17 +191,18 @@ def test_wrong_shape_files_are_rejected(tmp_path):
 def test_unknown_dataset_and_source():
     with pytest.raises(UserError, match="Unknown dataset 'imagenet'. Known: cifar10, fashion"):
         preset("imagenet")
-    with pytest.raises(UserError, match="dataset.source must be one of"):
+    with pytest.raises(UserError, match="dataset.source: expected one of 'auto', 'local'"):
         preset("mnist", source="ftp")
 
 
 def located(*overrides: str):
-    """What a dry run does: the dataset node with ``locate`` in place of ``load``."""
-    from bnn_bench.config import build
+    """What a dry run does: the config checked, then the dataset's ``locate()``."""
+    from bnn_bench.config import build, validate
     from tests.conftest import compose_cfg
 
-    cfg = compose_cfg(*overrides).dataset
-    return build(cfg, "dataset", _target_=cfg._target_.rsplit(".", 1)[0] + ".locate")
+    cfg = compose_cfg(*overrides)
+    validate(cfg)
+    return build(cfg.dataset, "dataset").locate()
 
 
 @pytest.mark.parametrize(
@@ -214,28 +215,30 @@ def test_locate_agrees_with_load_without_reading(tmp_path, split):
     from bnn_bench.config import build
     from tests.conftest import compose_cfg
 
-    data = build(compose_cfg(*overrides).dataset, "dataset")
+    data = build(compose_cfg(*overrides).dataset, "dataset").load()
     assert where.source == data.source and where.spec == data.spec
     assert where.sizes == {"train": data.train.size, "val": data.val.size, "test": data.test.size}
 
 
 def test_locate_synthetic_and_cifar(tmp_path):
-    from bnn_bench.data.synthetic import load as synthetic
+    from bnn_bench.data import SyntheticDataset
 
-    data = synthetic(train_size=100, test_size=30, val_from="test", val_fraction=0.5)
+    data = SyntheticDataset(train_size=100, test_size=30, val_from="test", val_fraction=0.5).load()
     where = located("dataset=synthetic", "dataset.train_size=100", "dataset.test_size=30",
                     "dataset.val_from=test", "dataset.val_fraction=0.5")  # fmt: skip
     assert where.sizes == {"train": data.train.size, "val": data.val.size, "test": data.test.size}
     assert where.spec == data.spec
     make_cifar_batches(tmp_path)
     cifar = located("dataset=cifar10", f"dataset.data_dir={tmp_path}")
-    assert cifar.source == f"local files in {tmp_path}" and cifar.sizes is None
+    # the pickles' sizes are not read: the published ones (stored.PUBLISHED)
+    assert cifar.source == f"local files in {tmp_path}"
+    assert cifar.sizes == {"train": 45_000, "val": 5_000, "test": 10_000}
 
 
 def test_locate_refuses_what_load_refuses(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
         located("dataset=mnist", f"dataset.data_dir={tmp_path / 'nowhere'}")
-    with pytest.raises(UserError, match="dataset.val_fraction must be in"):
+    with pytest.raises(UserError, match=r"dataset.val_fraction must be in \[0, 1\), got 1.5"):
         located("dataset=mnist", "dataset.val_fraction=1.5")
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     with pytest.raises(UserError, match="Could not find dataset 'mnist'"):
@@ -268,4 +271,6 @@ def test_locate_a_download_without_tensorflow(tmp_path):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "TFDS download None False"
+    # a download's sizes are CIFAR-10's published ones (stored.PUBLISHED)
+    sizes = {"train": 45_000, "val": 5_000, "test": 10_000}
+    assert proc.stdout.strip().splitlines()[-1] == f"TFDS download {sizes} False"

@@ -186,7 +186,7 @@ def test_sgld_run_reports_rhat_ess_and_traces_of_its_chains(tmp_path):
     metrics = run(cfg, tmp_path)
     assert (tmp_path / "plots" / "traces.png").is_file()
     # recompute the tracked quantities from the saved samples, outside the sampler loop
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "mlp", 128)
     template = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(jax.random.key(0), 24))
     samples = serialization.from_bytes(template, (tmp_path / "samples.msgpack").read_bytes())

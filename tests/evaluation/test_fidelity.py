@@ -83,7 +83,7 @@ def test_every_run_keeps_its_predictive_with_fingerprints(reference_run):
 def _labels(name):
     from bnn_bench.config import build
 
-    data = build(compose_cfg(*TINY).dataset, "dataset")
+    data = build(compose_cfg(*TINY).dataset, "dataset").load()
     return np.asarray(data.test.y if name == "test" else data.val.y)
 
 

@@ -307,7 +307,7 @@ def test_a_methods_members_and_point_estimates_give_the_exact_nll_of_extreme_log
     # of the posterior predictive (MAP's one member through predict), of the MAP network
     # and of a sampler's last samples must equal a float64 log-softmax of its logits.
     from bnn_bench.config import build
-    from bnn_bench.data.synthetic import load as synthetic
+    from bnn_bench.data import SyntheticDataset
     from bnn_bench.evaluation import EvalPlan
     from bnn_bench.methods.map import PointPosterior, map_metrics
     from bnn_bench.methods.sgmcmc import last_sample_metrics
@@ -315,7 +315,9 @@ def test_a_methods_members_and_point_estimates_give_the_exact_nll_of_extreme_log
     from bnn_bench.models.mlp import MLP
     from tests.conftest import compose_cfg
 
-    data = synthetic(shape=(8, 8, 1), num_classes=4, train_size=8, test_size=64, val_fraction=0)
+    data = SyntheticDataset(
+        shape=(8, 8, 1), num_classes=4, train_size=8, test_size=64, val_fraction=0
+    ).load()
     model = build_model(MLP(hidden=(16,), num_classes=4), data.spec)
     nets = [jax.tree.map(lambda a: 40 * a, model.init(jax.random.key(i))[0]) for i in (0, 1)]
     x, y = data.test.x, np.asarray(data.test.y)

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from bnn_bench import evaluation
-from bnn_bench.data import Split
-from bnn_bench.data.synthetic import load as synthetic
+from bnn_bench.data import Split, SyntheticDataset
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.reporting import plots
 
@@ -28,7 +27,7 @@ ALWAYS = {
 
 
 def _fake_run(members: int):
-    data = synthetic(test_size=64, train_size=16, val_fraction=0.0)
+    data = SyntheticDataset(test_size=64, train_size=16, val_fraction=0.0).load()
     rng = np.random.default_rng(0)
     y = np.asarray(data.test.y)
     logits = 3 * np.eye(10)[y][None] + rng.standard_normal((members, 64, 10))

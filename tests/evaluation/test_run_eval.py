@@ -127,7 +127,7 @@ def test_resized_ood_set_takes_the_data_shape():
     cfg = compose_cfg(
         *TINY, *OOD, "eval.ood_dataset.shape=[32,32,1]", "eval.ood_dataset.resize=[28,28]"
     )
-    sets = evaluation_sets(build(cfg.dataset, "dataset"), build(cfg.eval, "eval"))
+    sets = evaluation_sets(build(cfg.dataset, "dataset").load(), build(cfg.eval, "eval"))
     assert sets["ood"].x.shape == (128, 28, 28, 1) and sets["ood"].x.dtype == "uint8"
 
 

@@ -85,15 +85,15 @@ def test_rotation_matches_scipy_at_any_angle():
 
 
 def test_cifar10_c_names_levels_and_a_clear_error_offline(tmp_path):
-    from bnn_bench.data.synthetic import load as synthetic
+    from bnn_bench.data import SyntheticDataset
     from bnn_bench.evaluation.sets import evaluation_sets
 
     s = EvalSettings(shift=["cifar10c_fog"], tfds_data_dir=str(tmp_path))
     assert s.shift_sets() == [("cifar10c_fog", float(v)) for v in (1, 2, 3, 4, 5)]
     with pytest.raises(UserError, match="not in CIFAR-10-C|unknown corruption"):
         EvalSettings(shift=["cifar10c_haze"])
-    cifar_like = synthetic(shape=(32, 32, 3), train_size=16, test_size=16)
+    cifar_like = SyntheticDataset(shape=(32, 32, 3), train_size=16, test_size=16).load()
     with pytest.raises(UserError, match=r"cifar10_corrupted/fog_1 is not in the TFDS data dir"):
         evaluation_sets(cifar_like, s)
     with pytest.raises(UserError, match="Use it with dataset=cifar10"):
-        evaluation_sets(synthetic(train_size=16, test_size=16), s)
+        evaluation_sets(SyntheticDataset(train_size=16, test_size=16).load(), s)

@@ -101,7 +101,7 @@ def _setup(name: str, *extra: str):
     own_model = any(o.startswith("model=") for o in (*TINY_METHOD[name], *extra))  # not TINY's MLP
     base = [o for o in tiny(name) if not (own_model and o.startswith("model"))]
     cfg = compose_cfg(*base, *TINY_METHOD[name], *extra)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(
         module, data.spec, cfg.model._target_.rsplit(".", 1)[-1].lower(), cfg.eval.batch_size

@@ -17,7 +17,7 @@ SMALL = [*TINY, "trainer.epochs=2", "dataset.train_size=256", "dataset.test_size
 
 def test_members_differ_and_each_is_the_map_fit_of_its_key():
     cfg = compose_cfg(*SMALL, "method=ensemble", "method.size=2")
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "mlp", 128)
     ens = build(cfg.method, "method")
     key = jax.random.key(5)

@@ -201,7 +201,7 @@ def test_bad_settings_are_refused_by_name(override, message):
 def test_a_model_with_batch_norm_is_refused():
     mlp = [o for o in HMC_TINY if not o.startswith("model")]
     cfg = compose_cfg(*mlp, "model=lenet", "model.norm=batchnorm")
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "lenet")
     with pytest.raises(UserError, match="method=hmc needs a model without batch norm"):
@@ -211,7 +211,7 @@ def test_a_model_with_batch_norm_is_refused():
 def test_the_log_density_is_sgmcmcs_on_all_of_train_divided_by_t():
     """The same posterior as SG-MCMC at T = 1: ``make_log_density`` with batch = train."""
     cfg = compose_cfg(*HMC_TINY, "method.temperature=2", "method.prior_scale=0.5")
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mlp")
     method: HMC = build(cfg.method, "method")

@@ -63,7 +63,7 @@ def map_dir(tmp_path_factory):
 
 def _fit(map_dir, *overrides):
     cfg = compose_cfg(*SMALL, f"method.init_from={map_dir}", *overrides)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mlp", cfg.eval.batch_size)
     method = build(cfg.method, "method")

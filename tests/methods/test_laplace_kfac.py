@@ -28,7 +28,7 @@ KFAC_SMALL = [*SMALL, "method/laplace/structure=kfac", "method.curvature_batches
 
 def _data_and_model(*overrides):
     cfg = compose_cfg(*SMALL, *overrides)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     return data, build_model(module, data.spec, "mlp", cfg.eval.batch_size)
 

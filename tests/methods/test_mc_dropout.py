@@ -97,7 +97,7 @@ def test_rate_zero_members_equal_the_deterministic_network_batchnorm_in_eval_mod
         "model.norm=batchnorm",
         "method=mc_dropout",
     )
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "lenet", 16)
     params, state = model.init(jax.random.key(0))
     leaves, tree = jax.tree.flatten(state)
@@ -123,7 +123,7 @@ def test_default_models_have_no_dropout_and_mc_dropout_refuses_them():
     lenet's stay at rate 0. All three are refused, naming the key, before training."""
     for name, rates in (("mlp", []), ("cnn", []), ("lenet", [0.0] * 4)):
         cfg = compose_cfg(*[o for o in TINY if not o.startswith("model")], f"model={name}")
-        data = build(cfg.dataset, "dataset")
+        data = build(cfg.dataset, "dataset").load()
         model = build_model(build(cfg.model, "model", num_classes=10), data.spec, name)
         assert dropout_rates(model) == rates
         with pytest.raises(UserError, match=r"model\.dropout_rate=0\.2"):
@@ -135,7 +135,7 @@ def test_dropout_rate_adds_dropout_used_in_training_only(name, count):
     cfg = compose_cfg(
         *[o for o in TINY if not o.startswith("model")], f"model={name}", "model.dropout_rate=0.5"
     )
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, name)
     assert dropout_rates(model) == [0.5] * count
     params, state = model.init(jax.random.key(0))

@@ -34,7 +34,7 @@ SMALL = [
 def fitted():
     """A LeNet-BN trained once; MC statistics from minibatches of the whole training split."""
     cfg = compose_cfg(*SMALL)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "lenet", 128)
     method = dataclasses.replace(build(cfg.method, "method"), mc_batch_size=data.train.size)
     post = method.fit(jax.random.key(0), model, data)

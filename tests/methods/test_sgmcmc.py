@@ -36,7 +36,7 @@ SAMPLER = [
 
 def _setup(*overrides):
     cfg = compose_cfg(*tiny("sgld"), *SAMPLER, *overrides)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mlp", cfg.eval.batch_size)
     return cfg, data, model, build(cfg.method, "method")

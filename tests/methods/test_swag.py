@@ -56,7 +56,7 @@ SMALL = [
 
 def _setup(*overrides, base=SMALL, name="mlp"):
     cfg = compose_cfg(*base, *overrides)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, name, cfg.eval.batch_size)
     return data, model, build(cfg.method, "method")

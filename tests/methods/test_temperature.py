@@ -47,7 +47,7 @@ def _grid_optimum(logits, labels, low=0.05, high=20.0, points=40001):
 
 def _fit(map_dir, *overrides):
     cfg = compose_cfg(*SMALL, "method=temperature", f"method.init_from={map_dir}", *overrides)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mlp", cfg.eval.batch_size)
     method = build(cfg.method, "method")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from bnn_bench.config import build, validate
-from bnn_bench.data.synthetic import load
+from bnn_bench.data import SyntheticDataset
 from bnn_bench.errors import UserError
 from bnn_bench.methods.training import Trainer, epoch_batches
 from bnn_bench.models import build_model
@@ -114,7 +116,7 @@ def test_epoch_batches_cover_each_example_once():
 
 
 def test_training_learns_and_is_deterministic():
-    data = load(train_size=512, test_size=256, contrast=0.5)
+    data = SyntheticDataset(train_size=512, test_size=256, contrast=0.5).load()
     model = build_model(MLP(10, hidden=(32,)), data.spec, "mlp")
     t = Trainer(epochs=4, batch_size=64, chunk_size=3)  # chunks that straddle nothing
     a = t.train(jax.random.key(0), model, data)
@@ -131,12 +133,18 @@ def test_steps_override_epochs_and_bad_values_fail_clearly():
         Trainer(batch_size=64).num_steps(10)
     with pytest.raises(UserError, match="trainer.schedule"):
         Trainer(schedule="linear")
-    with pytest.raises(UserError, match="trainer.schedule"):
-        Trainer(schedule=-1.0)
+    # ranges are annotations (schema.Positive), checked with the config before any work
+    for override, message in [
+        ("trainer.schedule=-1.0", "trainer.schedule must be > 0, got -1.0"),
+        ("trainer.batch_size=0", "trainer.batch_size must be > 0, got 0"),
+        ("trainer.l2=-0.1", "trainer.l2 must be >= 0, got -0.1"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            validate(compose_cfg("method=map", override))
 
 
 def test_divergence_stops_with_a_clear_error():
-    data = load(train_size=256, test_size=64)
+    data = SyntheticDataset(train_size=256, test_size=64).load()
     model = build_model(MLP(10, hidden=(16,)), data.spec, "mlp")
     with pytest.raises(UserError, match="diverged.*trainer.schedule"):
         Trainer(schedule=1e30, epochs=2, batch_size=64).train(jax.random.key(0), model, data)

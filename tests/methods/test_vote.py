@@ -31,7 +31,7 @@ CONV = [*(o for o in SMALL if not o.startswith("model")), "model=convmod", "trai
 
 def test_vmapped_voters_equal_each_voter_alone_on_its_slice():
     cfg = compose_cfg(*CONV)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "convmod", 128)
     vote = build(cfg.method, "method")
     key = jax.random.key(7)

@@ -1,0 +1,51 @@
+"""A run's config as typed objects, built once at the top of ``run``: the layers below
+(the dry run's checks, the pipeline) receive these, never ``cfg``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from bnn_bench.config import build
+from bnn_bench.data import StoredDataset, SyntheticDataset
+from bnn_bench.evaluation.settings import EvalSettings
+from bnn_bench.methods.base import Method
+from bnn_bench.schema import Objective
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The typed objects of one run.
+
+    Attributes:
+      dataset: the dataset's typed config (``load()`` reads it, ``locate()`` finds it).
+      module: the model's flax module, for the dataset's number of classes.
+      method: the inference method.
+      settings: the evaluation settings.
+      objective: what a Hydra sweeper optimises.
+    """
+
+    dataset: StoredDataset | SyntheticDataset
+    module: Any
+    method: Method
+    settings: EvalSettings
+    objective: Objective
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Parts:
+        """Builds every part of a composed (and validated) ``cfg``.
+
+        Raises:
+          UserError: a constructor refused a value (naming its config node).
+        """
+        dataset = build(cfg.dataset, "dataset")
+        module = build(cfg.model, "model", num_classes=dataset.spec.num_classes)
+        return cls(
+            dataset,
+            module,
+            build(cfg.method, "method"),
+            build(cfg.eval, "eval"),
+            Objective(str(cfg.objective.metric), str(cfg.objective.direction)),
+        )
