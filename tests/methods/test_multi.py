@@ -24,7 +24,7 @@ TINY = [o for o in TINY_METHOD["multi"] if not o.startswith("method.fits=")]
 def _setup(*extra: str):
     cfg = compose_cfg(*tiny("multi"), *TINY, *extra)
     validate(cfg)
-    data = build(cfg.dataset, "dataset")
+    data = build(cfg.dataset, "dataset").load()
     module = build(cfg.model, "model", num_classes=data.spec.num_classes)
     model = build_model(module, data.spec, "mlp", cfg.eval.batch_size)
     return data, model, build(cfg.method, "method")
