@@ -33,7 +33,7 @@ from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.laplace import Fixed, Lanczos, Laplace, Linearised
 from bnn_bench.methods.laplace.curvature import GGN
-from bnn_bench.methods.map import load_point
+from bnn_bench.methods.point.map import load_point
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import build_model
 from bnn_bench.models.cnn import CNN

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
 from bnn_bench.methods.laplace import Lanczos, Linearised
-from bnn_bench.methods.map import MAP
+from bnn_bench.methods.point.map import MAP
 from bnn_bench.run import run
 from tests.conftest import CLI, CONF, TINY, cli_env, compose_cfg, config_choices
 

@@ -120,7 +120,7 @@ def test_a_reference_of_other_data_is_refused_before_fit(
     reference_run, tmp_path, override, says, monkeypatch
 ):
     ref, _ = reference_run
-    from bnn_bench.methods.map import MAP
+    from bnn_bench.methods.point.map import MAP
 
     def no_fit(*args, **kwargs):
         raise AssertionError("fit ran before the reference was checked")

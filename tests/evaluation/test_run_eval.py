@@ -12,7 +12,7 @@ import pytest
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.sets import evaluation_sets
-from bnn_bench.methods.map import MAP
+from bnn_bench.methods.point.map import MAP
 from bnn_bench.run import run
 from tests.conftest import ROOT, TINY, compose_cfg
 from tests.evaluation.test_plots import ALWAYS

@@ -20,7 +20,7 @@ from bnn_bench.data import Split
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import Method, RunContext
-from bnn_bench.methods.map import load_point
+from bnn_bench.methods.point.map import load_point
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, build_model
 from tests.conftest import compose_cfg, config_choices, tiny

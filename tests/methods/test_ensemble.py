@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from bnn_bench.config import build
-from bnn_bench.methods.map import MAP
+from bnn_bench.methods.point.map import MAP
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import build_model
 from bnn_bench.run import run

@@ -14,7 +14,7 @@ import pytest
 from bnn_bench.config import build
 from bnn_bench.data import Spec
 from bnn_bench.errors import UserError
-from bnn_bench.methods.map import PointPosterior
+from bnn_bench.methods.point.map import PointPosterior
 from bnn_bench.methods.posthoc.mc_dropout import dropout, dropout_rates, mc_dropout_logits
 from bnn_bench.models import Model, build_model
 from bnn_bench.run import run

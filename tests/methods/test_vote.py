@@ -11,8 +11,8 @@ import pytest
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import PredictiveSummary
+from bnn_bench.methods.point.vote import member_std_metrics
 from bnn_bench.methods.training import TrainState, epoch_batches, make_chunk_runner
-from bnn_bench.methods.vote import member_std_metrics
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg

@@ -54,7 +54,7 @@ def test_wandb_offline_run_holds_config_history_and_summary(tmp_path):
     # the resolved config
     assert wb["config"]["seed"] == 3
     assert wb["config"]["model"]["hidden"] == [32]
-    assert wb["config"]["method"]["_target_"] == "bnn_bench.methods.map.MAP"
+    assert wb["config"]["method"]["_target_"] == "bnn_bench.methods.point.map.MAP"
     # the training curve, step for step as in history.jsonl
     train = [(h["_step"], h["train/loss"]) for h in wb["history"] if "train/loss" in h]
     local = [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]

@@ -23,7 +23,7 @@ import jax
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.methods.base import Method, Posterior, RunContext, Work
-from bnn_bench.methods.map import checkpoint_path, load_point, map_metrics, save_point
+from bnn_bench.methods.point.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
 

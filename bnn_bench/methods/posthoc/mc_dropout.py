@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
 from bnn_bench.methods.base import Need, RunContext, Work
-from bnn_bench.methods.map import PointPosterior
+from bnn_bench.methods.point.map import PointPosterior
 from bnn_bench.methods.posthoc.base import PostHoc
 from bnn_bench.models import Model, Params, State, module_calls
 

@@ -24,7 +24,7 @@ from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.methods.base import RunContext, Work
-from bnn_bench.methods.ensemble import StackedMethod, StackedPosterior, stacked_log_probs
+from bnn_bench.methods.point.ensemble import StackedMethod, StackedPosterior, stacked_log_probs
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model
 
