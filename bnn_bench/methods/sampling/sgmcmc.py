@@ -34,11 +34,11 @@ from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
-from bnn_bench.methods import schedules
 from bnn_bench.methods.base import Method, Need, RunContext, Work
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
-from bnn_bench.methods.schedules import Schedule
-from bnn_bench.methods.sgmcmc_kernels import Kernel
+from bnn_bench.methods.sampling import schedules
+from bnn_bench.methods.sampling.kernels import Kernel
+from bnn_bench.methods.sampling.schedules import Schedule
 from bnn_bench.models import Model, Params
 
 log = logging.getLogger(__name__)

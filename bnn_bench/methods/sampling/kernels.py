@@ -8,7 +8,7 @@ A factory takes the structural knobs and returns a ``Kernel(init, step)``::
 
 ``grad_fn(params) -> grad`` is the gradient of the stochastic log-density
 estimate on the current minibatch, ``log p(θ) + (N/B) Σ_b log p(y_b | x_b, θ)``
-(see ``sgmcmc.make_log_density``). Kernels take the function rather than one
+(see ``sampling.sgmcmc.make_log_density``). Kernels take the function rather than one
 gradient because SGHMC evaluates it at ``num_integration_steps`` positions per
 minibatch, and pSGLD's Γ correction needs its derivative. The step size and the
 temperature are per-step values (a schedule gives them); the key comes first

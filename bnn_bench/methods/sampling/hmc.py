@@ -60,7 +60,7 @@ from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods.base import RunContext, Work
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
-from bnn_bench.methods.sgmcmc import (
+from bnn_bench.methods.sampling.sgmcmc import (
     FoldingSampler,
     SamplePosterior,
     fold_sample,
