@@ -18,8 +18,8 @@ from bnn_bench.errors import UserError
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.sampling import schedules
-from bnn_bench.methods.sampling.kernels import Kernel, SGLDState
-from bnn_bench.methods.sampling.sgmcmc import accepted_steps, make_log_density
+from bnn_bench.methods.sampling.kernels import Kernel, SGLDState, make_log_density
+from bnn_bench.methods.sampling.sgmcmc import accepted_steps
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import CLI, cli_env, compose_cfg, tiny
