@@ -47,9 +47,9 @@ from bnn_bench.data import preset
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import RunContext
-from bnn_bench.methods.schedules import constant
-from bnn_bench.methods.sgmcmc import SGMCMC, make_log_density
-from bnn_bench.methods.sgmcmc_kernels import gaussian_noise, sgld
+from bnn_bench.methods.sampling.kernels import gaussian_noise, make_log_density, sgld
+from bnn_bench.methods.sampling.schedules import constant
+from bnn_bench.methods.sampling.sgmcmc import SGMCMC
 from bnn_bench.models import build_model
 from bnn_bench.models.mlp import MLP
 

@@ -31,7 +31,7 @@ from hydra import compose, initialize_config_dir
 
 from bnn_bench.config import build
 from bnn_bench.data import SyntheticDataset
-from bnn_bench.methods.sgmcmc import make_log_density
+from bnn_bench.methods.sampling.kernels import make_log_density
 from bnn_bench.models import build_model
 from bnn_bench.reporting.cost import peak_device_bytes
 from bnn_bench.run import run

@@ -68,7 +68,7 @@ def suggested() -> list[tuple[str, str | None]]:
 EXTRA = [
     ("dataset@eval.ood_dataset=mnist",),
     (
-        "method.step_size._target_=bnn_bench.methods.schedules.cyclical",
+        "method.step_size._target_=bnn_bench.methods.sampling.schedules.cyclical",
         "+method.step_size.num_cycles=4",
         "+method.step_size.exploration_fraction=0.9",
     ),

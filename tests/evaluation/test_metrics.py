@@ -310,7 +310,7 @@ def test_a_methods_members_and_point_estimates_give_the_exact_nll_of_extreme_log
     from bnn_bench.data import SyntheticDataset
     from bnn_bench.evaluation import EvalPlan
     from bnn_bench.methods.point.map import PointPosterior, map_metrics
-    from bnn_bench.methods.sgmcmc import last_sample_metrics
+    from bnn_bench.methods.sampling.base import last_sample_metrics
     from bnn_bench.models import build_model
     from bnn_bench.models.mlp import MLP
     from tests.conftest import compose_cfg

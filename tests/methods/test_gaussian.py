@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnn_bench.methods.sgmcmc_kernels import Kernel, psgld, sghmc, sgld
+from bnn_bench.methods.sampling.kernels import Kernel, psgld, sghmc, sgld
 
 CHAINS, WARMUP, STEPS = 512, 500, 6000
 Z = 4.0  # standard errors: ~100 checks, so a correct sampler fails one with p < 1%

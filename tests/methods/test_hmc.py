@@ -16,8 +16,8 @@ from blackjax.mcmc import hmc as bj_hmc
 from bnn_bench.checkpoint import Preempted
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
-from bnn_bench.methods.hmc import HMC, hmc_chains, integration_steps
-from bnn_bench.methods.sgmcmc import make_log_density
+from bnn_bench.methods.sampling.hmc import HMC, hmc_chains, integration_steps
+from bnn_bench.methods.sampling.kernels import make_log_density
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import compose_cfg, tiny

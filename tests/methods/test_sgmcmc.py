@@ -16,10 +16,10 @@ from flax import serialization
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import EvalPlan
-from bnn_bench.methods import schedules
 from bnn_bench.methods.base import RunContext
-from bnn_bench.methods.sgmcmc import accepted_steps, make_log_density
-from bnn_bench.methods.sgmcmc_kernels import Kernel, SGLDState
+from bnn_bench.methods.sampling import schedules
+from bnn_bench.methods.sampling.kernels import Kernel, SGLDState, make_log_density
+from bnn_bench.methods.sampling.sgmcmc import accepted_steps
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import CLI, cli_env, compose_cfg, tiny
@@ -140,7 +140,7 @@ def test_accepted_steps_skip_the_exploration_stage():
         (["method.thinning=21", "method.accepted_samples=null"], "method.thinning=21"),
         (
             [
-                "method.step_size._target_=bnn_bench.methods.schedules.cyclical",
+                "method.step_size._target_=bnn_bench.methods.sampling.schedules.cyclical",
                 "+method.step_size.num_cycles=2",
                 "+method.step_size.exploration_fraction=0.99",
             ],
@@ -201,7 +201,7 @@ def test_cyclical_exploration_stage_runs_without_noise_and_keeps_no_sample():
         "method.thinning=1",
         "method.temperature=0.5",
         "method.save_samples=true",
-        "method.step_size._target_=bnn_bench.methods.schedules.cyclical",
+        "method.step_size._target_=bnn_bench.methods.sampling.schedules.cyclical",
         "+method.step_size.num_cycles=4",
         "+method.step_size.exploration_fraction=0.7",
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from blackjax.sgmcmc.gradients import grad_estimator
 
-from bnn_bench.methods.sgmcmc_kernels import Kernel, psgld, sghmc, sgld
+from bnn_bench.methods.sampling.kernels import Kernel, psgld, sghmc, sgld
 
 # A tiny two-layer network and the BlackJAX tutorial's log-prior and log-likelihood.
 D_IN, H, C, N = 6, 5, 3, 40

@@ -8,7 +8,7 @@ A factory takes the structural knobs and returns a ``Kernel(init, step)``::
 
 ``grad_fn(params) -> grad`` is the gradient of the stochastic log-density
 estimate on the current minibatch, ``log p(θ) + (N/B) Σ_b log p(y_b | x_b, θ)``
-(see ``sgmcmc.make_log_density``). Kernels take the function rather than one
+(``make_log_density``). Kernels take the function rather than one
 gradient because SGHMC evaluates it at ``num_integration_steps`` positions per
 minibatch, and pSGLD's Γ correction needs its derivative. The step size and the
 temperature are per-step values (a schedule gives them); the key comes first
@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+
+from bnn_bench.models import Model
 
 Params = Any
 GradFn = Callable[[Params], Params]
@@ -290,3 +292,23 @@ def sghmc(
         return SGHMCState(params, r)
 
     return Kernel(init, step, num_integration_steps)
+
+
+def make_log_density(model: Model, data_size: int, prior_scale: float = 1.0):
+    """The stochastic log-posterior ``(params, x (B, H, W, C) uint8, y (B,)) -> ()``.
+
+    ``-|θ|² / (2 s²) + N · mean_b log softmax(f(x_b; θ))[y_b]``: a Gaussian prior of
+    scale ``s`` on every parameter (constants dropped) plus the minibatch
+    log-likelihood scaled to the N training examples, as BlackJAX's
+    ``logdensity_estimator`` and JaxSGMC's ``minibatch_potential``. HMC evaluates it
+    with the batch equal to all of train.
+    """
+    inv_var = 1.0 / prior_scale**2
+
+    def log_density(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+        logits, _ = model.apply(params, {}, x)
+        loglik = jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)
+        log_prior = -0.5 * inv_var * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
+        return log_prior + data_size * jnp.mean(loglik)
+
+    return log_density

@@ -5,7 +5,7 @@ on the exact posterior of a batch-norm-free network over the whole training spli
 
     log p(θ | D) = log N(θ; 0, s² I) + Σ_n log p(y_n | x_n, θ)    (divided by T),
 
-the log density of the SG-MCMC methods (``sgmcmc.make_log_density``) with the batch
+the log density of the SG-MCMC methods (``kernels.make_log_density``) with the batch
 equal to all of train, so at T = 1 both target the same posterior. As Izmailov et
 al. (2021, "What are Bayesian neural network posteriors really like?") it keeps the
 **trajectory length** τ = L·ε fixed and tunes the step size ε in a warm-up.
@@ -21,52 +21,36 @@ the same for every chain, so the vmapped trajectory wastes no steps. When the ca
 binds after the warm-up the trajectories are shorter than τ: the run warns, and
 ``hmc/trajectory_length`` reports the length actually used.
 
-Jitter (``jitter`` = j, off by default): each transition of each chain then runs
-its L steps with ε·(1 + j·u), u ~ U(−1, 1), L still from the shared ε, so the
-trajectory length varies by ±j around L·ε: a cheap guard against trajectories that
-return to where they started (Neal 2011, §5.4.2.2; Stan's ``stepsize_jitter``). With
-j = 0 the chains are those of plain HMC, draw for draw.
+Jitter (``jitter`` = j, off by default): each transition of each chain runs its L steps
+with ε·(1 + j·u), u ~ U(−1, 1), L from the shared ε, so the trajectory length varies by ±j
+around L·ε: a cheap guard against trajectories that return to where they started (Neal
+2011, §5.4.2.2; Stan's ``stepsize_jitter``). j = 0 gives plain HMC, draw for draw.
 
-``num_chains`` chains run in parallel (``vmap``) from independent initialisations;
-after the warm-up every ``thinning``-th transition of every chain is a member,
-folded into the ``PredictiveSummary`` of every evaluation set on the device as it
-is drawn (and into the test set's ``ChainTrace`` for R̂ and ESS), as SG-MCMC does.
-Keys derive from (run key, transition), so checkpoint/resume through
-``chunked_loop`` reproduces an uninterrupted run.
+``num_chains`` chains run in parallel (``vmap``) on the ``Sampler`` template, as SG-MCMC:
+after the warm-up every ``thinning``-th transition of every chain is a member, folded into
+every evaluation set (and the test set's ``ChainTrace`` for R̂ and ESS) as it is drawn.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax.adaptation.step_size import (
-    DualAveragingAdaptationState,
-    dual_averaging_adaptation,
-)
+from blackjax.adaptation.step_size import DualAveragingAdaptationState, dual_averaging_adaptation
 from blackjax.mcmc import hmc as bj_hmc
 from jax.flatten_util import ravel_pytree
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
 from bnn_bench.methods.base import RunContext, Work
-from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
-from bnn_bench.methods.sgmcmc import (
-    FoldingSampler,
-    SamplePosterior,
-    fold_sample,
-    last_sample_metrics,
-    make_log_density,
-)
+from bnn_bench.methods.loop import Divergence
+from bnn_bench.methods.sampling.base import Budget, Monitor, Sampler, SamplerCarry, Transition
+from bnn_bench.methods.sampling.kernels import make_log_density
 from bnn_bench.models import Model, Params
 
 log = logging.getLogger(__name__)
@@ -111,21 +95,6 @@ class HMCChains(NamedTuple):
     step_size: jax.Array
     used_step_sizes: jax.Array
     stats: HMCStats
-
-
-class HMCCarry(NamedTuple):
-    """The loop's state between chunks (what a checkpoint holds).
-
-    Attributes:
-      chains: the chains (``HMCChains``).
-      summaries: name -> PredictiveSummary of the samples kept so far.
-      samples: with ``save_samples``, the kept samples, leaves (S, num_chains, ...);
-        else None.
-    """
-
-    chains: HMCChains
-    summaries: dict[str, PredictiveSummary]
-    samples: Params | None
 
 
 def integration_steps(trajectory_length: float, step_size, max_steps: int) -> jax.Array:
@@ -235,7 +204,7 @@ _JITTER_STREAM = 0x6A17  # folded into a transition's key for the jitter's draws
 
 
 @dataclass(frozen=True)
-class HMC(FoldingSampler):
+class HMC(Sampler):
     """Full-batch HMC with a fixed trajectory length (``conf/method/hmc.yaml``).
 
     Attributes:
@@ -269,19 +238,12 @@ class HMC(FoldingSampler):
     thinning: int = 1
     save_samples: bool = False
     chunk_size: int = 10
+    name = "hmc"
+    loop = "hmc"
 
     def __post_init__(self):
-        for name in (
-            "trajectory_length",
-            "step_size",
-            "max_integration_steps",
-            "temperature",
-            "prior_scale",
-            "num_chains",
-            "num_samples",
-            "thinning",
-            "chunk_size",
-        ):
+        positive = "trajectory_length step_size max_integration_steps temperature prior_scale"
+        for name in (*positive.split(), "num_chains", "num_samples", "thinning", "chunk_size"):
             v = getattr(self, name)
             if not v > 0:
                 raise UserError(f"method.{name} must be positive; got {v}.")
@@ -298,123 +260,111 @@ class HMC(FoldingSampler):
             )
 
     @property
-    def name(self) -> str:
-        return "hmc"
-
-    @property
     def total(self) -> int:
         """All transitions: warm-up, then ``num_samples`` x ``thinning``."""
         return self.num_warmup + self.num_samples * self.thinning
 
-    # --------------------------------------------------------------------- fit
-    def fit(
-        self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
-    ) -> SamplePosterior:
-        """Samples ``num_chains`` chains, folding every kept sample into the sets of
-        ``ctx.plan`` (none outside a run: then only ``members`` gives the samples)."""
-        self.check(model, data)
-        ctx = ctx or RunContext()
-        plan = ctx.plan if ctx.plan is not None else EvalPlan({})
-        carry, info = self._sample(key, model, data, plan, ctx)
-        last = carry.chains.states.position
-        info.update(last_sample_metrics(model, last, data, plan))
-        samples = None
-        if carry.samples is not None:  # (S, chains, ...) -> (S * chains, ...)
-            samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), carry.samples)
-        replay = functools.partial(self._replay, key, model, data)
-        return SamplePosterior(model, carry.summaries, last, samples, info, replay)
+    # ------------------------------------------------------------------- steps
+    def budget(self, n: int) -> Budget:
+        """The transitions: the warm-up, then every ``thinning``-th one is a sample."""
+        del n  # full batch: the budget does not depend on the data size
+        samples = np.arange(1, self.num_samples + 1)
+        return Budget(self.total, self.num_warmup, self.num_warmup + self.thinning * samples - 1)
 
-    def _sample(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, ctx: RunContext
-    ) -> tuple[HMCCarry, dict[str, float]]:
-        """The chains from ``key``: the final carry and the sampler's own numbers."""
-        k_init, k_run = jax.random.split(key)
-        chains, kept, warm = self.num_chains, self.num_samples, self.num_warmup
-        runner = _ChunkRunner(self, model, data.train, plan.inputs)
-        params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
-        carry = HMCCarry(
-            chains=runner.init_chains(params, data.train),
-            summaries=plan.empty(model.spec.num_classes, chains, kept),  # + ChainTrace
-            samples=jax.tree.map(lambda p: jnp.zeros((kept, *p.shape), p.dtype), params)
-            if self.save_samples
-            else None,
+    def chains_kernel(self, model: Model, train: Split) -> ChainsKernel:
+        """``hmc_chains`` on the posterior of ``train`` (a traced argument)."""
+        knobs = (self.trajectory_length, self.num_warmup, self.target_acceptance)
+        density = self.log_density(model, train)
+        return hmc_chains(density, *knobs, self.max_integration_steps, self.jitter)
+
+    def init_states(self, model: Model, train: Split, params: Params) -> HMCChains:
+        """Every chain at ``params`` with the initial step size."""
+        init = jax.jit(lambda p, train: self.chains_kernel(model, train).init(p, self.step_size))
+        return init(params, train)
+
+    def transition(self, model: Model, train: Split, budget: Budget) -> Transition:
+        del budget  # transition t of every chain: ``hmc_chains``' step
+        return self.chains_kernel(model, train).step
+
+    def positions(self, states: HMCChains) -> Params:
+        return states.states.position
+
+    def accepts(self, t: jax.Array, i: jax.Array, accept, slot) -> tuple[jax.Array, jax.Array]:
+        """Every ``thinning``-th transition after the warm-up, by arithmetic on t."""
+        del i, accept, slot
+        done = t - self.num_warmup + 1  # sampling transitions so far
+        return done % self.thinning == 0, done // self.thinning - 1
+
+    def describe(self, budget: Budget) -> str:
+        return (
+            f"{self.num_chains} chain(s) x {budget.total} transitions (warm-up "
+            f"{budget.burn_in}), {self.num_samples} samples per chain (thinning "
+            f"{self.thinning}), trajectory length {self.trajectory_length:g}"
         )
-        runner.compile(carry)
-        log.info(
-            "hmc: %d chain(s) x %d transitions (warm-up %d), %d samples per chain "
-            "(thinning %d), trajectory length %g; compiled in %.1fs",
-            *(chains, self.total, warm, kept, self.thinning, self.trajectory_length),
-            runner.compile_s,
-        )
-        seconds = {"warmup": 0.0, "sampling": 0.0}
+
+    def monitor(self, model: Model, data: Dataset, budget: Budget) -> Monitor:
+        """Logs ε, L, the chunk's acceptance and the samples collected; warns once the
+        warm-up is over if the cap on L binds; reports the adapted ε and L, the
+        acceptance, divergences and the trajectory length actually used."""
+        del data
+        chains, warm, sampling = self.num_chains, self.num_warmup, budget.total - budget.burn_in
         checked = False  # whether the sampling ε was checked against the cap on L
 
-        def run(carry: HMCCarry, start: int, end: int):
+        def values(before: SamplerCarry, after: SamplerCarry, start: int, end: int):
             nonlocal checked
-            before = float(carry.chains.stats.acceptance)
-            tic = time.perf_counter()
-            carry = jax.block_until_ready(runner(carry, k_run, start, end))
-            seconds["sampling" if start >= warm else "warmup"] += time.perf_counter() - tic
-            eps = float(carry.chains.step_size)
+            eps = float(after.states.step_size)
             if end >= warm and not checked:  # ε (and with it L) is fixed from here on
                 self._warn_if_capped(eps)
                 checked = True
-            return carry, {
+            accepted = float(after.states.stats.acceptance) - float(before.states.stats.acceptance)
+            return {
                 "hmc/step_size": eps,
                 "hmc/integration_steps": float(self._steps(eps)),
-                "hmc/acceptance_rate": (float(carry.chains.stats.acceptance) - before)
-                / (end - start),
+                "hmc/acceptance_rate": accepted / (end - start),
                 "sampler/collected": float(max(0, end - warm) // self.thinning * chains),
             }
+
+        def report(carry: SamplerCarry, seconds: dict[str, float], ctx: RunContext):
+            stats, eps = carry.states.stats, float(carry.states.step_size)
+            ctx.count(grad_evals=chains * (1 + int(stats.leapfrog_steps)))
+            if not checked:  # resumed after the warm-up
+                self._warn_if_capped(eps)
+            warm_accept = float(stats.acceptance - stats.sampling_acceptance) / max(warm, 1)
+            info = {
+                "hmc/step_size": eps,
+                "hmc/integration_steps": float(self._steps(eps)),
+                "hmc/trajectory_length": float(stats.trajectory) / sampling,
+                "hmc/acceptance_rate": float(stats.sampling_acceptance) / sampling,
+                "hmc/warmup_acceptance_rate": warm_accept if warm else float("nan"),
+                "hmc/divergences": float(stats.divergences),
+            }
+            rates = {
+                "warmup": (warm, seconds["burn_in"]),
+                "sampling": (sampling, seconds["sampling"]),
+            }
+            for phase, (steps, spent) in rates.items():
+                if steps and spent > 0:
+                    info[f"hmc/{phase}_transitions_per_s"] = steps / spent
+            log.info(
+                "hmc: step size %.3g, %d leapfrog steps per transition, acceptance %.3f, "
+                "%d divergent; warm-up %.1fs, sampling %.1fs; %d members",
+                *(eps, self._steps(eps), info["hmc/acceptance_rate"], int(stats.divergences)),
+                *(seconds["burn_in"], seconds["sampling"], self.num_samples * chains),
+            )
+            return {k: v for k, v in info.items() if math.isfinite(v)}
 
         # a Metropolis-corrected chain rejects a loss blow-up: only its positions are checked
         divergence = Divergence(
             fix="Lower method.step_size or method.target_acceptance's complement (raise it "
             "towards 0.9), or raise method.prior_scale.",
-            params=lambda carry: carry.chains.states.position,
+            params=lambda carry: carry.states.states.position,
         )
-        # gradient evaluations depend on the adapted ε: counted below from the carry
-        carry = chunked_loop(ctx, "hmc", carry, runner.chunks, run, divergence, 0, self.name)
-        stats = carry.chains.stats
-        ctx.count(grad_evals=chains * (1 + int(stats.leapfrog_steps)), samples=kept * chains)
-        eps = float(carry.chains.step_size)
-        if not checked:  # resumed after the warm-up
-            self._warn_if_capped(eps)
-        sampling = self.total - warm
-        info = {
-            "hmc/step_size": eps,
-            "hmc/integration_steps": float(self._steps(eps)),
-            "hmc/trajectory_length": float(stats.trajectory) / sampling,
-            "hmc/acceptance_rate": float(stats.sampling_acceptance) / sampling,
-            "hmc/warmup_acceptance_rate": (
-                float(stats.acceptance - stats.sampling_acceptance) / warm if warm else float("nan")
-            ),
-            "hmc/divergences": float(stats.divergences),
-            "time/compile": runner.compile_s,
-        }
-        for phase, steps in (("warmup", warm), ("sampling", sampling)):
-            if steps and seconds[phase] > 0:
-                info[f"hmc/{phase}_transitions_per_s"] = steps / seconds[phase]
-        info = {k: v for k, v in info.items() if math.isfinite(v)}
-        log.info(
-            "hmc: step size %.3g, %d leapfrog steps per transition, acceptance %.3f, "
-            "%d divergent; warm-up %.1fs, sampling %.1fs; %d members",
-            eps,
-            self._steps(eps),
-            info["hmc/acceptance_rate"],
-            int(stats.divergences),
-            seconds["warmup"],
-            seconds["sampling"],
-            kept * chains,
-        )
-        return carry, info
+        # gradient evaluations depend on the adapted ε: ``report`` counts them
+        return Monitor(values, divergence, 0, report)
 
     def log_density(self, model: Model, train: Split):
-        """``params -> ()``: the log posterior over all of ``train``, divided by T.
-
-        SG-MCMC's ``make_log_density`` with the batch equal to the whole split: the
-        prior plus N times the mean log-likelihood, i.e. the exact potential.
-        """
+        """``params -> ()``: the exact log posterior over all of ``train`` (``make_log_density``
+        with the batch equal to the whole split), divided by T."""
         density = make_log_density(model, train.size, self.prior_scale)
         return lambda params: density(params, train.x, train.y) / self.temperature
 
@@ -432,19 +382,8 @@ class HMC(FoldingSampler):
                 "trajectories are about %.3g long instead (hmc/trajectory_length). Raise "
                 "method.max_integration_steps to %s, or shorten method.trajectory_length.",
                 *(self.max_integration_steps, step_size, needed, self.trajectory_length),
-                self.max_integration_steps * step_size,
-                needed,
+                *(self.max_integration_steps * step_size, needed),
             )
-
-    def _replay(self, key: jax.Array, model: Model, data: Dataset, x: jax.Array) -> jax.Array:
-        """(S, N, C): every kept sample's log-probabilities of x, from the chains that
-        ``fit(key, ...)`` ran again (the same keys draw the same samples)."""
-        members = self.num_samples * self.num_chains
-        plan = EvalPlan({"x": x}, keep=x.shape[0], capacity=members)
-        quiet = dataclasses.replace(self, save_samples=False)
-        return (
-            quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_log_members()
-        )
 
     def plan(self, model: Model, data: Dataset) -> Work:
         """Transitions, gradient evaluations, members (chains x samples), batch (all of
@@ -459,83 +398,3 @@ class HMC(FoldingSampler):
             batch_size=data.train.size,
             networks=self.num_chains,
         )
-
-
-class _ChunkRunner:
-    """The compiled chunks of one run: ``runner(carry, key, start, end) -> carry`` runs
-    the transitions ``[start, end)`` of every chain in one ``fori_loop``.
-
-    Two programs, each compiled once: the warm-up (adapts ε, folds nothing) and the
-    sampling (ε fixed, folds every ``thinning``-th transition). Chunks never straddle
-    the end of the warm-up; the trip count is an argument.
-    """
-
-    def __init__(self, method: HMC, model: Model, train: Split, inputs: dict[str, jax.Array]):
-        self.method, self.model, self.train, self.inputs = method, model, train, inputs
-        self.density = functools.partial(method.log_density, model)
-        size, warm = method.chunk_size, method.num_warmup
-        self.chunks = chunks_of(0, warm, size) + chunks_of(warm, method.total, size)
-        self.compiled: dict[bool, Any] = {}
-        self.compile_s = 0.0
-
-    def kernel(self, train: Split) -> ChainsKernel:
-        """``hmc_chains`` on the posterior of ``train`` (a traced argument)."""
-        m = self.method
-        return hmc_chains(
-            self.density(train),
-            m.trajectory_length,
-            m.num_warmup,
-            m.target_acceptance,
-            m.max_integration_steps,
-            m.jitter,
-        )
-
-    def init_chains(self, params: Params, train: Split) -> HMCChains:
-        """Every chain at ``params`` (leaves (chains, ...)) with the initial step size."""
-        init = jax.jit(lambda params, train: self.kernel(train).init(params, self.method.step_size))
-        return init(params, train)
-
-    def compile(self, carry: HMCCarry) -> None:
-        """Compiles the warm-up and the sampling program (ahead of time, timed)."""
-        tic = time.perf_counter()
-        scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        for sampling in {start >= self.method.num_warmup for start, _ in self.chunks}:
-            fn = jax.jit(functools.partial(self._run, sampling))
-            self.compiled[sampling] = fn.lower(
-                carry, jax.random.key(0), scalar, scalar, self.train, self.inputs
-            ).compile()
-        self.compile_s = time.perf_counter() - tic
-
-    def __call__(self, carry: HMCCarry, key: jax.Array, start: int, end: int) -> HMCCarry:
-        return self.compiled[start >= self.method.num_warmup](
-            carry, key, np.int32(start), np.int32(end - start), self.train, self.inputs
-        )
-
-    def _run(self, sampling, carry, key, start, length, train, inputs):
-        m = self.method
-        step = self.kernel(train).step
-        fold = functools.partial(fold_sample, self.model, inputs)
-
-        def body(i, carry: HMCCarry) -> HMCCarry:
-            t = start + i
-            chains = step(jax.random.fold_in(key, t), carry.chains, t)
-            summaries, samples = carry.summaries, carry.samples
-            if sampling:
-                done = t - m.num_warmup + 1  # sampling transitions so far
-                slot = done // m.thinning - 1
-                position = chains.states.position
-                if m.thinning == 1:
-                    summaries, samples = fold(summaries, samples, position, slot)
-                else:  # an unbatched predicate: lax.cond skips the thinned-out folds
-                    summaries, samples = jax.lax.cond(
-                        done % m.thinning == 0,
-                        fold,
-                        lambda s, b, p, j: (s, b),
-                        summaries,
-                        samples,
-                        position,
-                        slot,
-                    )
-            return HMCCarry(chains, summaries, samples)
-
-        return jax.lax.fori_loop(0, length, body, carry)
