@@ -21,6 +21,8 @@ from bnn_bench.errors import UserError
 from bnn_bench.run import run
 from tests.conftest import CLI, TINY, cli_env, compose_cfg, tiny
 
+pytestmark = pytest.mark.e2e
+
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -11,6 +11,8 @@ from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
 from tests.conftest import CLI, cli_env, compose_cfg, config_choices
 
+pytestmark = pytest.mark.contract
+
 GROUPS = ["dataset", "model", "method", "trainer", "eval", "logger"]
 # groups composed by a method's YAML (trainer: by the methods that train): the method
 # that composes each, and where its node lands

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import ROOT, cli_env
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.mark.slow  # minutes on a shared 2-core CPU: five compiled pipelines
 def test_gpu_check_tiny_reports_every_figure(tmp_path):

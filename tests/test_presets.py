@@ -15,6 +15,8 @@ from bnn_bench.methods.map import MAP
 from bnn_bench.run import run
 from tests.conftest import CLI, CONF, TINY, cli_env, compose_cfg, config_choices
 
+pytestmark = pytest.mark.contract
+
 PRESETS = config_choices("experiment")
 # A preset's settings for one method (conf/experiment/<preset>/<method>.yaml): (preset, method)
 PRESET_METHODS = sorted(

@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import ROOT, cli_env
 
+pytestmark = pytest.mark.contract
+
 # dry runs use Hydra's basic launcher and sweeper (bnn_bench/sweep.py says why)
 SKIP = (
     "<",

@@ -9,6 +9,8 @@ import pytest
 
 from tests.test_run import bnn_bench
 
+pytestmark = pytest.mark.e2e
+
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_data = pytest.mark.skipif(
     not FASHION.exists(), reason="apt-get install dataset-fashion-mnist"

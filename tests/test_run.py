@@ -11,6 +11,8 @@ import yaml
 
 from tests.conftest import CLI, TINY, cli_env
 
+pytestmark = pytest.mark.e2e
+
 
 def bnn_bench(tmp_path, *overrides, timeout=300):
     env = cli_env()

@@ -23,6 +23,8 @@ from bnn_bench.errors import UserError
 from bnn_bench.run import run
 from tests.conftest import CONF, ROOT, TINY, compose_cfg, config_choices
 
+pytestmark = pytest.mark.contract
+
 GROUPS = "method|trainer|dataset|model|eval|logger|checkpoint|device"
 # a dotted key (method.structure.rank) or a group choice (method/laplace/structure), then
 # an optional =value

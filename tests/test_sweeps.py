@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CLI, ROOT, TINY, cli_env
 
+pytestmark = pytest.mark.e2e
+
 
 def _job(sweep, *overrides: str):
     """The folder of the sweep's one job whose overrides include ``overrides``, or None."""

@@ -34,6 +34,8 @@ from bnn_bench.data import preset
 from bnn_bench.errors import UserError
 from tests.data.test_sources import located, write_idx
 
+pytestmark = pytest.mark.unit
+
 tfds = pytest.importorskip("tensorflow_datasets")
 
 

@@ -23,6 +23,8 @@ from bnn_bench.reporting import plots
 from bnn_bench.run import run
 from tests.conftest import compose_cfg, tiny
 
+pytestmark = pytest.mark.unit
+
 with warnings.catch_warnings():  # ArviZ announces its refactor on import
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az  # the peer implementation (a test dependency: pyproject's dev extra)

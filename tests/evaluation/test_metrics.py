@@ -15,6 +15,8 @@ from bnn_bench import evaluation
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import PredictiveSummary
 
+pytestmark = pytest.mark.unit
+
 
 def _summary(probs, chunks=None) -> PredictiveSummary:
     probs = np.asarray(probs, np.float32)

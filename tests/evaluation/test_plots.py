@@ -15,6 +15,8 @@ from bnn_bench.data.synthetic import load as synthetic
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.reporting import plots
 
+pytestmark = pytest.mark.unit
+
 MEMBER_PLOTS = {"member_boxplots", "accuracy_over_certainty", "member_std_extremes"}
 ALWAYS = {
     "reliability",

@@ -17,6 +17,8 @@ from scipy.stats import multivariate_normal
 
 from bnn_bench.methods import curvature as cv
 
+pytestmark = pytest.mark.unit
+
 N, D, H, C = 40, 4, 5, 3
 
 

@@ -17,6 +17,8 @@ import yaml
 from bnn_bench.reporting.compare import compare, find_runs
 from tests.conftest import CLI, TINY, cli_env
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
