@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from absl import logging as absl_logging
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +90,18 @@ def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
     """``bnn-bench <args>`` in this process (``cli.entry``, Hydra's own parsing and
     compose), with its exit status (``sys.exit``'s code; 0 if it returns) and what it
     printed. No interpreter and JAX start-up, no recompiles of a model already compiled."""
+    from hydra.core.global_hydra import GlobalHydra
+
     from bnn_bench.cli import entry
 
     out, err, code = io.StringIO(), io.StringIO(), 0
-    argv = sys.argv
+    argv, root = sys.argv, logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     sys.argv = ["bnn-bench", *args]
+    # Hydra's logging set-up closes every handler there is (logging.config), absl's too,
+    # which closes its stream unless it is sys.stderr: pytest's capture, when redirected
+    absl_close = absl_logging.PythonHandler.close
+    absl_logging.PythonHandler.close = logging.StreamHandler.close
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -101,6 +110,13 @@ def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = argv
+        absl_logging.PythonHandler.close = absl_close
+        # the job's logging (run.log, the console) ends with it, as the process would
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        GlobalHydra.instance().clear()
     return subprocess.CompletedProcess(["bnn-bench", *args], code, out.getvalue(), err.getvalue())
 
 
