@@ -17,7 +17,6 @@ needs_data = pytest.mark.skipif(
 )
 
 
-@pytest.mark.slow
 @needs_data
 def test_map_mlp_on_fashion_mnist(tmp_path):
     """The default experiment's network on the real data, as a user runs it."""
@@ -31,7 +30,6 @@ def test_map_mlp_on_fashion_mnist(tmp_path):
     assert "system copy /usr/share/datasets/fashion-mnist: train 54000, val 6000, test 10000" in log
 
 
-@pytest.mark.slow
 @pytest.mark.long  # ~5 min on 2 cores: outside CI's budget; pytest -m long
 @needs_data
 def test_map_cnn_on_fashion_mnist(tmp_path):

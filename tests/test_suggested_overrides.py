@@ -126,6 +126,7 @@ def test_every_suggested_override_works(key, value):
     assert any(_works(key, value, base) for base in contexts), f"{key}={value} works nowhere"
 
 
+@pytest.mark.e2e
 def test_a_number_for_the_step_size_is_a_constant_schedule(tmp_path):
     """The divergence message says "Lower method.step_size": a number there runs."""
     overrides = [o for o in TINY if not o.startswith(("method", "trainer"))]
