@@ -79,8 +79,6 @@ def cli_env() -> dict[str, str]:
 
 CLI = [sys.executable, "-m", "bnn_bench.cli"]
 TIERS = ("unit", "contract", "e2e", "statistical", "long")
-# ``slow``, the marker before the tiers, counts as ``e2e`` (the tier of its tests so far)
-ALIASES = {"slow": "e2e"}
 HEAVY = ("e2e", "statistical", "long")
 
 RunCli = Callable[..., subprocess.CompletedProcess]
@@ -172,12 +170,13 @@ def plan_only(tmp_path, monkeypatch):
 
 
 def _tier(item: pytest.Item) -> str | None:
-    """The tier closest to the test: its own, else its class's, else its module's."""
-    for mark in item.iter_markers():  # closest node first
-        name = ALIASES.get(mark.name, mark.name)
-        if name in TIERS:
-            return name
-    return None
+    """The tier closest to the test: its own, else its class's, else its module's.
+    ``slow`` (the marker before the tiers) keeps a test out of the fast tiers: in a
+    ``unit`` or ``contract`` module it makes the test ``e2e``."""
+    tier = next((m.name for m in item.iter_markers() if m.name in TIERS), None)  # closest first
+    if tier in ("unit", "contract") and item.get_closest_marker("slow") is not None:
+        return "e2e"
+    return tier
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects, so that it sees the one tier
