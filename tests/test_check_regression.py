@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def cr():

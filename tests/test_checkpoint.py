@@ -20,6 +20,8 @@ from bnn_bench.run_folder import RunRecord
 from tests.conftest import CLI, ROOT, TINY, cli_env
 from tests.reporting.wandb_records import read_run
 
+pytestmark = pytest.mark.e2e
+
 # 7 steps per epoch in chunks of at most 3: chunks end at steps 3, 6, 7, 10, 13, 14, ...
 RUN = [*TINY, "trainer.chunk_size=3", "checkpoint.every=2"]
 # W&B offline, and SIGTERM at step 13 (a test-only subclass of the W&B logger)

@@ -21,11 +21,7 @@ from bnn_bench.errors import UserError
 from bnn_bench.run import run
 from tests.conftest import CLI, TINY, cli_env, compose_cfg, tiny
 
-
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, env=cli_env(), timeout=timeout
-    )
+pytestmark = pytest.mark.e2e
 
 
 def _pause(until, step=None) -> list[str]:
@@ -52,11 +48,12 @@ def _wait_for(path, proc: subprocess.Popen, timeout: float = 300) -> None:
         (["seed=abc"], "seed: expected an integer, got 'abc'"),
     ],
 )
+@pytest.mark.contract
 def test_a_value_of_the_wrong_type_is_refused_with_its_key_before_data_is_read(
-    tmp_path, overrides, message
+    tmp_path, run_cli, overrides, message
 ):
     # the data source does not exist: reading it would fail with another message
-    proc = _cli(
+    proc = run_cli(
         *overrides,
         "dataset=mnist",
         "dataset.source=local",
@@ -69,6 +66,7 @@ def test_a_value_of_the_wrong_type_is_refused_with_its_key_before_data_is_read(
     assert (tmp_path / "run" / "error.txt").read_text().startswith(message)
 
 
+@pytest.mark.contract
 def test_validate_names_the_key_for_each_kind_of_annotation():
     from bnn_bench.config import validate
 
@@ -101,7 +99,7 @@ def test_validate_names_the_key_for_each_kind_of_annotation():
 # --- one job per run folder -----------------------------------------------------------------
 
 
-def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path):
+def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path, run_cli):
     folder, go = tmp_path / "run", tmp_path / "go"
     first = subprocess.Popen(
         [*CLI, *TINY, "seed=0", "trainer.chunk_size=3", f"hydra.run.dir={folder}", *_pause(go, 3)],
@@ -113,7 +111,7 @@ def test_a_second_process_on_a_busy_run_folder_is_refused(tmp_path):
     try:
         _wait_for(tmp_path / "go.reached", first)  # the first job is training, lock held
         tic = time.monotonic()
-        second = _cli(*TINY, "seed=1", f"hydra.run.dir={folder}", timeout=300)
+        second = run_cli(*TINY, "seed=1", f"hydra.run.dir={folder}", process=True, timeout=300)
         took = time.monotonic() - tic
         assert second.returncode == 3, second.stderr[-3000:]
         assert f"is in use by pid {first.pid}" in second.stderr
@@ -206,7 +204,7 @@ def _resume_command(stderr: str) -> list[str]:
     return shlex.split(line.split("To continue: bnn-bench ", 1)[1])
 
 
-def test_ctrl_c_in_a_loop_checkpoints_prints_the_resume_command_and_exits_130(tmp_path):
+def test_ctrl_c_in_a_loop_checkpoints_prints_the_resume_command_and_exits_130(tmp_path, run_cli):
     folder, go = tmp_path / "run", tmp_path / "go"
     proc = subprocess.Popen(
         [*CLI, *TINY, "trainer.chunk_size=3", f"hydra.run.dir={folder}", *_pause(go, 6)],
@@ -224,7 +222,7 @@ def test_ctrl_c_in_a_loop_checkpoints_prints_the_resume_command_and_exits_130(tm
     assert "stopped by SIGINT after saving step 6" in err
     assert not (folder / "metrics.json").exists()
 
-    again = _cli(*_resume_command(err))  # the printed command, as printed
+    again = run_cli(*_resume_command(err))  # the printed command, as printed
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming trainer from step 6" in (folder / "run.log").read_text()
     assert (folder / "metrics.json").is_file()
@@ -315,6 +313,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.contract
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_a_run_and_its_dry_run_refuse_the_same_things_with_the_same_message(
     tmp_path, plan_only, case
@@ -331,9 +330,9 @@ def test_a_run_and_its_dry_run_refuse_the_same_things_with_the_same_message(
     assert words in messages[0], messages[0]
 
 
-def test_a_bad_subset_is_refused_by_the_command_naming_its_key(tmp_path):
+def test_a_bad_subset_is_refused_by_the_command_naming_its_key(tmp_path, run_cli):
     """The issue's command: a negative subset trained on 53,995 examples and exited 0."""
-    proc = _cli(
+    proc = run_cli(
         "method=map",
         "dataset.subset=-5",
         "trainer.steps=5",
@@ -342,22 +341,24 @@ def test_a_bad_subset_is_refused_by_the_command_naming_its_key(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "dataset.subset must be > 0, got -5" in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
-    # its dry run: the same line, and not even the folder Hydra made for it is left
-    dry = _cli("method=map", "dataset.subset=-5", "trainer.steps=5", "dry_run=true",
-               f"hydra.run.dir={tmp_path / 'dry' / 'run'}")  # fmt: skip
+    # its dry run: the same line, and not even the folder Hydra made for it is left (a real
+    # process: the folder goes when the refused run exits, by sys.exit(2))
+    dry = run_cli("method=map", "dataset.subset=-5", "trainer.steps=5", "dry_run=true",
+                  f"hydra.run.dir={tmp_path / 'dry' / 'run'}", process=True)  # fmt: skip
     errors = [[ln for ln in p.stderr.splitlines() if "error:" in ln] for p in (proc, dry)]
     assert dry.returncode == 2 and errors[0] == errors[1] and len(errors[0]) == 1
     assert not (tmp_path / "dry").exists()
 
 
-def test_a_key_only_some_swept_methods_have_is_one_line_naming_them(tmp_path):
+@pytest.mark.contract
+def test_a_key_only_some_swept_methods_have_is_one_line_naming_them(tmp_path, run_cli):
     """`-m method=map,sgld method.accepted_samples=10` got Hydra's "not in struct"; now one
     line names the methods without the key, and the fix it suggests composes."""
     from bnn_bench.overrides import explain
     from tests.conftest import CONF
 
-    proc = _cli("-m", "method=map,sgld", "method.accepted_samples=10",
-                f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
+    proc = run_cli("-m", "method=map,sgld", "method.accepted_samples=10",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = proc.stderr.strip().splitlines()
     assert "method=map has no such key (method=sgld has it)" in line
@@ -369,10 +370,11 @@ def test_a_key_only_some_swept_methods_have_is_one_line_naming_them(tmp_path):
     assert explain(["method=sgld", "method.accepted_samples=10"], CONF) is None
 
 
-def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
+@pytest.mark.contract
+def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path, run_cli):
     sweep = tmp_path / "sweep"
     tic = time.monotonic()
-    proc = _cli(
+    proc = run_cli(
         "-m",
         "dry_run=true",
         "dataset=synthetic",
@@ -393,7 +395,8 @@ def test_dry_run_sweep_lists_the_jobs_that_would_fail(tmp_path):
 
 
 @pytest.mark.parametrize("part,choice", [("launcher", "submitit_local"), ("sweeper", "tune")])
-def test_dry_run_refuses_another_launcher_or_sweeper(tmp_path, part, choice):
-    proc = _cli("-m", "dry_run=true", f"hydra/{part}={choice}", f"hydra.sweep.dir={tmp_path}")
+@pytest.mark.contract
+def test_dry_run_refuses_another_launcher_or_sweeper(tmp_path, run_cli, part, choice):
+    proc = run_cli("-m", "dry_run=true", f"hydra/{part}={choice}", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"drop the hydra/{part} override" in proc.stderr

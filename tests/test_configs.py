@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
+import tempfile
 
+import jax
 import pytest
 from omegaconf import OmegaConf
 
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
-from tests.conftest import CLI, cli_env, compose_cfg, config_choices
+from bnn_bench.models import TRAITS
+from tests.conftest import compose_cfg, config_choices
+
+pytestmark = pytest.mark.contract
 
 GROUPS = ["dataset", "model", "method", "trainer", "eval", "logger"]
 # groups composed by a method's YAML (trainer: by the methods that train): the method
@@ -36,52 +40,126 @@ def test_every_choice_composes_and_validates(group, choice, base, node):
     assert OmegaConf.select(cfg, f"{node}._target_")
 
 
-# Which pairs cannot run, and why: SG-MCMC and HMC sample parameters, and batch-norm statistics
-# are not parameters; MC-BatchNorm has nothing to do without batch norm. Only mobilenet
-# has batch norm by default (lenet: model.norm=none).
-BATCH_NORM_MODELS = {"mobilenet"}
+# The refusals that are no model trait: each written once, where the config makes them.
 # The SG-MCMC defaults (30 epochs of batch 512, 100 samples) need more than the 1,843
 # training examples of dataset=synthetic: 90 steps, 45 after burn-in.
-IMPOSSIBLE = {
-    "sgmcmc": "needs a model without batch norm",
-    "hmc": "method=hmc needs a model without batch norm",
-    "mcbn": "method=mcbn needs a model with batch norm",
-    "sgmcmc-synthetic": "method.accepted_samples=100 exceeds the 45 steps after burn-in",
-    # dropout_rate defaults to 0 on mlp, cnn and lenet; mobilenet has none
-    "mc_dropout": "method=mc_dropout needs a model with dropout",
-    "vi": "method=vi needs a model without batch norm",
-    "vi-dropout": "method=vi needs a model without dropout",
-    # KFAC has one Kronecker block per layer; mobilenet's depthwise convolutions have none
-    "kfac-depthwise": r"is a grouped \(depthwise\) convolution",
-}
-DEPTHWISE_MODELS = {"mobilenet"}
-DROPOUT_MODELS = {"convmod"}  # dropout by default (mlp, cnn, lenet: model.dropout_rate=0)
+SAMPLERS_SHORT_ON_SYNTHETIC = {"sgld", "psgld", "sghmc"}
+SHORT = "exceeds the 45 steps after burn-in"
+# KFAC has one Kronecker block per layer; a depthwise convolution has none
+DEPTHWISE = r"is a grouped \(depthwise\) convolution"
 TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}
+
+
+def expected_refusal(method: str, needs, model, dataset: str) -> str | None:
+    """What a run of ``method`` on ``model`` and ``dataset`` must stop with (a regex), or
+    None: the first need the model's traits do not meet (``Method.needs`` ×
+    ``models.TRAITS``), else a refusal of the config (above)."""
+    for need in needs:
+        trait = TRAITS[need.trait]
+        if trait.of(model) != need.present:
+            side = "with" if need.present else "without"
+            return f"method={method} needs a model {side} {trait.noun}"
+    if method in SAMPLERS_SHORT_ON_SYNTHETIC and dataset == "synthetic":
+        return SHORT
+    if method == "laplace_kfac" and TRAITS["depthwise"].of(model):
+        return DEPTHWISE
+    return None
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    """Every dataset (as shapes, from its source: a download counts as reachable) and
+    every model built on it, composed once: ``(dataset, model) -> (Dataset, Model, params)``.
+    While it is in use, a model's traced forward pass (``module_calls``, which the traits
+    read) is traced once per model, not once per method."""
+    from bnn_bench.data import sources
+    from bnn_bench.data.resolve import resolve
+    from bnn_bench.models import base, build_model, num_params
+
+    traced: dict[int, tuple] = {}
+
+    def module_calls(model):
+        if id(model) not in traced:  # the model is kept, so its id is not reused
+            traced[id(model)] = (model, calls(model))
+        return traced[id(model)][1]
+
+    built = {}
+    calls = base.module_calls
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as tfds:
+        mp.setattr(sources, "probe_download", lambda *args: None)
+        mp.setattr(base, "module_calls", module_calls)
+        mp.setenv("TFDS_DATA_DIR", tfds)
+        for dataset in config_choices("dataset"):
+            for model in config_choices("model"):
+                cfg = compose_cfg(f"dataset={dataset}", f"model={model}", "method=map")
+                data = resolve(cfg.dataset)
+                module = build(cfg.model, "model", num_classes=data.spec.num_classes)
+                net = build_model(module, data.spec, type(module).__name__.lower(), 128)
+                params, _ = jax.eval_shape(net.init, jax.random.key(0))
+                built[dataset, model] = (data, net, num_params(params))
+        yield built
+
+
+@pytest.fixture(scope="module")
+def method_nodes():
+    """Every method's config node, composed once (a method builds from it per case)."""
+    return {m: compose_cfg(f"method={m}").method for m in config_choices("method")}
 
 
 @pytest.mark.parametrize("dataset", config_choices("dataset"))
 @pytest.mark.parametrize("model", config_choices("model"))
 @pytest.mark.parametrize("method", config_choices("method"))
 def test_every_dataset_model_method_combination_plans_or_says_why_not(
-    dataset, model, method, tmp_path, plan_only
+    dataset, model, method, shapes, method_nodes
 ):
-    """A dry run of every combination: it builds the model on the dataset's input shape
-    and the method, and plans the work, or stops with the reason the real run would."""
+    """Every combination, on shapes, as the run and the dry run check it (``Method.check``,
+    then ``Method.plan``): it plans the work, or stops with the reason its needs and the
+    model's traits give."""
+    data, net, params = shapes[dataset, model]
+    instance = build(method_nodes[method], "method")
+    why = expected_refusal(method, type(instance).needs, net, dataset)
+    if why is not None:
+        with pytest.raises(UserError, match=why):
+            instance.check(net, data)
+            instance.plan(net, data)
+        return
+    instance.check(net, data)
+    work = instance.plan(net, data)
+    assert work.steps > 0 and work.grad_evals >= work.steps
+    assert work.members >= 1 and params > 1000
+
+
+def test_every_need_names_a_trait_and_the_traits_tell_the_models_apart(shapes, method_nodes):
+    """The matrix above tests something: every declared need is on a known trait, and each
+    trait is present on some model and absent on another."""
+    needs = [n for m in method_nodes.values() for n in type(build(m, "method")).needs]
+    assert needs and all(n.trait in TRAITS for n in needs)
+    for name, trait in TRAITS.items():
+        seen = {trait.of(net) for _, net, _ in shapes.values()}
+        assert seen == {True, False}, name
+
+
+# A full dry run (compose, build, check, plan, evaluation sets, printed plan) of a few
+# combinations: one per dataset and model, and one refusal of each kind.
+DRY_RUNS = [
+    ("synthetic", "mlp", "map"),
+    ("mnist", "lenet", "laplace"),
+    ("fashion_mnist", "convmod", "mc_dropout"),
+    ("cifar10", "mobilenet", "mcbn"),
+    ("cifar10", "cnn", "sgld"),
+    ("cifar10", "mobilenet", "sghmc"),  # batch norm
+    ("synthetic", "mlp", "psgld"),  # too short
+    ("mnist", "mobilenet", "laplace_kfac"),  # depthwise
+]
+
+
+@pytest.mark.parametrize("dataset,model,method", DRY_RUNS)
+def test_a_dry_run_plans_or_says_why_not(dataset, model, method, shapes, tmp_path, plan_only):
     from bnn_bench.run import run
 
     cfg = compose_cfg(f"dataset={dataset}", f"model={model}", f"method={method}", "dry_run=true")
-    bn, sgmcmc = model in BATCH_NORM_MODELS, method in ("sgld", "psgld", "sghmc")
-    why = (
-        IMPOSSIBLE["sgmcmc"] if sgmcmc and bn
-        else IMPOSSIBLE["hmc"] if method == "hmc" and bn
-        else IMPOSSIBLE["sgmcmc-synthetic"] if sgmcmc and dataset == "synthetic"
-        else IMPOSSIBLE["mcbn"] if method == "mcbn" and not bn
-        else IMPOSSIBLE["mc_dropout"] if method == "mc_dropout" and model not in DROPOUT_MODELS
-        else IMPOSSIBLE["vi"] if method == "vi" and bn
-        else IMPOSSIBLE["vi-dropout"] if method == "vi" and model in DROPOUT_MODELS
-        else IMPOSSIBLE["kfac-depthwise"] if method == "laplace_kfac" and model in DEPTHWISE_MODELS
-        else None
-    )  # fmt: skip
+    _, net, _ = shapes[dataset, model]
+    why = expected_refusal(method, type(build(cfg.method, "method")).needs, net, dataset)
     if why is not None:
         with pytest.raises(UserError, match=why):
             run(cfg, tmp_path / "run")
@@ -110,25 +188,20 @@ def test_misspelt_key_in_a_yaml_names_the_key_and_the_accepted_ones():
     assert "batch_size" in msg  # the accepted keys are listed
 
 
-def test_cli_prints_composed_config():
-    out = subprocess.run(
-        [*CLI, "--cfg", "job", "method=map", "dataset=cifar10", "model=mobilenet"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-        check=True,
-    ).stdout
+def test_cli_prints_composed_config(run_cli):
+    proc = run_cli("--cfg", "job", "method=map", "dataset=cifar10", "model=mobilenet")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     cfg = OmegaConf.create(out)
     assert cfg.dataset.name == "cifar10"
     assert cfg.model._target_.endswith("MobileNetV1")
     assert cfg.method._target_.endswith("MAP") and "seed" in cfg
 
 
-def test_cli_help_lists_groups():
-    out = subprocess.run(
-        [*CLI, "--help"], capture_output=True, text=True, env=cli_env(), timeout=120, check=True
-    ).stdout
+def test_cli_help_lists_groups(run_cli):
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     assert "bnn-bench" in out
     for group in GROUPS:
         assert f"{group}:" in out

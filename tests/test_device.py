@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import CLI, TINY, cli_env
+
+pytestmark = pytest.mark.e2e
 
 
 def test_importing_the_cli_does_not_start_jax():

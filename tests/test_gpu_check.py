@@ -10,9 +10,11 @@ import pytest
 
 from tests.conftest import ROOT, cli_env
 
+pytestmark = pytest.mark.e2e
 
-@pytest.mark.slow  # minutes on a shared 2-core CPU: five compiled pipelines
+
 def test_gpu_check_tiny_reports_every_figure(tmp_path):
+    # minutes on a shared 2-core CPU: five compiled pipelines
     out = tmp_path / "figures.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--json", str(out)],

@@ -3,8 +3,6 @@ with one override (``experiment=<preset> method=map``)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
@@ -13,7 +11,9 @@ from bnn_bench.errors import UserError
 from bnn_bench.methods.laplace import Lanczos, Linearised
 from bnn_bench.methods.point.map import MAP
 from bnn_bench.run import run
-from tests.conftest import CLI, CONF, TINY, cli_env, compose_cfg, config_choices
+from tests.conftest import CONF, TINY, compose_cfg, config_choices
+
+pytestmark = pytest.mark.contract
 
 PRESETS = config_choices("experiment")
 # A preset's settings for one method (conf/experiment/<preset>/<method>.yaml): (preset, method)
@@ -160,6 +160,7 @@ def test_laplax_preset_is_the_tutorials_laplace():
     assert (method.curvature_batches, method.curvature_batch_size) == (4, 32)
 
 
+@pytest.mark.e2e
 def test_preset_map_baseline_runs(tmp_path):
     """`experiment=laplax_mnist method=map` trains (tiny synthetic data, a few steps)."""
     data = [o for o in TINY if o.startswith("dataset")]
@@ -170,33 +171,19 @@ def test_preset_map_baseline_runs(tmp_path):
     assert metrics["cost/grad_evals"] == 4  # trainer.steps, not the preset's 2200
 
 
-def test_cli_refuses_trainer_keys_for_a_sampler_and_names_its_own():
+def test_cli_refuses_trainer_keys_for_a_sampler_and_names_its_own(run_cli):
     """The default method samples: trainer.epochs=1 is refused before any work, naming
     the methods that compose the trainer group and method.epochs; with a method that
     trains the same key works."""
-    proc = subprocess.run(
-        [*CLI, "trainer.epochs=1"], capture_output=True, text=True, env=cli_env(), timeout=120
-    )
+    proc = run_cli("trainer.epochs=1")
     assert proc.returncode == 2
     assert "method=sgld does not compose the trainer group" in proc.stderr
     assert "Did you mean method.epochs=1?" in proc.stderr
-    swept = subprocess.run(
-        [*CLI, "-m", "method=map,psgld", "trainer.steps=3"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-    )
+    swept = run_cli("-m", "method=map,psgld", "trainer.steps=3")
     assert swept.returncode == 2 and "method=psgld does not compose the trainer" in swept.stderr
     assert "Launch the jobs apart: method=map trainer.steps=3" in swept.stderr
-    ok = subprocess.run(
-        [*CLI, "--cfg", "job", "method=map", "trainer.epochs=1"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-        check=True,
-    )
+    ok = run_cli("--cfg", "job", "method=map", "trainer.epochs=1")
+    assert ok.returncode == 0, ok.stderr
     assert OmegaConf.create(ok.stdout).trainer.epochs == 1
 
 
@@ -244,7 +231,7 @@ def _preset_methods(experiment: str) -> list[str]:
     return sorted({own, *(m for p, m in PRESET_METHODS if p == experiment)})
 
 
-@pytest.mark.slow
+@pytest.mark.e2e  # ~1 min: every preset x method x group x choice composed
 @pytest.mark.parametrize("experiment", PRESETS)
 def test_a_group_chosen_on_the_command_line_wins_over_the_preset_or_is_refused(experiment):
     """For every method of the preset, every group the method composes (trainer/*,
@@ -305,8 +292,8 @@ def test_the_issues_prior_precision_override_is_refused_with_a_fix_that_composes
     )
 
 
-@pytest.mark.slow
-def test_smoke_preset_runs_every_method_in_one_sweep(tmp_path):
+@pytest.mark.e2e
+def test_smoke_preset_runs_every_method_in_one_sweep(tmp_path, run_cli):
     """`bnn-bench -m experiment=smoke method=<every method>`: every job finishes (its
     metrics.json), none fails, and the sweep exits 0."""
     import time
@@ -314,12 +301,9 @@ def test_smoke_preset_runs_every_method_in_one_sweep(tmp_path):
     methods = config_choices("method")
     sweep = tmp_path / "sweep"
     tic = time.monotonic()
-    proc = subprocess.run(
-        [*CLI, "-m", "experiment=smoke", f"method={','.join(methods)}", f"hydra.sweep.dir={sweep}"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=3600,
+    # in this process, as Hydra's basic launcher runs a sweep's jobs in its own
+    proc = run_cli(
+        "-m", "experiment=smoke", f"method={','.join(methods)}", f"hydra.sweep.dir={sweep}"
     )
     took = time.monotonic() - tic
     assert proc.returncode == 0, proc.stderr[-3000:]

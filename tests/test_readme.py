@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import ROOT, cli_env
 
+pytestmark = pytest.mark.contract
+
 # dry runs use Hydra's basic launcher and sweeper (bnn_bench/sweep.py says why)
 SKIP = (
     "<",
@@ -99,7 +101,7 @@ def test_readme_init_from_folders_are_written_here():
     assert wanted <= written, sorted(wanted - written)
 
 
-@pytest.mark.slow  # ~1-2 min: real datasets' headers, model compiles for the memory plan
+@pytest.mark.e2e  # ~1-2 min: real datasets' headers, model compiles for the memory plan
 def test_every_readme_command_passes_a_dry_run(tmp_path):
     env = cli_env()
     env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")  # not the user's own data

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_run import bnn_bench
+pytestmark = pytest.mark.e2e
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_data = pytest.mark.skipif(
@@ -15,11 +15,15 @@ needs_data = pytest.mark.skipif(
 )
 
 
-@pytest.mark.slow
 @needs_data
-def test_map_mlp_on_fashion_mnist(tmp_path):
+def test_map_mlp_on_fashion_mnist(tmp_path, run_cli):
     """The default experiment's network on the real data, as a user runs it."""
-    proc = bnn_bench(tmp_path, "method=map", "dataset=fashion_mnist", "eval.plots=false")
+    proc = run_cli(
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "method=map",
+        "dataset=fashion_mnist",
+        "eval.plots=false",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # Measured with the default MLP and trainer (seed 0): acc 0.8948, ECE 0.0427 (README).
@@ -29,12 +33,11 @@ def test_map_mlp_on_fashion_mnist(tmp_path):
     assert "system copy /usr/share/datasets/fashion-mnist: train 54000, val 6000, test 10000" in log
 
 
-@pytest.mark.slow
 @pytest.mark.long  # ~5 min on 2 cores: outside CI's budget; pytest -m long
 @needs_data
-def test_map_cnn_on_fashion_mnist(tmp_path):
-    proc = bnn_bench(
-        tmp_path,
+def test_map_cnn_on_fashion_mnist(tmp_path, run_cli):
+    proc = run_cli(
+        f"hydra.run.dir={tmp_path / 'run'}",
         "method=map",
         "model=cnn",
         "dataset=fashion_mnist",

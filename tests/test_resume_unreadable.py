@@ -18,6 +18,8 @@ from bnn_bench.run import run
 from tests.conftest import CLI, TINY, cli_env, compose_cfg
 from tests.test_checkpoint import _assert_same, _state
 
+pytestmark = pytest.mark.e2e
+
 
 def _random_bytes(path):
     path.write_bytes(np.random.default_rng(0).bytes(300))

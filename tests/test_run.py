@@ -1,31 +1,21 @@
-"""End to end through the CLI: a complete run folder, and one clear error for bad input."""
+"""End to end through the CLI (in process, as ``bnn-bench``): a complete run folder, and
+one clear error for bad input."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import pytest
 import yaml
 
-from tests.conftest import CLI, TINY, cli_env
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.e2e
 
 
-def bnn_bench(tmp_path, *overrides, timeout=300):
-    env = cli_env()
-    env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")  # never the user's own TFDS folder
-    return subprocess.run(
-        [*CLI, f"hydra.run.dir={tmp_path / 'run'}", *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-
-
-def test_synthetic_run_writes_a_complete_run_folder(tmp_path):
-    proc = bnn_bench(tmp_path, *TINY)
+def test_synthetic_run_writes_a_complete_run_folder(tmp_path, run_cli):
+    proc = run_cli(f"hydra.run.dir={tmp_path / 'run'}", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -41,9 +31,9 @@ def test_synthetic_run_writes_a_complete_run_folder(tmp_path):
     assert "parameters" in log and "Acc (soft vote)" in log
 
 
-def test_same_seed_same_metrics(tmp_path):
-    a = bnn_bench(tmp_path / "a", *TINY, "trainer.epochs=1")
-    b = bnn_bench(tmp_path / "b", *TINY, "trainer.epochs=1")
+def test_same_seed_same_metrics(tmp_path, run_cli):
+    a = run_cli(f"hydra.run.dir={tmp_path / 'a' / 'run'}", *TINY, "trainer.epochs=1")
+    b = run_cli(f"hydra.run.dir={tmp_path / 'b' / 'run'}", *TINY, "trainer.epochs=1")
     assert a.returncode == b.returncode == 0
     ma = json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
@@ -79,10 +69,11 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.contract  # refused before any work
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_is_one_clear_error_and_no_metrics(tmp_path, case):
+def test_bad_input_is_one_clear_error_and_no_metrics(tmp_path, run_cli, case):
     overrides, expected = BAD_INPUT[case]
-    proc = bnn_bench(tmp_path, *overrides)
+    proc = run_cli(f"hydra.run.dir={tmp_path / 'run'}", *overrides)
     assert proc.returncode != 0
     for text in expected:
         assert text in proc.stderr, proc.stderr[-2000:]

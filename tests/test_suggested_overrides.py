@@ -23,6 +23,8 @@ from bnn_bench.errors import UserError
 from bnn_bench.run import run
 from tests.conftest import CONF, ROOT, TINY, compose_cfg, config_choices
 
+pytestmark = pytest.mark.contract
+
 GROUPS = "method|trainer|dataset|model|eval|logger|checkpoint|device"
 # a dotted key (method.structure.rank) or a group choice (method/laplace/structure), then
 # an optional =value
@@ -124,6 +126,7 @@ def test_every_suggested_override_works(key, value):
     assert any(_works(key, value, base) for base in contexts), f"{key}={value} works nowhere"
 
 
+@pytest.mark.e2e
 def test_a_number_for_the_step_size_is_a_constant_schedule(tmp_path):
     """The divergence message says "Lower method.step_size": a number there runs."""
     overrides = [o for o in TINY if not o.startswith(("method", "trainer"))]

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CLI, ROOT, TINY, cli_env
 
+pytestmark = pytest.mark.e2e
+
 
 def _job(sweep, *overrides: str):
     """The folder of the sweep's one job whose overrides include ``overrides``, or None."""
@@ -40,6 +42,7 @@ echo "Submitted batch job 4242"
 """
 
 
+@pytest.mark.contract
 def test_slurm_launcher_asks_for_one_gpu_a_time_limit_and_requeue(tmp_path, monkeypatch):
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
@@ -205,7 +208,6 @@ def test_relaunching_an_interrupted_multirun_skips_finished_jobs(tmp_path):
         assert metrics["cost/grad_evals"] == 28
 
 
-@pytest.mark.slow
 def test_relaunching_with_another_value_list_keeps_every_finished_result(tmp_path):
     """The issue's reproduction, small: seeds 0,1, then seeds 1 alone. With job folders named
     by their number, the second launch's job 0 (seed 1) cleared seed 0's results and compare

@@ -17,6 +17,8 @@ from bnn_bench.data import preset
 from bnn_bench.data.files import read_idx
 from bnn_bench.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 
 def write_idx(path, array: np.ndarray, gz: bool = True) -> None:
     """Writes LeCun's IDX format: magic (0, 0, dtype 0x08, ndim), big-endian dims, data."""

@@ -34,6 +34,8 @@ from bnn_bench.data import preset
 from bnn_bench.errors import UserError
 from tests.data.test_sources import located, write_idx
 
+pytestmark = pytest.mark.unit
+
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
@@ -99,6 +101,7 @@ def pairs(x: np.ndarray, y: np.ndarray) -> list[tuple[int, bytes]]:
     return sorted((int(label), img.tobytes()) for img, label in zip(x, y, strict=True))
 
 
+@pytest.mark.e2e  # TFDS prepares a dataset
 def test_mnist_downloads_prepares_and_reads_through_tfds(tmp_path, server, monkeypatch):
     www, base = server
     arrays = serve_mnist(www, base, monkeypatch)

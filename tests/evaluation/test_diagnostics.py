@@ -23,6 +23,8 @@ from bnn_bench.reporting import plots
 from bnn_bench.run import run
 from tests.conftest import compose_cfg, tiny
 
+pytestmark = pytest.mark.unit
+
 with warnings.catch_warnings():  # ArviZ announces its refactor on import
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az  # the peer implementation (a test dependency: pyproject's dev extra)
@@ -181,6 +183,7 @@ SGLD = [
 ]
 
 
+@pytest.mark.e2e  # a run
 def test_sgld_run_reports_rhat_ess_and_traces_of_its_chains(tmp_path):
     cfg = compose_cfg(*tiny("sgld"), *SGLD, "method.num_chains=3", "method.save_samples=true")
     metrics = run(cfg, tmp_path)
@@ -213,6 +216,7 @@ def test_sgld_run_reports_rhat_ess_and_traces_of_its_chains(tmp_path):
     assert "val/rhat" not in metrics  # the test set is the one tracked
 
 
+@pytest.mark.e2e  # a run
 def test_one_chain_run_has_ess_and_null_rhat(tmp_path):
     run(compose_cfg(*tiny("sgld"), *SGLD, "method.num_chains=1", "eval.plots=false"), tmp_path)
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -220,6 +224,7 @@ def test_one_chain_run_has_ess_and_null_rhat(tmp_path):
     assert np.load(tmp_path / D.TRACES).shape[:2] == (1, 8)
 
 
+@pytest.mark.e2e  # a run
 def test_a_point_estimate_writes_no_traces(tmp_path):
     run(compose_cfg(*tiny("map"), "trainer.epochs=1", "eval.plots=false"), tmp_path)
     assert not (tmp_path / D.TRACES).exists()

@@ -19,6 +19,8 @@ from bnn_bench.evaluation import metrics as M
 from bnn_bench.run import run
 from tests.conftest import ROOT, TINY, cli_env, compose_cfg
 
+pytestmark = pytest.mark.e2e
+
 P = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4], [0.0, 0.0, 1.0]])
 Q = np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.1, 0.2, 0.7], [0.0, 0.0, 1.0]])
 

@@ -15,6 +15,8 @@ from bnn_bench import evaluation
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import PredictiveSummary
 
+pytestmark = pytest.mark.unit
+
 
 def _summary(probs, chunks=None) -> PredictiveSummary:
     probs = np.asarray(probs, np.float32)
@@ -301,7 +303,7 @@ def xlogy(p):
     return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
 
 
-@pytest.mark.slow  # compiles a MAP member, the MAP report and two chains (~80 s at load 20)
+@pytest.mark.e2e  # compiles a MAP member, the MAP report and two chains (~80 s at load 20)
 def test_a_methods_members_and_point_estimates_give_the_exact_nll_of_extreme_logits():
     # A network with weights x40 puts many labels below 1e-12 (down to ~1e-100): the NLL
     # of the posterior predictive (MAP's one member through predict), of the MAP network

@@ -14,6 +14,8 @@ from bnn_bench.data import Split, SyntheticDataset
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.reporting import plots
 
+pytestmark = pytest.mark.unit
+
 MEMBER_PLOTS = {"member_boxplots", "accuracy_over_certainty", "member_std_extremes"}
 ALWAYS = {
     "reliability",

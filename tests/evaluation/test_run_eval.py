@@ -17,6 +17,8 @@ from bnn_bench.run import run
 from tests.conftest import ROOT, TINY, compose_cfg
 from tests.evaluation.test_plots import ALWAYS
 
+pytestmark = pytest.mark.e2e
+
 OOD = [
     "dataset@eval.ood_dataset=synthetic",
     "eval.ood_dataset.data_seed=1",

@@ -10,6 +10,8 @@ from bnn_bench.errors import UserError
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.shift import CORRUPTIONS, corrupt
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def images():

@@ -25,6 +25,8 @@ from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, build_model
 from tests.conftest import compose_cfg, config_choices, tiny
 
+pytestmark = pytest.mark.contract
+
 # Overrides that make each method quick on the TINY synthetic run. SG-MCMC keeps no
 # samples here: its members are then replayed, which the contract covers too.
 _TINY_SGMCMC = [

@@ -17,6 +17,8 @@ from bnn_bench.methods.loop import LOSS_BOUND, Divergence
 from tests.conftest import CLI, TINY, cli_env
 from tests.methods.test_contract import _setup
 
+pytestmark = pytest.mark.e2e
+
 # the key of the logged values that the check bounds, per loop (vi: its NLL term only)
 CHECKED = ("train/nll", "sampler/train_nll", "swag/loss", "train/loss")
 TRAINS = [

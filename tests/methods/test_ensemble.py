@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from bnn_bench.config import build
 from bnn_bench.methods.point.map import MAP
@@ -11,6 +12,8 @@ from bnn_bench.methods.training import Trainer
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
+
+pytestmark = pytest.mark.e2e
 
 SMALL = [*TINY, "trainer.epochs=2", "dataset.train_size=256", "dataset.test_size=64"]
 

@@ -25,6 +25,8 @@ import pytest
 
 from bnn_bench.methods.sampling.kernels import Kernel, psgld, sghmc, sgld
 
+pytestmark = pytest.mark.statistical
+
 CHAINS, WARMUP, STEPS = 512, 500, 6000
 Z = 4.0  # standard errors: ~100 checks, so a correct sampler fails one with p < 1%
 

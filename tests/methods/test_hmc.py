@@ -22,6 +22,8 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import compose_cfg, tiny
 
+pytestmark = pytest.mark.e2e
+
 # ------------------------------------------------ Bayesian linear regression, closed form
 
 # y = X w + N(0, σ²), w ~ N(0, s² I): the posterior is N(μ, Σ) with

@@ -39,6 +39,8 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 
+pytestmark = pytest.mark.e2e
+
 SMALL = [
     *TINY,
     "dataset.shape=[6,6,1]",

@@ -18,6 +18,8 @@ from scipy.stats import multivariate_normal
 from bnn_bench.methods.laplace import curvature as cv
 from bnn_bench.methods.laplace import gaussian as gs
 
+pytestmark = pytest.mark.unit
+
 N, D, H, C = 40, 4, 5, 3
 
 

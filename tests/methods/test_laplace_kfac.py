@@ -23,6 +23,8 @@ from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 from tests.methods.test_laplace import SMALL, _fit
 
+pytestmark = pytest.mark.e2e
+
 KFAC_SMALL = [*SMALL, "method/laplace/structure=kfac", "method.curvature_batches=null"]
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from bnn_bench.data import Spec
 from bnn_bench.methods.laplace import LastLayer, last_layer
 from bnn_bench.models import build_model
 from bnn_bench.models.mlp import MLP
+
+pytestmark = pytest.mark.unit
 
 
 def test_last_layer_follows_the_call_order_not_the_key_order():

@@ -20,6 +20,8 @@ from bnn_bench.models import Model, build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg, tiny
 
+pytestmark = pytest.mark.e2e
+
 
 class InputDropoutLinear(nn.Module):
     """Dropout on the flattened input, then one dense layer: E[p] is a finite sum."""

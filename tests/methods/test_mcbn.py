@@ -18,6 +18,8 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 
+pytestmark = pytest.mark.e2e
+
 SMALL = [
     *(o for o in TINY if not o.startswith("model")),
     "model=lenet",

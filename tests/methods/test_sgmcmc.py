@@ -24,6 +24,8 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import CLI, cli_env, compose_cfg, tiny
 
+pytestmark = pytest.mark.e2e
+
 SAMPLER = [
     "method.batch_size=64",
     "method.iterations=40",

@@ -11,6 +11,8 @@ from blackjax.sgmcmc.gradients import grad_estimator
 
 from bnn_bench.methods.sampling.kernels import Kernel, psgld, sghmc, sgld
 
+pytestmark = pytest.mark.statistical
+
 # A tiny two-layer network and the BlackJAX tutorial's log-prior and log-likelihood.
 D_IN, H, C, N = 6, 5, 3, 40
 

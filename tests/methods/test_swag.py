@@ -35,6 +35,8 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg, tiny
 
+pytestmark = pytest.mark.e2e
+
 # P = 6·6·3 + 3 + 3·3 + 3 = 123 parameters: dense covariances are cheap.
 SMALL = [
     *TINY,

@@ -16,6 +16,8 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 
+pytestmark = pytest.mark.e2e
+
 # Low contrast (val acc ~0.7) and over-training: an over-confident MAP, so T > 1 matters
 # and the optimum lies inside the range (separable data would drive T to its low end).
 SMALL = [

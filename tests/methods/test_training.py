@@ -19,6 +19,8 @@ from bnn_bench.models import build_model
 from bnn_bench.models.mlp import MLP
 from tests.conftest import compose_cfg
 
+pytestmark = pytest.mark.unit
+
 
 def _trainer(*overrides: str) -> Trainer:
     cfg = compose_cfg("method=map", *overrides)

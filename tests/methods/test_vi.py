@@ -25,6 +25,8 @@ from bnn_bench.models import Model
 from bnn_bench.models.layers import Conv
 from tests.methods.test_contract import _setup
 
+pytestmark = pytest.mark.statistical
+
 
 class Linear(nn.Module):
     """Flatten, then one dense layer: f(x) = x W (+ b)."""

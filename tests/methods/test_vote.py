@@ -17,6 +17,8 @@ from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg
 
+pytestmark = pytest.mark.e2e
+
 SMALL = [
     *TINY,
     "dataset.train_size=256",

@@ -10,6 +10,8 @@ import pytest
 
 from bnn_bench.models.layers import Conv, conv2d
 
+pytestmark = pytest.mark.unit
+
 CASES = [  # (kernel, strides, padding, groups, C_in, C_out)
     ((3, 3), (1, 1), "VALID", 1, 1, 8),
     ((5, 5), (1, 1), "VALID", 1, 3, 4),

@@ -15,6 +15,8 @@ from bnn_bench.models import build_model, num_params
 from bnn_bench.models.lenet import adaptive_avg_pool
 from tests.conftest import compose_cfg, config_choices
 
+pytestmark = pytest.mark.unit
+
 
 def spec_of(name: str, resize=None) -> Spec:
     """The spec of ``conf/dataset/<name>.yaml``, without reading its data."""

@@ -18,6 +18,8 @@ from bnn_bench.reporting.compare import compare
 from bnn_bench.reporting.runs import find_runs
 from tests.conftest import CLI, TINY, cli_env
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):

@@ -14,6 +14,8 @@ from bnn_bench.reporting.loggers import RunInfo, WandbLogger, curve_table
 from tests.conftest import CLI, TINY, cli_env
 from tests.reporting.wandb_records import read_run
 
+pytestmark = pytest.mark.e2e
+
 
 def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]

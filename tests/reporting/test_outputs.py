@@ -9,6 +9,8 @@ import yaml
 from bnn_bench.reporting.outputs import config_choice, write_npy_atomic
 from tests.conftest import compose_cfg, config_choices
 
+pytestmark = pytest.mark.unit
+
 
 def test_npy_is_written_whole_and_leaves_no_temporary(tmp_path):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
