@@ -17,6 +17,8 @@ from bnn_bench.models import build_model
 from tests.conftest import compose_cfg, config_choices, tiny
 from tests.methods.test_contract import TINY_METHOD
 
+pytestmark = pytest.mark.e2e
+
 # the contract's tiny budget of multi, without its number of fits
 TINY = [o for o in TINY_METHOD["multi"] if not o.startswith("method.fits=")]
 
