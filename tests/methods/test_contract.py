@@ -19,8 +19,9 @@ from bnn_bench.config import build
 from bnn_bench.data import Split
 from bnn_bench.evaluation import EvalPlan
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.methods.base import Method, RunContext
-from bnn_bench.methods.point.map import load_point
+from bnn_bench.methods.base import Method, RunContext, Work
+from bnn_bench.methods.point.map import MAP, load_point
+from bnn_bench.methods.posthoc import PostHoc
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, build_model
 from tests.conftest import compose_cfg, config_choices, tiny
@@ -93,8 +94,6 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.base.covariance.num_samples=3",
     ],
 }
-# they report their MAP's metrics and save it (mc_dropout: the network with dropout off)
-BUILDS_ON_MAP = {"laplace", "mcbn", "temperature", "mc_dropout", "swag"}
 
 
 def _setup(name: str, *extra: str):
@@ -120,6 +119,11 @@ def test_method_contract(name, tmp_path):
     plan = EvalPlan({"test": x}, keep=3, capacity=4)
     ctx = RunContext(plan=plan)
 
+    # check and plan: the dry run's account of the work, typed
+    method.check(model, data)
+    work = method.plan(model, data)
+    assert isinstance(work, Work)
+
     # fit: a posterior with its model and the numbers it measured, its cost counted
     posterior = method.fit(jax.random.key(0), model, data, ctx)
     assert posterior.model is model
@@ -135,6 +139,9 @@ def test_method_contract(name, tmp_path):
     again = jnp.exp(jnp.concatenate(list(method.members(k, posterior, x))))
     np.testing.assert_allclose(again, probs, atol=1e-6)
     assert ctx.meter.counts["samples"] == probs.shape[0]  # the method counts its members
+    assert work.members == probs.shape[0]  # the plan said so
+    if name != "hmc":  # HMC's plan counts leapfrog steps at the initial step size, not the tuned
+        assert work.grad_evals == ctx.meter.counts["grad_evals"]
 
     # predict: one summary per set, folding exactly those members
     summaries = method.predict(k, posterior, plan)
@@ -148,14 +155,16 @@ def test_method_contract(name, tmp_path):
     # save: a file in the run folder, or None; a MAP-based method saves its MAP
     saved = method.save(tmp_path, posterior)
     assert saved is None or (saved.is_file() and tmp_path in saved.parents)
-    if name in BUILDS_ON_MAP | {"map"}:
+    # a method on the PostHoc template (or MAP itself) saves its MAP and reports it
+    builds_on_map = isinstance(method, PostHoc)
+    if builds_on_map or isinstance(method, MAP):
         params, state = load_point(tmp_path, model)
         jax.tree.map(np.testing.assert_array_equal, params, posterior.params)
 
     # report: finite numbers; a MAP-based method reports its MAP beside its own metrics
     report = method.report(k, posterior, {"test": Split(x, y)}, 15)
     assert all(np.isfinite(v) for v in report.values())
-    if name in BUILDS_ON_MAP:
+    if builds_on_map:
         map_probs = model.probs(posterior.params, posterior.state, x)
         assert report["map/test/acc"] == pytest.approx(M.accuracy(map_probs, y))
         assert report["map/test/nll"] == pytest.approx(M.nll(map_probs, y), rel=1e-5)
