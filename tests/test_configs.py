@@ -92,7 +92,7 @@ def shapes():
         for dataset in config_choices("dataset"):
             for model in config_choices("model"):
                 cfg = compose_cfg(f"dataset={dataset}", f"model={model}", "method=map")
-                data = resolve(cfg.dataset)
+                data = resolve(build(cfg.dataset, "dataset"))
                 module = build(cfg.model, "model", num_classes=data.spec.num_classes)
                 net = build_model(module, data.spec, type(module).__name__.lower(), 128)
                 params, _ = jax.eval_shape(net.init, jax.random.key(0))
