@@ -114,8 +114,8 @@ class Need:
 
 
 class Method(abc.ABC):
-    """What ``run.py`` needs of a method. Subclasses implement ``fit``, ``members`` and
-    ``plan``; ``predict`` streams ``members`` into the summaries chunk by chunk (memory
+    """What ``run.py`` needs of a method. Subclasses implement ``fit``, ``member_log_probs`` and
+    ``plan``; ``predict`` streams ``member_log_probs`` into the summaries chunk by chunk (memory
     O(N·C)); ``check`` refuses a model that lacks what ``needs`` declares (subclasses add
     their own refusals after ``super().check``); ``save`` and ``report`` do nothing unless
     overridden.
@@ -154,7 +154,9 @@ class Method(abc.ABC):
         The posterior's ``info`` holds the numbers the method measured itself."""
 
     @abc.abstractmethod
-    def members(self, key: jax.Array, posterior: Posterior, x: jax.Array) -> Iterator[jax.Array]:
+    def member_log_probs(
+        self, key: jax.Array, posterior: Posterior, x: jax.Array
+    ) -> Iterator[jax.Array]:
         """Yields class log-probabilities in chunks (s, N, C) for x (N, H, W, C) uint8 (the
         log-softmax of the logits, never the log of a rounded probability); the chunk
         sizes add up to S. The same key gives the same members for any x."""
@@ -165,7 +167,7 @@ class Method(abc.ABC):
         """One summary per evaluation set of ``plan``."""
         summaries = plan.empty(posterior.model.spec.num_classes)
         for name, x in plan.inputs.items():
-            for log_probs in self.members(key, posterior, x):
+            for log_probs in self.member_log_probs(key, posterior, x):
                 summaries[name] = summaries[name].add(log_probs)
         return summaries
 

@@ -128,11 +128,11 @@ def test_method_contract(name, tmp_path):
 
     # members: (S, N, C) probabilities, the same for the same key
     k = jax.random.key(1)
-    probs = jnp.exp(jnp.concatenate(list(method.members(k, posterior, x))))  # (S, N, C)
+    probs = jnp.exp(jnp.concatenate(list(method.member_log_probs(k, posterior, x))))  # (S, N, C)
     assert probs.ndim == 3 and probs.shape[1:] == (40, data.spec.num_classes)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert bool((probs >= 0).all())
-    again = jnp.exp(jnp.concatenate(list(method.members(k, posterior, x))))
+    again = jnp.exp(jnp.concatenate(list(method.member_log_probs(k, posterior, x))))
     np.testing.assert_allclose(again, probs, atol=1e-6)
     assert ctx.meter.counts["samples"] == probs.shape[0]  # the method counts its members
 
@@ -167,8 +167,8 @@ def test_sgmcmc_members_need_no_switch():
     data, model, kept = _setup("sgld", "method.save_samples=true")
     replayed = dataclasses.replace(kept, save_samples=False)
     x, k = data.test.x[:30], jax.random.key(0)
-    a = np.exp(np.concatenate(list(kept.members(k, kept.fit(k, model, data), x))))
-    b = np.exp(np.concatenate(list(replayed.members(k, replayed.fit(k, model, data), x))))
+    a = np.exp(np.concatenate(list(kept.member_log_probs(k, kept.fit(k, model, data), x))))
+    b = np.exp(np.concatenate(list(replayed.member_log_probs(k, replayed.fit(k, model, data), x))))
     assert a.shape == (8, 30, data.spec.num_classes)  # 4 samples x 2 chains
     np.testing.assert_allclose(b, a, atol=1e-5)  # float rounding of another program
     assert np.abs(a[0] - a[-1]).max() > 1e-4  # different samples
@@ -181,7 +181,7 @@ def test_sgmcmc_folds_every_step_when_every_step_is_a_sample():
     x = data.test.x[:30]
     plan = EvalPlan({"test": x}, keep=2, capacity=60)
     post = method.fit(jax.random.key(0), model, data, RunContext(plan))
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(0), post, x))))
+    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(0), post, x))))
     assert probs.shape[0] == int(post.summaries["test"].count) == 60  # 30 steps x 2 chains
     np.testing.assert_allclose(post.summaries["test"].mean(), probs.mean(0), atol=1e-5)
 

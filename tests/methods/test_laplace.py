@@ -137,11 +137,11 @@ def test_members_collapse_onto_map_as_prior_precision_grows(lanczos_fit, predict
     method = dataclasses.replace(method, predictive=build(choice, "method.predictive"))
     x = data.test.x
     map_probs = jax.nn.softmax(post.logits_fn(post.theta, x), -1)
-    wide = jnp.exp(jnp.concatenate(list(method.members(jax.random.key(1), post, x))))
+    wide = jnp.exp(jnp.concatenate(list(method.member_log_probs(jax.random.key(1), post, x))))
     assert wide.shape[0] == (1 if predictive == "probit" else 30)
     assert float(jnp.abs(wide.mean(0) - map_probs).max()) > 1e-2  # τ = 1 is visibly wide
     tight = post.replace(prior_precision=jnp.asarray(1e9, jnp.float32))
-    probs = jnp.exp(jnp.concatenate(list(method.members(jax.random.key(1), tight, x))))
+    probs = jnp.exp(jnp.concatenate(list(method.member_log_probs(jax.random.key(1), tight, x))))
     np.testing.assert_allclose(probs, jnp.broadcast_to(map_probs, probs.shape), atol=1e-3)
 
 
@@ -233,7 +233,7 @@ def test_val_nll_picks_the_dense_grid_minimiser(tmp_path):
 
     def nll(tau):
         p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-        probs = jnp.exp(next(method.members(jax.random.key(0), p, data.val.x))[0])
+        probs = jnp.exp(next(method.member_log_probs(jax.random.key(0), p, data.val.x))[0])
         return float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
 
     dense = np.logspace(-1, 2, 301)
@@ -307,7 +307,7 @@ def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
     fast = method.predictive.nll_fn(key, post, data.val, method.chunk_size)
     for tau in (0.3, 30.0):
         p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-        probs = jnp.exp(jnp.concatenate(list(method.members(key, p, data.val.x)))).mean(0)
+        probs = jnp.exp(jnp.concatenate(list(method.member_log_probs(key, p, data.val.x)))).mean(0)
         ref = float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
         np.testing.assert_allclose(fast(tau), ref, rtol=1e-4)
 

@@ -248,7 +248,7 @@ def test_tiny_two_layer_net_log_marglik_matches_dense_kronecker_matrix(map_dir, 
         ref_probs = np.exp(z - z.max(1, keepdims=True))
         ref_probs /= ref_probs.sum(1, keepdims=True)
         member = post.replace(prior_precision=jnp.asarray(t, jnp.float32))
-        (log_probs,) = method.members(jax.random.key(0), member, x)
+        (log_probs,) = method.member_log_probs(jax.random.key(0), member, x)
         np.testing.assert_allclose(np.exp(log_probs[0]), ref_probs, atol=1e-5)
 
 

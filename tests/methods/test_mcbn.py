@@ -64,7 +64,7 @@ def test_whole_training_set_gives_population_statistics(fitted):
     for s in range(post.num_estimators):
         got = jax.tree.map(lambda a, s=s: a[s], post.mc_stats)
         jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-5), got, pop)
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(0), post, data.test.x))))
+    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(0), post, data.test.x))))
     ref = model.probs(post.params, {"batch_stats": pop}, data.test.x)
     assert probs.shape == (3, data.test.size, 10)
     np.testing.assert_allclose(probs, np.broadcast_to(ref, probs.shape), atol=1e-4)
@@ -82,11 +82,11 @@ def test_small_minibatches_give_different_members(fitted):
     data, model, method, post = fitted
     small = dataclasses.replace(method, mc_batch_size=8)
     post8 = small.fit_statistics(jax.random.key(1), model, post.params, post.state, data.train)
-    probs = np.exp(np.concatenate(list(small.members(jax.random.key(0), post8, data.test.x))))
+    probs = np.exp(np.concatenate(list(small.member_log_probs(jax.random.key(0), post8, data.test.x))))
     assert probs.shape[0] == 3
     assert np.abs(probs[0] - probs[1]).max() > 1e-3 and np.abs(probs[1] - probs[2]).max() > 1e-3
     # fitted once: the same members for any inputs (a subset gives the subset's rows)
-    part = np.exp(np.concatenate(list(small.members(jax.random.key(5), post8, data.test.x[:7]))))
+    part = np.exp(np.concatenate(list(small.member_log_probs(jax.random.key(5), post8, data.test.x[:7]))))
     np.testing.assert_allclose(part, probs[:, :7], atol=1e-6)
 
 
@@ -119,7 +119,7 @@ def test_statistics_use_the_biased_variance_unless_told(unbiased):
     for s in range(2):  # each minibatch is the whole split, in some order
         np.testing.assert_allclose(post.mc_stats["BatchNorm_0"]["mean"][s], mean, rtol=1e-5)
         np.testing.assert_allclose(post.mc_stats["BatchNorm_0"]["var"][s], var, rtol=1e-5)
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(0), post, x))))
+    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(0), post, x))))
     ref = model.probs(params, {"batch_stats": {"BatchNorm_0": {"mean": mean, "var": var}}}, x)
     np.testing.assert_allclose(probs, np.broadcast_to(ref, probs.shape), atol=1e-5)
 

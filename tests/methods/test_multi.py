@@ -33,7 +33,7 @@ def _setup(*extra: str):
 
 
 def _probs(method, key, posterior, x) -> np.ndarray:
-    return np.exp(np.concatenate(list(method.members(key, posterior, x))))  # (S, N, C)
+    return np.exp(np.concatenate(list(method.member_log_probs(key, posterior, x))))  # (S, N, C)
 
 
 def test_one_fit_is_the_base_run():

@@ -234,7 +234,7 @@ def test_scale_multiplies_the_members_covariance(fitted, covariance):
 def test_members_are_the_networks_of_the_draws_and_swa_is_the_mean(fitted):
     data, model, method, post, key = fitted
     x = data.test.x
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(3), post, x))))
+    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(3), post, x))))
     thetas = method.sample_thetas(jax.random.key(3), post)
     s = method.covariance.num_samples
     assert probs.shape == (s, 32, 3)
@@ -242,7 +242,7 @@ def test_members_are_the_networks_of_the_draws_and_swa_is_the_mean(fitted):
         ref = model.probs(post.unravel(thetas[i]), post.state, x)
         np.testing.assert_allclose(probs[i], ref, atol=1e-6)
     swa = dataclasses.replace(method, covariance=SWA())
-    (mean_probs,) = np.exp(list(swa.members(jax.random.key(3), post, x)))
+    (mean_probs,) = np.exp(list(swa.member_log_probs(jax.random.key(3), post, x)))
     assert mean_probs.shape == (1, 32, 3)
     np.testing.assert_allclose(
         mean_probs[0], model.probs(post.unravel(post.swag.mean), post.state, x), atol=1e-6
@@ -278,7 +278,7 @@ def test_batchnorm_statistics_are_refit_for_each_draw():
     np.testing.assert_allclose(got["var"], h.var((0, 1, 2), ddof=1), rtol=1e-3, atol=1e-5)
     running = post.state["batch_stats"]["BatchNorm_0"]["var"]  # the MAP's, kept apart
     assert np.abs(np.asarray(running - got["var"])).max() > 1e-3
-    (probs,) = np.exp(list(method.members(jax.random.key(1), post, data.test.x)))
+    (probs,) = np.exp(list(method.member_log_probs(jax.random.key(1), post, data.test.x)))
     np.testing.assert_allclose(probs[0], model.probs(params, state, data.test.x), atol=1e-6)
 
 

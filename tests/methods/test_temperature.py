@@ -71,7 +71,7 @@ def test_fitted_temperature_is_the_grid_optimum_of_validation_nll(map_dir):
 
 def test_members_are_the_tempered_softmax_and_keep_the_map_argmax(map_dir):
     data, model, method, post = _fit(map_dir)
-    (probs,) = np.exp(list(method.members(jax.random.key(3), post, data.test.x)))
+    (probs,) = np.exp(list(method.member_log_probs(jax.random.key(3), post, data.test.x)))
     assert probs.shape == (1, data.test.size, 10)
     logits = np.asarray(model.logits(post.params, post.state, data.test.x), np.float64)
     np.testing.assert_allclose(

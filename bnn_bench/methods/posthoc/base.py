@@ -8,7 +8,7 @@ from it for every such method: it saves the MAP network for a later ``init_from`
 (``save``), reports the MAP's own metrics beside the method's (``map/<set>/*``,
 ``report``), so one run shows the gain over the baseline, and counts the MAP's steps in
 the plan. A subclass writes only what it does after the MAP: ``fit_map`` and
-``plan_map`` (the work beyond the MAP), plus ``members``.
+``plan_map`` (the work beyond the MAP), plus ``member_log_probs``.
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ class TemperatureScaling(PostHoc):
             },
         )
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: TemperedPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         """One member (1, N, C): the MAP's logits divided by T."""

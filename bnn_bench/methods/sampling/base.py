@@ -7,7 +7,7 @@ the device, so no weights need to be kept (``save_samples=true`` keeps them anyw
 ``Sampler`` owns what follows from that for every sampler: ``fit`` (the chains from the
 run key, through the one chunked loop of ``methods.loop``, compiled ahead of time by
 ``ChunkRunner``: one program for the burn-in, one for the sampling), and the replay of
-the accepted samples (``predict`` hands on the folded summaries, ``members`` gives the
+the accepted samples (``predict`` hands on the folded summaries, ``member_log_probs`` gives the
 kept samples' log-probabilities or runs the chains again, ``save`` writes the samples).
 
 A subclass writes only its steps and its budget: ``budget``, ``init_states``,
@@ -146,7 +146,7 @@ class SamplePosterior:
       info: the sampler's own numbers for metrics.json (the last sample's point
         accuracy, steps per second).
       replay: ``x -> (S, N, C)`` log-probabilities of every sample, from the same chains run
-        again (what ``members`` uses when the samples were not kept).
+        again (what ``member_log_probs`` uses when the samples were not kept).
     """
 
     model: Model = struct.field(pytree_node=False)
@@ -163,7 +163,7 @@ class Sampler(Method):
 
     Attributes:
       num_chains: chains run in parallel (vmap); members = chains x samples per chain.
-      save_samples: keep the samples (for ``members`` and ``samples.msgpack``).
+      save_samples: keep the samples (for ``member_log_probs`` and ``samples.msgpack``).
       chunk_size: steps per compiled loop call (progress, checkpoint granularity).
       loop: the name of its chunked loop (its checkpoint folder).
     """
@@ -217,7 +217,7 @@ class Sampler(Method):
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> SamplePosterior:
         """Samples ``num_chains`` chains, folding every accepted sample into the sets of
-        ``ctx.plan`` (none outside a run: then only ``members`` gives the samples)."""
+        ``ctx.plan`` (none outside a run: then only ``member_log_probs`` gives the samples)."""
         self.check(model, data)
         ctx = ctx or RunContext()
         plan = ctx.plan if ctx.plan is not None else EvalPlan({})
@@ -290,7 +290,7 @@ class Sampler(Method):
             )
         return {name: posterior.summaries[name] for name in plan.inputs}
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: SamplePosterior, x: jax.Array, chunk: int = 16
     ) -> Iterator[jax.Array]:
         """Class log-probabilities (s, N, C) of the accepted samples, ``chunk`` at a time, in
