@@ -82,7 +82,9 @@ def main() -> None:
             post = mc.fit_statistics(
                 jax.random.fold_in(k_fit, m), model, ts.params, ts.state, data.train
             )
-            probs = np.exp(np.concatenate([np.asarray(p) for p in mc.member_log_probs(k_fit, post, x)]))
+            probs = np.exp(
+                np.concatenate([np.asarray(p) for p in mc.member_log_probs(k_fit, post, x)])
+            )
             report(f"MCBN S={mc.num_estimators} m={m}", probs)
 
 

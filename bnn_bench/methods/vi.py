@@ -286,7 +286,8 @@ class VI(Method):
             raise UserError(f"method.kl_warmup_epochs must be >= 0; got {self.kl_warmup_epochs}.")
         if min(self.num_train_samples, self.members, self.members_per_chunk) < 1:
             raise UserError(
-                "method.num_train_samples, method.members and method.members_per_chunk must be >= 1."
+                "method.num_train_samples, method.members and method.members_per_chunk must "
+                "be >= 1."
             )
         if self.trainer.l2:
             raise UserError(

@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +55,6 @@ class Laplace(PostHoc):
       curvature_batch_size: inputs per curvature batch.
       members_per_chunk: members per streamed chunk (s, N, C).
     """
-
-    map_time_key: ClassVar[str] = "laplace/time_map"
 
     structure: Structure = field(default_factory=Lanczos)
     curvature: cv.LossCurvature = field(default_factory=cv.GGN)
@@ -136,7 +133,13 @@ class Laplace(PostHoc):
         tic = time.perf_counter()
         sq = float(jnp.sum(jnp.square(post.theta)))
         tau, info = self.prior_precision.choose(
-            jax.random.fold_in(key, 3), post, loglik, sq, data.val, self.predictive, self.members_per_chunk
+            jax.random.fold_in(key, 3),
+            post,
+            loglik,
+            sq,
+            data.val,
+            self.predictive,
+            self.members_per_chunk,
         )
         lml = float(log_marginal_likelihood(curv, tau, loglik, sq))
         t_prior = time.perf_counter() - tic

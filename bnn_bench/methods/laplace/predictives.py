@@ -46,7 +46,9 @@ class Predictive:
 
         def nll(tau):
             p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-            probs = sum(jnp.exp(c).sum(0) for c in self.member_log_probs(key, p, val.x, members_per_chunk))
+            probs = sum(
+                jnp.exp(c).sum(0) for c in self.member_log_probs(key, p, val.x, members_per_chunk)
+            )
             return M.nll(probs / self.members, val.y)
 
         return nll

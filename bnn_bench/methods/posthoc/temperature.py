@@ -164,7 +164,7 @@ class TemperatureScaling(PostHoc):
             state=state,
             temperature=jnp.asarray(t, jnp.float32),
             info={
-                "temperature/T": t,
+                "temperature/logit_temperature": t,
                 "temperature/val_nll_map": before,
                 "temperature/val_nll": after,
             },

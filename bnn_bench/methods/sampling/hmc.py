@@ -243,7 +243,13 @@ class HMC(Sampler):
 
     def __post_init__(self):
         positive = "trajectory_length step_size max_integration_steps temperature prior_scale"
-        for name in (*positive.split(), "num_chains", "members_per_chain", "thinning", "chunk_size"):
+        for name in (
+            *positive.split(),
+            "num_chains",
+            "members_per_chain",
+            "thinning",
+            "chunk_size",
+        ):
             v = getattr(self, name)
             if not v > 0:
                 raise UserError(f"method.{name} must be positive; got {v}.")

@@ -156,9 +156,7 @@ class SGMCMC(Sampler):
                 raise UserError(f"method.{name} must be >= 0; got {v}.")
         if self.temperature < 0 or self.prior_scale <= 0:
             raise UserError("method.temperature must be >= 0 and method.prior_scale > 0.")
-        if self.steps is not None and (
-            self.burn_in is not None or self.burn_in_epochs is None
-        ):
+        if self.steps is not None and (self.burn_in is not None or self.burn_in_epochs is None):
             # a budget in steps needs no data size: refuse one that keeps no sample now
             self._schedule(self.steps, self.burn_in or 0)
 
@@ -175,9 +173,7 @@ class SGMCMC(Sampler):
                 f"split ({n} examples); lower it."
             )
         per_epoch = n // self.batch_size
-        total = (
-            self.steps if self.steps is not None else int(round(self.epochs * per_epoch))
-        )
+        total = self.steps if self.steps is not None else int(round(self.epochs * per_epoch))
         if self.burn_in is not None:
             burn = self.burn_in
         elif self.burn_in_epochs is not None:
