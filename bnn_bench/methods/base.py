@@ -11,7 +11,7 @@ Every method subclasses ``Method``; ``run.py`` calls each of its hooks (``check`
 without batch norm, dropout, ...); ``check`` refuses the rest, one message per trait, for
 the run and the dry run alike. A method talks to the run only
 through the ``RunContext`` given to ``fit``: the logger, a checkpoint slot per loop
-name, the cost counter and the evaluation plan. No module-level state.
+name, the cost counter and the evaluation inputs. No module-level state.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 from bnn_bench.checkpoint import Checkpointer, Session
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.evaluation.summary import EvalInputs, PredictiveSummary
 from bnn_bench.models import TRAITS, Model
 from bnn_bench.reporting.cost import Meter
 
@@ -44,14 +44,14 @@ class RunContext:
     """How a method talks to its run; ``RunContext()`` is a quiet one for use outside a run.
 
     Attributes:
-      plan: the evaluation inputs, all known before ``fit`` (samplers fold members into
+      inputs: the evaluation inputs, all known before ``fit`` (samplers fold members into
         them while sampling); None outside a run.
       log: receives training curves ``(values, step)``.
       checkpoints: the run's checkpoint session; None: nothing is saved or resumed.
       meter: the run's cost counter (gradient evaluations, samples).
     """
 
-    plan: EvalPlan | None = None
+    inputs: EvalInputs | None = None
     log: LogFn = no_log
     checkpoints: Session | None = None
     meter: Meter = field(default_factory=Meter)
@@ -162,11 +162,11 @@ class Method(abc.ABC):
         sizes add up to S. The same key gives the same members for any x."""
 
     def predict(
-        self, key: jax.Array, posterior: Posterior, plan: EvalPlan
+        self, key: jax.Array, posterior: Posterior, inputs: EvalInputs
     ) -> dict[str, PredictiveSummary]:
         """One summary per evaluation set of ``plan``."""
-        summaries = plan.empty(posterior.model.spec.num_classes)
-        for name, x in plan.inputs.items():
+        summaries = inputs.empty(posterior.model.spec.num_classes)
+        for name, x in inputs.x.items():
             for log_probs in self.member_log_probs(key, posterior, x):
                 summaries[name] = summaries[name].add(log_probs)
         return summaries

@@ -72,10 +72,10 @@ class FitContext(RunContext):
 
 
 def fit_context(ctx: RunContext, k: int, steps: int) -> FitContext:
-    """Fit ``k``'s context: ``ctx``'s plan, meter and checkpoints; its curves logged from
+    """Fit ``k``'s context: ``ctx``'s inputs, meter and checkpoints; its curves logged from
     step ``k * steps`` on (``steps``: one fit's)."""
     return FitContext(
-        plan=ctx.plan,
+        inputs=ctx.inputs,
         log=lambda values, step: ctx.log(values, step + k * steps),
         checkpoints=ctx.checkpoints,
         meter=ctx.meter,

@@ -17,7 +17,7 @@ import pytest
 
 from bnn_bench.config import build
 from bnn_bench.data import Split
-from bnn_bench.evaluation import EvalPlan
+from bnn_bench.evaluation import EvalInputs
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import Method, RunContext
 from bnn_bench.methods.point.map import load_point
@@ -117,8 +117,8 @@ def test_method_contract(name, tmp_path):
     data, model, method = _setup(name)
     assert isinstance(method, Method)
     x, y = data.test.x[:40], data.test.y[:40]
-    plan = EvalPlan({"test": x}, keep=3, capacity=4)
-    ctx = RunContext(plan=plan)
+    inputs = EvalInputs({"test": x}, keep=3, capacity=4)
+    ctx = RunContext(inputs=inputs)
 
     # fit: a posterior with its model and the numbers it measured, its cost counted
     posterior = method.fit(jax.random.key(0), model, data, ctx)
@@ -137,7 +137,7 @@ def test_method_contract(name, tmp_path):
     assert ctx.meter.counts["samples"] == probs.shape[0]  # the method counts its members
 
     # predict: one summary per set, folding exactly those members
-    summaries = method.predict(k, posterior, plan)
+    summaries = method.predict(k, posterior, inputs)
     assert set(summaries) == {"test"}
     s = summaries["test"]
     assert int(s.count) == probs.shape[0]
@@ -179,8 +179,8 @@ def test_sgmcmc_folds_every_step_when_every_step_is_a_sample():
     folded summary still equals the kept samples' members."""
     data, model, method = _setup("sgld", "method.save_samples=true", "method.accepted_samples=30")
     x = data.test.x[:30]
-    plan = EvalPlan({"test": x}, keep=2, capacity=60)
-    post = method.fit(jax.random.key(0), model, data, RunContext(plan))
+    inputs = EvalInputs({"test": x}, keep=2, capacity=60)
+    post = method.fit(jax.random.key(0), model, data, RunContext(inputs))
     probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(0), post, x))))
     assert probs.shape[0] == int(post.summaries["test"].count) == 60  # 30 steps x 2 chains
     np.testing.assert_allclose(post.summaries["test"].mean(), probs.mean(0), atol=1e-5)
@@ -231,7 +231,7 @@ def test_the_sampler_step_is_traced_once_per_phase():
         return method.kernel.step(*args)
 
     counted = dataclasses.replace(method, kernel=method.kernel._replace(step=step))
-    ctx = RunContext(plan=EvalPlan({"test": data.test.x[:20]}))
+    ctx = RunContext(inputs=EvalInputs({"test": data.test.x[:20]}))
     counted.fit(jax.random.key(0), model, data, ctx)
     assert len(traces) == 2  # the burn-in program and the sampling program, once each
     assert ctx.meter.counts["grad_evals"] == 60 * 2  # 60 steps of 2 chains

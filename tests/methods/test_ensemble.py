@@ -24,11 +24,15 @@ def test_members_differ_and_each_is_the_map_fit_of_its_key():
     model = build_model(build(cfg.model, "model", num_classes=10), data.spec, "mlp", 128)
     ens = build(cfg.method, "method")
     key = jax.random.key(5)
-    probs = np.exp(np.concatenate(list(ens.member_log_probs(key, ens.fit(key, model, data), data.test.x))))
+    probs = np.exp(
+        np.concatenate(list(ens.member_log_probs(key, ens.fit(key, model, data), data.test.x)))
+    )
     trainer: Trainer = ens.trainer
     single = MAP(trainer).fit(jax.random.split(key, 2)[1], model, data)
     np.testing.assert_allclose(
-        probs[1], np.exp(next(MAP(trainer).member_log_probs(key, single, data.test.x))[0]), atol=1e-5
+        probs[1],
+        np.exp(next(MAP(trainer).member_log_probs(key, single, data.test.x))[0]),
+        atol=1e-5,
     )
     assert np.abs(probs[0] - probs[1]).max() > 1e-3  # the members are different networks
 

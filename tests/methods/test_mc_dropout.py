@@ -71,7 +71,9 @@ def test_members_mean_converges_to_the_exact_expectation():
 
     method = _method(f"method.num_samples={s}", "method.chunk_size=1000")
     post = PointPosterior(model=model, params=params, state=state)
-    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(3), post, x))))  # (S, N, C)
+    probs = np.exp(
+        np.concatenate(list(method.member_log_probs(jax.random.key(3), post, x)))
+    )  # (S, N, C)
     assert probs.shape == (s, 10, 3)
     # each member of each input is one of the 16 masked networks
     dist = np.abs(probs[:, :, None, :] - p.transpose(1, 0, 2)[None]).max(-1)  # (S, N, 16)

@@ -64,7 +64,9 @@ def test_whole_training_set_gives_population_statistics(fitted):
     for s in range(post.num_estimators):
         got = jax.tree.map(lambda a, s=s: a[s], post.mc_stats)
         jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-5), got, pop)
-    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(0), post, data.test.x))))
+    probs = np.exp(
+        np.concatenate(list(method.member_log_probs(jax.random.key(0), post, data.test.x)))
+    )
     ref = model.probs(post.params, {"batch_stats": pop}, data.test.x)
     assert probs.shape == (3, data.test.size, 10)
     np.testing.assert_allclose(probs, np.broadcast_to(ref, probs.shape), atol=1e-4)
@@ -82,11 +84,15 @@ def test_small_minibatches_give_different_members(fitted):
     data, model, method, post = fitted
     small = dataclasses.replace(method, mc_batch_size=8)
     post8 = small.fit_statistics(jax.random.key(1), model, post.params, post.state, data.train)
-    probs = np.exp(np.concatenate(list(small.member_log_probs(jax.random.key(0), post8, data.test.x))))
+    probs = np.exp(
+        np.concatenate(list(small.member_log_probs(jax.random.key(0), post8, data.test.x)))
+    )
     assert probs.shape[0] == 3
     assert np.abs(probs[0] - probs[1]).max() > 1e-3 and np.abs(probs[1] - probs[2]).max() > 1e-3
     # fitted once: the same members for any inputs (a subset gives the subset's rows)
-    part = np.exp(np.concatenate(list(small.member_log_probs(jax.random.key(5), post8, data.test.x[:7]))))
+    part = np.exp(
+        np.concatenate(list(small.member_log_probs(jax.random.key(5), post8, data.test.x[:7])))
+    )
     np.testing.assert_allclose(part, probs[:, :7], atol=1e-6)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import EvalPlan
+from bnn_bench.evaluation import EvalInputs
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.multi import Multi, fit_key
 from bnn_bench.models import build_model
@@ -55,7 +55,7 @@ def test_two_fits_pool_two_distinct_fits_with_equal_weight():
     x, key, k_members = data.test.x[:50], jax.random.key(3), jax.random.key(4)
     ctx = RunContext()
     posterior = multi.fit(key, model, data, ctx)
-    summary = multi.predict(k_members, posterior, EvalPlan({"test": x}))["test"]
+    summary = multi.predict(k_members, posterior, EvalInputs({"test": x}))["test"]
     each = [
         _probs(multi.base, fit_key(k_members, k), multi.base.fit(fit_key(key, k), model, data), x)
         for k in (0, 1)

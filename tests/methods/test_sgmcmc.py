@@ -15,7 +15,7 @@ from flax import serialization
 
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import EvalPlan
+from bnn_bench.evaluation import EvalInputs
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.sampling import schedules
 from bnn_bench.methods.sampling.kernels import Kernel, SGLDState, make_log_density
@@ -209,7 +209,7 @@ def test_cyclical_exploration_stage_runs_without_noise_and_keeps_no_sample():
     )
     method = dataclasses.replace(method, kernel=Kernel(SGLDState, step))
     post = method.fit(
-        jax.random.key(0), model, data, RunContext(EvalPlan({"test": data.test.x[:8]}))
+        jax.random.key(0), model, data, RunContext(EvalInputs({"test": data.test.x[:8]}))
     )
     leaf = np.asarray(jax.tree.leaves(post.samples)[0]).reshape(12, -1)[:, 0]
     # cycles of 10 steps, steps 7, 8, 9 of each sample: 12 samples, and across the 7
@@ -220,9 +220,9 @@ def test_cyclical_exploration_stage_runs_without_noise_and_keeps_no_sample():
 def test_chunking_does_not_change_the_samples():
     _, data, model, m1 = _setup("method.chunk_size=20")
     _, _, _, m2 = _setup("method.chunk_size=7")
-    plan = EvalPlan({"test": data.test.x[:50]}, keep=2, capacity=8)
-    s1 = m1.fit(jax.random.key(3), model, data, RunContext(plan)).summaries["test"]
-    s2 = m2.fit(jax.random.key(3), model, data, RunContext(plan)).summaries["test"]
+    inputs = EvalInputs({"test": data.test.x[:50]}, keep=2, capacity=8)
+    s1 = m1.fit(jax.random.key(3), model, data, RunContext(inputs)).summaries["test"]
+    s2 = m2.fit(jax.random.key(3), model, data, RunContext(inputs)).summaries["test"]
     np.testing.assert_allclose(s1.prob_sum, s2.prob_sum, rtol=1e-6)
 
 
