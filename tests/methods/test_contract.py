@@ -31,9 +31,9 @@ pytestmark = pytest.mark.contract
 # samples here: its members are then replayed, which the contract covers too.
 _TINY_SGMCMC = [
     "method.batch_size=64",
-    "method.iterations=60",
+    "method.steps=60",
     "method.burn_in=30",
-    "method.accepted_samples=4",
+    "method.members_per_chain=4",
     "method.num_chains=2",
     "method.chunk_size=30",
 ]
@@ -48,7 +48,7 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.trajectory_length=0.05",
         "method.step_size=1e-2",
         "method.max_integration_steps=20",
-        "method.num_warmup=10",
+        "method.burn_in=10",
         "method.num_samples=4",
         "method.num_chains=2",
         "method.chunk_size=5",
@@ -56,32 +56,32 @@ TINY_METHOD: dict[str, list[str]] = {
     "laplace": [
         "method.structure.rank=8",
         "method.curvature_batches=2",
-        "method.predictive.num_samples=4",
-        "method.chunk_size=3",
+        "method.predictive.members=4",
+        "method.members_per_chunk=3",
     ],
     "laplace_kfac": [
         "method.curvature_batches=2",
-        "method.predictive.num_samples=4",
-        "method.chunk_size=3",
+        "method.predictive.members=4",
+        "method.members_per_chunk=3",
     ],
     "ensemble": ["method.size=2"],
-    "vote": ["method.n_voters=2"],
+    "vote": ["method.members=2"],
     "mcbn": [
         "model=lenet",
         "model.norm=batchnorm",
-        "method.num_estimators=3",
+        "method.members=3",
         "method.mc_batch_size=16",
     ],
     "temperature": [],
-    "mc_dropout": ["model.dropout_rate=0.2", "method.num_samples=3", "method.chunk_size=2"],
+    "mc_dropout": ["model.dropout_rate=0.2", "method.members=3", "method.members_per_chunk=2"],
     "swag": [
         "method.sgd.epochs=2",
         "method.sgd.batch_size=64",
         "method.collect_every=4",
         "method.covariance.rank=3",
-        "method.covariance.num_samples=3",
+        "method.covariance.members=3",
     ],
-    "vi": ["method.num_samples=3", "method.chunk_size=2", "method.kl_warmup_epochs=1"],
+    "vi": ["method.members=3", "method.members_per_chunk=2", "method.kl_warmup_epochs=1"],
     "multi": [
         "method.fits=2",
         "trainer.epochs=4",
@@ -90,7 +90,7 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.base.sgd.batch_size=64",
         "method.base.collect_every=4",
         "method.base.covariance.rank=3",
-        "method.base.covariance.num_samples=3",
+        "method.base.covariance.members=3",
     ],
 }
 # they report their MAP's metrics and save it (mc_dropout: the network with dropout off)
@@ -177,7 +177,7 @@ def test_sgmcmc_members_need_no_switch():
 def test_sgmcmc_folds_every_step_when_every_step_is_a_sample():
     """With a sample at every post-burn-in step the fold runs without a lax.cond: the
     folded summary still equals the kept samples' members."""
-    data, model, method = _setup("sgld", "method.save_samples=true", "method.accepted_samples=30")
+    data, model, method = _setup("sgld", "method.save_samples=true", "method.members_per_chain=30")
     x = data.test.x[:30]
     inputs = EvalInputs({"test": x}, keep=2, capacity=60)
     post = method.fit(jax.random.key(0), model, data, RunContext(inputs))

@@ -69,7 +69,7 @@ def test_members_mean_converges_to_the_exact_expectation():
     p /= p.sum(-1, keepdims=True)
     expected = np.einsum("m,mnc->nc", weight, p)
 
-    method = _method(f"method.num_samples={s}", "method.chunk_size=1000")
+    method = _method(f"method.members={s}", "method.members_per_chunk=1000")
     post = PointPosterior(model=model, params=params, state=state)
     probs = np.exp(
         np.concatenate(list(method.member_log_probs(jax.random.key(3), post, x)))
@@ -164,7 +164,7 @@ def test_run_from_a_dropout_map_run(tmp_path):
     assert metrics["map/test/nll"] == pytest.approx(mapped["test/nll"], rel=1e-4)
     assert metrics["test/nll"] != pytest.approx(mapped["test/nll"], rel=1e-4)
     saved = json.loads((tmp_path / "mc" / "metrics.json").read_text())
-    assert saved["cost/samples"] == 16  # S = num_samples members
+    assert saved["cost/samples"] == 16  # S = members
 
 
 def test_tu_preset_is_torch_uncertaintys_lenet():
@@ -174,4 +174,4 @@ def test_tu_preset_is_torch_uncertaintys_lenet():
     assert cfg.model._target_.endswith("LeNet") and cfg.model.dropout_rate == 0.4
     assert cfg.model.norm == "none"
     method = build(cfg.method, "method")
-    assert type(method).__name__ == "MCDropout" and method.num_samples == 16
+    assert type(method).__name__ == "MCDropout" and method.members == 16

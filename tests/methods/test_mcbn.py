@@ -28,7 +28,7 @@ SMALL = [
     "dataset.test_size=64",
     "trainer.epochs=2",
     "method=mcbn",
-    "method.num_estimators=3",
+    "method.members=3",
 ]
 
 
@@ -61,7 +61,7 @@ def _population_stats(params, spec, x):
 def test_whole_training_set_gives_population_statistics(fitted):
     data, model, method, post = fitted
     pop = _population_stats(post.params, data.spec, data.train.x)
-    for s in range(post.num_estimators):
+    for s in range(post.members):
         got = jax.tree.map(lambda a, s=s: a[s], post.mc_stats)
         jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-5), got, pop)
     probs = np.exp(

@@ -198,7 +198,7 @@ def test_swa_mean_is_the_average_of_the_sgd_iterates(fitted):
 def test_members_parameters_have_the_swag_covariance(fitted):
     data, model, method, post, key = fitted
     assert method.covariance.scale == 0.5  # the default
-    many = dataclasses.replace(method, covariance=LowRank(rank=4, num_samples=20_000))
+    many = dataclasses.replace(method, covariance=LowRank(rank=4, members=20_000))
     thetas = np.asarray(many.sample_thetas(jax.random.key(5), post), np.float64)  # (S, P)
     ref = np.asarray(swag_covariance(post.swag, 0.5), np.float64)
     emp = np.cov(thetas, rowvar=False)
@@ -217,7 +217,7 @@ def test_scale_multiplies_the_members_covariance(fitted, covariance):
     kw = {"rank": 4} if covariance is LowRank else {}
 
     def offsets(scale):
-        m = dataclasses.replace(method, covariance=covariance(num_samples=8, scale=scale, **kw))
+        m = dataclasses.replace(method, covariance=covariance(members=8, scale=scale, **kw))
         return np.asarray(m.sample_thetas(jax.random.key(4), post) - post.swag.mean)
 
     one, half = offsets(1.0), offsets(0.5)
@@ -236,7 +236,7 @@ def test_members_are_the_networks_of_the_draws_and_swa_is_the_mean(fitted):
     x = data.test.x
     probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(3), post, x))))
     thetas = method.sample_thetas(jax.random.key(3), post)
-    s = method.covariance.num_samples
+    s = method.covariance.members
     assert probs.shape == (s, 32, 3)
     for i in (0, s - 1):
         ref = model.probs(post.unravel(thetas[i]), post.state, x)
@@ -348,7 +348,7 @@ RESUME = [
     "method.sgd.chunk_size=3",
     "method.collect_every=5",
     "method.covariance.rank=3",
-    "method.covariance.num_samples=4",
+    "method.covariance.members=4",
     "checkpoint.every=1",
     "eval.plots=false",
 ]
