@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         curvature_batches=args.batches,
         curvature_batch_size=args.batch_size,
         prior_precision=Fixed(args.prior_precision),
-        predictive=Linearised(num_samples=args.samples),
+        predictive=Linearised(members=args.samples),
     )
     inputs = EvalInputs({"test": x_test})
     ours: dict[str, float] = {}

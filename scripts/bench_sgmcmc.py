@@ -223,11 +223,11 @@ def build_bnn_bench(args, data, model):
         kernel=sgld(),
         step_size=constant(args.step_size),
         batch_size=args.batch_size,
-        iterations=W + S,
+        steps=W + S,
         epochs=None,
         burn_in=W,
         burn_in_epochs=None,
-        accepted_samples=S,
+        members_per_chain=S,
         chunk_size=args.chunk_size,
     )
     inputs = EvalInputs({"test": data.test.x}, keep=5, capacity=S)
