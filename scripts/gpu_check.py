@@ -152,7 +152,7 @@ def main() -> None:
         ]
         run(compose_cfg(*train), Path(tmp) / "map")
         figures["map_cnn_steps_per_s"] = history_rate(Path(tmp) / "map")
-        run(compose_cfg(*train, "method=ensemble", "method.size=5"), Path(tmp) / "ensemble")
+        run(compose_cfg(*train, "method=ensemble", "method.members=5"), Path(tmp) / "ensemble")
         figures["ensemble5_cnn_steps_per_s"] = history_rate(Path(tmp) / "ensemble")
     peak = peak_device_bytes()
     figures["peak_device_mib"] = (

@@ -49,7 +49,7 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.step_size=1e-2",
         "method.max_integration_steps=20",
         "method.burn_in=10",
-        "method.num_samples=4",
+        "method.members_per_chain=4",
         "method.num_chains=2",
         "method.chunk_size=5",
     ],
@@ -64,7 +64,7 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.predictive.members=4",
         "method.members_per_chunk=3",
     ],
-    "ensemble": ["method.size=2"],
+    "ensemble": ["method.members=2"],
     "vote": ["method.members=2"],
     "mcbn": [
         "model=lenet",
