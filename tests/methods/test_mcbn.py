@@ -116,7 +116,7 @@ def test_statistics_use_the_biased_variance_unless_told(unbiased):
     params, state = model.init(jax.random.key(0))
     x = jax.random.randint(jax.random.key(1), (4, 2, 2, 1), 0, 256).astype(jnp.uint8)
     train = Split(x, jnp.zeros(4, jnp.int32))
-    method = MCBN(trainer=None, num_estimators=2, mc_batch_size=4, unbiased_variance=unbiased)
+    method = MCBN(trainer=None, members=2, mc_batch_size=4, unbiased_variance=unbiased)
     post = method.fit_statistics(jax.random.key(2), model, params, state, train)
     h = np.asarray(
         nn.Dense(3).apply({"params": params["Dense_0"]}, spec.preprocess(x).reshape(4, -1))

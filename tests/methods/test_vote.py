@@ -41,7 +41,7 @@ def test_vmapped_voters_equal_each_voter_alone_on_its_slice():
 
     # The reference: the single-model step runner, voter by voter, on the documented keys.
     tr, (k_voters, k_batches) = vote.trainer, jax.random.split(key)
-    n, b, voters = data.train.size, tr.batch_size, vote.n_voters
+    n, b, voters = data.train.size, tr.batch_size, vote.members
     steps, width = n // b, b // voters
     batches = epoch_batches(jax.random.fold_in(k_batches, 0), n, b)  # (steps, b)
     tx = tr.make_optimizer(steps)
