@@ -124,3 +124,19 @@ def test_every_case_has_a_stored_reference(cr):
         assert record["case"] == path.stem and isinstance(record["overrides"], list)
         assert "test/acc" in record["metrics"]
         assert not any(cr.ignored(k) for k in record["metrics"])
+
+
+def test_metric_renames_are_declared_for_compare_too(cr):
+    """A metric key renamed in the code is compared under its new name here (``RENAMES``)
+    and read under it by bnn-bench-compare (``OLD_KEYS``): the two tables agree."""
+    from bnn_bench.reporting.runs import OLD_KEYS
+
+    assert OLD_KEYS  # issue 22's renames (temperature/T, laplace/time_map, hmc/warmup_*)
+    assert {k: cr.RENAMES.get(k) for k in OLD_KEYS} == OLD_KEYS
+
+
+def test_a_renamed_metric_compares_under_its_new_name(cr):
+    stored = {"temperature/T": 1.5, "test/acc": 0.9}
+    now = {"temperature/logit_temperature": 1.5, "test/acc": 0.9}
+    assert cr.compare(stored, now, cr.RENAMES) == []
+    assert cr.compare(stored, {**now, "temperature/logit_temperature": 1.6}, cr.RENAMES) != []
