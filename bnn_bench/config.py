@@ -22,13 +22,41 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import OmegaConfBaseException
 
 from bnn_bench.errors import UserError
 from bnn_bench.schema import Root, out_of_range
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+# Keys renamed to the glossary's names (docs/glossary.md, issue 22), refused for one release
+# with a message naming the new key: {old name: the new names it may have become}. The
+# first new name the target accepts is the one (``size`` is ``members`` for
+# method=ensemble, ``fits`` for method=multi). Remove after the next release.
+RENAMED: dict[str, tuple[str, ...]] = {
+    "size": ("members", "fits"),
+    "n_voters": ("members",),
+    "num_estimators": ("members",),
+    "num_samples": ("members", "members_per_chain"),
+    "accepted_samples": ("members_per_chain",),
+    "iterations": ("steps",),
+    "num_warmup": ("burn_in",),
+    "chunk_size": ("members_per_chunk",),
+}
+
+
+def renamed(path: str, names: cabc.Iterable[str], value: Any = None) -> str | None:
+    """The message for the dotted key ``path`` if its last part is an old name
+    (``RENAMED``) whose new name is among ``names`` (the keys its node takes); None
+    otherwise. ``value``: the value it was given, repeated under the new name."""
+    head, _, old = path.rpartition(".")
+    new = next((n for n in RENAMED.get(old, ()) if n in set(names)), None)
+    if new is None:
+        return None
+    full = f"{head}.{new}" if head else new
+    use = f"{full}={value}" if value is not None else f"{full} instead"
+    return f"{path} was renamed to {full} (docs/glossary.md); use {use}."
 
 
 def _accepted(target: Any) -> tuple[dict[str, Any], bool]:
@@ -320,14 +348,19 @@ def _validate_target(cfg: DictConfig, path: str) -> None:
         if key not in names:
             if var_kw:
                 continue
-            _unknown(f"{prefix}{key}", name, names)
+            _unknown(f"{prefix}{key}", name, names, cfg._get_node(key))
         node = cfg._get_node(key)
         if not (isinstance(node, DictConfig | ListConfig) and node._is_interpolation()):
             _check_value(cfg, key, names[key], f"{prefix}{key}")
 
 
-def _unknown(path: str, name: str, names: dict[str, Any]) -> None:
-    """Refuses the key at ``path``, which ``name`` does not take (``names``)."""
+def _unknown(path: str, name: str, names: dict[str, Any], node: Any = None) -> None:
+    """Refuses the key at ``path`` (its config ``node``), which ``name`` does not take
+    (``names``): by its new name if it was renamed (``RENAMED``), else by a close one."""
+    scalar = isinstance(node, ValueNode) and not node._is_interpolation()
+    message = renamed(path, names, node._value() if scalar else None)
+    if message is not None:
+        raise UserError(message)
     close = difflib.get_close_matches(path.rsplit(".", 1)[-1], sorted(names), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UserError(

@@ -1,5 +1,6 @@
 """Why Hydra refused a command's override: one line naming the key, the choices that
-lack it, and a key that exists.
+lack it, and a key that exists; or, for a key renamed to the glossary's name
+(``config.RENAMED``), the key's new name.
 
 Hydra composes first (a sweep's every job, before it launches any); only when it fails
 with "Could not override ..." does ``explain`` compose the command's combinations again
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from bnn_bench.config import renamed
 
 
 def _is_group(key: str, config_dir: str | Path) -> bool:
@@ -109,6 +112,23 @@ def _message(key: str, line: str, gaps: dict, near: dict, good: list[str], confi
     )
 
 
+def _renamed(key: str, line: str, gaps: dict) -> str | None:
+    """``config.renamed``'s message when ``key`` is an old name that every config lacking it
+    (``gaps``: choices -> (where, part, known)) has a new name for; where the choices'
+    new names differ, one message per choice."""
+    value = line.split("=", 1)[1]
+    messages = {}
+    for combo, (where, part, known) in gaps.items():
+        whole = ".".join(filter(None, [where, part])) == key
+        message = renamed(key, known, value) if whole else None
+        if message is None:
+            return None
+        messages[" ".join(combo)] = message
+    if len(set(messages.values())) == 1:
+        return next(iter(messages.values()))
+    return " ".join(f"{m[:-1]} ({c})." for c, m in messages.items())
+
+
 def _composed(args: Sequence[str], keys: list, config_dir: str | Path) -> list:
     """(choices, config) of every combination of the groups ``args`` sweeps, composed
     without the ``keys`` overrides; the choices include the method's."""
@@ -174,6 +194,9 @@ def explain(args: Sequence[str], config_dir: str | Path) -> str | None:
         gaps = {c: (cfg, gap) for c, cfg in composed if (gap := _missing(cfg, key)) is not None}
         if not gaps:
             continue
+        message = _renamed(key, o.input_line, {c: gap for c, (_, gap) in gaps.items()})
+        if message is not None:
+            return message
         near: dict[str, list[str]] = {}
         labelled = {}
         for combo, (cfg, gap) in gaps.items():

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from bnn_bench import checkpoint, dry_run, evaluation, run_folder
 from bnn_bench.config import build, to_dict, validate
-from bnn_bench.evaluation import EvalPlan, diagnostics, fidelity, tables
+from bnn_bench.evaluation import EvalInputs, diagnostics, fidelity, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
 from bnn_bench.methods.base import RunContext
@@ -82,7 +82,7 @@ def _run(
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
     prints = fidelity.fingerprints(data, evalsets)  # an eval.reference must match them
     reference = fidelity.Reference.load(settings.reference, prints)
-    plan = EvalPlan(
+    inputs = EvalInputs(
         {name: split.x for name, split in evalsets.items()},
         keep=settings.keep_inputs,
         capacity=settings.keep_members,
@@ -99,11 +99,13 @@ def _run(
     tic = time.perf_counter()
     checkpoints = checkpoint.Session(record.root, cfg.checkpoint.every, resume=cfg.resume)
     with checkpoints:  # SIGTERM: save at the next chunk end, then stop
-        posterior = method.fit(k_fit, model, data, RunContext(plan, logger.log, checkpoints, meter))
+        posterior = method.fit(
+            k_fit, model, data, RunContext(inputs, logger.log, checkpoints, meter)
+        )
     timings["time/fit"] = time.perf_counter() - tic
     method.save(out_dir, posterior)  # MAP's parameters (for init_from), SG-MCMC samples, ...
     tic = time.perf_counter()
-    summaries = method.predict(k_predict, posterior, plan)
+    summaries = method.predict(k_predict, posterior, inputs)
     jax.block_until_ready(summaries)
     timings["time/predict"] = time.perf_counter() - tic
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnn_bench.data import preset
-from bnn_bench.evaluation import EvalPlan
+from bnn_bench.evaluation import EvalInputs
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.laplace import Fixed, Lanczos, Laplace, Linearised
 from bnn_bench.methods.laplace.curvature import GGN
@@ -112,14 +112,14 @@ def main(argv=None) -> int:
         curvature_batches=args.batches,
         curvature_batch_size=args.batch_size,
         prior_precision=Fixed(args.prior_precision),
-        predictive=Linearised(num_samples=args.samples),
+        predictive=Linearised(members=args.samples),
     )
-    plan = EvalPlan({"test": x_test})
+    inputs = EvalInputs({"test": x_test})
     ours: dict[str, float] = {}
     for run in ("cold", "warm"):
         post, ours[f"build_{run}_s"] = _timed(lambda: method.fit(key, model, data))
         summ, ours[f"predict_{run}_s"] = _timed(
-            lambda post=post: method.predict(jax.random.key(1), post, plan)["test"]
+            lambda post=post: method.predict(jax.random.key(1), post, inputs)["test"]
         )
     ours |= _scores(summ.mean(), y_test)
     ours["top_eigvals"] = np.asarray(post.curvature.eigvals[:5]).tolist()

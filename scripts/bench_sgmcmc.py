@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from blackjax.sgmcmc.gradients import grad_estimator
 
 from bnn_bench.data import preset
-from bnn_bench.evaluation import EvalPlan
+from bnn_bench.evaluation import EvalInputs
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.sampling.kernels import gaussian_noise, make_log_density, sgld
@@ -223,14 +223,14 @@ def build_bnn_bench(args, data, model):
         kernel=sgld(),
         step_size=constant(args.step_size),
         batch_size=args.batch_size,
-        iterations=W + S,
+        steps=W + S,
         epochs=None,
         burn_in=W,
         burn_in_epochs=None,
-        accepted_samples=S,
+        members_per_chain=S,
         chunk_size=args.chunk_size,
     )
-    plan = EvalPlan({"test": data.test.x}, keep=5, capacity=S)
+    inputs = EvalInputs({"test": data.test.x}, keep=5, capacity=S)
 
     def once():  # fit compiles ahead of time; the logger marks each chunk's end
         marks: list[tuple[int, float, float]] = []  # (step, wall, cpu) at each chunk's end
@@ -238,7 +238,7 @@ def build_bnn_bench(args, data, model):
             (step, time.perf_counter(), time.process_time())
         )
         tic = time.perf_counter()
-        post = method.fit(jax.random.key(args.seed), model, data, RunContext(plan, on_chunk))
+        post = method.fit(jax.random.key(args.seed), model, data, RunContext(inputs, on_chunk))
         m = post.info
         # rates from the first chunk's end (after the compile) to the end of each phase
         (s0, w0, c0), (s1, w1, c1), (s2, w2, c2) = (

@@ -11,7 +11,7 @@ Compared: every flat number of metrics.json, and every curve (flattened to
 ``curves/<split>/<curve>/<column>``), exactly (JSON floats round-trip, so equal means
 bit-for-bit). Ignored, because they measure the machine and not the result:
   time/*               wall-clock seconds of the run's phases (and the sampler's compile)
-  */time_*             wall-clock seconds a method measured itself (laplace/time_map, ...)
+  */time_*             wall-clock seconds a method measured itself (laplace/time_prior, ...)
   cost/compile_s       wall-clock seconds spent compiling
   cost/peak_device_mib peak device memory (allocator-dependent; only reported on GPUs)
   *_per_s              throughput (sampler/burn_in_steps_per_s, ...)
@@ -72,7 +72,7 @@ STORE = Path(__file__).resolve().parent / "regression"
 # Budget overrides keep each case to about 1-2 minutes on 2 CPU cores. They use
 # `method.*`, `dataset.*` and `model.*` keys where the budget lives there; the trainer's
 # own budget key only where a preset counts steps (laplax_mnist).
-_SGMCMC_SMALL = ["method.epochs=4", "method.burn_in_epochs=2", "method.accepted_samples=20"]
+_SGMCMC_SMALL = ["method.epochs=4", "method.burn_in_epochs=2", "method.members_per_chain=20"]
 CASES: dict[str, list[str]] = {
     # The default experiment as it is: SGLD, MLP, Fashion-MNIST, the full budget.
     "default": [],
@@ -83,16 +83,16 @@ CASES: dict[str, list[str]] = {
     "blackjax_mnist_sgld": [
         "experiment=blackjax_mnist_sgld",
         "dataset=fashion_mnist",
-        "method.iterations=550",
+        "method.steps=550",
         "method.burn_in=500",
-        "method.accepted_samples=50",
+        "method.members_per_chain=50",
     ],
     "blackjax_mnist_sghmc": [
         "experiment=blackjax_mnist_sghmc",
         "dataset=fashion_mnist",
-        "method.iterations=250",
+        "method.steps=250",
         "method.burn_in=200",
-        "method.accepted_samples=50",
+        "method.members_per_chain=50",
     ],
     # MobileNetV1 without BN, pSGLD with the preset's kernel and polynomial schedule, on
     # 1024 Fashion-MNIST images resized to 32x32 (one channel: the preset's 1/255 std for
@@ -107,7 +107,7 @@ CASES: dict[str, list[str]] = {
         "dataset.std=[0.00392156862745098]",
         "method.epochs=10",
         "method.burn_in_epochs=8",
-        "method.accepted_samples=4",
+        "method.members_per_chain=4",
     ],
     "laplax_mnist": [
         "experiment=laplax_mnist",
@@ -145,7 +145,16 @@ IGNORE: tuple[str, ...] = (
 # Metric keys renamed on purpose since the reference was recorded: {stored: current}.
 # Issue 12: a method's MAP metrics moved from <set>/map_<m> (MC-BN) to map/<set>/<m>.
 RENAMES: dict[str, str] = {
-    f"{s}/map_{m}": f"map/{s}/{m}" for s in ("test", "val") for m in ("acc", "nll", "ece", "brier")
+    **{
+        f"{s}/map_{m}": f"map/{s}/{m}"
+        for s in ("test", "val")
+        for m in ("acc", "nll", "ece", "brier")
+    },
+    # issue 22's glossary (docs/glossary.md); bnn_bench.reporting.runs.OLD_KEYS has the same
+    "temperature/T": "temperature/logit_temperature",
+    "laplace/time_map": "time/map",
+    "hmc/warmup_acceptance_rate": "hmc/burn_in_acceptance_rate",
+    "hmc/warmup_transitions_per_s": "hmc/burn_in_transitions_per_s",
 }
 
 Value = float | int | None | list

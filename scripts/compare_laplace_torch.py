@@ -140,7 +140,7 @@ def _project_side(args) -> tuple[dict, dict]:
             for tau in TAUS:
                 r[f"lml/{tau}"] = float(gs.log_marginal_likelihood(curv, tau, loglik, sq))
                 p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-                (log_probs,) = Probit().members(None, p, test.x, 1)  # log-probabilities
+                (log_probs,) = Probit().member_log_probs(None, p, test.x, 1)  # log-probabilities
                 r[f"probit/{tau}"] = np.exp(np.asarray(log_probs[0]))
             r["marglik_tau"] = gs.maximise_marginal_likelihood(curv, loglik, sq, 1e-4, 1e6)[0]
             results[subset, separate] = r

@@ -29,8 +29,8 @@ from bnn_bench.run import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHORT_SAMPLER = (
-    "method.iterations=300 method.epochs=null method.burn_in=150 method.burn_in_epochs=null "
-    "method.accepted_samples=10 method.chunk_size=20"
+    "method.steps=300 method.epochs=null method.burn_in=150 method.burn_in_epochs=null "
+    "method.members_per_chain=10 method.chunk_size=20"
 )
 SHORT = "trainer.steps=300 trainer.chunk_size=20"
 DEFAULTS = [
@@ -43,7 +43,7 @@ DEFAULTS = [
     "method=mcbn dataset=synthetic model=lenet model.norm=batchnorm",
     # the samplers' defaults take 45 post-burn-in steps on it: 20 samples of them
     *(
-        f"method={m} dataset=synthetic method.accepted_samples=20"
+        f"method={m} dataset=synthetic method.members_per_chain=20"
         for m in ("sgld", "psgld", "sghmc")
     ),
     f"experiment=tu_mc_dropout dataset=fashion_mnist {SHORT}",

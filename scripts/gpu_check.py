@@ -85,9 +85,9 @@ def psgld_overrides(size: dict, steps: int) -> list[str]:
         f"model.width_multiplier={size['width']}",
         "method.epochs=null",
         "method.burn_in_epochs=null",
-        f"method.iterations={steps}",
+        f"method.steps={steps}",
         f"method.burn_in={burn}",
-        "method.accepted_samples=2",
+        "method.members_per_chain=2",
         f"method.chunk_size={size['chunk']}",
         *([f"method.batch_size={size['batch']}"] if size["batch"] else []),  # preset: 256
     ]
@@ -152,7 +152,7 @@ def main() -> None:
         ]
         run(compose_cfg(*train), Path(tmp) / "map")
         figures["map_cnn_steps_per_s"] = history_rate(Path(tmp) / "map")
-        run(compose_cfg(*train, "method=ensemble", "method.size=5"), Path(tmp) / "ensemble")
+        run(compose_cfg(*train, "method=ensemble", "method.members=5"), Path(tmp) / "ensemble")
         figures["ensemble5_cnn_steps_per_s"] = history_rate(Path(tmp) / "ensemble")
     peak = peak_device_bytes()
     figures["peak_device_mib"] = (

@@ -1,4 +1,4 @@
-"""MC-BatchNorm sweep: one MAP fit, then test metrics for several mc_batch_size / num_estimators.
+"""MC-BatchNorm sweep: one MAP fit, then test metrics for several mc_batch_size / members.
 
 Trains the network of a config once (default: the tu_mnist_mcbn preset on Fashion-MNIST),
 then refits only the BatchNorm statistics (``MCBN.fit_statistics``) for every setting and
@@ -39,7 +39,7 @@ def main() -> None:
         help="mc_batch_size values",
     )
     ap.add_argument(
-        "--estimators", type=int, nargs="+", default=[8, 32], help="num_estimators values"
+        "--estimators", type=int, nargs="+", default=[8, 32], help="method.members values (S)"
     )
     ap.add_argument(
         "overrides",
@@ -78,12 +78,14 @@ def main() -> None:
         for m in args.batch_sizes:
             if m > data.train.size:
                 continue
-            mc = dataclasses.replace(method, num_estimators=1 if m >= 4096 else s, mc_batch_size=m)
+            mc = dataclasses.replace(method, members=1 if m >= 4096 else s, mc_batch_size=m)
             post = mc.fit_statistics(
                 jax.random.fold_in(k_fit, m), model, ts.params, ts.state, data.train
             )
-            probs = np.exp(np.concatenate([np.asarray(p) for p in mc.members(k_fit, post, x)]))
-            report(f"MCBN S={mc.num_estimators} m={m}", probs)
+            probs = np.exp(
+                np.concatenate([np.asarray(p) for p in mc.member_log_probs(k_fit, post, x)])
+            )
+            report(f"MCBN S={mc.members} m={m}", probs)
 
 
 if __name__ == "__main__":

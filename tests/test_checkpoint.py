@@ -313,18 +313,18 @@ def test_sigterm_outside_a_loop_stops_at_once(tmp_path):
 
 def test_streaming_summaries_roundtrip(tmp_path):
     # a sampler's checkpoint holds its predictive summaries next to its state
-    from bnn_bench.evaluation import EvalPlan
+    from bnn_bench.evaluation import EvalInputs
 
     x = jnp.zeros((6, 4, 4, 1), jnp.uint8)
-    plan = EvalPlan({"test": x, "val": x[:3]}, keep=2, capacity=3)
-    summaries = plan.empty(5)
+    inputs = EvalInputs({"test": x, "val": x[:3]}, keep=2, capacity=3)
+    summaries = inputs.empty(5)
     log_probs = jax.nn.log_softmax(jax.random.normal(jax.random.key(1), (2, 6, 5)))
     summaries["test"] = summaries["test"].add(log_probs)
     summaries["val"] = summaries["val"].add(log_probs[:, :3])
     tree = {"state": _state(3), "summaries": summaries}
     Checkpointer(tmp_path).save(40, tree)
     step, restored = Checkpointer(tmp_path).restore(
-        {"state": _state(0), "summaries": plan.empty(5)}
+        {"state": _state(0), "summaries": inputs.empty(5)}
     )
     assert step == 40
     _assert_same(restored, tree)

@@ -351,23 +351,35 @@ def test_a_bad_subset_is_refused_by_the_command_naming_its_key(tmp_path, run_cli
 
 
 @pytest.mark.contract
+def test_an_old_key_on_the_command_line_is_one_line_naming_the_new(run_cli):
+    """config.RENAMED through the real entry point: Hydra refuses method.size (no such key
+    in conf/method/multi.yaml) and the one line names multi's own new name."""
+    proc = run_cli("method=multi", "method.size=5")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.endswith(
+        "method.size was renamed to method.fits (docs/glossary.md); use method.fits=5."
+    )
+
+
+@pytest.mark.contract
 def test_a_key_only_some_swept_methods_have_is_one_line_naming_them(tmp_path, run_cli):
-    """`-m method=map,sgld method.accepted_samples=10` got Hydra's "not in struct"; now one
+    """`-m method=map,sgld method.members_per_chain=10` got Hydra's "not in struct"; now one
     line names the methods without the key, and the fix it suggests composes."""
     from bnn_bench.overrides import explain
     from tests.conftest import CONF
 
-    proc = run_cli("-m", "method=map,sgld", "method.accepted_samples=10",
+    proc = run_cli("-m", "method=map,sgld", "method.members_per_chain=10",
                    f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = proc.stderr.strip().splitlines()
     assert "method=map has no such key (method=sgld has it)" in line
     fix = line.split("Launch the jobs apart: ")[1].split(", and ")[0]
-    assert fix == "method=sgld method.accepted_samples=10"
-    assert compose_cfg(*fix.split()).method.accepted_samples == 10
-    line = explain(["method=sgld", "method.acepted_samples=10"], CONF)
-    assert "Did you mean method.accepted_samples=10?" in line
-    assert explain(["method=sgld", "method.accepted_samples=10"], CONF) is None
+    assert fix == "method=sgld method.members_per_chain=10"
+    assert compose_cfg(*fix.split()).method.members_per_chain == 10
+    line = explain(["method=sgld", "method.members_per_chian=10"], CONF)
+    assert "Did you mean method.members_per_chain=10?" in line
+    assert explain(["method=sgld", "method.members_per_chain=10"], CONF) is None
 
 
 @pytest.mark.contract

@@ -94,7 +94,7 @@ def test_every_preset_method_file_composes_onto_its_method(experiment, method):
     validate(cfg)
     build(cfg.method, "method")
     own = OmegaConf.load(CONF / "experiment" / experiment / f"{method}.yaml")
-    for key in ("batch_size", "iterations", "burn_in", "accepted_samples"):
+    for key in ("batch_size", "steps", "burn_in", "members_per_chain"):
         if key in own:
             assert cfg.method[key] == own[key], key
 
@@ -155,7 +155,7 @@ def test_laplax_preset_is_the_tutorials_laplace():
     method = build(compose_cfg("experiment=laplax_mnist").method, "method")
     assert method.structure == Lanczos(rank=100)
     assert type(method.curvature).__name__ == "GGN"
-    assert method.predictive == Linearised(num_samples=30)
+    assert method.predictive == Linearised(members=30)
     assert method.prior_precision.value == 1e4
     assert (method.curvature_batches, method.curvature_batch_size) == (4, 32)
 

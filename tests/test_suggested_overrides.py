@@ -134,11 +134,11 @@ def test_a_number_for_the_step_size_is_a_constant_schedule(tmp_path):
         *overrides,
         "method=sgld",
         "method.step_size=3e-7",
-        "method.iterations=6",
+        "method.steps=6",
         "method.epochs=null",
         "method.burn_in=2",
         "method.burn_in_epochs=null",
-        "method.accepted_samples=2",
+        "method.members_per_chain=2",
         "method.batch_size=64",
     )
     method = build(cfg.method, "method")

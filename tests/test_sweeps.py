@@ -143,7 +143,7 @@ def test_the_optuna_sweeper_tunes_sgld_on_the_validation_split(tmp_path):
             "method.batch_size=64",
             "method.epochs=2",
             "method.burn_in_epochs=1",
-            "method.accepted_samples=4",
+            "method.members_per_chain=4",
             "eval.plots=false",
             "method.step_size.step_size=tag(log,interval(1e-5,1e-3))",
             "method.temperature=interval(0.1,1.0)",

@@ -15,10 +15,10 @@ import numpy as np
 
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.diagnostics import chain_metrics
-from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.evaluation.summary import EvalInputs, PredictiveSummary
 
 __all__ = [
-    "EvalPlan",
+    "EvalInputs",
     "PredictiveSummary",
     "compute",
     "curves",

@@ -9,8 +9,8 @@ samples (the trace is a pytree, safe inside ``jit`` and ``lax.scan``):
   summary's kept inputs, ``eval.keep_inputs``), every class: the sample's logits up
   to their per-input shift (logits themselves are only identified up to that shift).
 
-A sampler gets this by asking its evaluation plan for summaries with a trace,
-``plan.empty(num_classes, chains=C, samples=S)``, and folding one sample of every
+A sampler gets this by asking its evaluation inputs for summaries with a trace,
+``inputs.empty(num_classes, chains=C, samples=S)``, and folding one sample of every
 chain per ``add`` (``PredictiveSummary.add``), as it does anyway.
 
 After sampling, ``chain_metrics`` gives ``test/rhat`` (the largest R̂ over the

@@ -193,18 +193,18 @@ class PredictiveSummary(NamedTuple):
         return jnp.exp(self.kept_log_members())
 
 
-class EvalPlan(NamedTuple):
+class EvalInputs(NamedTuple):
     """The evaluation sets, known before ``fit`` so samplers can fold members in as they go.
 
     Attributes:
-      inputs: name -> (N, H, W, C) uint8 inputs (``test``, ``val``, OOD and shifted sets).
+      x: name -> (N, H, W, C) uint8 inputs (``test``, ``val``, OOD and shifted sets).
       keep: the first ``keep`` inputs of each set keep every member's probabilities.
       capacity: at most this many members are kept for them.
       labels: name -> (N,) labels of the labelled sets (None for ``ood``): their summaries
         keep the exact NLL, and the test set's feed a sampler's trace.
     """
 
-    inputs: dict[str, jax.Array]
+    x: dict[str, jax.Array]
     keep: int = 5
     capacity: int = 1000
     labels: dict[str, jax.Array | None] | None = None
@@ -216,7 +216,7 @@ class EvalPlan(NamedTuple):
 
         A labelled set's summary keeps the members' log-likelihood of its labels. A
         sampler passes its ``chains`` and accepted ``samples`` per chain: the test
-        summary then keeps a ``ChainTrace`` (when the plan has the test labels), and
+        summary then keeps a ``ChainTrace`` (when ``labels`` has the test set's), and
         each ``add`` to it must be one sample of every chain.
         """
         labels = self.labels or {}
@@ -230,5 +230,5 @@ class EvalPlan(NamedTuple):
                 chains=chains if name == "test" else None,
                 samples=samples,
             )
-            for name, x in self.inputs.items()
+            for name, x in self.x.items()
         }

@@ -11,7 +11,7 @@ Every method subclasses ``Method``; ``run.py`` calls each of its hooks (``check`
 without batch norm, dropout, ...); ``check`` refuses the rest, one message per trait, for
 the run and the dry run alike. A method talks to the run only
 through the ``RunContext`` given to ``fit``: the logger, a checkpoint slot per loop
-name, the cost counter and the evaluation plan. No module-level state.
+name, the cost counter and the evaluation inputs. No module-level state.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 from bnn_bench.checkpoint import Checkpointer, Session
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.evaluation.summary import EvalInputs, PredictiveSummary
 from bnn_bench.models import TRAITS, Model
 from bnn_bench.reporting.cost import Meter
 
@@ -44,14 +44,14 @@ class RunContext:
     """How a method talks to its run; ``RunContext()`` is a quiet one for use outside a run.
 
     Attributes:
-      plan: the evaluation inputs, all known before ``fit`` (samplers fold members into
+      inputs: the evaluation inputs, all known before ``fit`` (samplers fold members into
         them while sampling); None outside a run.
       log: receives training curves ``(values, step)``.
       checkpoints: the run's checkpoint session; None: nothing is saved or resumed.
       meter: the run's cost counter (gradient evaluations, samples).
     """
 
-    plan: EvalPlan | None = None
+    inputs: EvalInputs | None = None
     log: LogFn = no_log
     checkpoints: Session | None = None
     meter: Meter = field(default_factory=Meter)
@@ -114,8 +114,8 @@ class Need:
 
 
 class Method(abc.ABC):
-    """What ``run.py`` needs of a method. Subclasses implement ``fit``, ``members`` and
-    ``plan``; ``predict`` streams ``members`` into the summaries chunk by chunk (memory
+    """What ``run.py`` needs of a method. Subclasses implement ``fit``, ``member_log_probs`` and
+    ``plan``; ``predict`` streams ``member_log_probs`` into the summaries chunk by chunk (memory
     O(N·C)); ``check`` refuses a model that lacks what ``needs`` declares (subclasses add
     their own refusals after ``super().check``); ``save`` and ``report`` do nothing unless
     overridden.
@@ -154,18 +154,20 @@ class Method(abc.ABC):
         The posterior's ``info`` holds the numbers the method measured itself."""
 
     @abc.abstractmethod
-    def members(self, key: jax.Array, posterior: Posterior, x: jax.Array) -> Iterator[jax.Array]:
+    def member_log_probs(
+        self, key: jax.Array, posterior: Posterior, x: jax.Array
+    ) -> Iterator[jax.Array]:
         """Yields class log-probabilities in chunks (s, N, C) for x (N, H, W, C) uint8 (the
         log-softmax of the logits, never the log of a rounded probability); the chunk
         sizes add up to S. The same key gives the same members for any x."""
 
     def predict(
-        self, key: jax.Array, posterior: Posterior, plan: EvalPlan
+        self, key: jax.Array, posterior: Posterior, inputs: EvalInputs
     ) -> dict[str, PredictiveSummary]:
         """One summary per evaluation set of ``plan``."""
-        summaries = plan.empty(posterior.model.spec.num_classes)
-        for name, x in plan.inputs.items():
-            for log_probs in self.members(key, posterior, x):
+        summaries = inputs.empty(posterior.model.spec.num_classes)
+        for name, x in inputs.x.items():
+            for log_probs in self.member_log_probs(key, posterior, x):
                 summaries[name] = summaries[name].add(log_probs)
         return summaries
 

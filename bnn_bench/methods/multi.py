@@ -14,7 +14,7 @@ same seed (its members, metrics and saved MAP); fit k >= 1 uses
 ``fold_in(fold_in(key, MULTI_SALT), k)``, apart from the keys a base derives from its own
 (e.g. Laplace's ``fold_in(key, 1..3)``). Fit k's key does not depend on ``fits``: a run
 of K fits holds the K − 1 fits of the run with one fewer. The same rule derives each
-fit's key for ``members`` and ``report`` from theirs.
+fit's key for ``member_log_probs`` and ``report`` from theirs.
 
 Each fit is the base's ``fit`` with a run context of its own: its checkpoint loops are
 named ``<loop>.fit<k>`` (fit 0 keeps the base's names), so a resumed run restores every
@@ -72,10 +72,10 @@ class FitContext(RunContext):
 
 
 def fit_context(ctx: RunContext, k: int, steps: int) -> FitContext:
-    """Fit ``k``'s context: ``ctx``'s plan, meter and checkpoints; its curves logged from
+    """Fit ``k``'s context: ``ctx``'s inputs, meter and checkpoints; its curves logged from
     step ``k * steps`` on (``steps``: one fit's)."""
     return FitContext(
-        plan=ctx.plan,
+        inputs=ctx.inputs,
         log=lambda values, step: ctx.log(values, step + k * steps),
         checkpoints=ctx.checkpoints,
         meter=ctx.meter,
@@ -112,20 +112,13 @@ class Multi(Method):
       base: the method fitted ``fits`` times (the ``method/base`` group; its keys are
         ``method.base.*``).
       fits: K, the independent fits; S = K × the base's members.
-      size: refused (the issue's name of ``fits``); kept for one release to say so.
     """
 
     name = "multi"
     base: Method
     fits: int = 5
-    size: int | None = None
 
     def __post_init__(self):
-        if self.size is not None:
-            raise UserError(
-                f"method.size is method.fits for method=multi (the glossary's `members` is "
-                f"the total S = fits x the base's members): method.fits={self.size}."
-            )
         if not isinstance(self.base, Method):
             raise UserError(f"method.base must be a method (method/base=...); got {self.base!r}.")
         if self.fits < 1:
@@ -166,12 +159,12 @@ class Multi(Method):
         info = mean_numbers([dict(p.info) for p in fits]) | {"multi/fits": float(self.fits)}
         return MultiPosterior(model=model, fits=fits, info=info)
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: MultiPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         """Every fit's members (s, N, C) in fit order, fit k's from its key."""
         for k, fit in enumerate(posterior.fits):
-            yield from self.base.members(fit_key(key, k), fit, x)
+            yield from self.base.member_log_probs(fit_key(key, k), fit, x)
 
     def save(self, out_dir: Path, posterior: MultiPosterior) -> Path | None:
         """What the base saves of fit 0 (a MAP-based base: its MAP, the base run's)."""

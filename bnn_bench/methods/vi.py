@@ -1,5 +1,5 @@
 """``vi``: mean-field Gaussian variational inference (Bayes by Backprop; Blundell et al.,
-2015). S = ``num_samples``.
+2015). S = ``members``.
 
 Every parameter gets an independent Gaussian, q(θ) = Π_i N(θ_i; μ_i, σ_i²) with
 σ = softplus(ρ), fitted by maximising the evidence lower bound
@@ -258,8 +258,8 @@ class VI(Method):
         at the model's initialisation.
       kl_warmup_epochs: epochs over which the KL weight β rises linearly to 1 (0: none).
       num_train_samples: Monte Carlo draws of the expected log-likelihood per step.
-      num_samples: S, the networks drawn from q at test time (members).
-      chunk_size: members evaluated together, (chunk_size, N, C) at a time.
+      members: S, the networks drawn from q at test time (members).
+      members_per_chunk: members evaluated together, (s, N, C) at a time.
     """
 
     name: ClassVar = "vi"
@@ -273,8 +273,8 @@ class VI(Method):
     init_std: float = 1e-3
     kl_warmup_epochs: float = 0.0
     num_train_samples: int = 1
-    num_samples: int = 16
-    chunk_size: int = 8
+    members: int = 16
+    members_per_chunk: int = 8
 
     def __post_init__(self):
         if not (self.prior_scale > 0 and self.init_std > 0):
@@ -284,9 +284,10 @@ class VI(Method):
             )
         if self.kl_warmup_epochs < 0:
             raise UserError(f"method.kl_warmup_epochs must be >= 0; got {self.kl_warmup_epochs}.")
-        if min(self.num_train_samples, self.num_samples, self.chunk_size) < 1:
+        if min(self.num_train_samples, self.members, self.members_per_chunk) < 1:
             raise UserError(
-                "method.num_train_samples, method.num_samples and method.chunk_size must be >= 1."
+                "method.num_train_samples, method.members and method.members_per_chunk must "
+                "be >= 1."
             )
         if self.trainer.l2:
             raise UserError(
@@ -345,19 +346,23 @@ class VI(Method):
             "vi/std_mean": float(stds.mean()),
         }
         log.info("vi: fitted in %.1fs; %s", time.perf_counter() - tic, info)
-        ctx.count(samples=self.num_samples)
+        ctx.count(samples=self.members)
         return VIPosterior(model=model, mean=vs.mean, std=std, info=info)
 
-    def members(self, key: jax.Array, posterior: VIPosterior, x: jax.Array) -> Iterator[jax.Array]:
+    def member_log_probs(
+        self, key: jax.Array, posterior: VIPosterior, x: jax.Array
+    ) -> Iterator[jax.Array]:
         model = posterior.model
 
         @jax.jit
         def log_probs(mean, std, x, keys):  # (s, N, C)
             return jax.vmap(lambda k: model.log_probs(sample_params(k, mean, std), {}, x))(keys)
 
-        keys = jax.random.split(key, self.num_samples)
-        for start in range(0, self.num_samples, self.chunk_size):
-            yield log_probs(posterior.mean, posterior.std, x, keys[start : start + self.chunk_size])
+        keys = jax.random.split(key, self.members)
+        for start in range(0, self.members, self.members_per_chunk):
+            yield log_probs(
+                posterior.mean, posterior.std, x, keys[start : start + self.members_per_chunk]
+            )
 
     def save(self, out_dir: Path, posterior: VIPosterior) -> Path:
         """Writes q to ``<out_dir>/checkpoint/vi.msgpack``: ``{"mean", "std"}``, each
@@ -377,7 +382,7 @@ class VI(Method):
         return Work(
             steps=steps,
             grad_evals=steps * self.num_train_samples,
-            members=self.num_samples,
+            members=self.members,
             batch_size=self.trainer.batch_size,
             networks=1,
         )

@@ -45,7 +45,13 @@ STAGES = ("time/setup", "time/fit", "time/predict", "time/evaluate")
 # before a rename compare with runs written after it. A key ``*/name`` stands for ``name``
 # in every set (``test/name``, ``val/name``, ``shift/rotate/15/name``, ...) and maps to a
 # ``*/new`` key. A file holding both keys keeps the current one's value.
-OLD_KEYS: dict[str, str] = {}
+OLD_KEYS: dict[str, str] = {
+    # issue 22's glossary (docs/glossary.md)
+    "temperature/T": "temperature/logit_temperature",
+    "laplace/time_map": "time/map",
+    "hmc/warmup_acceptance_rate": "hmc/burn_in_acceptance_rate",
+    "hmc/warmup_transitions_per_s": "hmc/burn_in_transitions_per_s",
+}
 
 
 @dataclass

@@ -175,9 +175,9 @@ def test_quantities_are_exact_far_below_any_clip():
 SGLD = [
     "method=sgld",
     "method.batch_size=64",
-    "method.iterations=60",
+    "method.steps=60",
     "method.burn_in=20",
-    "method.accepted_samples=8",
+    "method.members_per_chain=8",
     "method.chunk_size=20",
     "method.step_size.step_size=1e-3",
 ]

@@ -310,7 +310,7 @@ def test_a_methods_members_and_point_estimates_give_the_exact_nll_of_extreme_log
     # and of a sampler's last samples must equal a float64 log-softmax of its logits.
     from bnn_bench.config import build
     from bnn_bench.data import SyntheticDataset
-    from bnn_bench.evaluation import EvalPlan
+    from bnn_bench.evaluation import EvalInputs
     from bnn_bench.methods.point.map import PointPosterior, map_metrics
     from bnn_bench.methods.sampling.base import last_sample_metrics
     from bnn_bench.models import build_model
@@ -333,11 +333,11 @@ def test_a_methods_members_and_point_estimates_give_the_exact_nll_of_extreme_log
     assert np.mean(per_net[0] > 27.7) > 0.1  # a clip at 1e-12 would cap these
 
     method = build(compose_cfg("method=map").method, "method")
-    plan = EvalPlan({"test": x}, labels={"test": data.test.y})
-    summary = method.predict(jax.random.key(0), PointPosterior(model, nets[0], {}), plan)["test"]
+    inputs = EvalInputs({"test": x}, labels={"test": data.test.y})
+    summary = method.predict(jax.random.key(0), PointPosterior(model, nets[0], {}), inputs)["test"]
     assert evaluation.compute(summary, y)["nll"] == pytest.approx(per_net[0].mean(), rel=1e-5)
     report = map_metrics(model, nets[0], {}, {"test": data.test}, 15)
     assert report["map/test/nll"] == pytest.approx(per_net[0].mean(), rel=1e-5)
     chains = jax.tree.map(lambda *a: jnp.stack(a), *nets)
-    last = last_sample_metrics(model, chains, data, plan)
+    last = last_sample_metrics(model, chains, data, inputs)
     assert last["test/last_sample_nll"] == pytest.approx(np.mean(per_net), rel=1e-5)

@@ -17,7 +17,7 @@ import pytest
 
 from bnn_bench.config import build
 from bnn_bench.data import Split
-from bnn_bench.evaluation import EvalPlan
+from bnn_bench.evaluation import EvalInputs
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.point.map import MAP, load_point
@@ -32,9 +32,9 @@ pytestmark = pytest.mark.contract
 # samples here: its members are then replayed, which the contract covers too.
 _TINY_SGMCMC = [
     "method.batch_size=64",
-    "method.iterations=60",
+    "method.steps=60",
     "method.burn_in=30",
-    "method.accepted_samples=4",
+    "method.members_per_chain=4",
     "method.num_chains=2",
     "method.chunk_size=30",
 ]
@@ -49,40 +49,40 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.trajectory_length=0.05",
         "method.step_size=1e-2",
         "method.max_integration_steps=20",
-        "method.num_warmup=10",
-        "method.num_samples=4",
+        "method.burn_in=10",
+        "method.members_per_chain=4",
         "method.num_chains=2",
         "method.chunk_size=5",
     ],
     "laplace": [
         "method.structure.rank=8",
         "method.curvature_batches=2",
-        "method.predictive.num_samples=4",
-        "method.chunk_size=3",
+        "method.predictive.members=4",
+        "method.members_per_chunk=3",
     ],
     "laplace_kfac": [
         "method.curvature_batches=2",
-        "method.predictive.num_samples=4",
-        "method.chunk_size=3",
+        "method.predictive.members=4",
+        "method.members_per_chunk=3",
     ],
-    "ensemble": ["method.size=2"],
-    "vote": ["method.n_voters=2"],
+    "ensemble": ["method.members=2"],
+    "vote": ["method.members=2"],
     "mcbn": [
         "model=lenet",
         "model.norm=batchnorm",
-        "method.num_estimators=3",
+        "method.members=3",
         "method.mc_batch_size=16",
     ],
     "temperature": [],
-    "mc_dropout": ["model.dropout_rate=0.2", "method.num_samples=3", "method.chunk_size=2"],
+    "mc_dropout": ["model.dropout_rate=0.2", "method.members=3", "method.members_per_chunk=2"],
     "swag": [
         "method.sgd.epochs=2",
         "method.sgd.batch_size=64",
         "method.collect_every=4",
         "method.covariance.rank=3",
-        "method.covariance.num_samples=3",
+        "method.covariance.members=3",
     ],
-    "vi": ["method.num_samples=3", "method.chunk_size=2", "method.kl_warmup_epochs=1"],
+    "vi": ["method.members=3", "method.members_per_chunk=2", "method.kl_warmup_epochs=1"],
     "multi": [
         "method.fits=2",
         "trainer.epochs=4",
@@ -91,7 +91,7 @@ TINY_METHOD: dict[str, list[str]] = {
         "method.base.sgd.batch_size=64",
         "method.base.collect_every=4",
         "method.base.covariance.rank=3",
-        "method.base.covariance.num_samples=3",
+        "method.base.covariance.members=3",
     ],
 }
 
@@ -116,8 +116,8 @@ def test_method_contract(name, tmp_path):
     data, model, method = _setup(name)
     assert isinstance(method, Method)
     x, y = data.test.x[:40], data.test.y[:40]
-    plan = EvalPlan({"test": x}, keep=3, capacity=4)
-    ctx = RunContext(plan=plan)
+    inputs = EvalInputs({"test": x}, keep=3, capacity=4)
+    ctx = RunContext(inputs=inputs)
 
     # check and plan: the dry run's account of the work, typed
     method.check(model, data)
@@ -132,11 +132,11 @@ def test_method_contract(name, tmp_path):
 
     # members: (S, N, C) probabilities, the same for the same key
     k = jax.random.key(1)
-    probs = jnp.exp(jnp.concatenate(list(method.members(k, posterior, x))))  # (S, N, C)
+    probs = jnp.exp(jnp.concatenate(list(method.member_log_probs(k, posterior, x))))  # (S, N, C)
     assert probs.ndim == 3 and probs.shape[1:] == (40, data.spec.num_classes)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert bool((probs >= 0).all())
-    again = jnp.exp(jnp.concatenate(list(method.members(k, posterior, x))))
+    again = jnp.exp(jnp.concatenate(list(method.member_log_probs(k, posterior, x))))
     np.testing.assert_allclose(again, probs, atol=1e-6)
     assert ctx.meter.counts["samples"] == probs.shape[0]  # the method counts its members
     assert work.members == probs.shape[0]  # the plan said so
@@ -144,7 +144,7 @@ def test_method_contract(name, tmp_path):
         assert work.grad_evals == ctx.meter.counts["grad_evals"]
 
     # predict: one summary per set, folding exactly those members
-    summaries = method.predict(k, posterior, plan)
+    summaries = method.predict(k, posterior, inputs)
     assert set(summaries) == {"test"}
     s = summaries["test"]
     assert int(s.count) == probs.shape[0]
@@ -176,8 +176,8 @@ def test_sgmcmc_members_need_no_switch():
     data, model, kept = _setup("sgld", "method.save_samples=true")
     replayed = dataclasses.replace(kept, save_samples=False)
     x, k = data.test.x[:30], jax.random.key(0)
-    a = np.exp(np.concatenate(list(kept.members(k, kept.fit(k, model, data), x))))
-    b = np.exp(np.concatenate(list(replayed.members(k, replayed.fit(k, model, data), x))))
+    a = np.exp(np.concatenate(list(kept.member_log_probs(k, kept.fit(k, model, data), x))))
+    b = np.exp(np.concatenate(list(replayed.member_log_probs(k, replayed.fit(k, model, data), x))))
     assert a.shape == (8, 30, data.spec.num_classes)  # 4 samples x 2 chains
     np.testing.assert_allclose(b, a, atol=1e-5)  # float rounding of another program
     assert np.abs(a[0] - a[-1]).max() > 1e-4  # different samples
@@ -186,11 +186,11 @@ def test_sgmcmc_members_need_no_switch():
 def test_sgmcmc_folds_every_step_when_every_step_is_a_sample():
     """With a sample at every post-burn-in step the fold runs without a lax.cond: the
     folded summary still equals the kept samples' members."""
-    data, model, method = _setup("sgld", "method.save_samples=true", "method.accepted_samples=30")
+    data, model, method = _setup("sgld", "method.save_samples=true", "method.members_per_chain=30")
     x = data.test.x[:30]
-    plan = EvalPlan({"test": x}, keep=2, capacity=60)
-    post = method.fit(jax.random.key(0), model, data, RunContext(plan))
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(0), post, x))))
+    inputs = EvalInputs({"test": x}, keep=2, capacity=60)
+    post = method.fit(jax.random.key(0), model, data, RunContext(inputs))
+    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(0), post, x))))
     assert probs.shape[0] == int(post.summaries["test"].count) == 60  # 30 steps x 2 chains
     np.testing.assert_allclose(post.summaries["test"].mean(), probs.mean(0), atol=1e-5)
 
@@ -240,7 +240,7 @@ def test_the_sampler_step_is_traced_once_per_phase():
         return method.kernel.step(*args)
 
     counted = dataclasses.replace(method, kernel=method.kernel._replace(step=step))
-    ctx = RunContext(plan=EvalPlan({"test": data.test.x[:20]}))
+    ctx = RunContext(inputs=EvalInputs({"test": data.test.x[:20]}))
     counted.fit(jax.random.key(0), model, data, ctx)
     assert len(traces) == 2  # the burn-in program and the sampling program, once each
     assert ctx.meter.counts["grad_evals"] == 60 * 2  # 60 steps of 2 chains

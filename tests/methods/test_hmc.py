@@ -106,7 +106,7 @@ def test_the_trajectory_length_stays_fixed_while_the_step_size_moves():
 
 def test_without_warmup_the_step_size_is_never_tuned():
     x, y, _, _ = _regression()
-    kernel = hmc_chains(_log_density(x, y), 0.3, num_warmup=0)
+    kernel = hmc_chains(_log_density(x, y), 0.3, burn_in=0)
     chains = kernel.init({"w": jnp.zeros((2, DIM))}, 0.05)
     step = jax.jit(kernel.step)
     for t in range(3):
@@ -177,8 +177,8 @@ HMC_TINY = [
     "method.trajectory_length=0.05",
     "method.step_size=1e-2",
     "method.max_integration_steps=20",
-    "method.num_warmup=8",
-    "method.num_samples=4",
+    "method.burn_in=8",
+    "method.members_per_chain=4",
     "method.num_chains=2",
     "method.chunk_size=3",
 ]
@@ -187,9 +187,9 @@ HMC_TINY = [
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("method.num_samples=0", "method.num_samples must be positive"),
+        ("method.members_per_chain=0", "method.members_per_chain must be positive"),
         ("method.temperature=0", "method.temperature must be positive"),
-        ("method.num_warmup=-1", "method.num_warmup must be >= 0"),
+        ("method.burn_in=-1", "method.burn_in must be >= 0"),
         ("method.target_acceptance=1", r"method.target_acceptance must be in \(0, 1\)"),
         ("method.jitter=1", r"method.jitter must be in \[0, 1\)"),
         ("method.jitter=-0.1", r"method.jitter must be in \[0, 1\)"),
@@ -229,7 +229,7 @@ def _results(run_dir):
     return {
         k: v
         for k, v in metrics.items()
-        if not k.startswith(("time/", "cost/compile", "cost/attempts", "hmc/warmup_trans"))
+        if not k.startswith(("time/", "cost/compile", "cost/attempts", "hmc/burn_in_trans"))
         and not k.startswith("hmc/sampling_trans")
     }
 
@@ -265,7 +265,7 @@ def test_preempted_mid_hmc_then_resumed_equals_an_uninterrupted_run(tmp_path, ca
 
 def test_a_cap_on_l_is_warned_about_and_the_shorter_trajectory_reported(tmp_path, caplog):
     # no warm-up: ε = 0.01 throughout, so τ = 0.05 needs L = 5, capped at 3; jittered ±10%
-    cfg = [*HMC_TINY, "method.num_warmup=0", "method.max_integration_steps=3", "eval.plots=false"]
+    cfg = [*HMC_TINY, "method.burn_in=0", "method.max_integration_steps=3", "eval.plots=false"]
     with caplog.at_level("WARNING", logger="bnn_bench"):
         metrics = run(compose_cfg(*cfg, "method.jitter=0.1"), tmp_path)
     assert "method.max_integration_steps=3 caps L" in caplog.text

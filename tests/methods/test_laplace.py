@@ -137,11 +137,11 @@ def test_members_collapse_onto_map_as_prior_precision_grows(lanczos_fit, predict
     method = dataclasses.replace(method, predictive=build(choice, "method.predictive"))
     x = data.test.x
     map_probs = jax.nn.softmax(post.logits_fn(post.theta, x), -1)
-    wide = jnp.exp(jnp.concatenate(list(method.members(jax.random.key(1), post, x))))
+    wide = jnp.exp(jnp.concatenate(list(method.member_log_probs(jax.random.key(1), post, x))))
     assert wide.shape[0] == (1 if predictive == "probit" else 30)
     assert float(jnp.abs(wide.mean(0) - map_probs).max()) > 1e-2  # τ = 1 is visibly wide
     tight = post.replace(prior_precision=jnp.asarray(1e9, jnp.float32))
-    probs = jnp.exp(jnp.concatenate(list(method.members(jax.random.key(1), tight, x))))
+    probs = jnp.exp(jnp.concatenate(list(method.member_log_probs(jax.random.key(1), tight, x))))
     np.testing.assert_allclose(probs, jnp.broadcast_to(map_probs, probs.shape), atol=1e-3)
 
 
@@ -177,12 +177,12 @@ def test_marglik_picks_the_dense_evidence_maximiser(map_dir):
 class _KnownCurve(Predictive):
     """A predictive whose validation NLL is a known function of log τ (and counts calls)."""
 
-    size = 1
+    members = 1
 
     def __init__(self, curve):
         self.curve, self.calls = curve, 0
 
-    def nll_fn(self, key, post, val, chunk_size):
+    def nll_fn(self, key, post, val, members_per_chunk):
         def nll(tau):
             self.calls += 1
             return self.curve(np.log(tau))
@@ -233,7 +233,7 @@ def test_val_nll_picks_the_dense_grid_minimiser(tmp_path):
 
     def nll(tau):
         p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-        probs = jnp.exp(next(method.members(jax.random.key(0), p, data.val.x))[0])
+        probs = jnp.exp(next(method.member_log_probs(jax.random.key(0), p, data.val.x))[0])
         return float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
 
     dense = np.logspace(-1, 2, 301)
@@ -264,7 +264,7 @@ def test_map_checkpoint_feeds_init_from_and_metrics_are_written(map_dir, tmp_pat
         *SMALL,
         f"method.init_from={map_dir}",
         "method.structure.rank=10",
-        "method.predictive.num_samples=5",
+        "method.predictive.members=5",
         "method.prior_precision.grid_size=3",
     )
     metrics = run(cfg, tmp_path / "laplace")
@@ -273,7 +273,7 @@ def test_map_checkpoint_feeds_init_from_and_metrics_are_written(map_dir, tmp_pat
         "laplace/prior_precision",
         "laplace/log_marglik",
         "laplace/time_curvature",
-        "laplace/time_map",  # the MAP step's seconds, measured by PostHoc.fit
+        "time/map",  # the MAP step's seconds, measured by PostHoc.fit
         "test/nll",
         "test/ece",
     ):
@@ -301,13 +301,13 @@ def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
         f"method/laplace/structure={structure}",
         *(["method.structure.rank=10"] if structure == "lanczos" else []),
         "method.prior_precision=1.0",
-        "method.predictive.num_samples=6",
+        "method.predictive.members=6",
     )
     key = jax.random.key(7)
-    fast = method.predictive.nll_fn(key, post, data.val, method.chunk_size)
+    fast = method.predictive.nll_fn(key, post, data.val, method.members_per_chunk)
     for tau in (0.3, 30.0):
         p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-        probs = jnp.exp(jnp.concatenate(list(method.members(key, p, data.val.x)))).mean(0)
+        probs = jnp.exp(jnp.concatenate(list(method.member_log_probs(key, p, data.val.x)))).mean(0)
         ref = float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
         np.testing.assert_allclose(fast(tau), ref, rtol=1e-4)
 
@@ -321,8 +321,8 @@ def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
         ("structure", "full", Full()),
         ("curvature", "ggn", GGN()),
         ("curvature", "empirical_fisher", EmpiricalFisher()),
-        ("predictive", "linearised", Linearised(num_samples=30)),
-        ("predictive", "weights", WeightSpace(num_samples=30)),
+        ("predictive", "linearised", Linearised(members=30)),
+        ("predictive", "weights", WeightSpace(members=30)),
         ("predictive", "probit", Probit()),
         ("prior_precision", "val_nll", ValNLL(grid_size=21, prior_range=(1e-4, 1e6))),
         ("prior_precision", "marglik", MargLik(prior_range=(1e-4, 1e6))),

@@ -248,7 +248,7 @@ def test_tiny_two_layer_net_log_marglik_matches_dense_kronecker_matrix(map_dir, 
         ref_probs = np.exp(z - z.max(1, keepdims=True))
         ref_probs /= ref_probs.sum(1, keepdims=True)
         member = post.replace(prior_precision=jnp.asarray(t, jnp.float32))
-        (log_probs,) = method.members(jax.random.key(0), member, x)
+        (log_probs,) = method.member_log_probs(jax.random.key(0), member, x)
         np.testing.assert_allclose(np.exp(log_probs[0]), ref_probs, atol=1e-5)
 
 
@@ -279,7 +279,7 @@ def test_separate_bias_drops_only_the_weight_bias_terms(map_dir):
 
 def test_method_laplace_kfac_runs_and_reports(tmp_path):
     overrides = [o for o in TINY if o != "method=map"]
-    cfg = compose_cfg(*overrides, "method=laplace_kfac", "method.predictive.num_samples=4")
+    cfg = compose_cfg(*overrides, "method=laplace_kfac", "method.predictive.members=4")
     assert cfg.method.structure._target_.endswith("KFAC")
     metrics = run(cfg, tmp_path)
     assert metrics["laplace/rank"] == metrics["laplace/num_params"] == metrics["model/params"]
@@ -301,7 +301,7 @@ def test_kfac_refuses_batch_norm_before_training_and_last_layer_takes_it(tmp_pat
         "method=laplace_kfac",
         "method.structure.subset=last_layer",
         "trainer.epochs=1",
-        "method.predictive.num_samples=2",
+        "method.predictive.members=2",
     )
     metrics = run(cfg, tmp_path / "b")
     assert metrics["laplace/num_params"] == 84 * 10 + 10  # LeNet's last Dense

@@ -69,9 +69,11 @@ def test_members_mean_converges_to_the_exact_expectation():
     p /= p.sum(-1, keepdims=True)
     expected = np.einsum("m,mnc->nc", weight, p)
 
-    method = _method(f"method.num_samples={s}", "method.chunk_size=1000")
+    method = _method(f"method.members={s}", "method.members_per_chunk=1000")
     post = PointPosterior(model=model, params=params, state=state)
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(3), post, x))))  # (S, N, C)
+    probs = np.exp(
+        np.concatenate(list(method.member_log_probs(jax.random.key(3), post, x)))
+    )  # (S, N, C)
     assert probs.shape == (s, 10, 3)
     # each member of each input is one of the 16 masked networks
     dist = np.abs(probs[:, :, None, :] - p.transpose(1, 0, 2)[None]).max(-1)  # (S, N, 16)
@@ -86,7 +88,7 @@ def test_members_mean_converges_to_the_exact_expectation():
     assert (np.abs(logits.mean(0) - (h @ w + b)) <= 4.5 * se + 1e-5).all()
     # distinct passes differ; the same key gives the same members
     assert np.abs(probs[0] - probs[1]).max() > 1e-3
-    again = np.exp(np.concatenate(list(method.members(jax.random.key(3), post, x))))
+    again = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(3), post, x))))
     np.testing.assert_array_equal(again, probs)
 
 
@@ -112,7 +114,7 @@ def test_rate_zero_members_equal_the_deterministic_network_batchnorm_in_eval_mod
     x = data.test.x[:40]
     post = PointPosterior(model=model, params=params, state=state)
     method = build(cfg.method, "method")
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(2), post, x))))
+    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(2), post, x))))
     assert probs.shape == (16, 40, 10)
     ref = model.probs(params, state, x)
     np.testing.assert_allclose(probs, np.broadcast_to(ref, probs.shape), atol=1e-6)
@@ -162,7 +164,7 @@ def test_run_from_a_dropout_map_run(tmp_path):
     assert metrics["map/test/nll"] == pytest.approx(mapped["test/nll"], rel=1e-4)
     assert metrics["test/nll"] != pytest.approx(mapped["test/nll"], rel=1e-4)
     saved = json.loads((tmp_path / "mc" / "metrics.json").read_text())
-    assert saved["cost/samples"] == 16  # S = num_samples members
+    assert saved["cost/samples"] == 16  # S = members
 
 
 def test_tu_preset_is_torch_uncertaintys_lenet():
@@ -172,4 +174,4 @@ def test_tu_preset_is_torch_uncertaintys_lenet():
     assert cfg.model._target_.endswith("LeNet") and cfg.model.dropout_rate == 0.4
     assert cfg.model.norm == "none"
     method = build(cfg.method, "method")
-    assert type(method).__name__ == "MCDropout" and method.num_samples == 16
+    assert type(method).__name__ == "MCDropout" and method.members == 16

@@ -28,7 +28,7 @@ SMALL = [
     "dataset.test_size=64",
     "trainer.epochs=2",
     "method=mcbn",
-    "method.num_estimators=3",
+    "method.members=3",
 ]
 
 
@@ -61,10 +61,12 @@ def _population_stats(params, spec, x):
 def test_whole_training_set_gives_population_statistics(fitted):
     data, model, method, post = fitted
     pop = _population_stats(post.params, data.spec, data.train.x)
-    for s in range(post.num_estimators):
+    for s in range(post.members):
         got = jax.tree.map(lambda a, s=s: a[s], post.mc_stats)
         jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-5), got, pop)
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(0), post, data.test.x))))
+    probs = np.exp(
+        np.concatenate(list(method.member_log_probs(jax.random.key(0), post, data.test.x)))
+    )
     ref = model.probs(post.params, {"batch_stats": pop}, data.test.x)
     assert probs.shape == (3, data.test.size, 10)
     np.testing.assert_allclose(probs, np.broadcast_to(ref, probs.shape), atol=1e-4)
@@ -82,11 +84,15 @@ def test_small_minibatches_give_different_members(fitted):
     data, model, method, post = fitted
     small = dataclasses.replace(method, mc_batch_size=8)
     post8 = small.fit_statistics(jax.random.key(1), model, post.params, post.state, data.train)
-    probs = np.exp(np.concatenate(list(small.members(jax.random.key(0), post8, data.test.x))))
+    probs = np.exp(
+        np.concatenate(list(small.member_log_probs(jax.random.key(0), post8, data.test.x)))
+    )
     assert probs.shape[0] == 3
     assert np.abs(probs[0] - probs[1]).max() > 1e-3 and np.abs(probs[1] - probs[2]).max() > 1e-3
     # fitted once: the same members for any inputs (a subset gives the subset's rows)
-    part = np.exp(np.concatenate(list(small.members(jax.random.key(5), post8, data.test.x[:7]))))
+    part = np.exp(
+        np.concatenate(list(small.member_log_probs(jax.random.key(5), post8, data.test.x[:7])))
+    )
     np.testing.assert_allclose(part, probs[:, :7], atol=1e-6)
 
 
@@ -110,7 +116,7 @@ def test_statistics_use_the_biased_variance_unless_told(unbiased):
     params, state = model.init(jax.random.key(0))
     x = jax.random.randint(jax.random.key(1), (4, 2, 2, 1), 0, 256).astype(jnp.uint8)
     train = Split(x, jnp.zeros(4, jnp.int32))
-    method = MCBN(trainer=None, num_estimators=2, mc_batch_size=4, unbiased_variance=unbiased)
+    method = MCBN(trainer=None, members=2, mc_batch_size=4, unbiased_variance=unbiased)
     post = method.fit_statistics(jax.random.key(2), model, params, state, train)
     h = np.asarray(
         nn.Dense(3).apply({"params": params["Dense_0"]}, spec.preprocess(x).reshape(4, -1))
@@ -119,7 +125,7 @@ def test_statistics_use_the_biased_variance_unless_told(unbiased):
     for s in range(2):  # each minibatch is the whole split, in some order
         np.testing.assert_allclose(post.mc_stats["BatchNorm_0"]["mean"][s], mean, rtol=1e-5)
         np.testing.assert_allclose(post.mc_stats["BatchNorm_0"]["var"][s], var, rtol=1e-5)
-    probs = np.exp(np.concatenate(list(method.members(jax.random.key(0), post, x))))
+    probs = np.exp(np.concatenate(list(method.member_log_probs(jax.random.key(0), post, x))))
     ref = model.probs(params, {"batch_stats": {"BatchNorm_0": {"mean": mean, "var": var}}}, x)
     np.testing.assert_allclose(probs, np.broadcast_to(ref, probs.shape), atol=1e-5)
 

@@ -15,7 +15,7 @@ from flax import serialization
 
 from bnn_bench.config import build
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import EvalPlan
+from bnn_bench.evaluation import EvalInputs
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.sampling import schedules
 from bnn_bench.methods.sampling.kernels import Kernel, SGLDState, make_log_density
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.e2e
 
 SAMPLER = [
     "method.batch_size=64",
-    "method.iterations=40",
+    "method.steps=40",
     "method.burn_in=20",
-    "method.accepted_samples=5",
+    "method.members_per_chain=5",
     "method.chunk_size=20",
     "method.step_size.step_size=1e-3",
 ]
@@ -109,17 +109,17 @@ def test_bad_schedule_is_a_user_error():
 def test_accepted_steps_are_exactly_as_configured():
     # 20 samples evenly over 100 post-burn-in steps: every 5th, ending on the last step
     np.testing.assert_array_equal(
-        accepted_steps(150, 50, accepted_samples=20), 50 + np.arange(4, 100, 5)
+        accepted_steps(150, 50, members_per_chain=20), 50 + np.arange(4, 100, 5)
     )
     # as many samples as steps: every post-burn-in step (the BlackJAX tutorial)
     np.testing.assert_array_equal(
-        accepted_steps(3340, 2340, accepted_samples=1000), np.arange(2340, 3340)
+        accepted_steps(3340, 2340, members_per_chain=1000), np.arange(2340, 3340)
     )
     np.testing.assert_array_equal(accepted_steps(30, 10, thinning=7), [16, 23])
-    idx = accepted_steps(1000, 0, accepted_samples=3)
+    idx = accepted_steps(1000, 0, members_per_chain=3)
     np.testing.assert_array_equal(idx, [332, 665, 999])
-    with pytest.raises(UserError, match="accepted_samples"):
-        accepted_steps(30, 10, accepted_samples=21)
+    with pytest.raises(UserError, match="members_per_chain"):
+        accepted_steps(30, 10, members_per_chain=21)
 
 
 def test_accepted_steps_skip_the_exploration_stage():
@@ -128,18 +128,18 @@ def test_accepted_steps_skip_the_exploration_stage():
     idx = accepted_steps(100, 30, thinning=1, sampling_stage=stage)
     np.testing.assert_array_equal(idx, [45, 46, 47, 48, 49, 70, 71, 72, 73, 74, 95, 96, 97, 98, 99])
     # 3 samples evenly over those 15 steps, the last one included
-    idx = accepted_steps(100, 30, accepted_samples=3, sampling_stage=stage)
+    idx = accepted_steps(100, 30, members_per_chain=3, sampling_stage=stage)
     np.testing.assert_array_equal(idx, [49, 74, 99])
     with pytest.raises(
-        UserError, match=r"accepted_samples=16 exceeds the 70 steps after burn-in \(15 of"
+        UserError, match=r"members_per_chain=16 exceeds the 70 steps after burn-in \(15 of"
     ):
-        accepted_steps(100, 30, accepted_samples=16, sampling_stage=stage)
+        accepted_steps(100, 30, members_per_chain=16, sampling_stage=stage)
 
 
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["method.thinning=21", "method.accepted_samples=null"], "method.thinning=21"),
+        (["method.thinning=21", "method.members_per_chain=null"], "method.thinning=21"),
         (
             [
                 "method.step_size._target_=bnn_bench.methods.sampling.schedules.cyclical",
@@ -173,7 +173,7 @@ def test_budget_in_epochs():
             "method.batch_size=64",
             "method.epochs=4",
             "method.burn_in_epochs=1.5",
-            "method.accepted_samples=3",
+            "method.members_per_chain=3",
         ).method,
         "method",
     )
@@ -183,7 +183,7 @@ def test_budget_in_epochs():
     assert len(idx) == 3 and idx[-1] == total - 1
 
 
-def test_exactly_one_of_accepted_samples_and_thinning():
+def test_exactly_one_of_members_per_chain_and_thinning():
     cfg = compose_cfg(*tiny("sgld"), "method.thinning=3")
     with pytest.raises(UserError, match="exactly one"):
         build(cfg.method, "method")
@@ -197,9 +197,9 @@ def test_cyclical_exploration_stage_runs_without_noise_and_keeps_no_sample():
         return SGLDState(jax.tree.map(lambda p: p + temperature, state.params))
 
     _, data, model, method = _setup(
-        "method.iterations=40",
+        "method.steps=40",
         "method.burn_in=0",
-        "method.accepted_samples=null",
+        "method.members_per_chain=null",
         "method.thinning=1",
         "method.temperature=0.5",
         "method.save_samples=true",
@@ -209,7 +209,7 @@ def test_cyclical_exploration_stage_runs_without_noise_and_keeps_no_sample():
     )
     method = dataclasses.replace(method, kernel=Kernel(SGLDState, step))
     post = method.fit(
-        jax.random.key(0), model, data, RunContext(EvalPlan({"test": data.test.x[:8]}))
+        jax.random.key(0), model, data, RunContext(EvalInputs({"test": data.test.x[:8]}))
     )
     leaf = np.asarray(jax.tree.leaves(post.samples)[0]).reshape(12, -1)[:, 0]
     # cycles of 10 steps, steps 7, 8, 9 of each sample: 12 samples, and across the 7
@@ -220,9 +220,9 @@ def test_cyclical_exploration_stage_runs_without_noise_and_keeps_no_sample():
 def test_chunking_does_not_change_the_samples():
     _, data, model, m1 = _setup("method.chunk_size=20")
     _, _, _, m2 = _setup("method.chunk_size=7")
-    plan = EvalPlan({"test": data.test.x[:50]}, keep=2, capacity=8)
-    s1 = m1.fit(jax.random.key(3), model, data, RunContext(plan)).summaries["test"]
-    s2 = m2.fit(jax.random.key(3), model, data, RunContext(plan)).summaries["test"]
+    inputs = EvalInputs({"test": data.test.x[:50]}, keep=2, capacity=8)
+    s1 = m1.fit(jax.random.key(3), model, data, RunContext(inputs)).summaries["test"]
+    s2 = m2.fit(jax.random.key(3), model, data, RunContext(inputs)).summaries["test"]
     np.testing.assert_allclose(s1.prob_sum, s2.prob_sum, rtol=1e-6)
 
 

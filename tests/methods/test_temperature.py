@@ -65,13 +65,13 @@ def test_fitted_temperature_is_the_grid_optimum_of_validation_nll(map_dir):
     assert abs(np.log(t) - np.log(t_grid)) <= 2 * step, (t, t_grid)
     assert t > 1.2  # the over-trained MAP is over-confident: scaling matters here
     info = post.info
-    assert info["temperature/T"] == pytest.approx(t)
+    assert info["temperature/logit_temperature"] == pytest.approx(t)
     assert info["temperature/val_nll"] < info["temperature/val_nll_map"]
 
 
 def test_members_are_the_tempered_softmax_and_keep_the_map_argmax(map_dir):
     data, model, method, post = _fit(map_dir)
-    (probs,) = np.exp(list(method.members(jax.random.key(3), post, data.test.x)))
+    (probs,) = np.exp(list(method.member_log_probs(jax.random.key(3), post, data.test.x)))
     assert probs.shape == (1, data.test.size, 10)
     logits = np.asarray(model.logits(post.params, post.state, data.test.x), np.float64)
     np.testing.assert_allclose(
@@ -94,7 +94,9 @@ def test_run_from_a_map_run_reports_t_and_the_map_metrics(map_dir, tmp_path):
         compose_cfg(*SMALL, "method=temperature", f"method.init_from={map_dir}"), tmp_path
     )
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["temperature/T"] == pytest.approx(metrics["temperature/T"])
+    assert saved["temperature/logit_temperature"] == pytest.approx(
+        metrics["temperature/logit_temperature"]
+    )
     mapped = json.loads((map_dir / "metrics.json").read_text())
     # the MAP part is the loaded network: its metrics are the map run's
     assert metrics["map/test/acc"] == pytest.approx(mapped["test/acc"])

@@ -25,7 +25,7 @@ SMALL = [
     "dataset.test_size=64",
     "trainer.chunk_size=1000",
     "method=vote",
-    "method.n_voters=4",
+    "method.members=4",
 ]
 # ConvMod has dropout, so each voter's dropout keys are checked too.
 CONV = [*(o for o in SMALL if not o.startswith("model")), "model=convmod", "trainer.epochs=1"]
@@ -41,7 +41,7 @@ def test_vmapped_voters_equal_each_voter_alone_on_its_slice():
 
     # The reference: the single-model step runner, voter by voter, on the documented keys.
     tr, (k_voters, k_batches) = vote.trainer, jax.random.split(key)
-    n, b, voters = data.train.size, tr.batch_size, vote.n_voters
+    n, b, voters = data.train.size, tr.batch_size, vote.members
     steps, width = n // b, b // voters
     batches = epoch_batches(jax.random.fold_in(k_batches, 0), n, b)  # (steps, b)
     tx = tr.make_optimizer(steps)
@@ -60,7 +60,7 @@ def test_vmapped_voters_equal_each_voter_alone_on_its_slice():
 
 
 def test_batch_size_must_be_a_multiple_of_voters(tmp_path):
-    with pytest.raises(UserError, match="not a multiple of method.n_voters=4"):
+    with pytest.raises(UserError, match="not a multiple of method.members=4"):
         build(compose_cfg(*SMALL, "trainer.batch_size=66").method, "method")
     with pytest.raises(UserError, match="batch_size=64 or 68"):
         run(compose_cfg(*SMALL, "trainer.batch_size=66"), tmp_path)

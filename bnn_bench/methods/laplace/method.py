@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +53,8 @@ class Laplace(PostHoc):
       curvature_batches: training batches the curvature is summed over (scaled to the
         full data size); None for the whole training split.
       curvature_batch_size: inputs per curvature batch.
-      chunk_size: members per streamed chunk (s, N, C).
+      members_per_chunk: members per streamed chunk (s, N, C).
     """
-
-    map_time_key: ClassVar[str] = "laplace/time_map"
 
     structure: Structure = field(default_factory=Lanczos)
     curvature: cv.LossCurvature = field(default_factory=cv.GGN)
@@ -65,7 +62,7 @@ class Laplace(PostHoc):
     predictive: Predictive = field(default_factory=Linearised)
     curvature_batches: int | None = 50
     curvature_batch_size: int = 32
-    chunk_size: int = 10
+    members_per_chunk: int = 10
 
     def __post_init__(self):
         tau = self.prior_precision
@@ -82,11 +79,11 @@ class Laplace(PostHoc):
                     f"method.{name} must be a choice of method/laplace/{name} "
                     f"(conf/method/laplace/{name}/); got {getattr(self, name)!r}."
                 )
-        if min(self.curvature_batch_size, self.chunk_size) < 1 or (
+        if min(self.curvature_batch_size, self.members_per_chunk) < 1 or (
             self.curvature_batches is not None and self.curvature_batches < 1
         ):
             raise UserError(
-                "method.curvature_batches, curvature_batch_size and chunk_size must be >= 1."
+                "method.curvature_batches, curvature_batch_size and members_per_chunk must be >= 1."
             )
         super().__post_init__()  # init_from's checkpoint, before data or training
 
@@ -136,7 +133,13 @@ class Laplace(PostHoc):
         tic = time.perf_counter()
         sq = float(jnp.sum(jnp.square(post.theta)))
         tau, info = self.prior_precision.choose(
-            jax.random.fold_in(key, 3), post, loglik, sq, data.val, self.predictive, self.chunk_size
+            jax.random.fold_in(key, 3),
+            post,
+            loglik,
+            sq,
+            data.val,
+            self.predictive,
+            self.members_per_chunk,
         )
         lml = float(log_marginal_likelihood(curv, tau, loglik, sq))
         t_prior = time.perf_counter() - tic
@@ -156,7 +159,7 @@ class Laplace(PostHoc):
             "laplace/time_prior": t_prior,
         }
         ctx.log({"laplace/prior_precision": tau, "laplace/log_marglik": lml}, 0)
-        ctx.count(samples=self.predictive.size)
+        ctx.count(samples=self.predictive.members)
         return post.replace(prior_precision=jnp.asarray(tau, jnp.float32), info=info)
 
     def _curvature_batches(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -170,11 +173,11 @@ class Laplace(PostHoc):
         weights = (jnp.arange(nb * b) < n).astype(jnp.float32)
         return perm.reshape(nb, b), weights.reshape(nb, b)
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: LaplacePosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         """Log-probabilities (s, N, C) of chunks of the predictive's members."""
-        return self.predictive.members(key, posterior, x, self.chunk_size)
+        return self.predictive.member_log_probs(key, posterior, x, self.members_per_chunk)
 
     def plan_map(self, model: Model, data: Dataset) -> Work:
         """No steps after the MAP (the curvature takes forward and backward passes, not
@@ -183,7 +186,7 @@ class Laplace(PostHoc):
         return Work(
             steps=0,
             grad_evals=0,
-            members=self.predictive.size,
+            members=self.predictive.members,
             batch_size=self.curvature_batch_size,
             networks=1,
         )

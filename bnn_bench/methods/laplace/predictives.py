@@ -29,48 +29,46 @@ _JACOBIAN_FLOATS = 2**24  # per-example Jacobians per probit batch: (b, C, P) <=
 
 
 class Predictive:
-    """Members of the Laplace posterior: ``members`` streams their probabilities."""
+    """Members of the Laplace posterior: ``member_log_probs`` streams their probabilities."""
 
-    size: int  # members S
+    members: int  # S
 
-    def members(
-        self, key: jax.Array, post: LaplacePosterior, x: jax.Array, chunk_size: int
+    def member_log_probs(
+        self, key: jax.Array, post: LaplacePosterior, x: jax.Array, members_per_chunk: int
     ) -> Iterator[jax.Array]:
         """Log-probabilities (s, N, C) of chunks of members."""
         raise NotImplementedError
 
     def nll_fn(
-        self, key: jax.Array, post: LaplacePosterior, val: Split, chunk_size: int
+        self, key: jax.Array, post: LaplacePosterior, val: Split, members_per_chunk: int
     ) -> Callable[[float], float]:
         """τ -> validation NLL of this predictive (members drawn with ``key``)."""
 
         def nll(tau):
             p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-            probs = sum(jnp.exp(c).sum(0) for c in self.members(key, p, val.x, chunk_size))
-            return M.nll(probs / self.size, val.y)
+            probs = sum(
+                jnp.exp(c).sum(0) for c in self.member_log_probs(key, p, val.x, members_per_chunk)
+            )
+            return M.nll(probs / self.members, val.y)
 
         return nll
 
 
 @dataclass(frozen=True)
 class _Sampled(Predictive):
-    num_samples: int = 30
+    members: int = 30
 
     def __post_init__(self):
-        if self.num_samples < 1:
-            raise UserError(f"method.predictive.num_samples must be >= 1; got {self.num_samples}.")
-
-    @property
-    def size(self) -> int:
-        return self.num_samples
+        if self.members < 1:
+            raise UserError(f"method.predictive.members must be >= 1; got {self.members}.")
 
     linearised = True
 
-    def members(self, key, post, x, chunk_size):
+    def member_log_probs(self, key, post, x, members_per_chunk):
         """Member s uses the deviation δ_s = Σ^{1/2} z_s, z_s ~ N(0, I) from
         ``fold_in(key, s)``, whatever x is."""
-        for start in range(0, self.num_samples, chunk_size):
-            ids = jnp.arange(start, min(start + chunk_size, self.num_samples))
+        for start in range(0, self.members, members_per_chunk):
+            ids = jnp.arange(start, min(start + members_per_chunk, self.members))
             yield _sampled_probs(
                 post, x, key, ids, batch_size=post.model.batch_size, linearised=self.linearised
             )  # (s, N, C)
@@ -82,14 +80,14 @@ class Linearised(_Sampled):
     ``lin_mc_pred_act``).
 
     Attributes:
-      num_samples: members S.
+      members: S, the weight samples.
     """
 
-    def nll_fn(self, key, post, val, chunk_size):
+    def nll_fn(self, key, post, val, members_per_chunk):
         if not post.curvature.low_rank:
-            return super().nll_fn(key, post, val, chunk_size)
+            return super().nll_fn(key, post, val, members_per_chunk)
         # d = 0: one pass of k + S tangents serves every τ of a grid
-        ids = jnp.arange(self.num_samples)
+        ids = jnp.arange(self.members)
         z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), post.theta.shape))(
             ids
         )  # (S, P)
@@ -105,7 +103,7 @@ class WeightSpace(_Sampled):
     """Monte Carlo in weight space: members are the network itself, f(x, θ* + δ).
 
     Attributes:
-      num_samples: members S.
+      members: S, the weight samples.
     """
 
     linearised = False
@@ -116,10 +114,10 @@ class Probit(Predictive):
     """One member from the probit approximation softmax(μ / √(1 + π/8 σ²)) of the
     linearised predictive (MacKay, 1992)."""
 
-    size = 1
+    members = 1
 
-    def members(self, key, post, x, chunk_size):
-        del key, chunk_size
+    def member_log_probs(self, key, post, x, members_per_chunk):
+        del key, members_per_chunk
         c = post.model.spec.num_classes
         b = max(1, min(post.model.batch_size, _JACOBIAN_FLOATS // (c * post.theta.shape[0])))
         yield _probit_probs(post, x, batch_size=b)[None]  # (1, N, C)

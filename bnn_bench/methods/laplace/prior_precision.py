@@ -43,7 +43,7 @@ class PriorPrecision:
         sq: float,
         val: Split | None,
         predictive: Predictive,
-        chunk_size: int,
+        members_per_chunk: int,
     ) -> tuple[float, dict[str, float]]:
         """τ and the numbers measured on the way (for metrics.json)."""
         raise NotImplementedError
@@ -63,7 +63,7 @@ class Fixed(PriorPrecision):
         if not self.value > 0:
             raise UserError(f"method.prior_precision must be positive; got {self.value}.")
 
-    def choose(self, key, post, loglik, sq, val, predictive, chunk_size):
+    def choose(self, key, post, loglik, sq, val, predictive, members_per_chunk):
         return float(self.value), {}
 
     def __str__(self) -> str:
@@ -108,10 +108,10 @@ class ValNLL(PriorPrecision):
                 "dataset.val_fraction=0.1 or use method/laplace/prior_precision=marglik."
             )
 
-    def choose(self, key, post, loglik, sq, val, predictive, chunk_size):
+    def choose(self, key, post, loglik, sq, val, predictive, members_per_chunk):
         low, high = (math.log(v) for v in _check_range(self.prior_range))
         log_grid = np.linspace(low, high, self.grid_size)
-        nll_fn = predictive.nll_fn(key, post, val, chunk_size)
+        nll_fn = predictive.nll_fn(key, post, val, members_per_chunk)
         nlls = []
         for tau in progress_bar(np.exp(log_grid), desc="prior precision (val NLL)"):
             nlls.append(float(nll_fn(float(tau))))
@@ -160,7 +160,7 @@ class MargLik(PriorPrecision):
     def __post_init__(self):
         _check_range(self.prior_range)
 
-    def choose(self, key, post, loglik, sq, val, predictive, chunk_size):
+    def choose(self, key, post, loglik, sq, val, predictive, members_per_chunk):
         curv = post.curvature
         tau, _ = maximise_marginal_likelihood(curv, loglik, sq, *self.prior_range)
         rank, dim = curv.rank, post.theta.shape[0]

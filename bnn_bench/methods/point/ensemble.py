@@ -1,10 +1,10 @@
-"""``ensemble``: deep ensembles (Lakshminarayanan et al., 2017). S = ``size``.
+"""``ensemble``: deep ensembles (Lakshminarayanan et al., 2017). S = ``members``.
 
 p(y | x) ≈ (1/K) Σ_k softmax(f(x; θ_k)), each θ_k a MAP fit from its own random
 initialisation and its own order of the full minibatches. The K networks train
 together, vmapped in one compiled loop (``Trainer.train_members``).
 
-Keys: member k trains from ``split(key, size)[k]`` exactly as ``method=map`` trains
+Keys: member k trains from ``split(key, members)[k]`` exactly as ``method=map`` trains
 from its key (``Trainer.train_members``), so a member is a MAP run of its own key
 and runs of different seeds have different members.
 """
@@ -72,7 +72,7 @@ class StackedMethod(Method):
     """Members are K stacked networks (deep ensembles, voters): each member's log-probabilities,
     and each member's own metrics beside the ensemble's."""
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: StackedPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         del key  # deterministic
@@ -93,27 +93,27 @@ class StackedMethod(Method):
 
 @dataclass(frozen=True)
 class Ensemble(StackedMethod):
-    """``size`` independently initialised MAP networks trained in parallel (vmapped).
+    """``members`` independently initialised MAP networks trained in parallel (vmapped).
 
     Attributes:
       trainer: optimiser, schedule and budget of every member (the ``trainer`` group).
-      size: number of members K.
+      members: S, the number of networks.
     """
 
     trainer: Trainer
-    size: int = 5
+    members: int = 5
 
     def __post_init__(self):
-        if self.size < 1:
-            raise UserError(f"method.size must be >= 1; got {self.size}.")
+        if self.members < 1:
+            raise UserError(f"method.members must be >= 1; got {self.members}.")
 
     def fit(
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> StackedPosterior:
         ctx = ctx or RunContext()
-        keys = jax.random.split(key, self.size)
+        keys = jax.random.split(key, self.members)
         ts = self.trainer.train_members(keys, model, data, ctx)
-        ctx.count(samples=self.size)
+        ctx.count(samples=self.members)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
 
     def plan(self, model: Model, data: Dataset) -> Work:
@@ -125,8 +125,8 @@ class Ensemble(StackedMethod):
         steps = self.trainer.num_steps(data.train.size)
         return Work(
             steps=steps,
-            grad_evals=steps * self.size,
-            members=self.size,
+            grad_evals=steps * self.members,
+            members=self.members,
             batch_size=self.trainer.batch_size,
-            networks=self.size,
+            networks=self.members,
         )

@@ -49,7 +49,7 @@ class MAP(Method):
         ctx.count(samples=1)
         return PointPosterior(model=model, params=ts.params, state=ts.state)
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: PointPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         del key  # deterministic

@@ -1,4 +1,4 @@
-"""``vote``: capsa's Vote wrapper. S = ``n_voters``.
+"""``vote``: capsa's Vote wrapper. S = ``members``.
 
 K voters (parameter sets of one architecture) train together, vmapped in one
 compiled loop; each minibatch of ``trainer.batch_size`` is split into K
@@ -41,27 +41,27 @@ def member_std_metrics(summary: PredictiveSummary, prefix: str) -> dict[str, flo
 
 @dataclass(frozen=True)
 class Vote(StackedMethod):
-    """``n_voters`` networks trained on disjoint slices of every batch; members = voters.
+    """``members`` networks trained on disjoint slices of every batch; members = voters.
 
     Attributes:
       trainer: optimiser, schedule and budget; ``trainer.batch_size`` is the batch
-        that is split among the voters, so it must be a multiple of ``n_voters``.
-      n_voters: number of voters K.
+        that is split among the voters, so it must be a multiple of ``members``.
+      members: number of voters K.
     """
 
     trainer: Trainer
-    n_voters: int = 8
+    members: int = 8
 
     def __post_init__(self):
-        if self.n_voters < 1:
-            raise UserError(f"method.n_voters must be >= 1; got {self.n_voters}.")
-        b, k = self.trainer.batch_size, self.n_voters
+        if self.members < 1:
+            raise UserError(f"method.members must be >= 1; got {self.members}.")
+        b, k = self.trainer.batch_size, self.members
         if b % k:
             lo = max(k, b // k * k)
             raise UserError(
-                f"trainer.batch_size={b} is not a multiple of method.n_voters={k}: each "
+                f"trainer.batch_size={b} is not a multiple of method.members={k}: each "
                 f"batch is split evenly among the voters. Use trainer.batch_size={lo} or "
-                f"{lo + k}, or change method.n_voters."
+                f"{lo + k}, or change method.members."
             )
 
     def fit(
@@ -69,9 +69,9 @@ class Vote(StackedMethod):
     ) -> StackedPosterior:
         ctx = ctx or RunContext()
         k_voters, k_batches = jax.random.split(key)
-        keys = jax.random.split(k_voters, self.n_voters)
+        keys = jax.random.split(k_voters, self.members)
         ts = self.trainer.train_members(keys, model, data, ctx, shared_batches=k_batches)
-        ctx.count(samples=self.n_voters)
+        ctx.count(samples=self.members)
         return StackedPosterior(model=model, params=ts.params, state=ts.state)
 
     def report(
@@ -97,8 +97,8 @@ class Vote(StackedMethod):
         steps = self.trainer.num_steps(data.train.size)
         return Work(
             steps=steps,
-            grad_evals=steps * self.n_voters,
-            members=self.n_voters,
-            batch_size=self.trainer.batch_size // self.n_voters,
-            networks=self.n_voters,
+            grad_evals=steps * self.members,
+            members=self.members,
+            batch_size=self.trainer.batch_size // self.members,
+            networks=self.members,
         )

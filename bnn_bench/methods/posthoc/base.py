@@ -6,9 +6,10 @@ network: trained with the ``trainer`` group from the run's key (so it is the net
 ``checkpoint/map.msgpack`` (``init_from``). ``PostHoc`` owns that step, and what follows
 from it for every such method: it saves the MAP network for a later ``init_from``
 (``save``), reports the MAP's own metrics beside the method's (``map/<set>/*``,
-``report``), so one run shows the gain over the baseline, and counts the MAP's steps in
-the plan. A subclass writes only what it does after the MAP: ``fit_map`` and
-``plan_map`` (the work beyond the MAP), plus ``members``.
+``report``), so one run shows the gain over the baseline, times the MAP step
+(``time/map``) and counts its steps in the plan. A subclass writes only what it does
+after the MAP: ``fit_map`` and ``plan_map`` (the work beyond the MAP), plus
+``member_log_probs``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import abc
 import logging
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 
 import jax
 
@@ -51,6 +51,9 @@ def map_point(
     return ts.params, ts.state
 
 
+MAP_TIME = "time/map"  # the MAP step's seconds (training or loading), in every post-hoc run
+
+
 @dataclass(frozen=True, kw_only=True)
 class PostHoc(Method):
     """A method that starts from a MAP network (module docstring).
@@ -63,8 +66,6 @@ class PostHoc(Method):
       init_from: a run folder whose ``checkpoint/map.msgpack`` holds a network of the same
         model (written by every ``map`` and post-hoc run); None to train one.
     """
-
-    map_time_key: ClassVar[str | None] = None  # the info key of the MAP step's seconds, if any
 
     trainer: Trainer
     init_from: str | None = None
@@ -83,9 +84,7 @@ class PostHoc(Method):
         params, state = map_point(key, model, data, self.trainer, self.init_from, ctx)
         seconds = time.perf_counter() - tic
         posterior = self.fit_map(key, model, data, params, state, ctx)
-        if self.map_time_key is None:
-            return posterior
-        return posterior.replace(info={**posterior.info, self.map_time_key: seconds})
+        return posterior.replace(info={**posterior.info, MAP_TIME: seconds})
 
     @abc.abstractmethod
     def fit_map(

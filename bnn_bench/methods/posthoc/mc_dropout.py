@@ -1,4 +1,4 @@
-"""``mc_dropout``: Monte Carlo dropout (Gal & Ghahramani, 2016). S = ``num_samples``.
+"""``mc_dropout``: Monte Carlo dropout (Gal & Ghahramani, 2016). S = ``members``.
 
 A network trained with dropout keeps dropout on at test time; member s is one
 stochastic forward pass with its own masks:
@@ -106,22 +106,22 @@ class MCDropout(PostHoc):
     Attributes:
       trainer, init_from: the network, trained with dropout (``PostHoc``); ``init_from``
         e.g. a ``method=map model.dropout_rate=0.2`` run.
-      num_samples: S, the stochastic forward passes (members).
-      chunk_size: passes evaluated together, (chunk_size, N, C) at a time.
+      members: S, the stochastic forward passes (members).
+      members_per_chunk: passes evaluated together, (s, N, C) at a time.
     """
 
     name: ClassVar = "mc_dropout"
     needs: ClassVar = (Need("dropout", True, "rate > 0: without it, its members would all agree"),)
 
-    num_samples: int = 16
-    chunk_size: int = 8
+    members: int = 16
+    members_per_chunk: int = 8
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_samples < 1 or self.chunk_size < 1:
+        if self.members < 1 or self.members_per_chunk < 1:
             raise UserError(
-                f"method.num_samples and method.chunk_size must be >= 1; got "
-                f"{self.num_samples} and {self.chunk_size}."
+                f"method.members and method.members_per_chunk must be >= 1; got "
+                f"{self.members} and {self.members_per_chunk}."
             )
 
     def fit_map(
@@ -133,26 +133,26 @@ class MCDropout(PostHoc):
         state: State,
         ctx: RunContext,
     ) -> PointPosterior:
-        """The trained network itself: its members draw their masks in ``members``."""
+        """The trained network itself: its members draw their masks in ``member_log_probs``."""
         del key, data
-        ctx.count(samples=self.num_samples)
+        ctx.count(samples=self.members)
         return PointPosterior(model=model, params=params, state=state)
 
     def plan_map(self, model: Model, data: Dataset) -> Work:
-        """No steps after the MAP; ``num_samples`` members."""
-        return Work(steps=0, grad_evals=0, members=self.num_samples, batch_size=0)
+        """No steps after the MAP; ``members`` members."""
+        return Work(steps=0, grad_evals=0, members=self.members, batch_size=0)
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: PointPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
-        """``num_samples`` members in chunks (chunk_size, N, C): pass s masks with
-        ``split(key, num_samples)[s]``."""
+        """``members`` members in chunks (s, N, C): pass s masks with
+        ``split(key, members)[s]``."""
         model = posterior.model
         log_probs = jax.jit(
             lambda p, st, x, k: jax.nn.log_softmax(mc_dropout_logits(model, p, st, x, k), axis=-1)
         )
-        keys = jax.random.split(key, self.num_samples)
-        for start in range(0, self.num_samples, self.chunk_size):
+        keys = jax.random.split(key, self.members)
+        for start in range(0, self.members, self.members_per_chunk):
             yield log_probs(
-                posterior.params, posterior.state, x, keys[start : start + self.chunk_size]
+                posterior.params, posterior.state, x, keys[start : start + self.members_per_chunk]
             )

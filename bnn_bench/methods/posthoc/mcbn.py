@@ -1,5 +1,5 @@
 """``mcbn``: Monte Carlo Batch Normalisation (Teye et al., 2018), as TorchUncertainty's
-``MCBatchNorm``. S = ``num_estimators``.
+``MCBatchNorm``. S = ``members``.
 
 Train a MAP network that has BatchNorm (``trainer``); then estimator s replaces
 every BatchNorm layer's statistics by those of its own random training minibatch
@@ -43,7 +43,7 @@ from bnn_bench.methods.posthoc.base import PostHoc
 from bnn_bench.models import Model, Params, State
 
 _MC_SALT = 0x6D63626E  # "mcbn": the minibatch key, apart from the MAP training's keys
-_CHUNK = 8  # estimators evaluated together (bounds memory for large num_estimators)
+_CHUNK = 8  # estimators evaluated together (bounds memory for large members)
 
 
 @struct.dataclass
@@ -64,7 +64,7 @@ class MCBNPosterior:
     info: dict[str, float] = struct.field(default_factory=dict)
 
     @property
-    def num_estimators(self) -> int:
+    def members(self) -> int:
         return int(jax.tree.leaves(self.mc_stats)[0].shape[0])
 
 
@@ -119,7 +119,7 @@ class MCBN(PostHoc):
 
     Attributes:
       trainer, init_from: the MAP network, with BatchNorm (``PostHoc``).
-      num_estimators: S, the number of minibatches (members).
+      members: S, the number of minibatches (members).
       mc_batch_size: inputs per minibatch (at most the training split's size).
       unbiased_variance: store the unbiased batch variance (TorchUncertainty's
         convention) instead of the biased one (training-mode BatchNorm, Teye et al.).
@@ -128,14 +128,14 @@ class MCBN(PostHoc):
     name: ClassVar = "mcbn"
     needs: ClassVar = (Need("batch_norm", True, "its members are batch-norm statistics"),)
 
-    num_estimators: int = 8
+    members: int = 8
     mc_batch_size: int = 32
     unbiased_variance: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_estimators < 1:
-            raise UserError(f"method.num_estimators must be >= 1; got {self.num_estimators}.")
+        if self.members < 1:
+            raise UserError(f"method.members must be >= 1; got {self.members}.")
         if self.mc_batch_size < 2:
             raise UserError(
                 f"method.mc_batch_size must be >= 2 (a variance needs two "
@@ -165,7 +165,7 @@ class MCBN(PostHoc):
     ) -> MCBNPosterior:
         """The MC statistics of the MAP network ``(params, state)`` (``fit_statistics``),
         from the minibatches of ``fold_in(key, _MC_SALT)``."""
-        ctx.count(samples=self.num_estimators)
+        ctx.count(samples=self.members)
         return self.fit_statistics(
             jax.random.fold_in(key, _MC_SALT), model, params, state, data.train
         )
@@ -173,14 +173,14 @@ class MCBN(PostHoc):
     def fit_statistics(
         self, key: jax.Array, model: Model, params: Params, state: State, train: Split
     ) -> MCBNPosterior:
-        """Draws ``num_estimators`` random minibatches of ``mc_batch_size`` distinct training
+        """Draws ``members`` random minibatches of ``mc_batch_size`` distinct training
         inputs and stores each one's BatchNorm statistics (TorchUncertainty's
         ``MCBatchNorm.fit``). ``params``/``state`` are the trained network's, kept as is."""
         n = train.size
         self._check_batch(n)
         idx = jax.vmap(
             lambda s: jax.random.permutation(jax.random.fold_in(key, s), n)[: self.mc_batch_size]
-        )(jnp.arange(self.num_estimators))  # (S, m)
+        )(jnp.arange(self.members))  # (S, m)
         fit_stats = jax.jit(
             lambda p, st, x, i: jax.lax.map(
                 lambda ii: batch_norm_statistics(model, p, st, x[ii], self.unbiased_variance), i
@@ -189,7 +189,7 @@ class MCBN(PostHoc):
         mc_stats = fit_stats(params, state, train.x, idx)
         return MCBNPosterior(model=model, params=params, state=state, mc_stats=mc_stats)
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: MCBNPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         """The estimators in chunks (s, N, C): the MAP network normalised with each one's
@@ -202,11 +202,11 @@ class MCBN(PostHoc):
                 in_axes=(None, None, 0, None),
             )
         )
-        s = posterior.num_estimators
+        s = posterior.members
         for start in range(0, s, _CHUNK):
             stats = jax.tree.map(lambda a, i=start: a[i : i + _CHUNK], posterior.mc_stats)
             yield log_probs(posterior.params, posterior.state, stats, x)  # (s, N, C)
 
     def plan_map(self, model: Model, data: Dataset) -> Work:
         """No steps after the MAP (the statistics are forward passes); the estimators."""
-        return Work(steps=0, grad_evals=0, members=self.num_estimators, batch_size=0)
+        return Work(steps=0, grad_evals=0, members=self.members, batch_size=0)

@@ -1,4 +1,4 @@
-"""``swag``: SWA-Gaussian (Maddox et al., 2019). S = ``covariance.num_samples`` (1 for SWA).
+"""``swag``: SWA-Gaussian (Maddox et al., 2019). S = ``covariance.members`` (1 for SWA).
 
 From a MAP network (``PostHoc``: trained, or loaded with ``init_from``), SGD runs at a
 constant learning rate (``method.sgd``) and the flat parameters θ_i are collected every
@@ -211,7 +211,7 @@ class SWAG(PostHoc):
             idx = epoch_batches(jax.random.fold_in(key, SGD_SALT + 1), n, self.sgd.batch_size)
             refresh_x = data.train.x[idx[:nb]]  # (nb, B, H, W, C)
         log.info("SWAG: %d iterates collected", int(moments.count))
-        ctx.count(samples=self.covariance.size)
+        ctx.count(samples=self.covariance.members)
         return SWAGPosterior(
             model=model,
             params=params,
@@ -230,7 +230,7 @@ class SWAG(PostHoc):
         """The members' flat parameters (S, P)."""
         return self.covariance.draw(key, posterior.swag)
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: SWAGPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         """The ``covariance`` choice's members in chunks (s, N, C), drawn from ``key``."""
@@ -244,7 +244,7 @@ class SWAG(PostHoc):
         return Work(
             steps=steps,
             grad_evals=steps,
-            members=self.covariance.size,
+            members=self.covariance.members,
             batch_size=self.sgd.batch_size,
         )
 

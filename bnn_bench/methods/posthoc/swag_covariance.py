@@ -152,17 +152,17 @@ class Covariance(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def size(self) -> int:
-        """S, the number of members."""
+    def members(self) -> int:
+        """S, the number of members (a field of the choices that draw several)."""
 
     @abc.abstractmethod
     def draw(self, key: jax.Array, moments: SWAGState) -> jax.Array:
         """The members' flat parameters (S, P); member s from ``fold_in(key, s)``."""
 
 
-def _check_samples(num_samples: int, scale: float) -> None:
-    if num_samples < 1:
-        raise UserError(f"method.covariance.num_samples must be >= 1; got {num_samples}.")
+def _check_samples(members: int, scale: float) -> None:
+    if members < 1:
+        raise UserError(f"method.covariance.members must be >= 1; got {members}.")
     if not scale > 0:
         raise UserError(
             f"method.covariance.scale must be > 0; got {scale} (one member at the mean is "
@@ -177,16 +177,16 @@ class LowRank(Covariance):
     Attributes:
       rank: K, the deviation columns kept (the last K iterates; >= 2). The SGD phase should
         collect at least 2K iterates (see the module docstring); fewer are warned about.
-      num_samples: members S.
+      members: S, the weight samples.
       scale: the factor on the covariance (√scale on the noise); ½ is the paper's SWAG.
     """
 
     rank: int = 20
-    num_samples: int = 30
+    members: int = 30
     scale: float = 0.5
 
     def __post_init__(self):
-        _check_samples(self.num_samples, self.scale)
+        _check_samples(self.members, self.scale)
         if self.rank < 2:
             raise UserError(
                 f"method.covariance.rank={self.rank}: the low-rank term D Dᵀ/(K − 1) needs "
@@ -197,12 +197,8 @@ class LowRank(Covariance):
     def min_iterates(self) -> int:
         return 2
 
-    @property
-    def size(self) -> int:
-        return self.num_samples
-
     def draw(self, key: jax.Array, moments: SWAGState) -> jax.Array:
-        ids = jnp.arange(self.num_samples)
+        ids = jnp.arange(self.members)
         return jax.vmap(lambda s: swag_sample(jax.random.fold_in(key, s), moments, self.scale))(ids)
 
 
@@ -211,23 +207,19 @@ class Diagonal(Covariance):
     """SWAG-Diagonal: N(θ̄, scale · Σ_diag).
 
     Attributes:
-      num_samples: members S.
+      members: S, the weight samples.
       scale: the factor on the covariance; 1 is the paper's §3.2 SWAG-Diagonal, ½ (the
         default) makes it SWAG without the low-rank term.
     """
 
-    num_samples: int = 30
+    members: int = 30
     scale: float = 0.5
 
     def __post_init__(self):
-        _check_samples(self.num_samples, self.scale)
-
-    @property
-    def size(self) -> int:
-        return self.num_samples
+        _check_samples(self.members, self.scale)
 
     def draw(self, key: jax.Array, moments: SWAGState) -> jax.Array:
-        ids = jnp.arange(self.num_samples)
+        ids = jnp.arange(self.members)
         return jax.vmap(
             lambda s: swag_sample(jax.random.fold_in(key, s), moments, self.scale, diag_only=True)
         )(ids)
@@ -238,7 +230,7 @@ class SWA(Covariance):
     """SWA (Izmailov et al., 2018): one member at the mean θ̄."""
 
     @property
-    def size(self) -> int:
+    def members(self) -> int:
         return 1
 
     def draw(self, key: jax.Array, moments: SWAGState) -> jax.Array:

@@ -164,13 +164,13 @@ class TemperatureScaling(PostHoc):
             state=state,
             temperature=jnp.asarray(t, jnp.float32),
             info={
-                "temperature/T": t,
+                "temperature/logit_temperature": t,
                 "temperature/val_nll_map": before,
                 "temperature/val_nll": after,
             },
         )
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: TemperedPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
         """One member (1, N, C): the MAP's logits divided by T."""

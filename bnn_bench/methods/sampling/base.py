@@ -7,7 +7,7 @@ the device, so no weights need to be kept (``save_samples=true`` keeps them anyw
 ``Sampler`` owns what follows from that for every sampler: ``fit`` (the chains from the
 run key, through the one chunked loop of ``methods.loop``, compiled ahead of time by
 ``ChunkRunner``: one program for the burn-in, one for the sampling), and the replay of
-the accepted samples (``predict`` hands on the folded summaries, ``members`` gives the
+the accepted samples (``predict`` hands on the folded summaries, ``member_log_probs`` gives the
 kept samples' log-probabilities or runs the chains again, ``save`` writes the samples).
 
 A subclass writes only its steps and its budget: ``budget``, ``init_states``,
@@ -35,7 +35,7 @@ from bnn_bench import run_folder
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
-from bnn_bench.evaluation.summary import EvalPlan, PredictiveSummary
+from bnn_bench.evaluation.summary import EvalInputs, PredictiveSummary
 from bnn_bench.methods.base import Method, Need, RunContext
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.models import Model, Params
@@ -70,12 +70,12 @@ def fold_sample(
 
 
 def last_sample_metrics(
-    model: Model, last: Params, data: Dataset, plan: EvalPlan
+    model: Model, last: Params, data: Dataset, inputs: EvalInputs
 ) -> dict[str, float]:
     """``test/last_sample_{acc,nll}``: the last sample of each chain (leaves (chains, ...))
     as a point estimate, for comparison with the posterior predictive (the BlackJAX
     tutorial's closing check); {} without a test set."""
-    if "test" not in plan.inputs or data.test is None:
+    if "test" not in inputs.x or data.test is None:
         return {}
     log_probs = jax.jit(jax.vmap(lambda p: model.log_probs(p, {}, data.test.x)))(last)
     y = data.test.y
@@ -146,7 +146,7 @@ class SamplePosterior:
       info: the sampler's own numbers for metrics.json (the last sample's point
         accuracy, steps per second).
       replay: ``x -> (S, N, C)`` log-probabilities of every sample, from the same chains run
-        again (what ``members`` uses when the samples were not kept).
+        again (what ``member_log_probs`` uses when the samples were not kept).
     """
 
     model: Model = struct.field(pytree_node=False)
@@ -163,7 +163,7 @@ class Sampler(Method):
 
     Attributes:
       num_chains: chains run in parallel (vmap); members = chains x samples per chain.
-      save_samples: keep the samples (for ``members`` and ``samples.msgpack``).
+      save_samples: keep the samples (for ``member_log_probs`` and ``samples.msgpack``).
       chunk_size: steps per compiled loop call (progress, checkpoint granularity).
       loop: the name of its chunked loop (its checkpoint folder).
     """
@@ -217,13 +217,13 @@ class Sampler(Method):
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None
     ) -> SamplePosterior:
         """Samples ``num_chains`` chains, folding every accepted sample into the sets of
-        ``ctx.plan`` (none outside a run: then only ``members`` gives the samples)."""
+        ``ctx.inputs`` (none outside a run: then only ``member_log_probs`` gives the samples)."""
         self.check(model, data)
         ctx = ctx or RunContext()
-        plan = ctx.plan if ctx.plan is not None else EvalPlan({})
-        carry, info = self._sample(key, model, data, plan, ctx)
+        inputs = ctx.inputs if ctx.inputs is not None else EvalInputs({})
+        carry, info = self._sample(key, model, data, inputs, ctx)
         last = self.positions(carry.states)
-        info.update(last_sample_metrics(model, last, data, plan))
+        info.update(last_sample_metrics(model, last, data, inputs))
         samples = None
         if carry.samples is not None:  # (M, chains, ...) -> (M * chains, ...)
             samples = jax.tree.map(lambda b: b.reshape(-1, *b.shape[2:]), carry.samples)
@@ -231,7 +231,7 @@ class Sampler(Method):
         return SamplePosterior(model, carry.summaries, last, samples, info, replay)
 
     def _sample(
-        self, key: jax.Array, model: Model, data: Dataset, plan: EvalPlan, ctx: RunContext
+        self, key: jax.Array, model: Model, data: Dataset, inputs: EvalInputs, ctx: RunContext
     ) -> tuple[SamplerCarry, dict[str, float]]:
         """The chains from ``key``: the final carry and the sampler's own numbers."""
         k_init, k_run = jax.random.split(key)
@@ -240,12 +240,12 @@ class Sampler(Method):
         params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
         carry = SamplerCarry(
             states=self.init_states(model, data.train, params),
-            summaries=plan.empty(model.spec.num_classes, chains, kept),  # + ChainTrace
+            summaries=inputs.empty(model.spec.num_classes, chains, kept),  # + ChainTrace
             samples=jax.tree.map(lambda p: jnp.zeros((kept, *p.shape), p.dtype), params)
             if self.save_samples
             else None,
         )
-        runner = ChunkRunner(self, model, data.train, plan.inputs, budget)
+        runner = ChunkRunner(self, model, data.train, inputs.x, budget)
         runner.compile(carry)
         log.info("%s: %s; compiled in %.1fs", self.name, self.describe(budget), runner.compile_s)
         monitor = self.monitor(model, data, budget)
@@ -270,27 +270,29 @@ class Sampler(Method):
         ``fit(key, ...)`` ran again (every key derives from (run key, step), so the same
         samples are drawn)."""
         members = len(self.budget(data.train.size).accepted) * self.num_chains
-        plan = EvalPlan({"x": x}, keep=x.shape[0], capacity=members)
+        inputs = EvalInputs({"x": x}, keep=x.shape[0], capacity=members)
         quiet = dataclasses.replace(self, save_samples=False)
         return (
-            quiet._sample(key, model, data, plan, RunContext())[0].summaries["x"].kept_log_members()
+            quiet._sample(key, model, data, inputs, RunContext())[0]
+            .summaries["x"]
+            .kept_log_members()
         )
 
     # ----------------------------------------------------------------- members
     def predict(
-        self, key: jax.Array, posterior: SamplePosterior, plan: EvalPlan
+        self, key: jax.Array, posterior: SamplePosterior, inputs: EvalInputs
     ) -> dict[str, PredictiveSummary]:
         """The summaries folded while sampling (the key is unused)."""
         del key
-        missing = set(plan.inputs) - set(posterior.summaries)
+        missing = set(inputs.x) - set(posterior.summaries)
         if missing:
             raise UserError(
                 f"evaluation sets {sorted(missing)} were not known when sampling; "
                 f"{type(self).__name__} folds members in while it samples."
             )
-        return {name: posterior.summaries[name] for name in plan.inputs}
+        return {name: posterior.summaries[name] for name in inputs.x}
 
-    def members(
+    def member_log_probs(
         self, key: jax.Array, posterior: SamplePosterior, x: jax.Array, chunk: int = 16
     ) -> Iterator[jax.Array]:
         """Class log-probabilities (s, N, C) of the accepted samples, ``chunk`` at a time, in

@@ -10,7 +10,7 @@ equal to all of train, so at T = 1 both target the same posterior. As Izmailov e
 al. (2021, "What are Bayesian neural network posteriors really like?") it keeps the
 **trajectory length** τ = L·ε fixed and tunes the step size ε in a warm-up.
 
-Step size and trajectory: during the ``num_warmup`` warm-up transitions ε is tuned
+Step size and trajectory: during the ``burn_in`` warm-up transitions ε is tuned
 by dual averaging (Hoffman & Gelman 2014; ``blackjax.adaptation.step_size.
 dual_averaging_adaptation``) towards ``target_acceptance``, on the chains' mean
 acceptance probability, so all chains share one ε; each transition runs
@@ -122,7 +122,7 @@ class ChainsKernel(NamedTuple):
 def hmc_chains(
     logdensity_fn,
     trajectory_length: float,
-    num_warmup: int,
+    burn_in: int,
     target_acceptance: float = 0.8,
     max_integration_steps: int = 1000,
     jitter: float = 0.0,
@@ -134,7 +134,7 @@ def hmc_chains(
     (τ = ``trajectory_length``, L at most ``max_integration_steps``); with ``jitter``
     j > 0 each chain integrates its L steps with its own ε·(1 + j·u), u ~ U(−1, 1)
     drawn anew every transition (the chains' keys are those of j = 0). While
-    t < ``num_warmup``, dual averaging then moves log ε by the chains' mean acceptance
+    t < ``burn_in``, dual averaging then moves log ε by the chains' mean acceptance
     probability towards ``target_acceptance``; after the last warm-up transition ε is
     its average and stays fixed. ``HMC`` runs this on a network's parameters, the
     tests on a linear model's weights: any position pytree works.
@@ -180,7 +180,7 @@ def hmc_chains(
             used = jnp.broadcast_to(eps, (num_chains,))
             states, info = jax.vmap(one, (0, 0, None))(keys, chains.states, eps)
         accept = jnp.mean(info.acceptance_rate)
-        warm = t < num_warmup
+        warm = t < burn_in
         stats = chains.stats
         stats = HMCStats(
             stats.leapfrog_steps + steps,
@@ -192,7 +192,7 @@ def hmc_chains(
         tuned = da_update(chains.adaptation, accept)
         adaptation = jax.tree.map(lambda a, b: jnp.where(warm, a, b), tuned, chains.adaptation)
         log_eps = jnp.where(
-            t == num_warmup - 1, tuned.log_step_size_avg, tuned.log_step_size
+            t == burn_in - 1, tuned.log_step_size_avg, tuned.log_step_size
         )  # the last warm-up transition fixes ε at its average
         eps = jnp.where(warm, jnp.exp(log_eps), eps).astype(jnp.float32)
         return HMCChains(states, adaptation, eps, used, stats)
@@ -217,11 +217,11 @@ class HMC(Sampler):
         with L from the unjittered ε (0: off, plain HMC).
       temperature: T; the log density is divided by T (T = 1: the Bayes posterior).
       prior_scale: s of the Gaussian prior N(0, s² I) on all parameters.
-      num_chains: chains run in parallel (vmap); members = chains x samples.
-      num_warmup: transitions that tune ε and are discarded.
-      num_samples: samples kept per chain after the warm-up.
+      num_chains: chains run in parallel (vmap); S = num_chains x members_per_chain.
+      burn_in: transitions that tune ε and are discarded.
+      members_per_chain: members kept per chain after the burn-in (warm-up).
       thinning: keep every ``thinning``-th transition after the warm-up.
-      save_samples: keep the samples (for ``members`` and ``samples.msgpack``).
+      save_samples: keep the samples (for ``member_log_probs`` and ``samples.msgpack``).
       chunk_size: transitions per compiled loop call (progress, checkpoint granularity).
     """
 
@@ -233,8 +233,8 @@ class HMC(Sampler):
     temperature: float = 1.0
     prior_scale: float = 1.0
     num_chains: int = 4
-    num_warmup: int = 100
-    num_samples: int = 100
+    burn_in: int = 100
+    members_per_chain: int = 100
     thinning: int = 1
     save_samples: bool = False
     chunk_size: int = 10
@@ -243,12 +243,18 @@ class HMC(Sampler):
 
     def __post_init__(self):
         positive = "trajectory_length step_size max_integration_steps temperature prior_scale"
-        for name in (*positive.split(), "num_chains", "num_samples", "thinning", "chunk_size"):
+        for name in (
+            *positive.split(),
+            "num_chains",
+            "members_per_chain",
+            "thinning",
+            "chunk_size",
+        ):
             v = getattr(self, name)
             if not v > 0:
                 raise UserError(f"method.{name} must be positive; got {v}.")
-        if self.num_warmup < 0:
-            raise UserError(f"method.num_warmup must be >= 0; got {self.num_warmup}.")
+        if self.burn_in < 0:
+            raise UserError(f"method.burn_in must be >= 0; got {self.burn_in}.")
         if not 0 < self.target_acceptance < 1:
             raise UserError(
                 f"method.target_acceptance must be in (0, 1); got {self.target_acceptance}."
@@ -261,19 +267,19 @@ class HMC(Sampler):
 
     @property
     def total(self) -> int:
-        """All transitions: warm-up, then ``num_samples`` x ``thinning``."""
-        return self.num_warmup + self.num_samples * self.thinning
+        """All transitions: warm-up, then ``members_per_chain`` x ``thinning``."""
+        return self.burn_in + self.members_per_chain * self.thinning
 
     # ------------------------------------------------------------------- steps
     def budget(self, n: int) -> Budget:
         """The transitions: the warm-up, then every ``thinning``-th one is a sample."""
         del n  # full batch: the budget does not depend on the data size
-        samples = np.arange(1, self.num_samples + 1)
-        return Budget(self.total, self.num_warmup, self.num_warmup + self.thinning * samples - 1)
+        samples = np.arange(1, self.members_per_chain + 1)
+        return Budget(self.total, self.burn_in, self.burn_in + self.thinning * samples - 1)
 
     def chains_kernel(self, model: Model, train: Split) -> ChainsKernel:
         """``hmc_chains`` on the posterior of ``train`` (a traced argument)."""
-        knobs = (self.trajectory_length, self.num_warmup, self.target_acceptance)
+        knobs = (self.trajectory_length, self.burn_in, self.target_acceptance)
         density = self.log_density(model, train)
         return hmc_chains(density, *knobs, self.max_integration_steps, self.jitter)
 
@@ -292,13 +298,13 @@ class HMC(Sampler):
     def accepts(self, t: jax.Array, i: jax.Array, accept, slot) -> tuple[jax.Array, jax.Array]:
         """Every ``thinning``-th transition after the warm-up, by arithmetic on t."""
         del i, accept, slot
-        done = t - self.num_warmup + 1  # sampling transitions so far
+        done = t - self.burn_in + 1  # sampling transitions so far
         return done % self.thinning == 0, done // self.thinning - 1
 
     def describe(self, budget: Budget) -> str:
         return (
             f"{self.num_chains} chain(s) x {budget.total} transitions (warm-up "
-            f"{budget.burn_in}), {self.num_samples} samples per chain (thinning "
+            f"{budget.burn_in}), {self.members_per_chain} samples per chain (thinning "
             f"{self.thinning}), trajectory length {self.trajectory_length:g}"
         )
 
@@ -307,7 +313,7 @@ class HMC(Sampler):
         warm-up is over if the cap on L binds; reports the adapted ε and L, the
         acceptance, divergences and the trajectory length actually used."""
         del data
-        chains, warm, sampling = self.num_chains, self.num_warmup, budget.total - budget.burn_in
+        chains, warm, sampling = self.num_chains, self.burn_in, budget.total - budget.burn_in
         checked = False  # whether the sampling ε was checked against the cap on L
 
         def values(before: SamplerCarry, after: SamplerCarry, start: int, end: int):
@@ -335,11 +341,11 @@ class HMC(Sampler):
                 "hmc/integration_steps": float(self._steps(eps)),
                 "hmc/trajectory_length": float(stats.trajectory) / sampling,
                 "hmc/acceptance_rate": float(stats.sampling_acceptance) / sampling,
-                "hmc/warmup_acceptance_rate": warm_accept if warm else float("nan"),
+                "hmc/burn_in_acceptance_rate": warm_accept if warm else float("nan"),
                 "hmc/divergences": float(stats.divergences),
             }
             rates = {
-                "warmup": (warm, seconds["burn_in"]),
+                "burn_in": (warm, seconds["burn_in"]),
                 "sampling": (sampling, seconds["sampling"]),
             }
             for phase, (steps, spent) in rates.items():
@@ -349,7 +355,7 @@ class HMC(Sampler):
                 "hmc: step size %.3g, %d leapfrog steps per transition, acceptance %.3f, "
                 "%d divergent; warm-up %.1fs, sampling %.1fs; %d members",
                 *(eps, self._steps(eps), info["hmc/acceptance_rate"], int(stats.divergences)),
-                *(seconds["burn_in"], seconds["sampling"], self.num_samples * chains),
+                *(seconds["burn_in"], seconds["sampling"], self.members_per_chain * chains),
             )
             return {k: v for k, v in info.items() if math.isfinite(v)}
 
@@ -394,7 +400,7 @@ class HMC(Sampler):
         return Work(
             steps=self.total,
             grad_evals=self.num_chains * (1 + self.total * self._steps(self.step_size)),
-            members=self.num_samples * self.num_chains,
+            members=self.members_per_chain * self.num_chains,
             batch_size=data.train.size,
             networks=self.num_chains,
         )

@@ -81,7 +81,7 @@ class Cyclical(Schedule):
     r_t < ``exploration_fraction`` (β) are the exploration stage: the kernel runs at
     temperature 0 (no noise: SGD for SGLD, SGD with momentum for SGHMC with carried
     momentum) and no sample is kept; the rest of the cycle is the sampling stage,
-    where samples are kept (``method.accepted_samples`` or ``thinning`` count
+    where samples are kept (``method.members_per_chain`` or ``thinning`` count
     sampling-stage steps only).
     """
 

@@ -9,7 +9,7 @@ with ``num_chains`` chains in parallel (``vmap``), on the ``Sampler`` template (
 compiled chunked loop, the fold of every accepted sample into every evaluation set,
 the replay). Minibatches are drawn on the device (uniformly with replacement, as the
 BlackJAX tutorial) and preprocessed inside the step. After the burn-in, the accepted
-steps (``accepted_samples`` spread evenly, or every ``thinning``-th) are members.
+steps (``members_per_chain`` spread evenly, or every ``thinning``-th) are members.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 def accepted_steps(
     num_steps: int,
     burn_in: int,
-    accepted_samples: int | None = None,
+    members_per_chain: int | None = None,
     thinning: int | None = None,
     sampling_stage: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -53,13 +53,13 @@ def accepted_steps(
 
     The candidates are the K post-burn-in steps that are in a sampling stage
     (``sampling_stage``, a bool per step; all of them when None; the cyclical
-    schedule's exploration stages are not). ``accepted_samples`` M spreads M samples
+    schedule's exploration stages are not). ``members_per_chain`` M spreads M samples
     evenly over the K candidates, the last one always included (candidate
     ⌊jK/M⌋ - 1, j = 1..M); ``thinning`` t keeps every t-th candidate.
 
     Raises:
       UserError: when the budget keeps no sample, or fewer candidates than
-        ``accepted_samples`` exist; before any work.
+        ``members_per_chain`` exist; before any work.
     """
     stage = np.ones(num_steps, bool) if sampling_stage is None else np.asarray(sampling_stage)
     candidates = burn_in + np.flatnonzero(stage[burn_in:])
@@ -70,24 +70,24 @@ def accepted_steps(
     if k == 0:
         raise UserError(
             f"the sampling budget keeps no sample: {where} hold no sampling step. Lower "
-            f"method.burn_in (or burn_in_epochs) or raise method.iterations (or epochs)."
+            f"method.burn_in (or burn_in_epochs) or raise method.steps (or epochs)."
         )
     if thinning is not None:
         if thinning > k:
             raise UserError(
                 f"method.thinning={thinning} keeps no sample: {where} give {k} candidate "
                 f"steps. Lower method.thinning, lower method.burn_in (or burn_in_epochs), "
-                f"or raise method.iterations (or epochs)."
+                f"or raise method.steps (or epochs)."
             )
         return candidates[thinning - 1 :: thinning]
-    assert accepted_samples is not None
-    if accepted_samples > k:
+    assert members_per_chain is not None
+    if members_per_chain > k:
         raise UserError(
-            f"method.accepted_samples={accepted_samples} exceeds {where}; lower it or run "
-            f"more iterations."
+            f"method.members_per_chain={members_per_chain} exceeds {where}; lower it or run "
+            f"more steps."
         )
-    j = np.arange(1, accepted_samples + 1)
-    return candidates[(j * k) // accepted_samples - 1]
+    j = np.arange(1, members_per_chain + 1)
+    return candidates[(j * k) // members_per_chain - 1]
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,14 @@ class SGMCMC(Sampler):
       temperature: T scales the injected noise (T = 1: the Bayes posterior; T < 1 cold).
       prior_scale: s of the Gaussian prior N(0, s² I) on all parameters.
       batch_size: minibatch size B.
-      iterations: total steps; or set ``epochs`` (passes of N / B steps) instead.
-      epochs: total steps in epochs (used when ``iterations`` is null).
+      steps: total steps; or set ``epochs`` (passes of N / B steps) instead.
+      epochs: total steps in epochs (used when ``steps`` is null).
       burn_in: steps discarded before sampling; or ``burn_in_epochs``.
       burn_in_epochs: burn-in in epochs (used when ``burn_in`` is null).
-      accepted_samples: samples per chain, evenly thinned over the post-burn-in steps.
+      members_per_chain: samples per chain, evenly thinned over the post-burn-in steps.
       thinning: alternatively, keep every ``thinning``-th post-burn-in step.
       num_chains: chains run in parallel (vmap); members = chains x samples.
-      save_samples: keep the samples (for ``members`` and ``samples.msgpack``).
+      save_samples: keep the samples (for ``member_log_probs`` and ``samples.msgpack``).
       chunk_size: steps per compiled ``lax.scan`` call (the progress-bar granularity).
     """
 
@@ -117,11 +117,11 @@ class SGMCMC(Sampler):
     temperature: float = 1.0
     prior_scale: float = 1.0
     batch_size: int = 512
-    iterations: int | None = None
+    steps: int | None = None
     epochs: float | None = 20
     burn_in: int | None = None
     burn_in_epochs: float | None = 10
-    accepted_samples: int | None = 100
+    members_per_chain: int | None = 100
     thinning: int | None = None
     num_chains: int = 1
     save_samples: bool = False
@@ -131,20 +131,20 @@ class SGMCMC(Sampler):
     def __post_init__(self):
         if isinstance(self.step_size, int | float) and not isinstance(self.step_size, bool):
             object.__setattr__(self, "step_size", schedules.constant(self.step_size))
-        if (self.accepted_samples is None) == (self.thinning is None):
+        if (self.members_per_chain is None) == (self.thinning is None):
             raise UserError(
-                "set exactly one of method.accepted_samples and method.thinning "
+                "set exactly one of method.members_per_chain and method.thinning "
                 "(the other to null)."
             )
-        if self.iterations is None and self.epochs is None:
-            raise UserError("set method.iterations or method.epochs.")
+        if self.steps is None and self.epochs is None:
+            raise UserError("set method.steps or method.epochs.")
         for name in (
             "batch_size",
             "num_chains",
             "chunk_size",
-            "accepted_samples",
+            "members_per_chain",
             "thinning",
-            "iterations",
+            "steps",
             "epochs",
         ):
             v = getattr(self, name)
@@ -156,11 +156,9 @@ class SGMCMC(Sampler):
                 raise UserError(f"method.{name} must be >= 0; got {v}.")
         if self.temperature < 0 or self.prior_scale <= 0:
             raise UserError("method.temperature must be >= 0 and method.prior_scale > 0.")
-        if self.iterations is not None and (
-            self.burn_in is not None or self.burn_in_epochs is None
-        ):
+        if self.steps is not None and (self.burn_in is not None or self.burn_in_epochs is None):
             # a budget in steps needs no data size: refuse one that keeps no sample now
-            self._schedule(self.iterations, self.burn_in or 0)
+            self._schedule(self.steps, self.burn_in or 0)
 
     # ------------------------------------------------------------------ budget
     def budget(self, n: int) -> Budget:
@@ -175,9 +173,7 @@ class SGMCMC(Sampler):
                 f"split ({n} examples); lower it."
             )
         per_epoch = n // self.batch_size
-        total = (
-            self.iterations if self.iterations is not None else int(round(self.epochs * per_epoch))
-        )
+        total = self.steps if self.steps is not None else int(round(self.epochs * per_epoch))
         if self.burn_in is not None:
             burn = self.burn_in
         elif self.burn_in_epochs is not None:
@@ -195,7 +191,7 @@ class SGMCMC(Sampler):
             )
         stage = np.asarray(self.step_size.sampling_stage(np.arange(total), total))
         return accepted_steps(
-            total, burn, self.accepted_samples, self.thinning, sampling_stage=stage
+            total, burn, self.members_per_chain, self.thinning, sampling_stage=stage
         )
 
     # ------------------------------------------------------------------- steps
