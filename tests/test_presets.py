@@ -253,6 +253,8 @@ def test_a_group_chosen_on_the_command_line_wins_over_the_preset_or_is_refused(e
                     done.add((group, choice))
                 args = [*base, f"{group}={choice}"]
                 package, own = _option(group, choice)
+                if "_target_" not in own:  # a choice made of defaults (method/base/*): as composed
+                    own = OmegaConf.select(compose_cfg(f"method={method}", args[-1]), package)
                 checked += 1
                 try:
                     _check_preset(*args)
