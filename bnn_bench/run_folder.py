@@ -81,11 +81,12 @@ def write_hydra(cfg: Any, out_dir: str | Path) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    # the folder check: Hydra's state outlives a job that ran in this process
-    if not (
-        HydraConfig.initialized()
-        and Path(HydraConfig.get().runtime.output_dir).resolve() == Path(out_dir).resolve()
-    ):
+    # the folder check: Hydra's state outlives a job that ran in this process (and a
+    # composed config that never ran, e.g. --cfg, has no output folder)
+    running = HydraConfig.initialized() and OmegaConf.select(
+        HydraConfig.get(), "runtime.output_dir", default=None, throw_on_missing=False
+    )
+    if not running or Path(running).resolve() != Path(out_dir).resolve():
         return
     folder = Path(out_dir) / HYDRA
     folder.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,7 @@ def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
     compose), with its exit status (``sys.exit``'s code; 0 if it returns) and what it
     printed. No interpreter and JAX start-up, no recompiles of a model already compiled."""
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     from bnn_bench.cli import entry
 
@@ -115,6 +116,7 @@ def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
                 handler.close()
         root.handlers[:], root.level = handlers, level
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # the job is over, as its process would be
     return subprocess.CompletedProcess(["bnn-bench", *args], code, out.getvalue(), err.getvalue())
 
 
