@@ -28,6 +28,8 @@ CONF = str(_HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf
 
 log = logging.getLogger("bnn_bench")
 HYDRA_GROUPS = ("hydra/launcher", "hydra/sweeper")  # the Hydra groups --help lists
+# folders of YAMLs that other YAMLs compose, not groups to choose from (the SG-MCMC base)
+NOT_CHOICES = ("method/sampling",)
 
 
 def help_groups() -> str:
@@ -44,8 +46,10 @@ def help_groups() -> str:
     def walk(parent: str) -> None:
         for name in sorted(loader.list_groups(parent)):
             group = f"{parent}/{name}" if parent else name
-            if group.startswith("experiment/") or (
-                group.startswith("hydra/") and group not in HYDRA_GROUPS
+            if (
+                group.startswith("experiment/")
+                or group in NOT_CHOICES
+                or (group.startswith("hydra/") and group not in HYDRA_GROUPS)
             ):
                 continue
             options = sorted(loader.get_group_options(group, ObjectType.CONFIG))

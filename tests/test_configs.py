@@ -277,6 +277,7 @@ def test_cli_help_lists_groups(run_cli):
     assert {"basic", "slurm", "submitit_slurm"} <= set(lines["hydra/launcher"].split(", "))
     assert {"basic", "tune"} <= set(lines["hydra/sweeper"].split(", "))
     assert "experiment/" not in out  # a preset's own files are not choices
+    assert "method/sampling" not in out  # nor the SG-MCMC YAMLs' shared base
 
 
 def test_dry_run_refuses_a_full_laplace_the_run_would_refuse(tmp_path, plan_only):
