@@ -377,7 +377,7 @@ class VI(Method):
         """Steps, gradient evaluations (steps × num_train_samples), members, batch.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may hold
-        shapes only) and raises what ``fit`` would refuse."""
+        shapes only); ``check`` makes the refusals."""
         steps = self.trainer.num_steps(data.train.size)
         return Work(
             steps=steps,

@@ -65,7 +65,7 @@ class MAP(Method):
         """Steps, gradient evaluations, members, batch and networks trained at once.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
-        hold shapes only) and raises what ``fit`` would refuse."""
+        hold shapes only); ``check`` makes the refusals."""
         del model
         steps = self.trainer.num_steps(data.train.size)
         return Work(

@@ -92,7 +92,7 @@ class Vote(StackedMethod):
         batch), members, each voter's batch, networks.
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
-        hold shapes only) and raises what ``fit`` would refuse."""
+        hold shapes only); ``check`` makes the refusals."""
         del model
         steps = self.trainer.num_steps(data.train.size)
         return Work(

@@ -12,7 +12,8 @@ kept samples' log-probabilities or runs the chains again, ``save`` writes the sa
 
 A subclass writes only its steps and its budget: ``budget``, ``init_states``,
 ``transition`` (one step of every chain), ``positions``, ``monitor`` (what each chunk
-logs, the divergence check, the numbers it reports), ``describe`` and ``plan``.
+logs, the divergence check, the numbers it reports), ``budget_text`` (its budget's log
+line) and ``plan``.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class Sampler(Method):
         """What a run on ``data`` watches and reports."""
 
     @abc.abstractmethod
-    def describe(self, budget: Budget) -> str:
+    def budget_text(self, budget: Budget) -> str:
         """The run in a few words, for the log (``"2 chain(s) x 100 steps ..."``)."""
 
     # --------------------------------------------------------------------- fit
@@ -247,7 +248,7 @@ class Sampler(Method):
         )
         runner = ChunkRunner(self, model, data.train, inputs.x, budget)
         runner.compile(carry)
-        log.info("%s: %s; compiled in %.1fs", self.name, self.describe(budget), runner.compile_s)
+        log.info("%s: %s; compiled in %.1fs", self.name, self.budget_text(budget), runner.compile_s)
         monitor = self.monitor(model, data, budget)
         seconds = {"burn_in": 0.0, "sampling": 0.0}
 

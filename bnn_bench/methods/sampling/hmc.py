@@ -301,7 +301,7 @@ class HMC(Sampler):
         done = t - self.burn_in + 1  # sampling transitions so far
         return done % self.thinning == 0, done // self.thinning - 1
 
-    def describe(self, budget: Budget) -> str:
+    def budget_text(self, budget: Budget) -> str:
         return (
             f"{self.num_chains} chain(s) x {budget.total} transitions (warm-up "
             f"{budget.burn_in}), {self.members_per_chain} samples per chain (thinning "

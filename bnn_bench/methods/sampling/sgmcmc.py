@@ -231,7 +231,7 @@ class SGMCMC(Sampler):
     def positions(self, states):
         return states.params
 
-    def describe(self, budget: Budget) -> str:
+    def budget_text(self, budget: Budget) -> str:
         chains, kept = self.num_chains, len(budget.accepted)
         return (
             f"{chains} chain(s) x {budget.total} steps (burn-in {budget.burn_in}), "
@@ -287,7 +287,7 @@ class SGMCMC(Sampler):
         networks (chains).
 
         For ``dry_run``: counts the work of ``fit`` without doing it (``data`` may
-        hold shapes only) and raises what ``fit`` would refuse."""
+        hold shapes only); ``check`` makes the refusals."""
         total, _, accepted = self.budget(data.train.size)
         return Work(
             steps=total,
