@@ -15,7 +15,7 @@ from tests.conftest import compose_cfg, config_choices
 
 pytestmark = pytest.mark.contract
 
-GROUPS = ["dataset", "model", "method", "trainer", "eval", "logger"]
+GROUPS = ["dataset", "model", "likelihood", "method", "trainer", "eval", "logger"]
 # groups composed by a method's YAML (trainer: by the methods that train): the method
 # that composes each, and where its node lands
 NESTED = {
