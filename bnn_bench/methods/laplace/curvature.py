@@ -1,20 +1,24 @@
-"""Curvature of the softmax cross-entropy loss (``method/laplace/curvature=ggn|
-empirical_fisher``), its products, and Lanczos. Pure functions.
+"""Curvature of the loss −log p(y | f) at the network outputs f (``method/laplace/curvature=
+ggn|empirical_fisher``), its products, and Lanczos. Pure functions.
 
-Everything here works on flat parameter vectors ``theta`` (P,) and a
-``logits_fn(theta, x) -> (B, C)``; ``posterior.py`` ravels the network's parameters (all
-of them, or the last layer's) into that form.
+Everything here works on flat parameter vectors ``theta`` (P,), a
+``logits_fn(theta, x) -> (B, K)`` (the network's outputs: logits, or a Gaussian's mean
+and log σ) and the run's likelihood (``bnn_bench.likelihoods``); ``posterior.py`` ravels
+the network's parameters (all of them, or the last layer's) into that form.
 
-Curvature (summed over inputs, as laplax's ``create_ggn_mv`` with
-``loss_fn="cross_entropy"``):
+Curvature (summed over inputs, as laplax's ``create_ggn_mv``):
 
-* GGN: G = Σ_i J_iᵀ H_i J_i, J_i = ∂f(x_i)/∂θ (C, P), H_i = diag(p_i) − p_i p_iᵀ the
-  Hessian of the cross-entropy at the logits (Schraudolph, 2002; Martens, 2020).
-* empirical Fisher: F = Σ_i g_i g_iᵀ, g_i = J_iᵀ (p_i − onehot(y_i)) the per-example
-  loss gradient (Kunstner et al., 2019, on why it can mislead).
+* GGN: G = Σ_i J_iᵀ Λ_i J_i, J_i = ∂f(x_i)/∂θ (K, P), Λ_i = ``likelihood.fisher(f_i)``
+  the Hessian of −log p(y | f) at f, expected over y (Schraudolph, 2002; Martens,
+  2020): for the categorical likelihood the cross-entropy's Hessian diag(p_i) − p_i p_iᵀ
+  (laplax's ``loss_fn="cross_entropy"``), for the Gaussian 1/σ² on the mean (laplax's
+  ``"mse"`` scaled by the noise) and 2 on log σ where log σ is an output.
+* empirical Fisher: F = Σ_i g_i g_iᵀ, g_i = J_iᵀ r_i, r_i = −∂ log p(y_i | f_i)/∂f the
+  per-example loss gradient at the outputs (p_i − onehot(y_i) for the categorical)
+  (Kunstner et al., 2019, on why it can mislead).
 
-Both are H_i = L_i L_iᵀ with a small factor L_i (C, K): K = C for the GGN, K = 1 for
-the empirical Fisher, so the exact diagonal and the dense matrix come from the K
+Both are Λ_i = L_i L_iᵀ with a small factor L_i (K, R): R = K for the GGN, R = 1 for
+the empirical Fisher, so the exact diagonal and the dense matrix come from the R
 per-example vector-Jacobian products J_iᵀ L_i, never from a P x P matrix. The
 matrix-vector product takes one linearisation (jvp) and its transpose (vjp).
 ``gaussian.py`` holds the approximations of G built from these and the Gaussians on them.
@@ -29,53 +33,84 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (theta (P,), x (B, ...)) -> (B, C)
+from bnn_bench.likelihoods import Categorical, Likelihood
+
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]  # (theta (P,), x (B, ...)) -> (B, K)
 
 
 # --------------------------------------------------------------------------- curvature
 
 
+CATEGORICAL = Categorical()  # the default likelihood of the functions below
+
+
 @dataclass(frozen=True)
 class GGN:
-    """The generalised Gauss-Newton: H_i = diag(p_i) − p_i p_iᵀ, the cross-entropy's
-    Hessian at the logits (``method/laplace/curvature=ggn``)."""
+    """The generalised Gauss-Newton: Λ_i = ``likelihood.fisher(f_i)``, the expected Hessian
+    of −log p(y | f) at the outputs (``method/laplace/curvature=ggn``); for the categorical
+    likelihood the cross-entropy's Hessian diag(p_i) − p_i p_iᵀ in closed form."""
 
-    def factor(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
-        """L (B, C, C) = diag(√p) − p √pᵀ, so L Lᵀ = diag(p) − p pᵀ because Σ p = 1."""
+    def factor(
+        self, logits: jax.Array, labels: jax.Array, likelihood: Likelihood = CATEGORICAL
+    ) -> jax.Array:
+        """L (B, K, K) with L Lᵀ = Λ: for the categorical diag(√p) − p √pᵀ (L Lᵀ =
+        diag(p) − p pᵀ because Σ p = 1); else the symmetric square root of the Fisher."""
         del labels
-        p = jax.nn.softmax(logits, axis=-1)
-        sq = jnp.sqrt(p)
-        return jax.vmap(jnp.diag)(sq) - p[:, :, None] * sq[:, None, :]
+        if isinstance(likelihood, Categorical):
+            p = jax.nn.softmax(logits, axis=-1)
+            sq = jnp.sqrt(p)
+            return jax.vmap(jnp.diag)(sq) - p[:, :, None] * sq[:, None, :]
+        evals, evecs = jnp.linalg.eigh(likelihood.fisher(logits))  # (B, K), (B, K, K)
+        return evecs * jnp.sqrt(jnp.maximum(evals, 0.0))[:, None, :]
 
-    def product(self, logits: jax.Array, labels: jax.Array, jv: jax.Array) -> jax.Array:
-        """H jv (B, C) without forming H."""
+    def product(
+        self,
+        logits: jax.Array,
+        labels: jax.Array,
+        jv: jax.Array,
+        likelihood: Likelihood = CATEGORICAL,
+    ) -> jax.Array:
+        """Λ jv (B, K); for the categorical without forming Λ."""
         del labels
-        p = jax.nn.softmax(logits, axis=-1)
-        return p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
+        if isinstance(likelihood, Categorical):
+            p = jax.nn.softmax(logits, axis=-1)
+            return p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
+        return jnp.einsum("bij,bj->bi", likelihood.fisher(logits), jv)
 
 
 @dataclass(frozen=True)
 class EmpiricalFisher:
-    """The empirical Fisher: H_i = r_i r_iᵀ, r_i = p_i − onehot(y_i), so J_iᵀ H_i J_i is
-    the outer product of the per-example loss gradient (``method/laplace/curvature=
-    empirical_fisher``)."""
+    """The empirical Fisher: Λ_i = r_i r_iᵀ, r_i = −∂ log p(y_i | f_i)/∂f (p_i −
+    onehot(y_i) for the categorical), so J_iᵀ Λ_i J_i is the outer product of the
+    per-example loss gradient (``method/laplace/curvature=empirical_fisher``)."""
 
-    def factor(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
-        """L (B, C, 1) = p − onehot(y)."""
-        return _residual(logits, labels)[:, :, None]
+    def factor(
+        self, logits: jax.Array, labels: jax.Array, likelihood: Likelihood = CATEGORICAL
+    ) -> jax.Array:
+        """L (B, K, 1) = r."""
+        return _residual(logits, labels, likelihood)[:, :, None]
 
-    def product(self, logits: jax.Array, labels: jax.Array, jv: jax.Array) -> jax.Array:
-        """H jv (B, C) = r (rᵀ jv)."""
-        r = _residual(logits, labels)
+    def product(
+        self,
+        logits: jax.Array,
+        labels: jax.Array,
+        jv: jax.Array,
+        likelihood: Likelihood = CATEGORICAL,
+    ) -> jax.Array:
+        """Λ jv (B, K) = r (rᵀ jv)."""
+        r = _residual(logits, labels, likelihood)
         return r * jnp.sum(r * jv, axis=-1, keepdims=True)
 
 
 LossCurvature = GGN | EmpiricalFisher
 
 
-def _residual(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    p = jax.nn.softmax(logits, axis=-1)
-    return p - jax.nn.one_hot(labels, logits.shape[-1], dtype=p.dtype)
+def _residual(logits: jax.Array, labels: jax.Array, likelihood: Likelihood) -> jax.Array:
+    """r (B, K) = −∂ log p(y | f)/∂f per example."""
+    if isinstance(likelihood, Categorical):
+        p = jax.nn.softmax(logits, axis=-1)
+        return p - jax.nn.one_hot(labels, logits.shape[-1], dtype=p.dtype)
+    return -jax.grad(lambda f: jnp.sum(likelihood.log_lik(f, labels)))(logits)
 
 
 def curvature_mv(
@@ -86,23 +121,25 @@ def curvature_mv(
     weights: jax.Array,
     v: jax.Array,
     kind: LossCurvature = GGN(),
+    likelihood: Likelihood = CATEGORICAL,
 ) -> jax.Array:
-    """(Σ_i w_i J_iᵀ H_i J_i) v for one batch, by one jvp and one vjp; nothing P x P is formed.
+    """(Σ_i w_i J_iᵀ Λ_i J_i) v for one batch, by one jvp and one vjp; nothing P x P is formed.
 
     Args:
-      logits_fn: (theta, x) -> logits (B, C).
+      logits_fn: (theta, x) -> outputs (B, K).
       theta: (P,) the linearisation point.
-      x, y: a batch of inputs and (B,) labels.
+      x, y: a batch of inputs and (B,) targets (class labels or regression targets).
       weights: (B,) per-input weights (0 masks padding; the data-size scaling is the
         caller's).
       v: (P,) the vector.
       kind: the loss curvature, ``GGN()`` or ``EmpiricalFisher()``.
+      likelihood: the likelihood p(y | f) whose loss curvature it is.
 
     Returns:
       (P,) the product.
     """
     logits, jvp_fn = jax.linearize(lambda t: logits_fn(t, x), theta)
-    hjv = kind.product(logits, y, jvp_fn(v))  # (B, C)
+    hjv = kind.product(logits, y, jvp_fn(v), likelihood)  # (B, K)
     (out,) = jax.linear_transpose(jvp_fn, theta)(hjv * weights[:, None])
     return out
 
@@ -114,17 +151,18 @@ def per_example_factors(
     y: jax.Array,
     weights: jax.Array,
     kind: LossCurvature = GGN(),
+    likelihood: Likelihood = CATEGORICAL,
 ) -> jax.Array:
-    """M (B, K, P) with Σ_i M_iᵀ M_i = Σ_i w_i J_iᵀ H_i J_i: rows √w_i (J_iᵀ L_i)ᵀ.
+    """M (B, R, P) with Σ_i M_iᵀ M_i = Σ_i w_i J_iᵀ Λ_i J_i: rows √w_i (J_iᵀ L_i)ᵀ.
 
-    K per-example vjps per input (K = C for the GGN, 1 for the empirical Fisher).
+    R per-example vjps per input (R = K for the GGN, 1 for the empirical Fisher).
     """
 
     def one(xi, yi, wi):
         f = lambda t: logits_fn(t, xi[None])[0]
         logits, vjp_fn = jax.vjp(f, theta)
-        L = kind.factor(logits[None], yi[None])[0] * jnp.sqrt(wi)
-        return jax.vmap(lambda col: vjp_fn(col)[0])(L.T)  # (K, P)
+        L = kind.factor(logits[None], yi[None], likelihood)[0] * jnp.sqrt(wi)
+        return jax.vmap(lambda col: vjp_fn(col)[0])(L.T)  # (R, P)
 
     return jax.vmap(one)(x, y, weights)
 
@@ -136,10 +174,11 @@ def diagonal_batch(
     y: jax.Array,
     weights: jax.Array,
     kind: LossCurvature = GGN(),
+    likelihood: Likelihood = CATEGORICAL,
 ) -> jax.Array:
-    """(P,) the exact diagonal of Σ_i w_i J_iᵀ H_i J_i for one batch (not a Hutchinson
-    estimate): Σ_i Σ_k M_ik², M from ``per_example_factors``."""
-    m = per_example_factors(logits_fn, theta, x, y, weights, kind)
+    """(P,) the exact diagonal of Σ_i w_i J_iᵀ Λ_i J_i for one batch (not a Hutchinson
+    estimate): Σ_i Σ_r M_ir², M from ``per_example_factors``."""
+    m = per_example_factors(logits_fn, theta, x, y, weights, kind, likelihood)
     return jnp.sum(jnp.square(m), axis=(0, 1))
 
 
@@ -150,9 +189,10 @@ def dense_batch(
     y: jax.Array,
     weights: jax.Array,
     kind: LossCurvature = GGN(),
+    likelihood: Likelihood = CATEGORICAL,
 ) -> jax.Array:
-    """(P, P) Σ_i w_i J_iᵀ H_i J_i for one batch; for the last layer or tiny networks."""
-    m = per_example_factors(logits_fn, theta, x, y, weights, kind)
+    """(P, P) Σ_i w_i J_iᵀ Λ_i J_i for one batch; for the last layer or tiny networks."""
+    m = per_example_factors(logits_fn, theta, x, y, weights, kind, likelihood)
     m = m.reshape(-1, m.shape[-1])
     return m.T @ m
 

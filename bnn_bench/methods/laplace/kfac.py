@@ -3,11 +3,12 @@
 For a dense layer s = Wᵀ ã (ã = [a; 1] with a bias), the GGN block of one input is
 exactly a Kronecker product (Martens & Grosse, 2015):
 
-    J_Wᵀ H J_W = ã ãᵀ ⊗ Σ_k g_k g_kᵀ,   g_k = (∂f/∂s)ᵀ L_k,   H = L Lᵀ
+    J_Wᵀ Λ J_W = ã ãᵀ ⊗ Σ_k g_k g_kᵀ,   g_k = (∂f/∂s)ᵀ L_k,   Λ = L Lᵀ
 
-(H the loss Hessian at the logits, L its factor from ``curvature.GGN.factor``: the exact
-output Hessian of softmax cross-entropy, not a sampled Fisher). KFAC sums the two
-factors over inputs separately:
+(Λ the likelihood's Fisher at the outputs, L its factor from ``curvature.GGN.factor``:
+the exact output Hessian of softmax cross-entropy, or 1/σ² on a Gaussian's mean and 2
+on its log σ, not a Fisher from sampled labels). KFAC sums the two factors over inputs
+separately:
 
     G_W ≈ (1/n Σ_n ã_n ã_nᵀ) ⊗ (Σ_n Σ_k g_nk g_nkᵀ).
 
@@ -169,14 +170,16 @@ def batch_factors(
     weights: jax.Array,
     layers: tuple[Layer, ...],
     kind: cv.LossCurvature,
+    likelihood: cv.Likelihood = cv.CATEGORICAL,
 ) -> dict[tuple[str, ...], tuple[jax.Array, jax.Array]]:
     """Unnormalised factors of one batch: {path: (Σ w ã ãᵀ (D_in', D_in'), Σ w g gᵀ
     (D_out, D_out))}, sums over the batch's inputs (weights: (B,), 0 masks padding),
     their T positions and the K columns of the loss factor L.
 
     Args:
-      logits_fn: (theta, x) -> logits (B, C), the network with ``theta`` set.
+      logits_fn: (theta, x) -> outputs (B, K), the network with ``theta`` set.
       layers: the covered layers (``find_layers``).
+      kind, likelihood: the loss curvature and the likelihood it is of.
     """
     zeros = {c.path: jnp.zeros((x.shape[0], *c.out_shape), jnp.float32) for c in layers}
 
@@ -184,8 +187,8 @@ def batch_factors(
         return _forward(lambda: logits_fn(theta, x), perturb)
 
     logits, vjp_fn, feats = jax.vjp(f, zeros, has_aux=True)
-    lf = kind.factor(logits, y)  # (B, C, K)
-    grads = jax.vmap(lambda col: vjp_fn(col)[0])(jnp.moveaxis(lf, -1, 0))  # {p: (K, B, ..., D)}
+    lf = kind.factor(logits, y, likelihood)  # (B, K, R)
+    grads = jax.vmap(lambda col: vjp_fn(col)[0])(jnp.moveaxis(lf, -1, 0))  # {p: (R, B, ..., D)}
     sw = jnp.sqrt(weights)
     out = {}
     for path, a in feats.items():

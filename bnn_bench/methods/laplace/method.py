@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class Laplace(PostHoc):
-    """Post-hoc Laplace approximation with a GGN (or empirical Fisher) curvature.
+    """Post-hoc Laplace approximation with a GGN (or empirical Fisher) curvature of the
+    model's likelihood (``model.likelihood``: categorical or Gaussian).
 
     Attributes:
       trainer, init_from: the MAP network (``PostHoc``).
@@ -53,7 +54,7 @@ class Laplace(PostHoc):
       curvature_batches: training batches the curvature is summed over (scaled to the
         full data size); None for the whole training split.
       curvature_batch_size: inputs per curvature batch.
-      members_per_chunk: members per streamed chunk (s, N, C).
+      members_per_chunk: members per streamed chunk (s, N, M).
     """
 
     structure: Structure = field(default_factory=Lanczos)
@@ -91,10 +92,12 @@ class Laplace(PostHoc):
         """Refuses a structure ``fit`` would refuse (e.g. ``full`` over more than
         ``FULL_MAX_PARAMS`` parameters, ``kfac`` on a depthwise convolution), and a
         prior-precision choice the data cannot serve (``val_nll`` without a validation
-        split), before the MAP is trained."""
+        split) and a predictive the likelihood has no form for (``probit`` for
+        regression), before the MAP is trained."""
         super().check(model, data)
         self.structure.covers(model)
         self.prior_precision.check(data)
+        self.predictive.check(model.likelihood)
 
     def fit_map(
         self,
@@ -176,7 +179,8 @@ class Laplace(PostHoc):
     def member_log_probs(
         self, key: jax.Array, posterior: LaplacePosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
-        """Log-probabilities (s, N, C) of chunks of the predictive's members."""
+        """Chunks of what the predictive's members yield (``likelihood.member``): class
+        log-probabilities (s, N, C), or a Gaussian's (mean, log σ) (s, N, 2)."""
         return self.predictive.member_log_probs(key, posterior, x, self.members_per_chunk)
 
     def plan_map(self, model: Model, data: Dataset) -> Work:

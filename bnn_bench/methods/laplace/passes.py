@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from bnn_bench.data import Split
+from bnn_bench.likelihoods import Categorical
 from bnn_bench.methods.laplace import curvature as cv
 from bnn_bench.methods.laplace import kfac
 from bnn_bench.methods.laplace.posterior import LaplacePosterior
@@ -51,13 +52,15 @@ def accumulate(
 ) -> jax.Array:
     """acc + the batch's dense (P, P) curvature or its diagonal (P,)."""
     batch_fn = cv.dense_batch if dense else cv.diagonal_batch
-    return acc + batch_fn(post.logits_fn, post.theta, x, y, weights, kind)
+    return acc + batch_fn(post.logits_fn, post.theta, x, y, weights, kind, post.likelihood)
 
 
 @partial(jax.jit, static_argnames=("layers", "kind"))
 def kfac_batch(post: LaplacePosterior, x, y, weights, layers: tuple[kfac.Layer, ...], kind):
     """One curvature batch's unnormalised Kronecker factors (``kfac.batch_factors``)."""
-    return kfac.batch_factors(post.logits_fn, post.theta, x, y, weights, layers, kind)
+    return kfac.batch_factors(
+        post.logits_fn, post.theta, x, y, weights, layers, kind, post.likelihood
+    )
 
 
 MV_BATCH = 256  # inputs per jitted curvature-vector product (whole curvature batches)
@@ -100,7 +103,7 @@ def _batch_mv(
     v: jax.Array,
     kind: cv.LossCurvature,
 ) -> jax.Array:
-    return cv.curvature_mv(post.logits_fn, post.theta, x, y, w, v, kind)
+    return cv.curvature_mv(post.logits_fn, post.theta, x, y, w, v, kind, post.likelihood)
 
 
 def log_likelihood(
@@ -121,5 +124,8 @@ def log_likelihood(
 def _batch_log_likelihood(
     post: LaplacePosterior, x: jax.Array, y: jax.Array, w: jax.Array
 ) -> jax.Array:
-    logp = jax.nn.log_softmax(post.logits_fn(post.theta, x), axis=-1)
-    return jnp.sum(w * jnp.take_along_axis(logp, y[:, None], -1)[:, 0])
+    out = post.logits_fn(post.theta, x)
+    if isinstance(post.likelihood, Categorical):  # as before the likelihoods, bit for bit
+        logp = jax.nn.log_softmax(out, axis=-1)
+        return jnp.sum(w * jnp.take_along_axis(logp, y[:, None], -1)[:, 0])
+    return jnp.sum(w * post.likelihood.log_lik(out, y))

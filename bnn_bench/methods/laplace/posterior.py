@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
+from bnn_bench.likelihoods import Likelihood
 from bnn_bench.methods.laplace.gaussian import AnyCurvature, from_diagonal
 from bnn_bench.models import Model, Params, State
 
@@ -61,9 +62,15 @@ class LaplacePosterior:
             head=head,
         )
 
+    @property
+    def likelihood(self) -> Likelihood:
+        """p(y | f) of the network's outputs f (the model's): its Fisher is the GGN's Λ,
+        its ``member`` what a member yields."""
+        return self.model.likelihood
+
     def logits_fn(self, theta: jax.Array, x: jax.Array) -> jax.Array:
-        """Evaluation-mode logits (B, C) of uint8 inputs x with the Gaussian's parameters
-        set to ``theta`` (P,) and the others at the MAP."""
+        """Evaluation-mode outputs (B, K) of inputs x (logits, or a Gaussian's mean and log
+        σ) with the Gaussian's parameters set to ``theta`` (P,) and the others at the MAP."""
         sub = self.unravel(theta)
         params = {**self.params, self.head: sub} if self.head is not None else sub
         return self.model.apply(params, self.state, x)[0]

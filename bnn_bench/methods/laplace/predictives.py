@@ -4,9 +4,13 @@
 * ``Linearised``: Monte Carlo in function space, f(x, θ*) + J(x) δ (laplax's
   ``lin_mc_pred_act``);
 * ``WeightSpace``: Monte Carlo in weight space, f(x, θ* + δ);
-* ``Probit``: one member, softmax(μ / √(1 + π/8 σ²)) (MacKay, 1992).
+* ``Probit``: one member, softmax(μ / √(1 + π/8 σ²)) (MacKay, 1992); classification only.
 
-δ = Σ(τ)^{1/2} z; the jitted forward passes that draw the members follow the classes.
+δ = Σ(τ)^{1/2} z. A member yields ``likelihood.member`` of its outputs: class
+log-probabilities (N, C), or a Gaussian's (mean, log σ) (N, 2). For the Gaussian with
+fixed noise the linearised members' mixture has mean f(x, θ*) and variance
+J Σ Jᵀ + σ² as S grows: the GLM predictive (Immer et al., 2021), by sampling. The jitted
+forward passes that draw the members follow the classes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 from bnn_bench.data import Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
+from bnn_bench.likelihoods import Categorical, Likelihood
 from bnn_bench.methods.laplace.posterior import LaplacePosterior
 from bnn_bench.models.base import map_batches
 
@@ -29,29 +34,46 @@ _JACOBIAN_FLOATS = 2**24  # per-example Jacobians per probit batch: (b, C, P) <=
 
 
 class Predictive:
-    """Members of the Laplace posterior: ``member_log_probs`` streams their probabilities."""
+    """Members of the Laplace posterior: ``member_log_probs`` streams what they yield."""
 
     members: int  # S
+
+    def check(self, likelihood: Likelihood) -> None:
+        """Refuses a likelihood this predictive has no form for (before training)."""
+        del likelihood
 
     def member_log_probs(
         self, key: jax.Array, post: LaplacePosterior, x: jax.Array, members_per_chunk: int
     ) -> Iterator[jax.Array]:
-        """Log-probabilities (s, N, C) of chunks of members."""
+        """Chunks (s, N, M) of ``likelihood.member`` of the members' outputs: class
+        log-probabilities (M = C) or a Gaussian's (mean, log σ) (M = 2)."""
         raise NotImplementedError
 
     def nll_fn(
         self, key: jax.Array, post: LaplacePosterior, val: Split, members_per_chunk: int
     ) -> Callable[[float], float]:
-        """τ -> validation NLL of this predictive (members drawn with ``key``)."""
+        """τ -> validation NLL of this predictive (members drawn with ``key``): of the
+        mean of the members' class probabilities, or of their Gaussian mixture."""
 
         def nll(tau):
             p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-            probs = sum(
-                jnp.exp(c).sum(0) for c in self.member_log_probs(key, p, val.x, members_per_chunk)
-            )
+            chunks = self.member_log_probs(key, p, val.x, members_per_chunk)
+            if not isinstance(post.likelihood, Categorical):
+                return float(mixture_nll(jnp.concatenate(list(chunks), 0), val.y))
+            probs = sum(jnp.exp(c).sum(0) for c in chunks)
             return M.nll(probs / self.members, val.y)
 
         return nll
+
+
+@jax.jit
+def mixture_nll(members: jax.Array, y: jax.Array) -> jax.Array:
+    """−mean_n log (1/S Σ_s N(y_n; μ_sn, σ_sn²)), the NLL of the equal-weight Gaussian
+    mixture of members (S, N, 2) = (μ, log σ) at targets y (N,)."""
+    mu, log_sigma = members[..., 0], members[..., 1]
+    logp = -0.5 * jnp.square((y - mu) * jnp.exp(-log_sigma)) - log_sigma
+    logp = logp - 0.5 * math.log(2 * math.pi)
+    return -jnp.mean(jax.nn.logsumexp(logp, axis=0) - math.log(members.shape[0]))
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,7 @@ class _Sampled(Predictive):
             ids = jnp.arange(start, min(start + members_per_chunk, self.members))
             yield _sampled_probs(
                 post, x, key, ids, batch_size=post.model.batch_size, linearised=self.linearised
-            )  # (s, N, C)
+            )  # (s, N, M)
 
 
 @dataclass(frozen=True)
@@ -94,7 +116,14 @@ class Linearised(_Sampled):
         terms = _function_space_terms(post, val.x, z, batch_size=post.model.batch_size)
         uz = z @ post.curvature.basis  # (S, k)
         return lambda tau: float(
-            _linearised_nll(terms, uz, post.curvature.eigvals, jnp.asarray(tau, jnp.float32), val.y)
+            _linearised_nll(
+                terms,
+                uz,
+                post.curvature.eigvals,
+                jnp.asarray(tau, jnp.float32),
+                val.y,
+                post.likelihood,
+            )
         )
 
 
@@ -112,9 +141,18 @@ class WeightSpace(_Sampled):
 @dataclass(frozen=True)
 class Probit(Predictive):
     """One member from the probit approximation softmax(μ / √(1 + π/8 σ²)) of the
-    linearised predictive (MacKay, 1992)."""
+    linearised predictive (MacKay, 1992); classification only."""
 
     members = 1
+
+    def check(self, likelihood: Likelihood) -> None:
+        if not isinstance(likelihood, Categorical):
+            raise UserError(
+                "method/laplace/predictive=probit is the probit approximation of a softmax, "
+                f"for classification only; likelihood={type(likelihood).__name__.lower()} "
+                "needs method/laplace/predictive=linearised (the GLM predictive, sampled) "
+                "or weights."
+            )
 
     def member_log_probs(self, key, post, x, members_per_chunk):
         del key, members_per_chunk
@@ -132,12 +170,19 @@ def _sampled_probs(
     batch_size: int,
     linearised: bool,
 ) -> jax.Array:
-    """(s, N, C) member log-probabilities for the members ``ids``."""
+    """(s, N, M) what the members ``ids`` yield (``likelihood.member``)."""
     z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), post.theta.shape))(
         ids
     )  # (s, P)
     logits = sampled_logits(post, x, z, batch_size=batch_size, linearised=linearised)
-    return jax.nn.log_softmax(logits, axis=-1)
+    return _members(post.likelihood, logits)
+
+
+def _members(likelihood: Likelihood, out: jax.Array) -> jax.Array:
+    """``likelihood.member`` of outputs (s, N, K) -> (s, N, M)."""
+    if isinstance(likelihood, Categorical):  # as before the likelihoods, bit for bit
+        return jax.nn.log_softmax(out, axis=-1)
+    return jax.vmap(likelihood.member)(out)
 
 
 @partial(jax.jit, static_argnames=("batch_size", "linearised"))
@@ -187,14 +232,21 @@ def _function_space_terms(
     return map_batches(batch_fn, x, batch_size)
 
 
-@jax.jit
+@partial(jax.jit, static_argnames=("likelihood",))
 def _linearised_nll(
-    terms, uz: jax.Array, eigvals: jax.Array, tau: jax.Array, y: jax.Array
+    terms,
+    uz: jax.Array,
+    eigvals: jax.Array,
+    tau: jax.Array,
+    y: jax.Array,
+    likelihood: Likelihood,
 ) -> jax.Array:
     """NLL of the linearised MC predictive at τ from ``_function_space_terms``."""
     f, ju, jz = terms
     a = jax.lax.rsqrt(eigvals + tau) - jax.lax.rsqrt(tau)  # (k,)
     logits = f[:, None] + jnp.einsum("nck,sk->nsc", ju, a * uz) + jz * jax.lax.rsqrt(tau)
+    if not isinstance(likelihood, Categorical):
+        return mixture_nll(_members(likelihood, jnp.swapaxes(logits, 0, 1)), y)
     probs = jax.nn.softmax(logits, -1).mean(1)  # (N, C)
     return M.nll(probs, y, xp=jnp)
 

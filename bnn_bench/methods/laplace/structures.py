@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from bnn_bench.data import Split
 from bnn_bench.errors import UserError
+from bnn_bench.likelihoods import LearnedNoise
 from bnn_bench.methods.laplace import curvature as cv
 from bnn_bench.methods.laplace import kfac
 from bnn_bench.methods.laplace.gaussian import AnyCurvature, Curvature, from_dense, from_diagonal
@@ -38,6 +39,10 @@ class Structure:
         del model
         return None
 
+    def describe(self) -> str:
+        """The choice as a user writes it, for messages."""
+        return f"method/laplace/structure={type(self).__name__.lower()}"
+
     def check(self, model: Model, head: str | None, dim: int) -> None:
         """Refuses a model, or ``dim`` parameters under ``head``, the structure cannot
         hold (before training)."""
@@ -48,6 +53,14 @@ class Structure:
         parameter count, after ``check`` (shapes only, no compute)."""
         shapes, _ = jax.eval_shape(model.init, jax.random.key(0))
         head = self.head(model)
+        if head is not None and isinstance(model.module, LearnedNoise):
+            raise UserError(
+                f"{self.describe()} covers the last layer of a plain network; with "
+                "likelihood.noise=learned the network is wrapped with its log_noise "
+                "parameter, which the last layer would leave out. Use "
+                "method/laplace/structure=full, diagonal or lanczos (they cover log_noise), "
+                "or likelihood.noise=fixed or heteroscedastic."
+            )
         dim = num_params(shapes[head] if head is not None else shapes)
         self.check(model, head, dim)
         return head, dim
@@ -129,6 +142,9 @@ class LastLayer(Full):
     def head(self, model: Model) -> str | None:
         return last_layer(model)
 
+    def describe(self) -> str:
+        return "method/laplace/structure=last_layer"
+
     def check(self, model: Model, head: str | None, dim: int) -> None:
         del model, head, dim  # a last layer is small
 
@@ -163,7 +179,17 @@ class KFAC(Structure):
     def head(self, model: Model) -> str | None:
         return last_layer(model) if self.subset == "last_layer" else None
 
+    def describe(self) -> str:
+        return f"method/laplace/structure=kfac method.structure.subset={self.subset}"
+
     def check(self, model: Model, head: str | None, dim: int) -> None:
+        if isinstance(model.module, LearnedNoise):
+            raise UserError(
+                "method/laplace/structure=kfac has Kronecker blocks for dense and "
+                "convolution layers only, not for the log_noise parameter of "
+                "likelihood.noise=learned. Use method/laplace/structure=full, diagonal or "
+                "lanczos, or likelihood.noise=fixed or heteroscedastic."
+            )
         kfac.find_layers(model, head)
 
     def fit(self, key, post, train, idx, weights, factor, kind):
