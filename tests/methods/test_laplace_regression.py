@@ -23,6 +23,7 @@ import pytest
 import scipy.linalg
 from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize_scalar
+from scipy import stats
 from scipy.stats import multivariate_normal
 
 from bnn_bench.data import Dataset, Split
@@ -39,6 +40,7 @@ from bnn_bench.methods.laplace import (
     LastLayer,
     Linearised,
     MargLik,
+    Predictive,
     Probit,
     sampled_logits,
 )
@@ -255,6 +257,31 @@ def test_linear_laplace_evidence_is_the_exact_evidence():
     )
     ref = minimize_scalar(lambda u: -lml(np.exp(u)), bounds=(-9, 14), method="bounded").x
     np.testing.assert_allclose(np.log(tau), ref, atol=1e-3)
+
+
+def test_val_nll_of_the_gaussian_mixture_shortcut_and_streamed():
+    """The validation NLL a τ grid reads: the low-rank shortcut (one pass of k + S
+    tangents) equals the streamed members', and both equal the Gaussian mixture's NLL
+    written out with scipy from the members."""
+    data = regression_data(seed=1)
+    mu, _ = blr_posterior(data.train.x, data.train.y)
+    post = _at(linear_model(data), mu)
+    idx = jnp.arange(data.train.size)[None]
+    curv = Full().fit(jax.random.key(0), post, data.train, idx, jnp.ones(idx.shape), 1.0, GGN())
+    post = post.replace(curvature=curv)
+    assert curv.low_rank  # a full eigendecomposition, d = 0: the shortcut applies
+    val, pred, key = data.test, Linearised(members=12), jax.random.key(3)
+    shortcut = pred.nll_fn(key, post, val, 12)
+    streamed = Predictive.nll_fn(pred, key, post, val, 12)
+    for tau in (0.1, ALPHA, 30.0):
+        p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
+        members = np.concatenate(list(pred.member_log_probs(key, p, val.x, 12)), 0)  # (S, N, 2)
+        dens = stats.norm.pdf(
+            np.asarray(val.y, np.float64), members[..., 0], np.exp(members[..., 1])
+        )
+        ref = -np.mean(np.log(dens.mean(0)))
+        np.testing.assert_allclose(streamed(tau), ref, rtol=1e-5)
+        np.testing.assert_allclose(shortcut(tau), ref, rtol=1e-4)
 
 
 # --------------------------------------------------------------------- refusals
