@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 from jax.flatten_util import ravel_pytree
-from scipy.optimize import minimize_scalar
 from scipy import stats
+from scipy.optimize import minimize_scalar
 from scipy.stats import multivariate_normal
 
 from bnn_bench.data import Dataset, Split
