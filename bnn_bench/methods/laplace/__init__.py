@@ -1,6 +1,9 @@
 """``laplace``: post-hoc Laplace approximation around a MAP fit (MacKay, 1992; Daxberger+ 2021).
 
-    p(θ | D) ≈ N(θ*, (G + τ I)⁻¹),   G = (N / n) Σ_{i ≤ n} J_iᵀ H_i J_i  (GGN, or empirical Fisher)
+    p(θ | D) ≈ N(θ*, (G + τ I)⁻¹),   G = (N / n) Σ_{i ≤ n} J_iᵀ Λ_i J_i  (GGN, or empirical Fisher)
+
+Λ_i comes from the model's likelihood (``model.likelihood``): the softmax Hessian for
+``likelihood=categorical``, 1/σ² on the mean (and 2 on log σ) for ``likelihood=gaussian``.
 
 The package mirrors ``conf/method/laplace/``, one module per config group:
 
@@ -14,7 +17,7 @@ The package mirrors ``conf/method/laplace/``, one module per config group:
   a grid), ``MargLik`` (the maximiser of the Laplace evidence) or ``Fixed`` (or a number);
 * ``predictives.py`` (``predictive``): ``Linearised`` (f(x, θ*) + J(x) δ; laplax's
   ``lin_mc_pred_act``), ``WeightSpace`` (f(x, θ* + δ)) or ``Probit`` (one member,
-  softmax(μ / √(1 + π/8 σ²)); MacKay, 1992);
+  softmax(μ / √(1 + π/8 σ²)); MacKay, 1992; classification only);
 
 and beside them ``posterior.py`` (``LaplacePosterior``), ``gaussian.py`` (the forms of G
 and the Gaussian and evidence on them) and ``passes.py`` (the jitted passes over the

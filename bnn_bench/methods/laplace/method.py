@@ -1,6 +1,9 @@
 """``laplace``: post-hoc Laplace approximation around a MAP fit (MacKay, 1992; Daxberger+ 2021).
 
-    p(θ | D) ≈ N(θ*, (G + τ I)⁻¹),   G = (N / n) Σ_{i ≤ n} J_iᵀ H_i J_i  (GGN, or empirical Fisher)
+    p(θ | D) ≈ N(θ*, (G + τ I)⁻¹),   G = (N / n) Σ_{i ≤ n} J_iᵀ Λ_i J_i  (GGN, or empirical Fisher)
+
+Λ_i comes from the model's likelihood (``model.likelihood``): the softmax Hessian for
+``likelihood=categorical``, 1/σ² on the mean (and 2 on log σ) for ``likelihood=gaussian``.
 
 θ* comes from ``PostHoc``: trained with the ``trainer`` group (the same network
 ``method=map`` trains with the same seed) or loaded from an earlier run (``init_from``).

@@ -193,11 +193,12 @@ def sampled_logits(
     batch_size: int = 1000,
     linearised: bool = True,
 ) -> jax.Array:
-    """Logits (s, N, C) of the members with deviations δ = Σ^{1/2} z.
+    """Outputs (s, N, K) (logits, or a Gaussian's mean [and log σ]) of the members with
+    deviations δ = Σ^{1/2} z.
 
     Args:
       post: the posterior.
-      x: (N, H, W, C) uint8 inputs.
+      x: (N, ...) inputs (uint8 images, or float regression features).
       z: (s, P) standard normal draws.
       linearised: f(x, θ*) + J(x) δ (a sample of the function-space Gaussian
         N(f(x, θ*), J Σ Jᵀ)) if true, else f(x, θ* + δ).
