@@ -29,6 +29,7 @@ from typing import Annotated, ClassVar, Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bnn_bench.errors import UserError
@@ -72,7 +73,18 @@ class Likelihood(abc.ABC):
 
     @abc.abstractmethod
     def member(self, out: jax.Array) -> jax.Array:
-        """What one member gives evaluation for outputs out (B, K): (B, M)."""
+        """What one member gives evaluation for outputs out (B, K): (B, M) (leading axes
+        kept: (..., K) -> (..., M))."""
+
+    @abc.abstractmethod
+    def member_nll(self, members, y, xp=np):
+        """Mean NLL of targets y (N,) under members (..., N, M) (``member``'s), every
+        member a point estimate; leading axes averaged too. ``xp``: numpy (float64 on the
+        host, returns a float) or jax.numpy (traceable)."""
+
+    @abc.abstractmethod
+    def member_score(self, members: jax.Array, y: jax.Array) -> jax.Array:
+        """``score`` of members (..., N, M) at targets y (N,), over every member, ()."""
 
     @abc.abstractmethod
     def fisher(self, out: jax.Array) -> jax.Array:
@@ -88,6 +100,11 @@ class Likelihood(abc.ABC):
     def mixture(self, outs: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(NLL, score) of the equal-weight mixture of K networks' outputs outs (K, B, K'):
         the validation line of an ensemble's training."""
+
+    @abc.abstractmethod
+    def guess_nll(self, num_targets: int) -> float:
+        """The NLL per example of an uninformed guess (the scale of the divergence check's
+        loss bound, ``loop.Divergence``)."""
 
     def check_task(self, task: str) -> None:
         """Refuses a dataset of another task, naming the ``likelihood=`` to choose.
@@ -127,6 +144,14 @@ class Categorical(Likelihood):
         """Class log-probabilities (B, C): the log-softmax of the logits."""
         return jax.nn.log_softmax(out, axis=-1)
 
+    def member_nll(self, members, y, xp=np):
+        """Exact, from the log-probabilities (``metrics.nll_of_log_probs``)."""
+        return M.nll_of_log_probs(members, y, xp=xp)
+
+    def member_score(self, members: jax.Array, y: jax.Array) -> jax.Array:
+        """Accuracy of the argmax over every member and input."""
+        return jnp.mean(members.argmax(-1) == y)
+
     def fisher(self, out: jax.Array) -> jax.Array:
         """``diag(p) - p pᵀ`` (B, C, C), p = softmax(out): the softmax cross-entropy's
         Hessian, which does not depend on y."""
@@ -136,6 +161,10 @@ class Categorical(Likelihood):
     def score(self, out: jax.Array, y: jax.Array) -> jax.Array:
         """Accuracy of the argmax, ()."""
         return jnp.mean(jnp.argmax(out, -1) == y)
+
+    def guess_nll(self, num_targets: int) -> float:
+        """log C: a uniform guess's NLL (C at least 2)."""
+        return math.log(max(num_targets, 2))
 
     def mixture(self, outs: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         """NLL (probabilities clipped as ``metrics.nll``) and accuracy of the mean of the
@@ -186,13 +215,13 @@ class Gaussian(Likelihood):
         return module
 
     def mean_log_sigma(self, out: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(μ (B,), log σ (B,)) of outputs out (B, K)."""
-        mean = out[:, 0]
+        """(μ (B,), log σ (B,)) of outputs out (B, K) (any leading axes: (..., K))."""
+        mean = out[..., 0]
         if self.noise == "fixed":
             return mean, jnp.full_like(mean, math.log(self.sigma))
         if self.noise == "learned":  # LearnedNoise's second column is log_noise itself
-            return mean, out[:, 1]
-        return mean, out[:, 1] + math.log(self.sigma)
+            return mean, out[..., 1]
+        return mean, out[..., 1] + math.log(self.sigma)
 
     def log_lik(self, out: jax.Array, y: jax.Array) -> jax.Array:
         """``-½ log 2π - log σ - (y - μ)² / (2σ²)``, (B,)."""
@@ -203,6 +232,27 @@ class Gaussian(Likelihood):
     def member(self, out: jax.Array) -> jax.Array:
         """(B, 2): μ and log σ, standardised units."""
         return jnp.stack(self.mean_log_sigma(out), axis=-1)
+
+    def member_nll(self, members, y, xp=np):
+        """``-mean log N(y; μ, σ²)`` over members (..., N, 2) = (μ, log σ)."""
+        if xp is np:
+            members, y = np.asarray(members, np.float64), np.asarray(y, np.float64)
+        z = (y - members[..., 0]) * xp.exp(-members[..., 1])
+        out = xp.mean(_HALF_LOG_2PI + members[..., 1] + 0.5 * xp.square(z))
+        return float(out) if xp is np else out
+
+    def member_score(self, members: jax.Array, y: jax.Array) -> jax.Array:
+        """RMSE of every member's μ, standardised units."""
+        return jnp.sqrt(jnp.mean(jnp.square(members[..., 0] - y)))
+
+    def point_metrics(self, members, y, scale: float = 1.0) -> dict[str, float]:
+        """``rmse`` and ``nll`` of one member (N, 2) at standardised targets y (N,), in the
+        target's original units (``scale``: its std; NLL + log scale), float64 on the host."""
+        members, y = np.asarray(members, np.float64), np.asarray(y, np.float64)
+        return {
+            "rmse": float(np.sqrt(np.mean(np.square(members[:, 0] - y))) * scale),
+            "nll": self.member_nll(members, y) + math.log(scale),
+        }
 
     def fisher(self, out: jax.Array) -> jax.Array:
         """``1/σ²`` on μ, (B, 1, 1) for fixed noise; ``diag(1/σ², 2)`` on (μ, log σ),
@@ -217,7 +267,13 @@ class Gaussian(Likelihood):
 
     def score(self, out: jax.Array, y: jax.Array) -> jax.Array:
         """RMSE of μ, standardised units."""
-        return jnp.sqrt(jnp.mean(jnp.square(out[:, 0] - y)))
+        return jnp.sqrt(jnp.mean(jnp.square(out[..., 0] - y)))
+
+    def guess_nll(self, num_targets: int) -> float:
+        """The NLL of N(0, sigma²) on standardised targets (variance 1):
+        ½ log 2π + log sigma + 1 / (2 sigma²), at least ½ log 2π + ½ (sigma = 1)."""
+        del num_targets
+        return _HALF_LOG_2PI + math.log(self.sigma) + 0.5 / self.sigma**2
 
     def mixture(self, outs: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         """NLL of the Gaussian mixture ``(1/K) Σ_k N(y; μ_k, σ_k²)`` and the RMSE of its
@@ -254,3 +310,9 @@ class LearnedNoise(nn.Module):
 def task_of(spec) -> str:
     """The dataset's task (``Spec.task``; a spec without one is a classification's)."""
     return getattr(spec, "task", "classification")
+
+
+def target_scale(spec) -> float:
+    """The std of a regression dataset's targets (``Spec.target_std``; 1 without one):
+    standardised units times it are the target's original units."""
+    return float(getattr(spec, "target_std", 1.0))

@@ -105,12 +105,14 @@ class Trait:
       of: whether a model has it (computed on shapes, without data).
       with_: how to choose a model that has it (one sentence).
       without: how to choose a model that lacks it (one sentence).
+      instead: what a model that lacks it has instead, for the message (None: "none").
     """
 
     noun: str
     of: Callable[[Model], bool]
     with_: str
     without: str
+    instead: Callable[[Model], str] | None = None
 
 
 def _has_dropout(model: Model) -> bool:
@@ -144,6 +146,16 @@ TRAITS: dict[str, Trait] = {
         _has_depthwise,
         "Use model=mobilenet.",
         "Choose a model without: model=mlp, cnn, lenet or convmod.",
+    ),
+    # the likelihood is the model's (``Model.likelihood``): classification-only methods
+    # need the categorical one
+    "categorical": Trait(
+        "the categorical likelihood",
+        lambda model: model.likelihood.task == "classification",
+        "For regression (likelihood=gaussian) choose method=map, ensemble, swag, mc_dropout, "
+        "vi, laplace, hmc or an SG-MCMC sampler.",
+        "Choose likelihood=gaussian on a regression dataset.",
+        lambda model: f"likelihood={model.likelihood.name}",
     ),
 }
 
