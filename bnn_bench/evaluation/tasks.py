@@ -181,11 +181,18 @@ class Regression:
             )
         return out
 
+    def inputs(self, split: Split) -> np.ndarray:
+        """(N,) one feature in its original units (``Spec.mean``, ``Spec.std``: the training
+        split's feature mean and std the loader standardised with)."""
+        spec = self.data.spec
+        mean, std = float(spec.mean[0]), float(spec.std[0])
+        return mean + std * np.asarray(split.x, np.float64).reshape(-1)
+
     def _predictive(self, folder: Path, head: str, summaries, sets, reference) -> Path:
-        x = np.asarray(sets["test"].x, np.float64).reshape(-1)
+        x = self.inputs(sets["test"])
         train = self.data.train
         points = {
-            "train": (np.asarray(train.x, np.float64).reshape(-1), self.targets(train)),
+            "train": (self.inputs(train), self.targets(train)),
             "test": (x, self.targets(sets["test"])),
         }
         bands = {"this run": R.moments(*self.original(summaries["test"]))}

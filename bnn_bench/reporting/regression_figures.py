@@ -42,7 +42,7 @@ def predictive(
 
     Args:
       data: label -> (x, y) points (e.g. ``train``, ``test``).
-      x: (N,) the inputs the predictives are given at.
+      x: (N,) the inputs the predictives are given at (original units).
       bands: label -> (mean, std), each (N,): the run's (drawn first, filled) and, with a
         reference, the reference's (drawn as lines).
     """
@@ -62,7 +62,7 @@ def predictive(
         else:
             ax.plot(xs, m - 2 * s, color=color, lw=1, ls="--", label=f"{label}: ±2σ")
             ax.plot(xs, m + 2 * s, color=color, lw=1, ls="--")
-    ax.set_xlabel("x (standardised)")
+    ax.set_xlabel("x")
     ax.set_ylabel("y (original units)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
