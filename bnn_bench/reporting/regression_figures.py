@@ -49,10 +49,11 @@ def predictive(
     order = np.argsort(x, kind="stable")
     xs = x[order]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    markers = {"train": ("tab:gray", 10), "test": ("black", 14)}
+    # training points on top and larger: they say where the posterior has data
+    markers = {"train": ("tab:orange", 16, 0.9, 4), "test": ("black", 6, 0.4, 3)}
     for label, (px, py) in data.items():
-        color, size = markers.get(label, ("tab:green", 10))
-        ax.scatter(px, py, s=size, color=color, alpha=0.6, label=f"{label} data", zorder=3)
+        color, size, alpha, z = markers.get(label, ("tab:green", 8, 0.6, 3))
+        ax.scatter(px, py, s=size, color=color, alpha=alpha, label=f"{label} data", zorder=z)
     colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple"]
     for i, (label, (mean, std)) in enumerate(bands.items()):
         m, s, color = mean[order], std[order], colors[i % len(colors)]

@@ -21,6 +21,7 @@ from bnn_bench.evaluation import regression as R
 from bnn_bench.evaluation import regression_fidelity as RF
 from bnn_bench.evaluation.regression_summary import RegressionSummary
 from bnn_bench.evaluation.settings import EvalSettings
+from bnn_bench.evaluation.tables import metrics_table
 from bnn_bench.evaluation.tasks import Classification, Regression, task_of
 from bnn_bench.reporting.outputs import write_metrics
 
@@ -168,6 +169,8 @@ def test_regression_evaluation_end_to_end(tmp_path):
     assert set(pngs) == {"calibration", "predictive"}
     for png in pngs.values():
         assert png.is_file() and png.stat().st_size > 10_000
+    table = metrics_table({**metrics, **scores})  # the run log's table: regression groups
+    assert "RMSE" in table and "W2 (competition)" in table and "Classification" not in table
     path = write_metrics(run_dir, {**metrics, **scores}, curves)
     saved = json.loads(path.read_text())
     assert saved["test/crps"] == pytest.approx(metrics["test/crps"])
