@@ -4,7 +4,7 @@ Reads ``metrics.json`` of every run below the given folders (a multirun's sweep
 folder, several single runs, or a mix), groups the runs by the overrides that
 differ between them (``method``, ``dataset``, ...; read from each run's
 ``.hydra/overrides.yaml``), and reports each metric as mean ± std over the runs
-of a group (the seeds). Works offline; W&B is not involved.
+of a group (the seeds, and a UCI dataset's ``dataset.split``). Works offline; W&B is not involved.
 
 Outputs, in ``--out`` (default ``<first DIR>/comparison``):
   comparison.md   the table printed to the terminal (Markdown)

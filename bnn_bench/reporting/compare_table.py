@@ -16,13 +16,16 @@ import numpy as np
 from bnn_bench.reporting.runs import Job, Run, Survey
 from bnn_bench.run_folder import METRICS
 
-AGGREGATED = ("seed",)  # varied to measure spread, not to compare
+# varied to measure spread, not to compare: seeds, and a UCI dataset's train/test splits
+# (``dataset.split=range(20)``: the UCI tables' mean ± se over the splits)
+AGGREGATED = ("seed", "dataset.split")
 
 
 @dataclass
 class Group:
-    """The runs that share every differing override but the seed, and the group's jobs
-    that have no results (``unfinished``: failed, crashed, missing, ...)."""
+    """The runs that share every differing override but the seed (and ``dataset.split``),
+    and the group's jobs that have no results (``unfinished``: failed, crashed, missing,
+    ...)."""
 
     label: dict[str, str]
     runs: list[Run]
@@ -65,9 +68,9 @@ def group_runs(
     runs: Sequence[Run], by: Sequence[str] | None = None, jobs: Sequence[Job] = ()
 ) -> tuple[list[str], list[Group]]:
     """Groups runs by ``by`` or, if None, by every override whose value differs
-    between runs and ``jobs`` (a missing override counts as ``default``), the seed
-    excepted. ``jobs`` without results join their group's ``unfinished`` (a group may
-    hold no run). Returns the grouping keys and the groups in first-seen order."""
+    between runs and ``jobs`` (a missing override counts as ``default``), the seed and
+    ``dataset.split`` excepted. ``jobs`` without results join their group's ``unfinished``
+    (a group may hold no run). Returns the grouping keys and the groups in first-seen order."""
     entries = [*runs, *jobs]
     if by is None:
         keys = sorted({k for e in entries for k in e.overrides})

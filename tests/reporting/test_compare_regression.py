@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.tasks import Regression
@@ -27,11 +28,13 @@ def test_regression_runs_show_mean_and_standard_error(tmp_path, capsys):
     values = {"map": [(3.0, 2.0), (5.0, 2.5), (4.0, 3.0)], "laplace": [(3.5, 1.5), (3.7, 1.9)]}
     for method, runs in values.items():
         for split, (rmse, nll) in enumerate(runs):
-            _run_folder(
+            folder = _run_folder(
                 root / f"{method}{split}",
-                [f"method={method}", f"seed={split}"],
+                [f"method={method}", f"dataset.split={split}"],  # pooled, as seeds
                 _regression_metrics(rmse, nll),
             )
+            config = {"seed": 0, "method": {"name": method}, "dataset": {"split": split}}
+            (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     report, out = compare([root], out=tmp_path / "cmp")
     assert "mean ± se" in report.splitlines()[0]
     assert "| method | n | test/rmse | test/nll | test/crps | test/coverage_95 |" in report
