@@ -10,6 +10,10 @@ every such set and of the training split, and what the model is fed of those inp
 reference's on the sets both runs have: ``<set>/agreement`` (share of inputs whose
 top-1 class matches) and ``<set>/total_variation`` (mean ½ Σ_c |p − p_ref|).
 
+A regression run keeps its members' Gaussians instead, (S, N, 2) per set, and is scored by
+the competition's W2 and the mean and std errors (``regression_fidelity``); its
+fingerprints say ``"task": "regression"``.
+
 A reference only means something on the same inputs and for a posterior of the
 same training data, so the fingerprints must match; a mismatch stops the run
 before ``fit`` with a message that names the difference.

@@ -10,7 +10,7 @@ closed form (``tests/evaluation/test_regression.py``).
 from __future__ import annotations
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 LEVELS = (0.5, 0.9, 0.95)  # central predictive intervals reported as coverage_/width_<100·level>
 CALIBRATION_LEVELS = tuple(np.round(np.linspace(0.05, 0.95, 19), 2)) + (0.99,)
@@ -68,7 +68,8 @@ def _a(m, var):
     """A(m, σ²) = E|Z| for Z ~ N(m, σ²) = 2σ φ(m/σ) + m (2 Φ(m/σ) − 1)."""
     s = np.sqrt(var)
     r = m / s
-    return 2 * s * stats.norm.pdf(r) + m * (2 * stats.norm.cdf(r) - 1)
+    # φ and Φ written out: scipy.stats.norm's per-call machinery is ~10x slower here
+    return s * np.sqrt(2 / np.pi) * np.exp(-0.5 * r * r) + m * (2 * special.ndtr(r) - 1)
 
 
 def crps_per_input(mu, sd, y, max_elements: int = 4_000_000) -> np.ndarray:
@@ -76,19 +77,20 @@ def crps_per_input(mu, sd, y, max_elements: int = 4_000_000) -> np.ndarray:
     Johnson 2006, eq. 5): CRPS = E|Y − y| − ½ E|Y − Y'|
     = 1/S Σ_i A(y − mu_i, sd_i²) − 1/(2S²) Σ_ij A(mu_i − mu_j, sd_i² + sd_j²).
 
-    The pairwise term is O(S²) per input, done a few inputs at a time so that at most
-    ``max_elements`` pairs are held at once.
+    The pairwise term is O(S²) per input: each unordered pair once (A is symmetric), the
+    diagonal A(0, 2 sd_i²) = 2 sd_i / √π in closed form, a few inputs at a time so that at
+    most ``max_elements`` pairs are held at once.
     """
     mu, sd, y = _f64(mu, sd, y)
     s, n = mu.shape
     first = _a(y - mu, sd**2).mean(0)  # (N,)
-    second = np.empty(n)
-    step = max(1, max_elements // (s * s))
+    second = 2 * sd.sum(0) / np.sqrt(np.pi)  # the diagonal, i = j
+    i, j = np.triu_indices(s, k=1)  # (P,) pairs i < j
+    step = max(1, max_elements // max(1, len(i)))
     for lo in range(0, n, step):
         m, v = mu[:, lo : lo + step], sd[:, lo : lo + step] ** 2  # (S, n')
-        pair = _a(m[:, None] - m[None, :], v[:, None] + v[None, :])  # (S, S, n')
-        second[lo : lo + step] = pair.mean((0, 1))
-    return first - 0.5 * second
+        second[lo : lo + step] += 2 * _a(m[i] - m[j], v[i] + v[j]).sum(0)
+    return first - 0.5 * second / s**2
 
 
 def crps(mu, sd, y) -> float:
