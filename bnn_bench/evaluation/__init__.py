@@ -5,6 +5,9 @@ every method is judged by the same code whatever its number of members S.
 Keys are ``<set>/<metric>`` in ``metrics.json``; this module returns them without
 the set prefix (``compute``) or with it (``evaluate``). The README's
 "Evaluation" section documents each key.
+
+This is classification's evaluation; a regression run's (members' Gaussians, RMSE, NLL,
+CRPS, intervals) is in ``regression``, and ``tasks.task_of`` picks one per run.
 """
 
 from __future__ import annotations

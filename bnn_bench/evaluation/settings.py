@@ -34,7 +34,8 @@ class EvalSettings:
       num_bins: bins of ECE, adaptive ECE, MCE and the reliability diagram.
       keep_inputs: the first this-many inputs of each set keep every member's
         probabilities (for per-image box plots).
-      keep_members: at most this many members are kept for them.
+      keep_members: at most this many members are kept for them; a regression run keeps
+        this many members on every input (its mixture's NLL, CRPS and intervals use them).
       uncertain_below: a prediction whose confidence (max posterior-predictive
         probability) is below this counts as uncertain.
       ood_dataset: a dataset config (any ``conf/dataset`` choice, chosen with
@@ -50,7 +51,8 @@ class EvalSettings:
         sees the same corrupted images.
       plots: write the plots into ``plots/``.
       reference: a finished run's folder whose posterior predictive this run is scored
-        against (``<set>/agreement``, ``<set>/total_variation``; e.g. a ``method=hmc``
+        against (``<set>/agreement``, ``<set>/total_variation``; regression:
+        ``<set>/w2``, ``<set>/mean_error``, ``<set>/std_error``; e.g. a ``method=hmc``
         run), or None. Its data must be this run's: checked before ``fit``.
     """
 

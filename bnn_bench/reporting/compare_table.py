@@ -16,13 +16,16 @@ import numpy as np
 from bnn_bench.reporting.runs import Job, Run, Survey
 from bnn_bench.run_folder import METRICS
 
-AGGREGATED = ("seed",)  # varied to measure spread, not to compare
+# varied to measure spread, not to compare: seeds, and a UCI dataset's train/test splits
+# (``dataset.split=range(20)``: the UCI tables' mean ± se over the splits)
+AGGREGATED = ("seed", "dataset.split")
 
 
 @dataclass
 class Group:
-    """The runs that share every differing override but the seed, and the group's jobs
-    that have no results (``unfinished``: failed, crashed, missing, ...)."""
+    """The runs that share every differing override but the seed (and ``dataset.split``),
+    and the group's jobs that have no results (``unfinished``: failed, crashed, missing,
+    ...)."""
 
     label: dict[str, str]
     runs: list[Run]
@@ -54,14 +57,20 @@ class Group:
             return math.nan, math.nan
         return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
 
+    def mean_se(self, metric: str) -> tuple[float, float]:
+        """The mean and its standard error, std (ddof = 1) / √n, over the group's runs (the
+        UCI tables' "mean ± se over the splits")."""
+        mean, std = self.mean_std(metric)
+        return mean, std / math.sqrt(self.values(metric).size) if not math.isnan(std) else std
+
 
 def group_runs(
     runs: Sequence[Run], by: Sequence[str] | None = None, jobs: Sequence[Job] = ()
 ) -> tuple[list[str], list[Group]]:
     """Groups runs by ``by`` or, if None, by every override whose value differs
-    between runs and ``jobs`` (a missing override counts as ``default``), the seed
-    excepted. ``jobs`` without results join their group's ``unfinished`` (a group may
-    hold no run). Returns the grouping keys and the groups in first-seen order."""
+    between runs and ``jobs`` (a missing override counts as ``default``), the seed and
+    ``dataset.split`` excepted. ``jobs`` without results join their group's ``unfinished``
+    (a group may hold no run). Returns the grouping keys and the groups in first-seen order."""
     entries = [*runs, *jobs]
     if by is None:
         keys = sorted({k for e in entries for k in e.overrides})
@@ -97,13 +106,17 @@ def _fmt(mean: float, std: float) -> str:
     return s if math.isnan(std) or (integral and std == 0) else f"{s} ± {std:.{digits}f}"
 
 
-def markdown_table(by: Sequence[str], groups: Sequence[Group], metrics: Sequence[str]) -> str:
-    """A Markdown table: one row per group, ``mean ± std`` per metric."""
+def markdown_table(
+    by: Sequence[str], groups: Sequence[Group], metrics: Sequence[str], spread: str = "std"
+) -> str:
+    """A Markdown table: one row per group, ``mean ± std`` (``spread="se"``: ``mean ± se``)
+    per metric."""
     head = [*(by or ["runs"]), "n", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [*(g.label.values() if by else ["all"]), g.count]
-        cells += [_fmt(*g.mean_std(m)) for m in metrics]
+        stat = g.mean_se if spread == "se" else g.mean_std
+        cells += [_fmt(*stat(m)) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
