@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from bnn_bench.config import build
-from bnn_bench.data import StoredDataset, SyntheticDataset
+from bnn_bench.data.resolve import DatasetConfig
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.methods.base import Method
 from bnn_bench.schema import Objective
@@ -27,7 +27,7 @@ class Parts:
       objective: what a Hydra sweeper optimises.
     """
 
-    dataset: StoredDataset | SyntheticDataset
+    dataset: DatasetConfig
     module: Any
     method: Method
     settings: EvalSettings

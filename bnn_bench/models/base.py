@@ -1,8 +1,9 @@
-"""A model: a flax module behind a pure ``apply(params, state, x_uint8, train, key)``.
+"""A model: a flax module behind a pure ``apply(params, state, x, train, key)``.
 
 The wrapper owns the input pipeline (``Spec.preprocess``: scale, normalise,
-resize on the device), so every method feeds it the uint8 images the dataset
-holds, and no method can forget a step of preprocessing.
+resize on the device), so every method feeds it the inputs the dataset holds
+(uint8 images, or float32 regression features), and no method can forget a step
+of preprocessing.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Model:
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Initial ``(params, state)``; ``state`` holds batch-norm statistics if any."""
-        x = jnp.zeros((1, *self.spec.shape), jnp.uint8)
+        x = jnp.zeros((1, *self.spec.shape), self.spec.dtype)
         variables = self.module.init(
             {"params": key, "dropout": key}, self.spec.preprocess(x), train=False
         )
@@ -176,7 +177,9 @@ def module_calls(model: Model) -> list[Call]:
     def forward(key):
         params, state = model.init(key)
         with nn.intercept_methods(record):
-            return model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))[0]
+            return model.apply(params, state, jnp.zeros((1, *model.spec.shape), model.spec.dtype))[
+                0
+            ]
 
     jax.eval_shape(forward, jax.random.key(0))
     return calls
@@ -201,15 +204,26 @@ def num_params(params: Params) -> int:
     return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
 
 
-def build_model(module: nn.Module, spec: Spec, name: str = "", batch_size: int = 1000) -> Model:
+def build_model(
+    module: nn.Module,
+    spec: Spec,
+    name: str = "",
+    batch_size: int = 1000,
+    outputs: int | None = None,
+) -> Model:
     """Wraps ``module`` and checks, without computing, that it takes the data's inputs.
+
+    Args:
+      outputs: the units the network's last layer must have (the likelihood's
+        ``outputs(spec.num_classes)``, e.g. 2 for a Gaussian with a log-σ head);
+        default ``spec.num_classes``.
 
     Raises:
       UserError: when the (resized) input shape does not fit the network, naming
         the shape and what to change.
     """
     model = Model(module, spec, name, batch_size)
-    x = jnp.zeros((2, *spec.shape), jnp.uint8)
+    x = jnp.zeros((2, *spec.shape), spec.dtype)
 
     def probe(key):
         params, state = model.init(key)
@@ -234,16 +248,22 @@ def build_model(module: nn.Module, spec: Spec, name: str = "", batch_size: int =
     empty = [a.shape for a in jax.tree.leaves(inter) if 0 in a.shape]
     if empty:
         raise _shape_error(model, ValueError(f"a layer's output would be empty {empty[0]}"))
-    if out.shape != (2, spec.num_classes):
+    outputs = spec.num_classes if outputs is None else outputs
+    if out.shape != (2, outputs):
         raise UserError(
-            f"model {name} gives outputs of shape {out.shape[1:]} for "
-            f"{spec.num_classes} classes; set its num_classes to the dataset's."
+            f"model {name} gives outputs of shape {out.shape[1:]}; {spec.name} and the "
+            f"likelihood need {outputs}: set its num_classes to {outputs}."
         )
     return model
 
 
 def _shape_error(model: Model, e: Exception) -> UserError:
     spec = model.spec
+    if spec.task == "regression":
+        return UserError(
+            f"model {model.name or type(model.module).__name__} cannot take {spec.name}'s "
+            f"feature vectors of shape {spec.input_shape}; use model=mlp."
+        )
     resize = f" (dataset.resize={list(spec.resize)})" if spec.resize else ""
     return UserError(
         f"model {model.name or type(model.module).__name__} cannot take {spec.name} inputs of "
