@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from bnn_bench.config import build
 from bnn_bench.data.resolve import DatasetConfig
 from bnn_bench.evaluation.settings import EvalSettings
+from bnn_bench.likelihoods import Likelihood, task_of
 from bnn_bench.methods.base import Method
 from bnn_bench.schema import Objective
 
@@ -21,7 +22,8 @@ class Parts:
 
     Attributes:
       dataset: the dataset's typed config (``load()`` reads it, ``locate()`` finds it).
-      module: the model's flax module, for the dataset's number of classes.
+      module: the model's flax module, with the likelihood's outputs for the dataset's
+        classes or targets.
       method: the inference method.
       settings: the evaluation settings.
       objective: what a Hydra sweeper optimises.
@@ -32,20 +34,26 @@ class Parts:
     method: Method
     settings: EvalSettings
     objective: Objective
+    likelihood: Likelihood
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Parts:
         """Builds every part of a composed (and validated) ``cfg``.
 
         Raises:
-          UserError: a constructor refused a value (naming its config node).
+          UserError: a constructor refused a value (naming its config node), or the
+            likelihood is not for the dataset's task (naming the ``likelihood=`` to choose).
         """
         dataset = build(cfg.dataset, "dataset")
-        module = build(cfg.model, "model", num_classes=dataset.spec.num_classes)
+        likelihood = build(cfg.likelihood, "likelihood")
+        likelihood.check_task(task_of(dataset.spec))
+        units = likelihood.outputs(dataset.spec.num_classes)
+        module = build(cfg.model, "model", num_classes=units)
         return cls(
             dataset,
             module,
             build(cfg.method, "method"),
             build(cfg.eval, "eval"),
             Objective(str(cfg.objective.metric), str(cfg.objective.direction)),
+            likelihood,
         )

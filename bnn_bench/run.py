@@ -68,7 +68,11 @@ def _run(
     # --- data and model
     data = parts.dataset.load()
     model = build_model(
-        module, data.spec, config_choice(out_dir, "model", cfg.model), settings.batch_size
+        module,
+        data.spec,
+        config_choice(out_dir, "model", cfg.model),
+        settings.batch_size,
+        parts.likelihood,
     )
     n_params = num_params(jax.eval_shape(model.init, jax.random.key(0))[0])
     log.info(

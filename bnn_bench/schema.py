@@ -88,6 +88,7 @@ class Root:
 
     dataset: Any = None
     model: Any = None
+    likelihood: Any = None
     method: Any = None
     eval: Any = None
     logger: Any = None

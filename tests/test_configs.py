@@ -15,7 +15,7 @@ from tests.conftest import compose_cfg, config_choices
 
 pytestmark = pytest.mark.contract
 
-GROUPS = ["dataset", "model", "method", "trainer", "eval", "logger"]
+GROUPS = ["dataset", "model", "likelihood", "method", "trainer", "eval", "logger"]
 # groups composed by a method's YAML (trainer: by the methods that train): the method
 # that composes each, and where its node lands
 NESTED = {
@@ -150,13 +150,14 @@ def test_every_regression_dataset_locates_and_takes_the_mlp_only(dataset, tmp_pa
     assert data.spec.task == "regression" and data.spec.num_classes == 1
     assert data.train.x.dtype == jax.numpy.float32 and data.train.x.ndim == 2
     assert not (tmp_path / "cache").exists()
+    gaussian = build(compose_cfg("likelihood=gaussian").likelihood, "likelihood")
     for model in config_choices("model"):
         module = build(compose_cfg(f"model={model}").model, "model", num_classes=1)
         if model == "mlp":
-            build_model(module, data.spec, model)
+            build_model(module, data.spec, model, likelihood=gaussian)
             continue
         with pytest.raises(UserError, match="feature vectors .* use model=mlp"):
-            build_model(module, data.spec, model)
+            build_model(module, data.spec, model, likelihood=gaussian)
 
 
 def test_every_need_names_a_trait_and_the_traits_tell_the_models_apart(shapes, method_nodes):

@@ -104,7 +104,8 @@ class Need:
         trait = TRAITS[self.trait]
         if trait.of(model) == self.present:
             return None
-        has = "has none" if self.present else f"has {trait.noun}"
+        lacks = "none" if trait.instead is None else trait.instead(model)
+        has = f"has {lacks}" if self.present else f"has {trait.noun}"
         fix = trait.with_ if self.present else trait.without
         return (
             f"method={method} needs a model {'with' if self.present else 'without'} "
@@ -157,8 +158,10 @@ class Method(abc.ABC):
     def member_log_probs(
         self, key: jax.Array, posterior: Posterior, x: jax.Array
     ) -> Iterator[jax.Array]:
-        """Yields class log-probabilities in chunks (s, N, C) for x (N, H, W, C) uint8 (the
-        log-softmax of the logits, never the log of a rounded probability); the chunk
+        """Yields the members' ``Likelihood.member`` in chunks for inputs x (N, ...):
+        class log-probabilities (s, N, C) for classification (the log-softmax of the
+        logits, never the log of a rounded probability), (s, N, 2) = (μ, log σ) in
+        standardised target units for the Gaussian likelihood (regression). The chunk
         sizes add up to S. The same key gives the same members for any x."""
 
     def predict(

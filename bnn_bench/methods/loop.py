@@ -51,13 +51,16 @@ class Divergence:
     """What the chunked loop checks after every chunk, and what the user should change.
 
     A chunk has diverged when its parameters are not all finite, or when its mean
-    training NLL per example is not finite or exceeds ``LOSS_BOUND`` x log C.
+    training NLL per example is not finite or exceeds ``LOSS_BOUND`` x log C (x an
+    uninformed guess's NLL, ``guess``, where given: regression).
 
     Attributes:
       fix: the advice, naming the key to change (``"Lower trainer.schedule.init_value
         (now 1000)."``), or ``values -> advice`` to quote the chunk's values.
       params: ``carry -> pytree`` of the parameters that must stay finite.
       num_classes: C, the scale of the loss bound.
+      guess: the NLL per example of an uninformed guess (``Likelihood.guess_nll``), the
+        scale of the loss bound in place of log C; None: log C.
       loss: ``(carry, values) -> float``: the chunk's mean training NLL per example (of its
         worst member or chain), the data term only (no prior, no KL); None: a loop that
         has none (HMC: its Metropolis test rejects a blow-up) checks the parameters only.
@@ -67,11 +70,17 @@ class Divergence:
     params: Callable[[Any], Any]
     num_classes: int = 2
     loss: Callable[[Any, dict[str, float]], float] | None = None
+    guess: float | None = None
 
     @property
     def bound(self) -> float:
         """The largest healthy chunk NLL, nats per example."""
-        return LOSS_BOUND * math.log(max(self.num_classes, 2))
+        return LOSS_BOUND * self.scale
+
+    @property
+    def scale(self) -> float:
+        """An uninformed guess's NLL: log C, or ``guess``."""
+        return math.log(max(self.num_classes, 2)) if self.guess is None else self.guess
 
     def check(self, carry: Any, values: dict[str, float]) -> str | None:
         """What went wrong in the chunk that left ``carry`` and ``values``, or None."""
@@ -82,6 +91,12 @@ class Divergence:
         loss = float(self.loss(carry, values))
         if not math.isfinite(loss):
             return f"the training loss became {loss}"
+        if loss > self.bound and self.guess is not None:
+            return (
+                f"the training loss rose to {loss:.4g} nats per example, above "
+                f"{LOSS_BOUND:g} x {self.guess:.3g} = {self.bound:.3g} (an uninformed guess scores "
+                f"{self.guess:.3g})"
+            )
         if loss > self.bound:
             c = max(self.num_classes, 2)
             return (

@@ -24,7 +24,7 @@ import optax
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import metrics as M
+from bnn_bench.likelihoods import CATEGORICAL, Likelihood
 from bnn_bench.methods.base import RunContext
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
 from bnn_bench.models import Model, Params, State
@@ -39,11 +39,6 @@ class TrainState(NamedTuple):
     params: Params
     state: State
     opt_state: Any
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of logits (B, C) against integer labels (B,)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def epoch_batches(key: jax.Array, n: int, batch_size: int) -> jax.Array:
@@ -147,7 +142,9 @@ class Trainer:
         params, state = init if init is not None else model.init(k_init)
         n = data.train.size
         tx = self.make_optimizer(self.num_steps(n))
-        evaluate = jax.jit(lambda ts, x, y: _loss_acc(model.logits(ts.params, ts.state, x), y))
+        evaluate = jax.jit(
+            lambda ts, x, y: _loss_score(model, model.logits(ts.params, ts.state, x), y)
+        )
         return self.run_loop(
             ctx or RunContext(),
             name,
@@ -157,6 +154,7 @@ class Trainer:
             epoch_idx=lambda e: epoch_batches(jax.random.fold_in(k_data, e), n, self.batch_size),
             chunk_keys=lambda s, z: jax.random.split(jax.random.fold_in(k_drop, s), z),
             evaluate=evaluate,
+            likelihood=model.likelihood,
         )
 
     def train_members(
@@ -184,7 +182,8 @@ class Trainer:
           keys: (K,) keys, one per member.
           model: the network (the same architecture for every member).
           data: ``data.train`` is trained on; ``data.val``, if any, is validated on
-            with the members' mean probabilities every ``eval_every`` epochs.
+            with the members' mixture (``Likelihood.mixture``: the mean probabilities,
+            or the Gaussian mixture) every ``eval_every`` epochs.
           ctx: the run context (logger of member-averaged curves, checkpoints, cost).
           shared_batches: a key for split batches (vote), or None for each member's
             own full batches (deep ensembles).
@@ -211,9 +210,9 @@ class Trainer:
             return b.reshape(per_epoch, k_members, -1)
 
         @jax.jit
-        def evaluate(ts, x, y):  # the members' mean prediction
-            probs = jax.vmap(model.probs, in_axes=(0, 0, None))(ts.params, ts.state, x).mean(0)
-            return M.nll(probs, y, xp=jnp), jnp.mean(probs.argmax(-1) == y)
+        def evaluate(ts, x, y):  # the members' mixture
+            outs = jax.vmap(model.logits, in_axes=(0, 0, None))(ts.params, ts.state, x)
+            return model.likelihood.mixture(outs, y)
 
         return self.run_loop(
             ctx or RunContext(),
@@ -227,6 +226,7 @@ class Trainer:
             )(k_drop),
             evaluate=evaluate,
             members=k_members,
+            likelihood=model.likelihood,
         )
 
     def run_loop(
@@ -242,6 +242,7 @@ class Trainer:
         members: int = 1,
         grad_evals_per_step: int = 1,
         desc: str | None = None,
+        likelihood: Likelihood = CATEGORICAL,
     ) -> Any:
         """The chunked loop of ``train`` and ``train_members`` (and of ``vi``, whose state
         is its own): epochs of ``batch_size`` minibatches, validation, logging.
@@ -250,16 +251,19 @@ class Trainer:
           ts: the initial state, any pytree (leaves with a leading member axis for
             several members): a ``TrainState`` for ``train``.
           run_chunk: ``make_chunk_runner``'s ``(ts, split, idx, keys, active) -> (ts,
-            (loss, acc))``, one compiled scan; or ``(ts, (loss, acc, nll))`` when the loss
+            (loss, score))``, one compiled scan (score: ``Likelihood.score``, accuracy or
+            RMSE); or ``(ts, (loss, score, nll))`` when the loss
             is more than the training NLL (vi: it adds the KL term), so that the divergence
             check sees the NLL alone (logged as ``train/nll``).
           epoch_idx: epoch -> (steps_per_epoch, ...) minibatch indices of that epoch.
           chunk_keys: (step, size) -> the dropout keys of steps [step, step + size).
-          evaluate: ``(ts, x, y) -> (nll, acc)`` on the validation split.
+          evaluate: ``(ts, x, y) -> (nll, score)`` on the validation split.
           members: networks trained at once (the cost counts each).
           grad_evals_per_step: gradient evaluations of one step of one network (vi: its
             Monte Carlo samples of the ELBO).
           desc: the progress bar's label (default ``train`` or ``train xK``).
+          likelihood: the model's (names the score in the logs, ``train/acc`` or
+            ``train/rmse``, and scales the divergence check's loss bound).
 
         Chunks never straddle an epoch; every chunk is padded with inactive steps to one
         length, so the step compiles once per run.
@@ -284,14 +288,16 @@ class Trainer:
             ts, (loss, acc, *nll) = run_chunk(ts, data.train, idx, keys, np.arange(length) < size)
             values = {
                 "train/loss": float(loss[:size].mean()),
-                "train/acc": float(acc[:size].mean()),
+                f"train/{likelihood.score_name}": float(acc[:size].mean()),
             }
             fit = np.asarray((nll[0] if nll else loss)[:size]).mean(0)  # () or (members,)
             worst_nll[0] = float(fit.max())
             if nll:
                 values["train/nll"] = float(fit.mean())
             if end % per_epoch == 0 or end == total:
-                values |= self._end_epoch(ts, epoch + 1, end, end == total, values, data, evaluate)
+                values |= self._end_epoch(
+                    ts, epoch + 1, end, end == total, values, data, evaluate, likelihood.score_name
+                )
             return ts, values
 
         divergence = Divergence(
@@ -299,6 +305,7 @@ class Trainer:
             params=lambda ts: ts,  # every float leaf of the state: parameters and moments
             num_classes=data.spec.num_classes,
             loss=lambda ts, values: worst_nll[0],
+            guess=likelihood.guess_nll(data.spec.num_classes),
         )
         desc = desc or ("train" if members == 1 else f"train x{members}")
         grads = total * members * grad_evals_per_step
@@ -329,32 +336,43 @@ class Trainer:
         )
 
     def _end_epoch(
-        self, ts, epoch: int, step: int, last: bool, train: dict[str, float], data, evaluate
+        self,
+        ts,
+        epoch: int,
+        step: int,
+        last: bool,
+        train: dict[str, float],
+        data,
+        evaluate,
+        score: str = "acc",
     ) -> dict[str, float]:
         """Validates at the end of every ``eval_every``-th epoch and of the run; logs the
-        epoch's line. Returns the validation values for the logger ({} without)."""
-        loss, acc = train["train/loss"], train["train/acc"]
+        epoch's line (``score``: ``acc`` or ``rmse``, the likelihood's). Returns the
+        validation values for the logger ({} without)."""
+        loss, acc = train["train/loss"], train[f"train/{score}"]
         if data.val is None or not self.eval_every or (epoch % self.eval_every and not last):
-            log.info("epoch %d step %d: train loss %.4f acc %.4f", epoch, step, loss, acc)
+            log.info("epoch %d step %d: train loss %.4f %s %.4f", epoch, step, loss, score, acc)
             return {}
         vl, va = (float(v) for v in evaluate(ts, data.val.x, data.val.y))
         log.info(
-            "epoch %d step %d: train loss %.4f acc %.4f | val nll %.4f acc %.4f",
-            *(epoch, step, loss, acc, vl, va),
+            "epoch %d step %d: train loss %.4f %s %.4f | val nll %.4f %s %.4f",
+            *(epoch, step, loss, score, acc, vl, score, va),
         )
-        return {"val/nll": vl, "val/acc": va, "epoch": epoch}
+        return {"val/nll": vl, f"val/{score}": va, "epoch": epoch}
 
 
-def _loss_acc(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return cross_entropy(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
+def _loss_score(model: Model, out: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return model.likelihood.loss(out, y), model.likelihood.score(out, y)
 
 
 def _make_step(model: Model, tx: optax.GradientTransformation):
-    """One optimiser step ``(ts, x (B, ...), y (B,), key) -> (ts, (loss, acc))`` of one model."""
+    """One optimiser step ``(ts, x (B, ...), y (B,), key) -> (ts, (loss, score))`` of one
+    model: the loss is the likelihood's mean NLL (``Likelihood.loss``), the score its
+    accuracy or RMSE."""
 
     def loss_fn(params, state, x, y, key):
-        logits, new_state = model.apply(params, state, x, train=True, key=key)
-        return cross_entropy(logits, y), (new_state, jnp.mean(jnp.argmax(logits, -1) == y))
+        out, new_state = model.apply(params, state, x, train=True, key=key)
+        return model.likelihood.loss(out, y), (new_state, model.likelihood.score(out, y))
 
     def step(ts: TrainState, x, y, key):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

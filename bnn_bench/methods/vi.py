@@ -51,7 +51,6 @@ from flax import serialization, struct, traverse_util
 from bnn_bench import run_folder
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import Method, Need, RunContext, Work
 from bnn_bench.methods.training import Trainer, epoch_batches, scan_steps
 from bnn_bench.models import Model, Params, module_calls
@@ -196,8 +195,8 @@ def make_elbo_step(
 
     Args:
       log_likelihood: ``(mean, std, x (B, ...), y (B,), key) -> (log p(y_b | x_b, θ)
-        (B,), correct (B,))`` under one draw θ ~ q (its key; ``correct`` feeds the
-        logged accuracy).
+        (B,), score ())`` under one draw θ ~ q (its key; ``score`` feeds the logged
+        accuracy or RMSE).
       tx: the optimiser over (μ, ρ).
       data_size: N, the training examples.
       prior_scale: s.
@@ -205,7 +204,7 @@ def make_elbo_step(
       warmup_steps: W; β_t = min(1, (t + 1) / W) at step t (0: β = 1).
 
     Returns:
-      ``step(state, x, y, key) -> (state, (loss, acc, nll))``, pure; loss is the objective
+      ``step(state, x, y, key) -> (state, (loss, score, nll))``, pure; loss is the objective
       at the step's draws, nll its first term alone (what the divergence check bounds).
     """
 
@@ -213,10 +212,10 @@ def make_elbo_step(
         mean, rho = mean_rho
         std = jax.tree.map(jax.nn.softplus, rho)
         keys = jax.random.split(key, num_train_samples)
-        loglik, correct = jax.vmap(lambda k: log_likelihood(mean, std, x, y, k))(keys)
+        loglik, score = jax.vmap(lambda k: log_likelihood(mean, std, x, y, k))(keys)
         kl = kl_divergence(mean, std, prior_scale)
         nll = -jnp.mean(loglik)
-        return nll + beta * kl / data_size, (jnp.mean(correct), nll)
+        return nll + beta * kl / data_size, (jnp.mean(score), nll)
 
     def step(state: VIState, x, y, key):
         beta = jnp.minimum(1.0, (state.step + 1) / warmup_steps) if warmup_steps else 1.0
@@ -231,14 +230,14 @@ def make_elbo_step(
     return step
 
 
-def classification_log_likelihood(model: Model, layers: set[tuple[str, ...]]) -> LogLik:
-    """``log_likelihood`` of ``make_elbo_step`` for a softmax classifier: log softmax of
-    ``perturbed_logits`` at the labels, and whether the argmax is right."""
+def model_log_likelihood(model: Model, layers: set[tuple[str, ...]]) -> LogLik:
+    """``log_likelihood`` of ``make_elbo_step`` for the model's likelihood
+    (``Likelihood.log_lik``: the log softmax at the labels for a classifier) of
+    ``perturbed_logits``, and its score (accuracy, or RMSE)."""
 
     def log_likelihood(mean, std, x, y, key):
-        logits = perturbed_logits(model, mean, std, x, key, layers)
-        loglik = jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
-        return loglik, (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        out = perturbed_logits(model, mean, std, x, key, layers)
+        return model.likelihood.log_lik(out, y), model.likelihood.score(out, y)
 
     return log_likelihood
 
@@ -310,7 +309,7 @@ class VI(Method):
         tx = self.trainer.make_optimizer(self.trainer.num_steps(n))
         layers = perturbed_layers(model)
         step = make_elbo_step(
-            classification_log_likelihood(model, layers),
+            model_log_likelihood(model, layers),
             tx,
             n,
             self.prior_scale,
@@ -320,8 +319,7 @@ class VI(Method):
 
         @jax.jit
         def evaluate(vs: VIState, x, y):  # the network at μ
-            probs = model.probs(vs.mean, {}, x)
-            return M.nll(probs, y, xp=jnp), jnp.mean(probs.argmax(-1) == y)
+            return model.likelihood.mixture(model.logits(vs.mean, {}, x)[None], y)
 
         tic = time.perf_counter()
         vs = self.trainer.run_loop(
@@ -337,6 +335,7 @@ class VI(Method):
             evaluate=evaluate,
             grad_evals_per_step=self.num_train_samples,
             desc="vi",
+            likelihood=model.likelihood,
         )
         std = jax.tree.map(jax.nn.softplus, vs.rho)
         stds = np.concatenate([np.ravel(s) for s in jax.tree.leaves(std)])

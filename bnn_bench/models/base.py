@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from bnn_bench.data import Spec
 from bnn_bench.errors import UserError
+from bnn_bench.likelihoods import CATEGORICAL, Likelihood
 
 Params = Any  # a pytree of arrays
 State = dict  # non-trainable collections, e.g. {"batch_stats": ...}; {} when none
@@ -29,16 +30,20 @@ class Model:
     """A flax module plus the preprocessing of its inputs.
 
     Attributes:
-      module: the flax ``nn.Module``; ``__call__(x, train)`` returns (B, C) logits.
+      module: the flax ``nn.Module``; ``__call__(x, train)`` returns (B, K) outputs:
+        logits for the categorical likelihood, (μ[, log σ]) for the Gaussian.
       spec: the dataset spec (input shape, normalisation, resize).
       name: the config choice (``mlp``, ``cnn``, ...), for logs.
       batch_size: inputs per forward pass when predicting many (``eval.batch_size``).
+      likelihood: how the outputs score the targets (``likelihood=``): every loss, log
+        density and member of the methods goes through it.
     """
 
     module: nn.Module
     spec: Spec
     name: str = ""
     batch_size: int = 1000
+    likelihood: Likelihood = CATEGORICAL
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Initial ``(params, state)``; ``state`` holds batch-norm statistics if any."""
@@ -82,8 +87,9 @@ class Model:
         return jax.nn.softmax(self.logits(params, state, x), axis=-1)
 
     def log_probs(self, params: Params, state: State, x: jax.Array) -> jax.Array:
-        """Evaluation-mode class log-probabilities (N, C): what a member gives."""
-        return jax.nn.log_softmax(self.logits(params, state, x), axis=-1)
+        """What a member gives (``Likelihood.member``), evaluation mode: class
+        log-probabilities (N, C), or (N, 2) = (μ, log σ) for the Gaussian likelihood."""
+        return self.likelihood.member(self.logits(params, state, x))
 
     @property
     def has_batch_norm(self) -> bool:
@@ -100,12 +106,14 @@ class Trait:
       of: whether a model has it (computed on shapes, without data).
       with_: how to choose a model that has it (one sentence).
       without: how to choose a model that lacks it (one sentence).
+      instead: what a model that lacks it has instead, for the message (None: "none").
     """
 
     noun: str
     of: Callable[[Model], bool]
     with_: str
     without: str
+    instead: Callable[[Model], str] | None = None
 
 
 def _has_dropout(model: Model) -> bool:
@@ -139,6 +147,16 @@ TRAITS: dict[str, Trait] = {
         _has_depthwise,
         "Use model=mobilenet.",
         "Choose a model without: model=mlp, cnn, lenet or convmod.",
+    ),
+    # the likelihood is the model's (``Model.likelihood``): classification-only methods
+    # need the categorical one
+    "categorical": Trait(
+        "the categorical likelihood",
+        lambda model: model.likelihood.task == "classification",
+        "For regression (likelihood=gaussian) choose method=map, ensemble, swag, mc_dropout, "
+        "vi, laplace, hmc or an SG-MCMC sampler.",
+        "Choose likelihood=gaussian on a regression dataset.",
+        lambda model: f"likelihood={model.likelihood.name}",
     ),
 }
 
@@ -209,18 +227,15 @@ def build_model(
     spec: Spec,
     name: str = "",
     batch_size: int = 1000,
-    outputs: int | None = None,
+    likelihood: Likelihood = CATEGORICAL,
 ) -> Model:
-    """Wraps ``module`` and checks, without computing, that it takes the data's inputs.
-
-    Args:
-      outputs: the units the network's last layer must have (the likelihood's
-        ``outputs(spec.num_classes)``, e.g. 2 for a Gaussian with a log-σ head);
-        default ``spec.num_classes``.
+    """Wraps ``module`` and checks, without computing, that it takes the data's inputs and
+    gives the likelihood's outputs (``likelihood.outputs(spec.num_classes)`` units);
+    the model's module is ``likelihood.wrap(module)`` (learned noise adds a parameter).
 
     Raises:
-      UserError: when the (resized) input shape does not fit the network, naming
-        the shape and what to change.
+      UserError: when the (resized) input shape does not fit the network, or its
+        outputs not the likelihood, naming the shape and what to change.
     """
     model = Model(module, spec, name, batch_size)
     x = jnp.zeros((2, *spec.shape), spec.dtype)
@@ -248,13 +263,15 @@ def build_model(
     empty = [a.shape for a in jax.tree.leaves(inter) if 0 in a.shape]
     if empty:
         raise _shape_error(model, ValueError(f"a layer's output would be empty {empty[0]}"))
-    outputs = spec.num_classes if outputs is None else outputs
-    if out.shape != (2, outputs):
+    units = likelihood.outputs(spec.num_classes)
+    if out.shape != (2, units):
         raise UserError(
-            f"model {name} gives outputs of shape {out.shape[1:]}; {spec.name} and the "
-            f"likelihood need {outputs}: set its num_classes to {outputs}."
+            f"model {name} gives outputs of shape {out.shape[1:]}, and "
+            f"likelihood={likelihood.name} needs {units} for the dataset's "
+            f"{spec.num_classes} {'classes' if likelihood.task == 'classification' else 'targets'}"
+            f"; set its num_classes to {units}."
         )
-    return model
+    return Model(likelihood.wrap(module), spec, name, batch_size, likelihood)
 
 
 def _shape_error(model: Model, e: Exception) -> UserError:

@@ -221,14 +221,16 @@ def test_classification_preprocessing_unchanged_and_regression_identity():
 
 
 def test_mlp_takes_feature_vectors_and_image_models_are_refused_by_name():
+    from bnn_bench.likelihoods import Gaussian
+
     ds = ToyGapDataset().load()
-    for outputs in (1, 2):  # a mean; a mean and a log-σ head
+    for noise, outputs in (("fixed", 1), ("heteroscedastic", 2)):  # μ; μ and a log-σ head
         module = build(compose_cfg("model=mlp").model, "model", num_classes=outputs)
-        net = build_model(module, ds.spec, "mlp", outputs=outputs)
+        net = build_model(module, ds.spec, "mlp", likelihood=Gaussian(noise=noise))
         params, state = net.init(jax.random.key(0))
         assert net.apply(params, state, ds.test.x[:5])[0].shape == (5, outputs)
-    with pytest.raises(UserError, match="toy_gap and the likelihood need 1"):
-        build_model(module, ds.spec, "mlp")
+    with pytest.raises(UserError, match="likelihood=gaussian needs 1"):
+        build_model(module, ds.spec, "mlp", likelihood=Gaussian())
     cnn = build(compose_cfg("model=cnn").model, "model", num_classes=1)
     with pytest.raises(UserError, match="cannot take toy_gap's feature vectors .* model=mlp"):
-        build_model(cnn, ds.spec, "cnn")
+        build_model(cnn, ds.spec, "cnn", likelihood=Gaussian())

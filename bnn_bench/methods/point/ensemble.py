@@ -21,6 +21,7 @@ from flax import struct
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
+from bnn_bench.likelihoods import Gaussian, target_scale
 from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
@@ -47,21 +48,28 @@ def stacked_log_probs(posterior: StackedPosterior, x: jax.Array) -> jax.Array:
 
 
 def member_metrics(
-    log_probs: jax.Array, labels: jax.Array, num_bins: int, prefix: str
+    log_probs: jax.Array, labels: jax.Array, num_bins: int, prefix: str, model: Model | None = None
 ) -> dict[str, float]:
     """Each member's own accuracy, NLL and ECE: ``{prefix}member_<k>_{acc,nll,ece}``, and
-    their means over members ``{prefix}member_mean_{acc,nll,ece}``.
+    their means over members ``{prefix}member_mean_{acc,nll,ece}`` (regression, with
+    ``model``'s Gaussian likelihood: ``rmse`` and ``nll``, the target's original units).
 
     Args:
-      log_probs: (K, N, C) member log-probabilities.
-      labels: (N,) integer labels.
+      log_probs: (K, N, C) member log-probabilities, or (K, N, 2) Gaussian members.
+      labels: (N,) integer labels, or standardised targets.
+      model: the members' model (None: a classifier's).
     """
     out: dict[str, float] = {}
-    for name, fn in (
-        ("acc", lambda lp, y: M.accuracy(np.exp(lp), y)),
-        ("nll", M.nll_of_log_probs),
-        ("ece", lambda lp, y: M.ece(np.exp(lp), y, num_bins)),
-    ):
+    if model is not None and isinstance(model.likelihood, Gaussian):
+        lik, scale = model.likelihood, target_scale(model.spec)
+        fns = [(k, lambda m, y, k=k: lik.point_metrics(m, y, scale)[k]) for k in ("rmse", "nll")]
+    else:
+        fns = [
+            ("acc", lambda lp, y: M.accuracy(np.exp(lp), y)),
+            ("nll", M.nll_of_log_probs),
+            ("ece", lambda lp, y: M.ece(np.exp(lp), y, num_bins)),
+        ]
+    for name, fn in fns:
         values = [fn(lp, labels) for lp in np.asarray(log_probs, np.float64)]
         out |= {f"{prefix}member_{k}_{name}": v for k, v in enumerate(values)}
         out[f"{prefix}member_mean_{name}"] = float(sum(values) / len(values))
@@ -87,7 +95,7 @@ class StackedMethod(Method):
         out: dict[str, float] = {}
         for name, split in sets.items():
             lp = stacked_log_probs(posterior, split.x)
-            out |= member_metrics(lp, split.y, num_bins, f"{name}/")
+            out |= member_metrics(lp, split.y, num_bins, f"{name}/", posterior.model)
         return out
 
 

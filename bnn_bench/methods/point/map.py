@@ -14,6 +14,7 @@ from bnn_bench import run_folder
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
+from bnn_bench.likelihoods import Gaussian, target_scale
 from bnn_bench.methods.base import Method, RunContext, Work
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
@@ -81,13 +82,18 @@ def map_metrics(
     model: Model, params: Params, state: State, sets: dict[str, Split], num_bins: int
 ) -> dict[str, float]:
     """The metrics of the MAP network a method builds on, beside the method's own, so one
-    run shows the gain: ``map/<set>/{acc,nll,ece,brier}`` for every set but ``ood``."""
+    run shows the gain: ``map/<set>/{acc,nll,ece,brier}`` for every set but ``ood``
+    (regression: ``map/<set>/{rmse,nll}``, the target's original units)."""
     log_probs = jax.jit(model.log_probs)
     out: dict[str, float] = {}
     for name, split in sets.items():
         if name == "ood":  # its labels are not classes of this task
             continue
         lp = log_probs(params, state, split.x)
+        if isinstance(model.likelihood, Gaussian):
+            metrics = model.likelihood.point_metrics(lp, split.y, target_scale(model.spec))
+            out |= {f"map/{name}/{k}": v for k, v in metrics.items()}
+            continue
         p = jnp.exp(lp)
         out |= {
             f"map/{name}/acc": M.accuracy(p, split.y),

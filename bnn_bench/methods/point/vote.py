@@ -17,13 +17,14 @@ derives them) on batches drawn from ``k_batches``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.summary import PredictiveSummary
-from bnn_bench.methods.base import RunContext, Work
+from bnn_bench.methods.base import Need, RunContext, Work
 from bnn_bench.methods.point.ensemble import StackedMethod, StackedPosterior, stacked_log_probs
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model
@@ -48,6 +49,14 @@ class Vote(StackedMethod):
         that is split among the voters, so it must be a multiple of ``members``.
       members: number of voters K.
     """
+
+    needs: ClassVar = (
+        Need(
+            "categorical",
+            True,
+            "its voters vote on classes; method=ensemble is its regression form",
+        ),
+    )
 
     trainer: Trainer
     members: int = 8

@@ -145,11 +145,11 @@ class MCDropout(PostHoc):
     def member_log_probs(
         self, key: jax.Array, posterior: PointPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
-        """``members`` members in chunks (s, N, C): pass s masks with
-        ``split(key, members)[s]``."""
+        """``members`` members in chunks (s, N, C), or (s, N, 2) for the Gaussian likelihood:
+        pass s masks with ``split(key, members)[s]``."""
         model = posterior.model
         log_probs = jax.jit(
-            lambda p, st, x, k: jax.nn.log_softmax(mc_dropout_logits(model, p, st, x, k), axis=-1)
+            lambda p, st, x, k: model.likelihood.member(mc_dropout_logits(model, p, st, x, k))
         )
         keys = jax.random.split(key, self.members)
         for start in range(0, self.members, self.members_per_chunk):

@@ -142,7 +142,7 @@ def sgd_phase(
         moments = collect(carry.moments, ts.params) if hi in collect_at else carry.moments
         return SGDCarry(ts, moments), {
             "swag/loss": float(loss[:size].mean()),
-            "swag/acc": float(acc[:size].mean()),
+            f"swag/{model.likelihood.score_name}": float(acc[:size].mean()),
             "swag/collected": float(moments.count),
         }
 
@@ -151,5 +151,6 @@ def sgd_phase(
         params=lambda carry: carry.ts,
         num_classes=model.spec.num_classes,
         loss=lambda carry, values: values["swag/loss"],
+        guess=model.likelihood.guess_nll(model.spec.num_classes),
     )
     return chunked_loop(ctx, "swag", start, chunks, run, divergence, total, "swag sgd")

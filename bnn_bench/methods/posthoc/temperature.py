@@ -29,7 +29,7 @@ from scipy.special import logsumexp
 
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import RunContext, Work
+from bnn_bench.methods.base import Need, RunContext, Work
 from bnn_bench.methods.posthoc.base import PostHoc
 from bnn_bench.models import Model, Params, State
 
@@ -113,6 +113,13 @@ class TemperatureScaling(PostHoc):
     """
 
     name: ClassVar = "temperature"
+    needs: ClassVar = (
+        Need(
+            "categorical",
+            True,
+            "it rescales logits; a Gaussian's σ is learned with likelihood.noise=learned",
+        ),
+    )
 
     temperature_range: tuple[float, float] = (0.05, 20.0)
 

@@ -35,7 +35,6 @@ from flax import serialization, struct
 from bnn_bench import run_folder
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import metrics as M
 from bnn_bench.evaluation.summary import EvalInputs, PredictiveSummary
 from bnn_bench.methods.base import Method, Need, RunContext
 from bnn_bench.methods.loop import Divergence, chunked_loop, chunks_of
@@ -73,16 +72,17 @@ def fold_sample(
 def last_sample_metrics(
     model: Model, last: Params, data: Dataset, inputs: EvalInputs
 ) -> dict[str, float]:
-    """``test/last_sample_{acc,nll}``: the last sample of each chain (leaves (chains, ...))
-    as a point estimate, for comparison with the posterior predictive (the BlackJAX
-    tutorial's closing check); {} without a test set."""
+    """``test/last_sample_{acc,nll}`` (regression: ``rmse`` and ``nll``, standardised
+    units): the last sample of each chain (leaves (chains, ...)) as a point estimate, for
+    comparison with the posterior predictive (the BlackJAX tutorial's closing check); {}
+    without a test set."""
     if "test" not in inputs.x or data.test is None:
         return {}
     log_probs = jax.jit(jax.vmap(lambda p: model.log_probs(p, {}, data.test.x)))(last)
-    y = data.test.y
+    y, lik = data.test.y, model.likelihood
     return {
-        "test/last_sample_acc": float(jnp.mean(log_probs.argmax(-1) == y)),
-        "test/last_sample_nll": M.nll_of_log_probs(log_probs, y),  # exact: no clipping
+        f"test/last_sample_{lik.score_name}": float(lik.member_score(log_probs, y)),
+        "test/last_sample_nll": lik.member_nll(log_probs, y),  # exact: no clipping
     }
 
 

@@ -295,19 +295,20 @@ def sghmc(
 
 
 def make_log_density(model: Model, data_size: int, prior_scale: float = 1.0):
-    """The stochastic log-posterior ``(params, x (B, H, W, C) uint8, y (B,)) -> ()``.
+    """The stochastic log-posterior ``(params, x (B, ...), y (B,)) -> ()``.
 
-    ``-|θ|² / (2 s²) + N · mean_b log softmax(f(x_b; θ))[y_b]``: a Gaussian prior of
+    ``-|θ|² / (2 s²) + N · mean_b log p(y_b | f(x_b; θ))``: a Gaussian prior of
     scale ``s`` on every parameter (constants dropped) plus the minibatch
-    log-likelihood scaled to the N training examples, as BlackJAX's
+    log-likelihood (the model's likelihood: ``log softmax(f)[y]`` for classification)
+    scaled to the N training examples, as BlackJAX's
     ``logdensity_estimator`` and JaxSGMC's ``minibatch_potential``. HMC evaluates it
     with the batch equal to all of train.
     """
     inv_var = 1.0 / prior_scale**2
 
     def log_density(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
-        logits, _ = model.apply(params, {}, x)
-        loglik = jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)
+        out, _ = model.apply(params, {}, x)
+        loglik = model.likelihood.log_lik(out, y)  # (B,)
         log_prior = -0.5 * inv_var * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
         return log_prior + data_size * jnp.mean(loglik)
 

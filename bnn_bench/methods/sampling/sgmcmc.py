@@ -24,7 +24,6 @@ import numpy as np
 
 from bnn_bench.data import Dataset, Split
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import RunContext, Work
 from bnn_bench.methods.loop import Divergence
 from bnn_bench.methods.sampling import schedules
@@ -275,6 +274,7 @@ class SGMCMC(Sampler):
             params=lambda carry: carry.states.params,
             num_classes=model.spec.num_classes,
             loss=lambda carry, values: values["sampler/train_nll"],
+            guess=model.likelihood.guess_nll(model.spec.num_classes),
         )
         return Monitor(values, divergence, total * chains * self.kernel.grads_per_step, report)
 
@@ -304,6 +304,6 @@ def chains_nll(model: Model, x: jax.Array, y: jax.Array) -> Callable[[Params], j
     bounds after every chunk)."""
 
     def nll(params: Params) -> jax.Array:
-        return M.nll_of_log_probs(model.log_probs(params, {}, x), y, xp=jnp)
+        return model.likelihood.member_nll(model.log_probs(params, {}, x), y, xp=jnp)
 
     return jax.jit(lambda params: jnp.max(jax.vmap(nll)(params)))
