@@ -12,15 +12,16 @@ from pathlib import Path
 import jax
 from omegaconf import DictConfig
 
-from bnn_bench import checkpoint, dry_run, evaluation, run_folder
+from bnn_bench import checkpoint, dry_run, run_folder
 from bnn_bench.config import build, to_dict, validate
-from bnn_bench.evaluation import EvalInputs, diagnostics, fidelity, tables
+from bnn_bench.evaluation import EvalInputs, diagnostics, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
+from bnn_bench.evaluation.tasks import task_of
 from bnn_bench.methods.base import RunContext
 from bnn_bench.models import build_model, num_params
 from bnn_bench.parts import Parts
-from bnn_bench.reporting import cost, plots
+from bnn_bench.reporting import cost
 from bnn_bench.reporting.loggers import HistoryLogger, Loggers, RunInfo
 from bnn_bench.reporting.outputs import config_choice, read_metrics, write_metrics
 
@@ -83,14 +84,16 @@ def _run(
         type(method).__name__,
         jax.devices()[0].platform,
     )
+    task = task_of(data, settings)  # classification or regression: its summaries and metrics
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
-    prints = fidelity.fingerprints(data, evalsets)  # an eval.reference must match them
-    reference = fidelity.Reference.load(settings.reference, prints)
+    prints = task.fingerprints(evalsets)  # an eval.reference must match them
+    reference = task.reference(prints)
     inputs = EvalInputs(
         {name: split.x for name, split in evalsets.items()},
         keep=settings.keep_inputs,
         capacity=settings.keep_members,
         labels=labels_of(evalsets),  # the test labels feed a sampler's trace (test/rhat)
+        summary=task.summary,
     )
     # history.jsonl always; a tracker if chosen (an unfinished W&B run is closed at exit)
     logger = Loggers(HistoryLogger(), build(cfg.logger, "logger"))
@@ -119,13 +122,11 @@ def _run(
         "model/params": float(n_params),
         "model/flops": flops_per_input(model),
     }
-    set_metrics, curves = evaluation.evaluate(
-        summaries, labels_of(evalsets), settings.num_bins, settings.uncertain_below
-    )
+    set_metrics, curves = task.evaluate(summaries, evalsets)
     metrics.update(set_metrics)
-    fidelity.write_predictive(out_dir, summaries, prints)  # predictive/*.npy before metrics.json
+    task.write_predictive(out_dir, summaries, prints)  # predictive/*.npy before metrics.json
     diagnostics.write_traces(out_dir, summaries)  # a sampler's traces.npy, for test/rhat, test/ess
-    metrics.update(reference.metrics(summaries) if reference is not None else {})
+    metrics.update(task.fidelity(reference, summaries))
     metrics.update(method.report(k_predict, posterior, evalsets, settings.num_bins))
     timings["time/evaluate"] = time.perf_counter() - tic
     metrics.update(timings)
@@ -136,8 +137,8 @@ def _run(
     # --- reporting: plots, logger, and metrics.json last
     title = f"{type(method).__name__} · {model.name} · {data.spec.name}"
     if settings.plots:
-        for name, png in plots.write_all(
-            out_dir / run_folder.PLOTS, title, summaries, evalsets, metrics, curves, data.spec
+        for name, png in task.plots(
+            out_dir / run_folder.PLOTS, title, summaries, evalsets, metrics, curves, reference
         ).items():
             logger.image(name, png)
     logger.summary(metrics)

@@ -143,15 +143,20 @@ def read_predictive(run_dir: str | Path, what: str) -> tuple[dict, dict[str, np.
                 f"{what}: {file} (the predictive of set {name}) is not a readable .npy file "
                 f"({why}). {_RERUN}"
             ) from None
-        if not isinstance(probs[name], np.ndarray) or probs[name].shape != (
-            fp["num_inputs"],
-            prints["num_classes"],
-        ):
+        if not isinstance(probs[name], np.ndarray) or not _fits(probs[name].shape, fp, prints):
             raise UserError(
                 f"{what}: {file} has shape {probs[name].shape}, but its fingerprint says "
                 f"{fp['num_inputs']} inputs of {prints['num_classes']} classes."
             )
     return prints, probs
+
+
+def _fits(shape: tuple, fp: dict, prints: dict) -> bool:
+    """Whether a stored predictive has the shape its fingerprint says: (N, C), or a
+    regression run's members (S, N, 2) (``regression_fidelity``)."""
+    if prints.get("task") == "regression":
+        return len(shape) == 3 and shape[0] >= 1 and shape[1:] == (fp["num_inputs"], 2)
+    return shape == (fp["num_inputs"], prints["num_classes"])
 
 
 _RERUN = "The reference's files are damaged: rerun the reference run, or drop the reference."

@@ -202,17 +202,20 @@ class EvalInputs(NamedTuple):
       capacity: at most this many members are kept for them.
       labels: name -> (N,) labels of the labelled sets (None for ``ood``): their summaries
         keep the exact NLL, and the test set's feed a sampler's trace.
+      summary: the summary type of the run's task, ``PredictiveSummary`` (classification)
+        or ``RegressionSummary`` (``evaluation.tasks.task_of`` picks it from the data).
     """
 
     x: dict[str, jax.Array]
     keep: int = 5
     capacity: int = 1000
     labels: dict[str, jax.Array | None] | None = None
+    summary: type = PredictiveSummary
 
     def empty(
         self, num_classes: int, chains: int | None = None, samples: int = 0
     ) -> dict[str, PredictiveSummary]:
-        """One empty summary per evaluation set.
+        """One empty summary (of type ``summary``) per evaluation set.
 
         A labelled set's summary keeps the members' log-likelihood of its labels. A
         sampler passes its ``chains`` and accepted ``samples`` per chain: the test
@@ -221,7 +224,7 @@ class EvalInputs(NamedTuple):
         """
         labels = self.labels or {}
         return {
-            name: PredictiveSummary.empty(
+            name: self.summary.empty(
                 x.shape[0],
                 num_classes,
                 keep_idx=range(min(self.keep, x.shape[0])),

@@ -1,6 +1,7 @@
 """The grouped results table at the end of the run log, laid out as TorchUncertainty's:
 Classification, Calibration, Selective classification, OOD detection, Shift and
-Complexity. Rates are shown in %, as TorchUncertainty shows them."""
+Complexity (a regression run: Regression, Central intervals, Fidelity to the reference and
+Complexity). Rates are shown in %, as TorchUncertainty shows them."""
 
 from __future__ import annotations
 
@@ -33,6 +34,29 @@ GROUPS = [
         ],
     ),
 ]
+# A regression run's groups (it has ``<set>/rmse``), in the target's units.
+REGRESSION_GROUPS = [
+    (
+        "Regression",
+        [
+            ("rmse", "RMSE", False),
+            ("nll", "NLL", False),
+            ("crps", "CRPS", False),
+            ("std", "Predictive std (mean)", False),
+            ("members", "Members (S)", False),
+        ],
+    ),
+    (
+        "Central intervals",
+        [(f"{k}_{p}", f"{label} {p}%", k == "coverage") for p in (50, 90, 95)
+         for k, label in (("coverage", "Coverage"), ("width", "Width"))],
+    ),
+    (
+        "Fidelity to the reference",
+        [("w2", "W2 (competition)", False), ("mean_error", "Mean error", False),
+         ("std_error", "Std error", False)],
+    ),
+]  # fmt: skip
 OOD_SCORES = [("msp", "max prob"), ("entropy", "entropy"), ("mi", "mutual info")]
 
 
@@ -56,7 +80,7 @@ def metrics_table(metrics: dict[str, float], split: str = "test", width: int = 4
     """A text table of ``metrics`` (the flat ``metrics.json`` dict) for the set ``split``,
     plus the OOD, shift and complexity groups when the run has them."""
     lines: list[str] = []
-    for group, items in GROUPS:
+    for group, items in REGRESSION_GROUPS if f"{split}/rmse" in metrics else GROUPS:
         rows = [
             (label, _fmt(metrics[f"{split}/{key}"], pct))
             for key, label, pct in items

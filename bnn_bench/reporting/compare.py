@@ -12,8 +12,15 @@ Outputs, in ``--out`` (default ``<first DIR>/comparison``):
                   (finished or not), ``seeds``,
                   and ``<metric>/mean``, ``<metric>/std`` for every numeric metric
   acc_vs_ece.png, nll.png, reliability.png   comparison plots with error bars
+                  (regression runs: nll.png, calibration.png)
 
 The std is the sample standard deviation (ddof = 1); empty for a single run.
+
+Regression runs (every run reports ``test/rmse``) show, unless ``--metrics`` says
+otherwise, ``test/rmse``, ``test/nll``, ``test/crps`` and ``test/coverage_95`` as mean ±
+standard error (std / √n, the UCI tables' convention over seeds and splits); with
+``--reference``, ``test/w2``, ``test/mean_error`` and ``test/std_error``
+(``bnn_bench.evaluation.regression_fidelity``).
 
 ``--reference RUN`` scores every run's posterior predictive (``predictive/``)
 against that finished run's (e.g. full-batch HMC) without re-running anything:
@@ -50,7 +57,8 @@ from pathlib import Path
 
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import fidelity
-from bnn_bench.reporting.compare_plots import plot_comparison
+from bnn_bench.evaluation import regression_fidelity as RF
+from bnn_bench.reporting.compare_plots import plot_comparison, plot_regression_comparison
 from bnn_bench.reporting.compare_table import (
     group_runs,
     markdown_table,
@@ -64,6 +72,9 @@ from bnn_bench.reporting.runs import Run, survey
 # The columns of the printed table unless --metrics says otherwise.
 DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/brier", "cost/grad_evals", "time/fit")
 FIDELITY_METRICS = ("test/agreement", "test/total_variation")  # shown with --reference
+# Regression runs (every run has test/rmse): the UCI tables' columns, as mean ± se.
+REGRESSION_METRICS = ("test/rmse", "test/nll", "test/crps", "test/coverage_95", "time/fit")
+REGRESSION_FIDELITY = ("test/w2", "test/mean_error", "test/std_error")
 # Overrides that --reference makes irrelevant: a run's own eval.reference only adds the
 # fidelity columns that --reference recomputes against one reference for every run.
 REFERENCE_ONLY = ("eval.reference",)
@@ -79,8 +90,19 @@ def add_fidelity(runs: Sequence[Run], reference: str | Path) -> None:
     ref_prints, ref_probs = fidelity.read_predictive(reference, f"--reference {reference}")
     for r in runs:
         prints, probs = fidelity.read_predictive(r.path, f"run {r.path}")
-        sets = fidelity.shared_sets(prints, ref_prints, f"run {r.path} against --reference")
-        r.metrics.update(fidelity.fidelity_metrics(probs, ref_probs, sets))
+        what = f"run {r.path} against --reference"
+        sets = fidelity.shared_sets(prints, ref_prints, what)
+        if prints.get("task") != "regression":
+            r.metrics.update(fidelity.fidelity_metrics(probs, ref_probs, sets))
+            continue
+        RF.check_target(prints, ref_prints, what)  # W2, mean and std errors of the mixtures
+        mine, ref = ({n: RF.from_file(p[n]) for n in sets} for p in (probs, ref_probs))
+        r.metrics.update(RF.fidelity_metrics(mine, ref, sets))
+
+
+def is_regression(runs: Sequence[Run]) -> bool:
+    """Whether the runs are regression runs (each reports ``test/rmse``)."""
+    return bool(runs) and all("test/rmse" in r.metrics for r in runs)
 
 
 def compare(
@@ -103,9 +125,12 @@ def compare(
             f"no metrics.json below {', '.join(map(str, dirs))}; only finished runs can be "
             f"compared ({status_summary(found)}; bnn-bench-compare --status lists them)."
         )
+    regression = is_regression(runs)
+    if regression and tuple(metrics) == DEFAULT_METRICS:
+        metrics = REGRESSION_METRICS
     if reference is not None:
         add_fidelity(runs, reference)
-        metrics = [*metrics, *FIDELITY_METRICS]
+        metrics = [*metrics, *(REGRESSION_FIDELITY if regression else FIDELITY_METRICS)]
         for e in [*runs, *found.jobs]:  # e.g. a second HMC seed run with eval.reference=...
             for key in REFERENCE_ONLY:
                 e.overrides.pop(key, None)
@@ -113,17 +138,24 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     keys, groups = group_runs(runs, by, found.jobs)
     shown = pick_metrics(runs, metrics)
-    table = markdown_table(keys, groups, shown)
+    table = markdown_table(keys, groups, shown, spread="se" if regression else "std")
+    spread = (
+        "mean ± se (std with ddof=1, over √n) over seeds and splits"
+        if regression
+        else "mean ± std (ddof=1) over seeds"
+    )
+    scores = "W2, mean and std errors" if regression else "Agreement and total variation"
     header = (
         f"{len(runs)} runs in {len(groups)} groups"
-        f"{' by ' + ', '.join(keys) if keys else ''}; mean ± std (ddof=1) over seeds."
-        + (f" Agreement and total variation against {reference}." if reference else "")
+        f"{' by ' + ', '.join(keys) if keys else ''}; {spread}."
+        + (f" {scores} against {reference}." if reference else "")
     )
     report = "\n".join([header, "", table, "", *status_lines(found, finished=False)])
     (out / "comparison.md").write_text(report + "\n")
     write_csv(out / "comparison.csv", keys, groups, pick_metrics(runs, ["*"]))
     if plots:
-        plot_comparison(out, [g for g in groups if g.runs])
+        plot = plot_regression_comparison if regression else plot_comparison
+        plot(out, [g for g in groups if g.runs])
     return report, out
 
 
@@ -180,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     print(
         f"\nwrote {out}/comparison.md, comparison.csv"
-        f"{', acc_vs_ece.png, nll.png, reliability.png' if not args.no_plots else ''}"
+        + "".join(f", {p.name}" for p in sorted(out.glob("*.png")) if not args.no_plots)
     )
     return 0
 

@@ -1,4 +1,5 @@
-"""The comparison's plots: accuracy vs ECE, NLL per group, pooled reliability curves."""
+"""The comparison's plots: accuracy vs ECE, NLL per group, pooled reliability curves; for
+regression runs NLL per group and calibration curves."""
 
 from __future__ import annotations
 
@@ -49,6 +50,26 @@ def plot_comparison(out: Path, groups: Sequence[Group], split: str = "test") -> 
     ax.legend(fontsize="small")
     paths.append(_save(fig, out / "acc_vs_ece.png"))
 
+    paths.append(_nll_bars(out, groups, split, colors))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    for i, g in enumerate(groups):
+        curve = _mean_reliability(g, split)
+        if curve is not None:
+            ax.plot(*curve, "o-", ms=3, color=colors[i % len(colors)], label=g.name)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability ({split}; bins pooled over seeds)")
+    ax.legend(fontsize="small")
+    paths.append(_save(fig, out / "reliability.png"))
+    return paths
+
+
+def _nll_bars(out: Path, groups: Sequence[Group], split: str, colors) -> Path:
+    """NLL per group: bar the mean, error bar the std, dots the runs."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(groups) + 2), 4))
     stats = [g.mean_std(f"{split}/nll") for g in groups]
     ax.bar(
@@ -71,19 +92,41 @@ def plot_comparison(out: Path, groups: Sequence[Group], split: str = "test") -> 
     )
     ax.set_ylabel(f"{split} NLL (lower is better)")
     ax.set_title("NLL per group (bar: mean, error bar: std, dots: runs)")
-    paths.append(_save(fig, out / "nll.png"))
+    return _save(fig, out / "nll.png")
 
+
+def plot_regression_comparison(
+    out: Path, groups: Sequence[Group], split: str = "test"
+) -> list[Path]:
+    """Regression runs: NLL per group, and the calibration curves (observed against expected
+    coverage of the central intervals), averaged over each group's runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    paths = [_nll_bars(out, groups, split, colors)]
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.plot([0, 1], [0, 1], "k--", label="calibrated")
     for i, g in enumerate(groups):
-        curve = _mean_reliability(g, split)
-        if curve is not None:
-            ax.plot(*curve, "o-", ms=3, color=colors[i % len(colors)], label=g.name)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability ({split}; bins pooled over seeds)")
+        curves = [r.curves.get(split, {}).get("calibration") for r in g.runs]
+        curves = [c for c in curves if c]
+        if curves:
+            observed = np.mean([np.asarray(c["observed"], float) for c in curves], 0)
+            ax.plot(
+                curves[0]["expected"],
+                observed,
+                "o-",
+                ms=3,
+                color=colors[i % len(colors)],
+                label=g.name,
+            )
+    ax.set_xlabel("expected coverage (level of the central interval)")
+    ax.set_ylabel("observed coverage")
+    ax.set_title(f"calibration ({split}; mean over each group's runs)")
     ax.legend(fontsize="small")
-    paths.append(_save(fig, out / "reliability.png"))
+    paths.append(_save(fig, out / "calibration.png"))
     return paths
 
 

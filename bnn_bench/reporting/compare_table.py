@@ -54,6 +54,12 @@ class Group:
             return math.nan, math.nan
         return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
 
+    def mean_se(self, metric: str) -> tuple[float, float]:
+        """The mean and its standard error, std (ddof = 1) / √n, over the group's runs (the
+        UCI tables' "mean ± se over the splits")."""
+        mean, std = self.mean_std(metric)
+        return mean, std / math.sqrt(self.values(metric).size) if not math.isnan(std) else std
+
 
 def group_runs(
     runs: Sequence[Run], by: Sequence[str] | None = None, jobs: Sequence[Job] = ()
@@ -97,13 +103,17 @@ def _fmt(mean: float, std: float) -> str:
     return s if math.isnan(std) or (integral and std == 0) else f"{s} ± {std:.{digits}f}"
 
 
-def markdown_table(by: Sequence[str], groups: Sequence[Group], metrics: Sequence[str]) -> str:
-    """A Markdown table: one row per group, ``mean ± std`` per metric."""
+def markdown_table(
+    by: Sequence[str], groups: Sequence[Group], metrics: Sequence[str], spread: str = "std"
+) -> str:
+    """A Markdown table: one row per group, ``mean ± std`` (``spread="se"``: ``mean ± se``)
+    per metric."""
     head = [*(by or ["runs"]), "n", *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [*(g.label.values() if by else ["all"]), g.count]
-        cells += [_fmt(*g.mean_std(m)) for m in metrics]
+        stat = g.mean_se if spread == "se" else g.mean_std
+        cells += [_fmt(*stat(m)) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
