@@ -228,6 +228,11 @@ class UciDataset:
         }
         return spec, splits, f"{source} ({kind})"
 
+    @property
+    def spec(self) -> Spec:
+        """The spec ``load`` gives (reads the folder, or lays out ``make``'s in memory)."""
+        return self._prepared(write=False)[0]
+
     def load(self) -> Dataset:
         """Reads (after ``make`` writes it, if missing) the folder; standardises.
 
