@@ -9,7 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from bnn_bench.config import build
-from bnn_bench.data import StoredDataset, SyntheticDataset
+from bnn_bench.data.resolve import DatasetConfig
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.likelihoods import Likelihood, task_of
 from bnn_bench.methods.base import Method
@@ -29,7 +29,7 @@ class Parts:
       objective: what a Hydra sweeper optimises.
     """
 
-    dataset: StoredDataset | SyntheticDataset
+    dataset: DatasetConfig
     module: Any
     method: Method
     settings: EvalSettings

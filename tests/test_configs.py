@@ -48,6 +48,9 @@ SHORT = "exceeds the 45 steps after burn-in"
 # KFAC has one Kronecker block per layer; a depthwise convolution has none
 DEPTHWISE = r"is a grouped \(depthwise\) convolution"
 TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}
+# The regression datasets (float feature vectors): tested below on the models that take them
+REGRESSION = {"uci", "diabetes", "toy_gap"}
+IMAGE_DATASETS = [d for d in config_choices("dataset") if d not in REGRESSION]
 
 
 def expected_refusal(method: str, needs, model, dataset: str) -> str | None:
@@ -89,7 +92,7 @@ def shapes():
         mp.setattr(sources, "probe_download", lambda *args: None)
         mp.setattr(base, "module_calls", module_calls)
         mp.setenv("TFDS_DATA_DIR", tfds)
-        for dataset in config_choices("dataset"):
+        for dataset in IMAGE_DATASETS:
             for model in config_choices("model"):
                 cfg = compose_cfg(f"dataset={dataset}", f"model={model}", "method=map")
                 data = resolve(build(cfg.dataset, "dataset"))
@@ -106,7 +109,7 @@ def method_nodes():
     return {m: compose_cfg(f"method={m}").method for m in config_choices("method")}
 
 
-@pytest.mark.parametrize("dataset", config_choices("dataset"))
+@pytest.mark.parametrize("dataset", IMAGE_DATASETS)
 @pytest.mark.parametrize("model", config_choices("model"))
 @pytest.mark.parametrize("method", config_choices("method"))
 def test_every_dataset_model_method_combination_plans_or_says_why_not(
@@ -127,6 +130,34 @@ def test_every_dataset_model_method_combination_plans_or_says_why_not(
     work = instance.plan(net, data)
     assert work.steps > 0 and work.grad_evals >= work.steps
     assert work.members >= 1 and params > 1000
+
+
+@pytest.mark.parametrize("dataset", sorted(REGRESSION))
+def test_every_regression_dataset_locates_and_takes_the_mlp_only(dataset, tmp_path, monkeypatch):
+    """Each regression choice composes, finds its data as shapes (dataset=uci: a folder in
+    the UCI layout; dataset=diabetes: laid out in memory, nothing written), gives float
+    feature vectors that model=mlp takes, and the image models are refused by name."""
+    from bnn_bench.data import DiabetesSplits
+    from bnn_bench.data.resolve import resolve
+    from bnn_bench.models import build_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    DiabetesSplits(splits=2).write(tmp_path / "uci")
+    folder = [f"dataset.folder={tmp_path / 'uci'}"] if dataset == "uci" else []
+    cfg = compose_cfg(f"dataset={dataset}", "method=map", *folder)
+    validate(cfg)
+    data = resolve(build(cfg.dataset, "dataset"))
+    assert data.spec.task == "regression" and data.spec.num_classes == 1
+    assert data.train.x.dtype == jax.numpy.float32 and data.train.x.ndim == 2
+    assert not (tmp_path / "cache").exists()
+    gaussian = build(compose_cfg("likelihood=gaussian").likelihood, "likelihood")
+    for model in config_choices("model"):
+        module = build(compose_cfg(f"model={model}").model, "model", num_classes=1)
+        if model == "mlp":
+            build_model(module, data.spec, model, likelihood=gaussian)
+            continue
+        with pytest.raises(UserError, match="feature vectors .* use model=mlp"):
+            build_model(module, data.spec, model, likelihood=gaussian)
 
 
 def test_every_need_names_a_trait_and_the_traits_tell_the_models_apart(shapes, method_nodes):

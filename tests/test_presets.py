@@ -318,3 +318,52 @@ def test_smoke_preset_runs_every_method_in_one_sweep(tmp_path, run_cli):
     print(
         f"experiment=smoke, {len(methods)} methods: {took:.0f} s, {took / len(methods):.1f} s/job"
     )
+
+
+# --- regression presets (issue 20) -------------------------------------------------------
+
+
+def test_uci_preset_is_the_papers_protocol():
+    """experiment=uci: diabetes, one hidden layer of 50, the Gaussian likelihood with learned
+    noise, deep ensembles' trainer (Adam at a fixed 0.1, batch 100, 40 epochs) for the
+    methods that train; MC dropout with DropoutUncertaintyExps' (Adam 1e-3, batch 128, p
+    0.05); deep ensembles' 5 heteroscedastic networks; HMC without a trainer."""
+    cfg = compose_cfg("experiment=uci", "method=map")
+    validate(cfg)
+    assert cfg.dataset.name == "diabetes" and cfg.dataset.val_fraction == 0.2
+    assert list(cfg.model.hidden) == [50] and cfg.model.dropout_rate == 0
+    assert cfg.likelihood._target_.endswith("Gaussian") and cfg.likelihood.noise == "learned"
+    t = cfg.trainer
+    assert t.optimizer._target_ == "optax.adam" and t.schedule == 0.1
+    assert (t.epochs, t.batch_size, t.l2) == (40, 100, 0.0)
+    mcd = compose_cfg("experiment=uci", "method=mc_dropout")
+    assert (mcd.trainer.schedule, mcd.trainer.batch_size, mcd.trainer.epochs) == (1e-3, 128, 40)
+    assert mcd.model.dropout_rate == 0.05 and mcd.method.members == 1000
+    ens = compose_cfg("experiment=uci", "method=ensemble")
+    assert ens.method.members == 5 and ens.likelihood.noise == "heteroscedastic"
+    assert compose_cfg("experiment=uci", "method=map").likelihood.noise == "learned"
+    hmc = compose_cfg("experiment=uci", "method=hmc")
+    validate(hmc)
+    assert "trainer" not in hmc and hmc.method.num_chains == 4
+
+
+@pytest.mark.parametrize(
+    "experiment,method,sizes,params",
+    [
+        # diabetes split 0: 398 training rows, 20% validate; 10·50 + 50 + 50 + 1 + log σ
+        ("uci", "map", (80, 44), 602),
+        ("toy_gap", "hmc", (20, 200), 151),  # 1·50 + 50 + 50 + 1, σ fixed
+    ],
+)
+def test_regression_presets_dry_run(
+    experiment, method, sizes, params, tmp_path, plan_only, monkeypatch
+):
+    """The dry run plans the preset on its regression data and writes nothing (not even
+    diabetes' cache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = compose_cfg(f"experiment={experiment}", f"method={method}", "dry_run=true")
+    plan = run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    assert (plan["plan/val_size"], plan["plan/test_size"]) == sizes and plan[
+        "plan/params"
+    ] == params

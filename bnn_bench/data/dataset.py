@@ -1,8 +1,10 @@
-"""Datasets: device-resident uint8 splits plus a spec that knows how to preprocess them.
+"""Datasets: device-resident splits plus a spec that knows how to preprocess them.
 
 Images stay uint8 on the device. Scaling to [0, 1], per-channel normalisation and
 the optional resize happen per batch inside jitted code (``Spec.preprocess``), so a
-CIFAR-10 resized to 112x112 never has to exist in memory as a whole.
+CIFAR-10 resized to 112x112 never has to exist in memory as a whole. Regression
+features (``Spec.task == "regression"``) are float32 (N, D), standardised when loaded;
+their ``preprocess`` is the identity.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class Split(NamedTuple):
-    """One split on the device. ``x``: (N, H, W, C) uint8; ``y``: (N,) int32."""
+    """One split on the device. Classification: ``x`` (N, H, W, C) uint8, ``y`` (N,) int32
+    labels. Regression: ``x`` (N, D) float32 standardised features, ``y`` (N,) float32
+    standardised targets."""
 
     x: jax.Array
     y: jax.Array
@@ -34,15 +38,15 @@ class Split(NamedTuple):
         return int(self.x.shape[0])
 
 
-def resized_shape(shape: Sequence[int], size: Sequence[int] | None) -> tuple[int, int, int]:
+def resized_shape(shape: Sequence[int], size: Sequence[int] | None) -> tuple[int, ...]:
     """(H, W, C) after resizing into ``size`` keeping the aspect ratio.
 
     As ``tf.image.resize(..., preserve_aspect_ratio=True)``: scale by
     min(h'/h, w'/w) and round, so the image fits inside ``size``.
     """
-    h, w, c = shape
     if size is None:
-        return (h, w, c)
+        return tuple(int(s) for s in shape)
+    h, w, c = shape
     scale = min(size[0] / h, size[1] / w)
     return (int(round(scale * h)), int(round(scale * w)), c)
 
@@ -53,28 +57,52 @@ class Spec:
 
     Attributes:
       name: dataset name.
-      shape: (H, W, C) of the stored uint8 images.
-      num_classes: number of classes.
-      class_names: one name per class.
-      mean, std: per-channel normalisation applied after scaling to [0, 1].
+      shape: (H, W, C) of the stored uint8 images; (D,) of regression features.
+      num_classes: number of classes; regression: the number of targets (1).
+      class_names: one name per class; regression: the target's name.
+      mean, std: per-channel normalisation applied after scaling to [0, 1]; regression:
+        the training split's feature mean and standard deviation (original units), which
+        were applied when loading (``preprocess`` is then the identity).
       resize: (H', W') box to resize into on the device, or None.
+      task: ``"classification"`` (uint8 images, int labels) or ``"regression"`` (float32
+        standardised features and targets).
+      target_mean, target_std: regression: the training split's target mean and standard
+        deviation; a standardised prediction m, s is m * target_std + target_mean,
+        s * target_std in the target's original units (0 and 1 for classification).
     """
 
     name: str
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]
     num_classes: int
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize: tuple[int, int] | None = None
+    task: str = "classification"
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    def __post_init__(self):
+        if self.task not in ("classification", "regression"):
+            raise UserError(f"Spec.task must be classification or regression, not {self.task!r}.")
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) that the model sees."""
+    def dtype(self) -> jnp.dtype:
+        """The dtype of the stored inputs: uint8 images, float32 regression features."""
+        return jnp.dtype(jnp.uint8 if self.task == "classification" else jnp.float32)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(H, W, C) that the model sees; (D,) for regression features."""
         return resized_shape(self.shape, self.resize)
 
     def preprocess(self, x: jax.Array) -> jax.Array:
-        """uint8 (B, H, W, C) -> float32 (B, H', W', C), normalised and resized. Jittable."""
+        """uint8 (B, H, W, C) -> float32 (B, H', W', C), normalised and resized. Jittable.
+
+        Regression: float32 (B, D) features, already standardised, pass unchanged.
+        """
+        if self.task == "regression":
+            return x.astype(jnp.float32)
         x = x.astype(jnp.float32) / 255.0
         x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
         if self.resize is not None and self.input_shape != self.shape:
@@ -158,7 +186,11 @@ def take_subset(train: tuple[np.ndarray, np.ndarray], subset: int) -> tuple[np.n
     return x[keep], y[keep]
 
 
-def to_device(arrays: tuple[np.ndarray, np.ndarray]) -> Split:
+def to_device(arrays: tuple[np.ndarray, np.ndarray], task: str = "classification") -> Split:
+    """Host arrays as a device ``Split``: uint8 images and int32 labels, or for
+    ``task="regression"`` float32 features and float32 targets."""
+    if task == "regression":
+        return Split(jnp.asarray(arrays[0], jnp.float32), jnp.asarray(arrays[1], jnp.float32))
     return Split(jnp.asarray(arrays[0], jnp.uint8), jnp.asarray(arrays[1], jnp.int32))
 
 

@@ -1,10 +1,10 @@
 """Where a dataset config would load from, and its split sizes, without reading the data.
 
 ``dry_run=true`` calls ``resolve`` on the dataset's typed config: its ``locate()``
-(``StoredDataset``, ``SyntheticDataset``) makes the same checks and walks the same
-sources in the same order as its ``load()``, but reads only file headers and metadata.
-The result is a ``Dataset`` whose splits hold ``jax.ShapeDtypeStruct``s instead of
-arrays.
+(``StoredDataset``, ``SyntheticDataset``, ``UciDataset``, ``ToyGapDataset``) makes the
+same checks and walks the same sources in the same order as its ``load()``, but reads
+only file headers and metadata. The result is a ``Dataset`` whose splits hold
+``jax.ShapeDtypeStruct``s instead of arrays.
 """
 
 from __future__ import annotations
@@ -17,17 +17,22 @@ import numpy as np
 from bnn_bench.data import dataset as ds
 from bnn_bench.data.stored import StoredDataset
 from bnn_bench.data.synthetic import SyntheticDataset
+from bnn_bench.data.toy_gap import ToyGapDataset
+from bnn_bench.data.uci import UciDataset
+
+DatasetConfig = StoredDataset | SyntheticDataset | UciDataset | ToyGapDataset
 
 log = logging.getLogger(__name__)
 
 
-def _shapes(n: int, shape: tuple[int, ...]) -> ds.Split:
+def _shapes(n: int, spec: ds.Spec) -> ds.Split:
+    y = np.int32 if spec.task == "classification" else np.float32
     return ds.Split(
-        jax.ShapeDtypeStruct((n, *shape), np.uint8), jax.ShapeDtypeStruct((n,), np.int32)
+        jax.ShapeDtypeStruct((n, *spec.shape), spec.dtype), jax.ShapeDtypeStruct((n,), y)
     )
 
 
-def resolve(config: StoredDataset | SyntheticDataset) -> ds.Dataset:
+def resolve(config: DatasetConfig) -> ds.Dataset:
     """The dataset ``config`` (a built ``conf/dataset`` node) would load, as shapes only.
 
     ``Dataset.source`` says where the data would come from. A dataset whose sizes
@@ -41,12 +46,11 @@ def resolve(config: StoredDataset | SyntheticDataset) -> ds.Dataset:
     if located.sizes is None:
         log.info("the sizes of %s are not known without reading it; loading it.", located.spec.name)
         return config.load()
-    sizes = located.sizes
-    shape = located.spec.shape
+    sizes, spec = located.sizes, located.spec
     return ds.Dataset(
-        located.spec,
-        _shapes(sizes["train"], shape),
-        _shapes(sizes["test"], shape),
-        _shapes(sizes["val"], shape) if sizes["val"] else None,
+        spec,
+        _shapes(sizes["train"], spec),
+        _shapes(sizes["test"], spec),
+        _shapes(sizes["val"], spec) if sizes["val"] else None,
         source=located.source,
     )

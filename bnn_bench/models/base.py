@@ -1,8 +1,9 @@
-"""A model: a flax module behind a pure ``apply(params, state, x_uint8, train, key)``.
+"""A model: a flax module behind a pure ``apply(params, state, x, train, key)``.
 
 The wrapper owns the input pipeline (``Spec.preprocess``: scale, normalise,
-resize on the device), so every method feeds it the uint8 images the dataset
-holds, and no method can forget a step of preprocessing.
+resize on the device), so every method feeds it the inputs the dataset holds
+(uint8 images, or float32 regression features), and no method can forget a step
+of preprocessing.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Model:
 
     def init(self, key: jax.Array) -> tuple[Params, State]:
         """Initial ``(params, state)``; ``state`` holds batch-norm statistics if any."""
-        x = jnp.zeros((1, *self.spec.shape), jnp.uint8)
+        x = jnp.zeros((1, *self.spec.shape), self.spec.dtype)
         variables = self.module.init(
             {"params": key, "dropout": key}, self.spec.preprocess(x), train=False
         )
@@ -194,7 +195,9 @@ def module_calls(model: Model) -> list[Call]:
     def forward(key):
         params, state = model.init(key)
         with nn.intercept_methods(record):
-            return model.apply(params, state, jnp.zeros((1, *model.spec.shape), jnp.uint8))[0]
+            return model.apply(params, state, jnp.zeros((1, *model.spec.shape), model.spec.dtype))[
+                0
+            ]
 
     jax.eval_shape(forward, jax.random.key(0))
     return calls
@@ -235,7 +238,7 @@ def build_model(
         outputs not the likelihood, naming the shape and what to change.
     """
     model = Model(module, spec, name, batch_size)
-    x = jnp.zeros((2, *spec.shape), jnp.uint8)
+    x = jnp.zeros((2, *spec.shape), spec.dtype)
 
     def probe(key):
         params, state = model.init(key)
@@ -273,6 +276,11 @@ def build_model(
 
 def _shape_error(model: Model, e: Exception) -> UserError:
     spec = model.spec
+    if spec.task == "regression":
+        return UserError(
+            f"model {model.name or type(model.module).__name__} cannot take {spec.name}'s "
+            f"feature vectors of shape {spec.input_shape}; use model=mlp."
+        )
     resize = f" (dataset.resize={list(spec.resize)})" if spec.resize else ""
     return UserError(
         f"model {model.name or type(model.module).__name__} cannot take {spec.name} inputs of "

@@ -191,7 +191,8 @@ def test_wrong_shape_files_are_rejected(tmp_path):
 
 
 def test_unknown_dataset_and_source():
-    with pytest.raises(UserError, match="Unknown dataset 'imagenet'. Known: cifar10, fashion"):
+    known = "Known: cifar10, diabetes, fashion"
+    with pytest.raises(UserError, match=f"Unknown dataset 'imagenet'. {known}"):
         preset("imagenet")
     with pytest.raises(UserError, match="dataset.source: expected one of 'auto', 'local'"):
         preset("mnist", source="ftp")
