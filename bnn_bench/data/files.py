@@ -254,7 +254,7 @@ class MatFiles:
             if y.shape[0] != x.shape[0] or y.min(initial=1) < 1 or y.max(initial=1) > 10:
                 raise UserError(
                     f"{path}: {x.shape[0]} images but labels of shape {d['y'].shape} in "
-                    f"[{y.min(initial=1)}, {y.max(initial=1)}] (SVHN's are 1 to 10). {_REPLACE}"
+                    f"[{y.min(initial=1):g}, {y.max(initial=1):g}] (SVHN's are 1 to 10). {_REPLACE}"
                 )
             out[split] = (np.ascontiguousarray(x), (y % 10).astype(np.int32))
         return out
@@ -266,8 +266,10 @@ def _mat(path: Path, whos: bool = False):
 
     try:
         return scipy.io.whosmat(path) if whos else scipy.io.loadmat(path)
-    except (ValueError, TypeError, OSError, *_BROKEN) as e:
-        raise UserError(f"{path} is not a readable MATLAB file ({e}). {_REPLACE}") from None
+    except (ValueError, TypeError, IndexError, OSError, *_BROKEN) as e:
+        # scipy reads a short header with an IndexError, a bad one with a ValueError
+        why = f"{type(e).__name__}: {e}"
+        raise UserError(f"{path} is not a readable MATLAB file ({why}). {_REPLACE}") from None
 
 
 def check_folder(
