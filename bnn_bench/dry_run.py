@@ -43,6 +43,7 @@ from bnn_bench.config import build
 from bnn_bench.data import Dataset, Split
 from bnn_bench.data.resolve import resolve
 from bnn_bench.errors import UserError
+from bnn_bench.evaluation.fidelity import augmentation_note
 from bnn_bench.evaluation.sets import ood_split
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.shift import is_tfds, level_name
@@ -144,6 +145,7 @@ def plan(parts: Parts) -> dict[str, float]:
         **{f"plan/{name}_size": float(n) for name, n in sets.items()},
     }
     objective = f"{parts.objective.metric} ({parts.objective.direction})"
+    note = augmentation_note(data.spec.augment, c.settings.reference)
     print(
         "\n".join(
             [
@@ -158,6 +160,7 @@ def plan(parts: Parts) -> dict[str, float]:
                 "  eval sets  " + ", ".join(f"{k} ({n:,})" for k, n in sets.items()),
                 f"  objective  {objective if c.objective is None else 'none: ' + c.objective}",
                 f"  memory     ~{memory / MIB:,.1f} MiB on {jax.default_backend()} ({how})",
+                *([f"  reference  note: {note}"] if note else []),
             ]
         ),
         flush=True,

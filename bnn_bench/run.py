@@ -88,6 +88,8 @@ def _run(
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
     prints = task.fingerprints(evalsets)  # an eval.reference must match them
     reference = task.reference(prints)
+    if note := fidelity.augmentation_note(data.spec.augment, settings.reference):
+        log.warning("%s", note)
     inputs = EvalInputs(
         {name: split.x for name, split in evalsets.items()},
         keep=settings.keep_inputs,
@@ -121,6 +123,7 @@ def _run(
     metrics: dict[str, float] = {
         "model/params": float(n_params),
         "model/flops": flops_per_input(model),
+        "data/augment": float(data.spec.augment),  # crops and flips: another likelihood
     }
     set_metrics, curves = task.evaluate(summaries, evalsets)
     metrics.update(set_metrics)

@@ -69,6 +69,8 @@ class Spec:
       target_mean, target_std: regression: the training split's target mean and standard
         deviation; a standardised prediction m, s is m * target_std + target_mean,
         s * target_std in the target's original units (0 and 1 for classification).
+      augment: training minibatches get a random crop and flip (``data.augment``);
+        evaluation never does.
     """
 
     name: str
@@ -81,6 +83,7 @@ class Spec:
     task: str = "classification"
     target_mean: float = 0.0
     target_std: float = 1.0
+    augment: bool = False
 
     def __post_init__(self):
         if self.task not in ("classification", "regression"):

@@ -74,13 +74,15 @@ def preprocessing(spec: Spec) -> dict:
 
 
 def fingerprints(data: Dataset, sets: dict[str, Split]) -> dict:
-    """The fingerprints of a run: what the model is fed (``preprocessing``), the training
-    split and every labelled evaluation set (all but ``ood``), each with the file its
-    predictive goes to."""
+    """The fingerprints of a run: what the model is fed (``preprocessing``), whether its
+    training batches were augmented (``augment``: another likelihood), the training split
+    and every labelled evaluation set (all but ``ood``), each with the file its predictive
+    goes to."""
     return {
         "dataset": data.spec.name,
         "num_classes": int(data.spec.num_classes),
         "preprocess": preprocessing(data.spec),
+        "augment": bool(data.spec.augment),
         "train": fingerprint(data.train),
         "sets": {
             name: {**fingerprint(split), "file": set_filename(name)}
@@ -88,6 +90,38 @@ def fingerprints(data: Dataset, sets: dict[str, Split]) -> dict:
             if name != "ood"
         },
     }
+
+
+def augmentation_note(augment: bool, reference: str | Path | None) -> str | None:
+    """A sentence when this run and its ``eval.reference`` differ in ``dataset.augment``,
+    else None.
+
+    Augmentation changes the likelihood (the posterior is of crops and flips of the
+    training images), so a method trained with it is scored against a reference of
+    another posterior: allowed (the standard recipes augment, the public HMC reference
+    of Izmailov et al. 2021 does not), but said. A run folder's ``augment`` comes from
+    its ``fingerprints.json`` (absent: written before augmentation existed, so none); a
+    predictive file records none, and counts as made without it. A reference that
+    cannot be read gives None here: ``Reference.load`` says what is wrong with it.
+    """
+    if reference is None:
+        return None
+    path = Path(reference) / PREDICTIVE / FINGERPRINTS
+    theirs = False
+    if Path(reference).is_dir():
+        try:
+            theirs = bool(json.loads(path.read_text()).get("augment", False))
+        except (ValueError, OSError, AttributeError):
+            return None
+    if theirs == bool(augment):
+        return None
+    with_ = {True: "with", False: "without"}
+    return (
+        f"this run trains {with_[bool(augment)]} augmentation (dataset.augment="
+        f"{str(bool(augment)).lower()}) and eval.reference={reference} was made "
+        f"{with_[theirs]} it: agreement and total variation compare posteriors of two "
+        f"different likelihoods."
+    )
 
 
 def write_predictive(
