@@ -43,6 +43,7 @@ from bnn_bench.config import build
 from bnn_bench.data import Dataset, Split
 from bnn_bench.data.resolve import resolve
 from bnn_bench.errors import UserError
+from bnn_bench.evaluation import fidelity
 from bnn_bench.evaluation.sets import ood_split
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.shift import is_tfds, level_name
@@ -98,6 +99,7 @@ def check(parts: Parts) -> Checked:
     method.check(model, data)
     work = method.plan(model, data)
     sets = set_sizes(data, settings)
+    fidelity.check_file(settings, data.spec.name, data.spec.num_classes, sets)  # order: the run
     metric = parts.objective.metric
     objective = None
     if metric.split("/")[0] not in sets:

@@ -81,7 +81,7 @@ def _run(
     )
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
     prints = fidelity.fingerprints(data, evalsets)  # an eval.reference must match them
-    reference = fidelity.Reference.load(settings.reference, prints)
+    reference = fidelity.Reference.load(settings, prints, labels_of(evalsets))
     inputs = EvalInputs(
         {name: split.x for name, split in evalsets.items()},
         keep=settings.keep_inputs,
