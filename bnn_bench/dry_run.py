@@ -43,7 +43,7 @@ from bnn_bench.config import build
 from bnn_bench.data import Dataset, Split
 from bnn_bench.data.resolve import resolve
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation import fidelity
+from bnn_bench.evaluation import fidelity, reference_file
 from bnn_bench.evaluation.sets import ood_split
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.shift import is_tfds, level_name
@@ -99,7 +99,9 @@ def check(parts: Parts) -> Checked:
     method.check(model, data)
     work = method.plan(model, data)
     sets = set_sizes(data, settings)
-    fidelity.check_file(settings, data.spec.name, data.spec.num_classes, sets)  # order: the run
+    reference_file.check_file(
+        settings, data.spec.name, data.spec.num_classes, sets
+    )  # order: the run
     metric = parts.objective.metric
     objective = None
     if metric.split("/")[0] not in sets:
@@ -144,6 +146,7 @@ def plan(parts: Parts) -> dict[str, float]:
         **{f"plan/{name}_size": float(n) for name, n in sets.items()},
     }
     objective = f"{parts.objective.metric} ({parts.objective.direction})"
+    note = fidelity.augmentation_note(data.spec.augment, c.settings.reference)
     print(
         "\n".join(
             [
@@ -158,6 +161,7 @@ def plan(parts: Parts) -> dict[str, float]:
                 "  eval sets  " + ", ".join(f"{k} ({n:,})" for k, n in sets.items()),
                 f"  objective  {objective if c.objective is None else 'none: ' + c.objective}",
                 f"  memory     ~{memory / MIB:,.1f} MiB on {jax.default_backend()} ({how})",
+                *([f"  reference  note: {note}"] if note else []),
             ]
         ),
         flush=True,

@@ -82,6 +82,8 @@ def _run(
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
     prints = fidelity.fingerprints(data, evalsets)  # an eval.reference must match them
     reference = fidelity.Reference.load(settings, prints, labels_of(evalsets))
+    if note := fidelity.augmentation_note(data.spec.augment, settings.reference):
+        log.warning("%s", note)
     inputs = EvalInputs(
         {name: split.x for name, split in evalsets.items()},
         keep=settings.keep_inputs,
@@ -114,6 +116,7 @@ def _run(
     metrics: dict[str, float] = {
         "model/params": float(n_params),
         "model/flops": flops_per_input(model),
+        "data/augment": float(data.spec.augment),  # crops and flips: another likelihood
     }
     set_metrics, curves = evaluation.evaluate(
         summaries, labels_of(evalsets), settings.num_bins, settings.uncertain_below

@@ -58,6 +58,8 @@ class Spec:
       class_names: one name per class.
       mean, std: per-channel normalisation applied after scaling to [0, 1].
       resize: (H', W') box to resize into on the device, or None.
+      augment: training minibatches get a random crop and flip (``data.augment``);
+        evaluation never does.
     """
 
     name: str
@@ -67,6 +69,7 @@ class Spec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resize: tuple[int, int] | None = None
+    augment: bool = False
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

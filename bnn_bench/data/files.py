@@ -1,6 +1,7 @@
 """The file formats a ``dataset.data_dir`` (or a system copy) holds: ``_target_`` nodes
 of the dataset YAMLs (``files:``), ``IdxFiles`` for the MNIST family, ``CifarBatches``
-for CIFAR-10. Each reads host numpy arrays ``{"train": (x, y), "test": (x, y)}``
+for CIFAR-10 and CIFAR-100, ``MatFiles`` for SVHN. Each reads host numpy arrays
+``{"train": (x, y), "test": (x, y)}``
 (``sources.Arrays``); a folder that lacks the files raises ``sources.DataNotFound``, a
 broken file ``UserError`` naming it.
 """
@@ -109,26 +110,39 @@ class IdxFiles:
         return out
 
 
-# --- CIFAR-10 python batches --------------------------------------------------
+# --- CIFAR-10 / CIFAR-100 python batches --------------------------------------
 
 
 class CifarBatches:
-    """CIFAR-10's python batches: loose, in a subfolder, or in the original archive.
+    """CIFAR's python batches: loose, in a subfolder, or in the original archive.
 
-    A folder holds the data when it has every batch file, the ``subfolder`` with
-    them (what the archive unpacks to), or the ``archive`` itself.
+    Each batch is a pickled dict with ``b"data"`` ((n, 3072) uint8, channel-major) and
+    the labels under ``label_key`` (CIFAR-10: ``labels``; CIFAR-100: ``fine_labels``,
+    beside its 20 ``coarse_labels``). A folder holds the data when it has every batch
+    file, the ``subfolder`` with them (what the archive unpacks to), or the ``archive``.
+    ``url``: where the archive is published (for messages).
     """
 
-    def __init__(self, archive: str, subfolder: str, train: Sequence[str], test: Sequence[str]):
-        self.archive, self.subfolder = archive, subfolder
+    def __init__(
+        self,
+        archive: str,
+        subfolder: str,
+        train: Sequence[str],
+        test: Sequence[str],
+        label_key: str = "labels",
+        url: str | None = None,
+    ):
+        self.archive, self.subfolder, self.label_key = archive, subfolder, label_key
         self.splits = {"train": tuple(train), "test": tuple(test)}
+        self.url = url
 
     @property
     def names(self) -> tuple[str, ...]:
         return self.splits["train"] + self.splits["test"]
 
     def describe(self) -> str:
-        return f"{self.archive}, or its {self.subfolder}/ with {', '.join(self.names)}"
+        where = f" (from {self.url})" if self.url else ""
+        return f"{self.archive}{where}, or its {self.subfolder}/ with {', '.join(self.names)}"
 
     def _batch_dir(self, folder: Path) -> Path | None:
         for cand in (folder, folder / self.subfolder):
@@ -177,10 +191,11 @@ class CifarBatches:
                 try:
                     d = pickle.loads(blobs[n], encoding="bytes")
                     x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32)
-                    parts.append((x.transpose(0, 2, 3, 1), np.asarray(d[b"labels"], np.int32)))
+                    y = np.asarray(d[self.label_key.encode()], np.int32)
+                    parts.append((x.transpose(0, 2, 3, 1), y))
                 except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
                     raise UserError(
-                        f"CIFAR-10 batch {n} in {folder} is unreadable "
+                        f"CIFAR batch {n} in {folder} is unreadable "
                         f"({type(e).__name__}: {e}). {_REPLACE}"
                     ) from None
             out[split] = (
@@ -190,7 +205,74 @@ class CifarBatches:
         return out
 
 
-def check_folder(files: IdxFiles | CifarBatches, folder: str | os.PathLike, what: str) -> None:
+# --- SVHN's MATLAB files ---------------------------------------------------------
+
+
+class MatFiles:
+    """SVHN's cropped digits: one MATLAB v5 file per split (``train_32x32.mat``,
+    ``test_32x32.mat``), each with ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1), where
+    label 10 stands for the digit 0. Read as TFDS reads them: images moved to the
+    leading axis, label 10 mapped to 0 (``y % 10``). ``url``: where they are published
+    (for messages).
+    """
+
+    def __init__(self, train: str, test: str, url: str | None = None):
+        self.splits = {"train": train, "test": test}
+        self.url = url
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.splits.values())
+
+    def describe(self) -> str:
+        where = f", from {self.url}" if self.url else ""
+        return " and ".join(self.names) + f" (MATLAB files{where})"
+
+    def missing(self, folder: str | os.PathLike) -> list[str]:
+        return [n for n in self.names if not (Path(folder) / n).is_file()]
+
+    def count(self, folder: str | os.PathLike) -> dict[str, int]:
+        """Examples per split, from the files' variable headers alone (``whosmat``)."""
+        out = {}
+        for split, name in self.splits.items():
+            path = Path(folder) / name
+            shapes = {v: shape for v, shape, _ in _mat(path, whos=True)}
+            if "X" not in shapes or len(shapes["X"]) != 4:
+                raise UserError(f"{path} holds no 4-D image array X. {_REPLACE}")
+            out[split] = int(shapes["X"][3])
+        return out
+
+    def read(self, folder: str | os.PathLike) -> Arrays:
+        out = {}
+        for split, name in self.splits.items():
+            path = Path(folder) / name
+            d = _mat(path)
+            if "X" not in d or "y" not in d or d["X"].ndim != 4:
+                raise UserError(f"{path} lacks SVHN's arrays X (32, 32, 3, N) and y. {_REPLACE}")
+            x = np.moveaxis(np.asarray(d["X"], np.uint8), -1, 0)  # (N, 32, 32, 3)
+            y = np.asarray(d["y"]).reshape(-1)
+            if y.shape[0] != x.shape[0] or y.min(initial=1) < 1 or y.max(initial=1) > 10:
+                raise UserError(
+                    f"{path}: {x.shape[0]} images but labels of shape {d['y'].shape} in "
+                    f"[{y.min(initial=1)}, {y.max(initial=1)}] (SVHN's are 1 to 10). {_REPLACE}"
+                )
+            out[split] = (np.ascontiguousarray(x), (y % 10).astype(np.int32))
+        return out
+
+
+def _mat(path: Path, whos: bool = False):
+    """``scipy.io.loadmat`` (or ``whosmat``) of ``path``; a broken file is a UserError."""
+    import scipy.io
+
+    try:
+        return scipy.io.whosmat(path) if whos else scipy.io.loadmat(path)
+    except (ValueError, TypeError, OSError, *_BROKEN) as e:
+        raise UserError(f"{path} is not a readable MATLAB file ({e}). {_REPLACE}") from None
+
+
+def check_folder(
+    files: IdxFiles | CifarBatches | MatFiles, folder: str | os.PathLike, what: str
+) -> None:
     """Checks a folder the user named: a missing folder or file is an error, not a miss.
 
     Args:

@@ -1,6 +1,6 @@
 """A dataset stored somewhere (local files, TFDS, a system copy): its typed config.
 
-``conf/dataset/{mnist,fashion_mnist,cifar10}.yaml`` target ``StoredDataset``; its
+``conf/dataset/{mnist,fashion_mnist,cifar10,cifar100,svhn}.yaml`` target ``StoredDataset``; its
 fields are the YAML's keys. ``load()`` reads the data from the first source that holds
 it; ``locate()`` makes the same checks and walks the same sources in the same order,
 but reads only file headers and metadata (``dry_run=true``).
@@ -26,19 +26,21 @@ from bnn_bench.data.dataset import (
     take_subset,
     to_device,
 )
-from bnn_bench.data.files import CifarBatches, IdxFiles, check_folder
+from bnn_bench.data.files import CifarBatches, IdxFiles, MatFiles, check_folder
 from bnn_bench.errors import UserError
 from bnn_bench.schema import Interval, Positive
 
 log = logging.getLogger(__name__)
 
-Files = IdxFiles | CifarBatches
+Files = IdxFiles | CifarBatches | MatFiles
 # (train, test) sizes as TFDS and the authors publish them: for sources whose sizes
 # cannot be read without reading the data (CIFAR-10's pickles, a download)
 PUBLISHED = {
     "mnist": (60_000, 10_000),
     "fashion_mnist": (60_000, 10_000),
     "cifar10": (50_000, 10_000),
+    "cifar100": (50_000, 10_000),
+    "svhn": (73_257, 26_032),  # the cropped digits' train and test (without extra)
 }
 
 
@@ -54,7 +56,8 @@ class StoredDataset:
       shape: (H, W, C) of the stored images.
       class_names: one name per class; their number is the number of classes.
       mean, std: per-channel normalisation after scaling to [0, 1] (1 or C values).
-      files: the file format a ``data_dir`` holds (``files.IdxFiles``, ``files.CifarBatches``).
+      files: the file format a ``data_dir`` holds (``files.IdxFiles``, ``files.CifarBatches``,
+        ``files.MatFiles``).
       tfds_name: the TFDS name, or None when TFDS does not have it.
       system_dirs: folders where a system package installs the files.
       source: ``auto`` (``data_dir`` when given; else prepared TFDS data, system
@@ -67,6 +70,8 @@ class StoredDataset:
       resize: [H, W] to resize into on the device (aspect ratio kept), or None.
       subset: keep only ``subset`` training examples, the same whatever the source
         (``take_subset``: the first in the order of their SHA-256).
+      augment: a random crop (4-pixel padding) and horizontal flip of every training
+        minibatch, on the device (``data.augment``); evaluation never sees it.
     """
 
     name: str
@@ -85,6 +90,7 @@ class StoredDataset:
     val_fraction: Annotated[float, Interval(0, 1, hi_open=True)] = 0.1
     resize: tuple[Annotated[int, Positive], Annotated[int, Positive]] | None = None
     subset: Annotated[int, Positive] | None = None
+    augment: bool = False
 
     @property
     def spec(self) -> Spec:
@@ -98,7 +104,8 @@ class StoredDataset:
             )
         if len(mean) not in (1, shape[2]) or len(std) != len(mean):
             raise UserError(f"dataset.mean/std need 1 or {shape[2]} values each.")
-        return Spec(self.name, shape, len(names), names, mean, std, check_resize(self.resize))
+        resize = check_resize(self.resize)
+        return Spec(self.name, shape, len(names), names, mean, std, resize, self.augment)
 
     @property
     def _tfds_dir(self) -> str:

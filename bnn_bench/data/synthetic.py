@@ -52,7 +52,7 @@ class SyntheticDataset:
       noise: standard deviation of the pixel noise, on a [0, 1] scale.
       contrast: how far the class patterns stray from grey (smaller is harder).
       data_seed: seed of the generator.
-      val_from, val_fraction, resize: as for ``stored.StoredDataset``.
+      val_from, val_fraction, resize, augment: as for ``stored.StoredDataset``.
     """
 
     shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (28, 28, 1)
@@ -65,6 +65,7 @@ class SyntheticDataset:
     val_from: Literal["train", "test"] = "train"
     val_fraction: Annotated[float, Interval(0, 1, hi_open=True)] = 0.1
     resize: tuple[PositiveInt, PositiveInt] | None = None
+    augment: bool = False
 
     @property
     def spec(self) -> Spec:
@@ -73,9 +74,8 @@ class SyntheticDataset:
         names = tuple(f"class {i}" for i in range(self.num_classes))
         c = shape[2]
         mean, std = (0.5,) * c, (0.25,) * c
-        return Spec(
-            "synthetic", shape, self.num_classes, names, mean, std, check_resize(self.resize)
-        )
+        resize = check_resize(self.resize)
+        return Spec("synthetic", shape, self.num_classes, names, mean, std, resize, self.augment)
 
     def load(self) -> Dataset:
         """Generates the images (host numpy, then on the device)."""

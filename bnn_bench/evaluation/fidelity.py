@@ -79,13 +79,15 @@ def preprocessing(spec: Spec) -> dict:
 
 
 def fingerprints(data: Dataset, sets: dict[str, Split]) -> dict:
-    """The fingerprints of a run: what the model is fed (``preprocessing``), the training
-    split and every labelled evaluation set (all but ``ood``), each with the file its
-    predictive goes to."""
+    """The fingerprints of a run: what the model is fed (``preprocessing``), whether its
+    training batches were augmented (``augment``: another likelihood), the training split
+    and every labelled evaluation set (all but ``ood``), each with the file its predictive
+    goes to."""
     return {
         "dataset": data.spec.name,
         "num_classes": int(data.spec.num_classes),
         "preprocess": preprocessing(data.spec),
+        "augment": bool(data.spec.augment),
         "train": fingerprint(data.train),
         "sets": {
             name: {**fingerprint(split), "file": set_filename(name)}
@@ -93,6 +95,38 @@ def fingerprints(data: Dataset, sets: dict[str, Split]) -> dict:
             if name != "ood"
         },
     }
+
+
+def augmentation_note(augment: bool, reference: str | Path | None) -> str | None:
+    """A sentence when this run and its ``eval.reference`` differ in ``dataset.augment``,
+    else None.
+
+    Augmentation changes the likelihood (the posterior is of crops and flips of the
+    training images), so a method trained with it is scored against a reference of
+    another posterior: allowed (the standard recipes augment, the public HMC reference
+    of Izmailov et al. 2021 does not), but said. A run folder's ``augment`` comes from
+    its ``fingerprints.json`` (absent: written before augmentation existed, so none); a
+    predictive file records none, and counts as made without it. A reference that
+    cannot be read gives None here: ``Reference.load`` says what is wrong with it.
+    """
+    if reference is None:
+        return None
+    path = Path(reference) / PREDICTIVE / FINGERPRINTS
+    theirs = False
+    if Path(reference).is_dir():
+        try:
+            theirs = bool(json.loads(path.read_text()).get("augment", False))
+        except (ValueError, OSError, AttributeError):
+            return None
+    if theirs == bool(augment):
+        return None
+    with_ = {True: "with", False: "without"}
+    return (
+        f"this run trains {with_[bool(augment)]} augmentation (dataset.augment="
+        f"{str(bool(augment)).lower()}) and eval.reference={reference} was made "
+        f"{with_[theirs]} it: agreement and total variation compare posteriors of two "
+        f"different likelihoods."
+    )
 
 
 def write_predictive(
@@ -321,7 +355,9 @@ class Reference:
         what = f"eval.reference={settings.reference}"
         if reference_file.is_file(settings.reference):
             split = settings.reference_split
-            probs = check_file(settings, prints["dataset"], prints["num_classes"], _sizes(prints))
+            probs = reference_file.check_file(
+                settings, prints["dataset"], prints["num_classes"], _sizes(prints)
+            )
             found = reference_file.order_check(probs, np.asarray(labels[split]), what, split)
             log.info(
                 "%s: the %s labels match (argmax accuracy %.4f, chance %.4f)",
@@ -342,33 +378,3 @@ class Reference:
 
 def _sizes(prints: dict) -> dict[str, int]:
     return {name: fp["num_inputs"] for name, fp in prints["sets"].items()}
-
-
-def check_file(
-    settings: Any, dataset: str, num_classes: int, sizes: dict[str, int]
-) -> np.ndarray | None:
-    """What can be checked of a reference file before the data are read (the run and the dry
-    run): readable probabilities of this dataset's set ``eval.reference_split``, of its size
-    and classes. None when ``eval.reference`` is not a file.
-
-    Args:
-      settings: the ``EvalSettings``; dataset: this run's ``dataset.name``;
-      num_classes: its classes; sizes: inputs per evaluation set, by name.
-
-    Returns:
-      (N, C) the file's probabilities, or None.
-    """
-    if settings.reference is None or not reference_file.is_file(settings.reference):
-        return None
-    what = f"eval.reference={settings.reference}"
-    probs = reference_file.read(settings.reference, what)
-    reference_file.check(
-        probs,
-        what,
-        settings.reference_dataset,
-        settings.reference_split,
-        dataset,
-        num_classes,
-        sizes,
-    )
-    return probs

@@ -26,6 +26,7 @@ A file carries no fingerprint of its inputs, so two checks stand in for one:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -176,3 +177,33 @@ def order_check(probs: np.ndarray, labels: np.ndarray, what: str, split: str) ->
             f"or local) or belongs to another dataset or split."
         )
     return {"acc": acc, "chance": chance, "p_value": p_value}
+
+
+def check_file(
+    settings: Any, dataset: str, num_classes: int, sizes: dict[str, int]
+) -> np.ndarray | None:
+    """What can be checked of a reference file before the data are read (the run and the dry
+    run): readable probabilities of this dataset's set ``eval.reference_split``, of its size
+    and classes. None when ``eval.reference`` is not a file.
+
+    Args:
+      settings: the ``EvalSettings``; dataset: this run's ``dataset.name``;
+      num_classes: its classes; sizes: inputs per evaluation set, by name.
+
+    Returns:
+      (N, C) the file's probabilities, or None.
+    """
+    if settings.reference is None or not is_file(settings.reference):
+        return None
+    what = f"eval.reference={settings.reference}"
+    probs = read(settings.reference, what)
+    check(
+        probs,
+        what,
+        settings.reference_dataset,
+        settings.reference_split,
+        dataset,
+        num_classes,
+        sizes,
+    )
+    return probs

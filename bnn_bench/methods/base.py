@@ -123,10 +123,13 @@ class Method(abc.ABC):
     Attributes:
       needs: what the method needs of a model (checked by ``check``).
       name: how the method is named in messages (its ``method=`` choice).
+      minibatches: whether ``fit`` trains on minibatches, which ``dataset.augment``
+        crops and flips; a full-batch method (HMC) refuses augmentation.
     """
 
     needs: ClassVar[tuple[Need, ...]] = ()
     name: ClassVar[str] = ""
+    minibatches: ClassVar[bool] = True
 
     def check(self, model: Model, data: Dataset) -> None:
         """Raises what ``fit`` would refuse, before any work: the run and the dry run call
@@ -135,11 +138,17 @@ class Method(abc.ABC):
         Raises:
           UserError: what was wrong and what to do.
         """
-        del data
+        name = self.name or type(self).__name__.lower()
         for need in self.needs:
-            message = need.refusal(self.name or type(self).__name__.lower(), model)
+            message = need.refusal(name, model)
             if message is not None:
                 raise UserError(message)
+        if data.spec.augment and not self.minibatches:
+            raise UserError(
+                f"method={name} uses the whole training split as stored, so dataset.augment="
+                f"true (random crops and flips of training minibatches) has no meaning for "
+                f"it: its posterior is of the un-augmented likelihood. Set dataset.augment=false."
+            )
 
     @abc.abstractmethod
     def plan(self, model: Model, data: Dataset) -> Work:

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from bnn_bench.data import Dataset, Split
+from bnn_bench.data.augment import training_batch
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import RunContext
@@ -378,16 +379,16 @@ def make_chunk_runner(model: Model, tx: optax.GradientTransformation, members: b
     i member k steps on ``split[idx[i, k]]`` with dropout key ``keys[i, k]``; the losses
     and accuracies are (n, K).
     """
-    return scan_steps(_make_step(model, tx), members)
+    return scan_steps(_make_step(model, tx), members, augment=model.spec.augment)
 
 
-def scan_steps(step_fn, members: bool = False, num_outputs: int = 2):
+def scan_steps(step_fn, members: bool = False, num_outputs: int = 2, augment: bool = False):
     """``make_chunk_runner`` for any step ``(ts, x (B, ...), y (B,), key) -> (ts, (loss,
     acc))`` or, with ``num_outputs=3``, ``(ts, (loss, acc, nll))`` over any state pytree
-    ``ts`` (``vi`` steps its variational parameters)."""
+    ``ts`` (``vi`` steps its variational parameters); ``augment``: ``Spec.augment``."""
 
     def one(ts, split, idx, key):
-        return step_fn(ts, split.x[idx], split.y[idx], key)
+        return step_fn(ts, *training_batch(split, idx, key, augment), key)
 
     live = jax.vmap(one, in_axes=(0, None, 0, 0)) if members else one
 

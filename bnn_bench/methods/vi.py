@@ -329,7 +329,7 @@ class VI(Method):
             "vi",
             VIState(mean, rho, tx.init((mean, rho)), jnp.zeros((), jnp.int32)),
             data,
-            scan_steps(step, num_outputs=3),
+            scan_steps(step, num_outputs=3, augment=model.spec.augment),
             epoch_idx=lambda e: epoch_batches(
                 jax.random.fold_in(k_data, e), n, self.trainer.batch_size
             ),

@@ -1,10 +1,11 @@
 """TFDS's real download-and-prepare path, end to end and offline.
 
-Small archives in the real formats (LeCun's gzipped IDX files, CIFAR-10's binary
-tarball, CIFAR-10-C's tar of .npy arrays) are served over HTTP from 127.0.0.1. The
-real TFDS builders download them, check their checksums, extract them, write their
-record files and read them back, driven by bnn-bench's public loaders. Any module
-that path imports and that is not installed fails these tests.
+Small archives in the real formats (LeCun's gzipped IDX files, CIFAR-10's and
+CIFAR-100's binary tarballs, SVHN's MATLAB v5 files, CIFAR-10-C's tar of .npy arrays)
+are served over HTTP from 127.0.0.1. The real TFDS builders download them, check their
+checksums, extract them, write their record files and read them back, driven by
+bnn-bench's public loaders. Any module that path imports and that is not installed fails
+these tests.
 
 What is bypassed, and how (each with ``monkeypatch``, undone after the test):
 - the download URL: the builder's URL constant points at the loopback server;
@@ -187,6 +188,113 @@ def test_cifar10_downloads_prepares_and_reads_through_tfds(tmp_path, server, mon
     assert pairs(np.asarray(data.test.x), np.asarray(data.test.y)) == pairs(
         *images["test_batch.bin"]
     )
+
+
+def serve_cifar100(www: Path, base: str, monkeypatch, n_train=12, n_test=6):
+    """CIFAR-100's binary archive, as TFDS downloads it: records of 2 label bytes (coarse,
+    fine) and 3072 image bytes (channel-major) in ``cifar-100-binary/{train,test}.bin``,
+    with the two label-name files."""
+    rng = np.random.default_rng(3)
+    images = {}
+    archive = www / "cifar-100-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+
+        def add(name: str, payload: bytes) -> None:
+            info = tarfile.TarInfo(f"cifar-100-binary/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        for split, n in (("train", n_train), ("test", n_test)):
+            x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+            fine = rng.integers(0, 100, size=n, dtype=np.uint8)
+            coarse = fine // 5  # any 0..19: TFDS keeps it apart from the label
+            chw = x.transpose(0, 3, 1, 2).reshape(n, 3072)
+            add(f"{split}.bin", np.concatenate([coarse[:, None], fine[:, None], chw], 1).tobytes())
+            images[split] = (x, fine)
+        add("coarse_label_names.txt", "\n".join(f"c{i}" for i in range(20)).encode() + b"\n")
+        add("fine_label_names.txt", "\n".join(f"f{i}" for i in range(100)).encode() + b"\n")
+    module = builder_module("cifar100")
+    real = module.Cifar100._cifar_info.fget
+    url = base + archive.name
+    monkeypatch.setattr(
+        module.Cifar100, "_cifar_info", property(lambda s: real(s)._replace(url=url))
+    )
+    register(monkeypatch, "cifar100", {url: archive})
+    return images
+
+
+@pytest.mark.e2e  # TFDS prepares a dataset
+def test_cifar100_downloads_prepares_and_reads_through_tfds(tmp_path, server, monkeypatch):
+    www, base = server
+    images = serve_cifar100(www, base, monkeypatch)
+    tfds_dir = tmp_path / "tfds"
+    data = preset("cifar100", source="tfds", tfds_data_dir=str(tfds_dir), val_fraction=0.0)
+    assert data.source == "TFDS download" and data.spec.num_classes == 100
+    assert data.train.x.shape == (12, 32, 32, 3) and data.test.x.shape == (6, 32, 32, 3)
+    for split, name in ((data.train, "train"), (data.test, "test")):  # the fine labels
+        assert pairs(np.asarray(split.x), np.asarray(split.y)) == pairs(*images[name])
+    where = located(
+        "dataset=cifar100", f"dataset.tfds_data_dir={tfds_dir}", "dataset.val_fraction=0"
+    )
+    assert where.source.startswith("TFDS data dir") and where.sizes["test"] == 6
+
+
+def serve_svhn(www: Path, base: str, monkeypatch, sizes=(("train", 10), ("test", 6), ("extra", 4))):
+    """SVHN's three MATLAB v5 files, as TFDS downloads them (it takes ``extra`` too): ``X``
+    (32, 32, 3, N) uint8 and ``y`` (N, 1) double in 1..10, 10 for the digit 0."""
+    import scipy.io
+
+    rng = np.random.default_rng(4)
+    arrays, files = {}, {}
+    for split, n in sizes:
+        x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
+        y = np.arange(n) % 10 + 1.0  # every label, 10 among them
+        name = f"{split}_32x32.mat"
+        scipy.io.savemat(www / name, {"X": x, "y": y[:, None]})
+        files[base + name] = www / name
+        arrays[split] = (np.moveaxis(x, -1, 0), (y % 10).astype(int))
+    monkeypatch.setattr(builder_module("svhn_cropped"), "URL", base)
+    register(monkeypatch, "svhn_cropped", files)
+    return arrays
+
+
+@pytest.mark.e2e  # TFDS prepares a dataset
+def test_svhn_downloads_prepares_and_reads_through_tfds(tmp_path, server, monkeypatch):
+    www, base = server
+    arrays = serve_svhn(www, base, monkeypatch)
+    tfds_dir = tmp_path / "tfds"
+    data = preset("svhn", source="tfds", tfds_data_dir=str(tfds_dir), val_fraction=0.0)
+    assert data.source == "TFDS download"
+    assert data.train.x.shape == (10, 32, 32, 3) and data.test.x.shape == (6, 32, 32, 3)
+    assert 0 in np.asarray(data.train.y) and 10 not in np.asarray(data.train.y)  # 10 -> 0
+    for split, name in ((data.train, "train"), (data.test, "test")):
+        assert pairs(np.asarray(split.x), np.asarray(split.y)) == pairs(*arrays[name])
+    # the same examples from the same files read as local files (the data_dir path)
+    local = preset("svhn", data_dir=str(www), val_fraction=0.0)
+    for a, b in ((data.train, local.train), (data.test, local.test)):
+        assert pairs(np.asarray(a.x), np.asarray(a.y)) == pairs(np.asarray(b.x), np.asarray(b.y))
+    where = located("dataset=svhn", f"dataset.tfds_data_dir={tfds_dir}", "dataset.val_fraction=0")
+    assert where.source.startswith("TFDS data dir") and where.sizes["train"] == 10
+
+
+def test_svhn_offline_ends_in_one_actionable_message(tmp_path, monkeypatch, run_cli):
+    """`bnn-bench dataset=svhn` without network, files or TFDS cache: the CLI exits 2
+    with one message that says where the files are published, where to put them and
+    which key to set; nothing is downloaded or left behind."""
+    url = closed_port_url() + "train_32x32.mat"
+    info = tfds.core.download.checksums.UrlInfo(size=1, checksum="0" * 64, filename="t.mat")
+    monkeypatch.setattr(tfds.builder_cls("svhn_cropped"), "url_infos", {url: info})
+    proc = run_cli("dataset=svhn", "model=mlp", "method=map")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("bnn-bench: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    msg = proc.stderr[proc.stderr.index("bnn-bench: error:") :]
+    assert "Could not download dataset 'svhn'" in msg and "cannot reach 127.0.0.1" in msg
+    assert "train_32x32.mat and test_32x32.mat" in msg and "dataset.data_dir=PATH" in msg
+    assert "http://ufldl.stanford.edu/housenumbers/" in msg  # where to get them
+    assert "tfds build svhn_cropped" in msg and "dataset.tfds_data_dir=DIR" in msg
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "tfds").exists()
 
 
 def test_cifar10_corrupted_downloads_prepares_and_reads_through_tfds(tmp_path, server, monkeypatch):

@@ -240,6 +240,7 @@ class HMC(Sampler):
     chunk_size: int = 10
     name = "hmc"
     loop = "hmc"
+    minibatches = False  # the whole training split, as stored: dataset.augment is refused
 
     def __post_init__(self):
         positive = "trajectory_length step_size max_integration_steps temperature prior_scale"

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnn_bench.data import Dataset, Split
+from bnn_bench.data.augment import training_batch
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.methods.base import RunContext, Work
@@ -209,7 +210,7 @@ class SGMCMC(Sampler):
         def chain_step(k, state, step_size, temperature):
             k_batch, k_step = jax.random.split(k)
             idx = jax.random.randint(k_batch, (b,), 0, train.size)
-            x, y = train.x[idx], train.y[idx]
+            x, y = training_batch(train, idx, k_batch, model.spec.augment)
             return self.kernel.step(k_step, state, lambda p: grad(p, x, y), step_size, temperature)
 
         def step(key, states, t):
