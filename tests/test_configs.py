@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import tempfile
 
+import flax.linen as nn
 import jax
 import pytest
 from omegaconf import OmegaConf
 
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
-from bnn_bench.models import TRAITS
+from bnn_bench.models import TRAITS, base
+from bnn_bench.models.resnet import FilterResponseNorm
 from tests.conftest import compose_cfg, config_choices
 
 pytestmark = pytest.mark.contract
@@ -47,6 +49,9 @@ SAMPLERS_SHORT_ON_SYNTHETIC = {"sgld", "psgld", "sghmc"}
 SHORT = "exceeds the 45 steps after burn-in"
 # KFAC has one Kronecker block per layer; a depthwise convolution has none
 DEPTHWISE = r"is a grouped \(depthwise\) convolution"
+# ... and none for a normalisation layer's scale and offset (BatchNorm, FRN)
+NORM_PARAMS = "structure=kfac covers dense and convolution layers only"
+NORMS = (nn.BatchNorm, FilterResponseNorm)
 TEST_SIZE = {"synthetic": 512, "mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}
 
 
@@ -63,6 +68,10 @@ def expected_refusal(method: str, needs, model, dataset: str) -> str | None:
         return SHORT
     if method == "laplace_kfac" and TRAITS["depthwise"].of(model):
         return DEPTHWISE
+    if method == "laplace_kfac" and any(
+        isinstance(c.module, NORMS) for c in base.module_calls(model)
+    ):
+        return NORM_PARAMS
     return None
 
 

@@ -122,22 +122,24 @@ TRAITS: dict[str, Trait] = {
     "batch_norm": Trait(
         "batch norm",
         lambda model: model.has_batch_norm,
-        "Use model=lenet model.norm=batchnorm, or model=mobilenet model.use_bn=true.",
-        "Choose one without: model=mlp or model=cnn, model.norm=none (lenet), "
+        "Use model=resnet20, model=wrn (WRN-28-10) or model=wrn16_4, model=lenet "
+        "model.norm=batchnorm, or model=mobilenet model.use_bn=true.",
+        "Choose one without: model=resnet20_frn (ResNet-20 with filter response norm, "
+        "the batch-norm-free resnet20), model=mlp or model=cnn, model.norm=none (lenet), "
         "model.use_bn=false (mobilenet).",
     ),
     "dropout": Trait(
         "dropout",
         _has_dropout,
-        "Set model.dropout_rate, e.g. model.dropout_rate=0.2 (mlp, cnn, lenet), or use "
+        "Set model.dropout_rate, e.g. model.dropout_rate=0.2 (mlp, cnn, lenet, wrn), or use "
         "model=convmod.",
-        "Set model.dropout_rate=0 (mlp, cnn, lenet, convmod).",
+        "Set model.dropout_rate=0 (mlp, cnn, lenet, wrn, convmod).",
     ),
     "depthwise": Trait(
         "depthwise convolutions",
         _has_depthwise,
         "Use model=mobilenet.",
-        "Choose a model without: model=mlp, cnn, lenet or convmod.",
+        "Choose a model without: model=mlp, cnn, lenet, convmod, resnet20_frn, resnet20 or wrn.",
     ),
 }
 

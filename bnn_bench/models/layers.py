@@ -12,7 +12,7 @@ is the same, so both paths compute the same function of the same parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -95,12 +95,13 @@ class Conv(nn.Module):
     padding: Padding = "SAME"
     feature_group_count: int = 1
     use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
         shape = (kh, kw, x.shape[-1] // self.feature_group_count, self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        kernel = self.param("kernel", self.kernel_init, shape)
         y = conv2d(x, kernel, self.strides, self.padding, self.feature_group_count)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
