@@ -43,7 +43,7 @@ from bnn_bench.config import build
 from bnn_bench.data import Dataset, Split
 from bnn_bench.data.resolve import resolve
 from bnn_bench.errors import UserError
-from bnn_bench.evaluation.fidelity import augmentation_note
+from bnn_bench.evaluation import fidelity, reference_file
 from bnn_bench.evaluation.sets import ood_split
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.shift import is_tfds, level_name
@@ -101,6 +101,9 @@ def check(parts: Parts) -> Checked:
     method.check(model, data)
     work = method.plan(model, data)
     sets = set_sizes(data, settings)
+    reference_file.check_file(
+        settings, data.spec.name, data.spec.num_classes, sets
+    )  # order: the run
     metric = parts.objective.metric
     objective = None
     if metric.split("/")[0] not in sets:
@@ -145,7 +148,7 @@ def plan(parts: Parts) -> dict[str, float]:
         **{f"plan/{name}_size": float(n) for name, n in sets.items()},
     }
     objective = f"{parts.objective.metric} ({parts.objective.direction})"
-    note = augmentation_note(data.spec.augment, c.settings.reference)
+    note = fidelity.augmentation_note(data.spec.augment, c.settings.reference)
     print(
         "\n".join(
             [

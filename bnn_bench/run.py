@@ -87,7 +87,7 @@ def _run(
     task = task_of(data, settings)  # classification or regression: its summaries and metrics
     evalsets = evaluation_sets(data, settings)  # test, val, ood, shift/*: all known before fit
     prints = task.fingerprints(evalsets)  # an eval.reference must match them
-    reference = task.reference(prints)
+    reference = task.reference(prints, evalsets)
     if note := fidelity.augmentation_note(data.spec.augment, settings.reference):
         log.warning("%s", note)
     inputs = EvalInputs(

@@ -54,6 +54,16 @@ PRESET_TRAINERS = {
         "epochs": 2,
         "batch_size": 128,
     },
+    "ub_cifar10_wrn": {
+        "optimizer._target_": "optax.sgd",
+        "optimizer.momentum": 0.9,
+        "optimizer.nesterov": True,
+        "schedule._target_": "optax.join_schedules",
+        "schedule.boundaries": [97],
+        "l2": 4e-4,
+        "epochs": 200,
+        "batch_size": 512,
+    },
     "capsa_mnist_vote": {
         "optimizer._target_": "optax.adam",
         "schedule._target_": "optax.constant_schedule",
@@ -65,12 +75,17 @@ PRESET_TRAINERS = {
 }
 
 
+# Presets whose recipe IS a point estimate (a paper's deterministic baseline, an acceptance run)
+MAP_PRESETS = {"resnet20_fmnist", "ub_cifar10_wrn"}
+
+
 @pytest.mark.parametrize("experiment", PRESETS)
 def test_every_preset_composes_and_builds_its_method(experiment):
     cfg = compose_cfg(f"experiment={experiment}")
     validate(cfg)
     method = build(cfg.method, "method")
-    assert type(method).__name__ != "MAP"  # every preset reproduces a non-MAP method
+    # every other preset reproduces a non-MAP method
+    assert (type(method).__name__ == "MAP") == (experiment in MAP_PRESETS)
 
 
 @pytest.mark.parametrize("experiment", PRESETS)
@@ -148,6 +163,55 @@ def test_training_presets_pin_their_recipe(experiment):
             assert OmegaConf.select(OmegaConf.load(own), leaf) is not None, key
         else:
             assert OmegaConf.select(preset.trainer, key) is not None, key
+
+
+def test_izmailov_preset_is_the_papers_setting():
+    """Table 3 of Izmailov et al. 2021 for CIFAR-10: prior variance 1/5, SGLD ε 1e-6, batch 80,
+    10,000 epochs with 1,000 of burn-in, 5 chains of 900; 50 ensemble members; the vendored HMC
+    predictive as the reference, on TFDS's order of the full test set, no augmentation."""
+    cfg = compose_cfg("experiment=izmailov_cifar10")
+    sgld = build(cfg.method, "method")
+    assert sgld.prior_scale**2 == pytest.approx(0.2) and sgld.temperature == 1.0
+    assert float(sgld.step_size(0, 1)) == pytest.approx(1e-6)
+    total, burn, idx = sgld.budget(50_000)  # 625 steps per epoch of batch 80
+    assert (total, burn, len(idx), sgld.num_chains) == (6_250_000, 625_000, 900, 5)
+    assert cfg.dataset.val_fraction == 0.0 and cfg.dataset.augment is False
+    assert cfg.dataset.source == "tfds" and cfg.model._target_.endswith("ResNetFRN")
+    assert cfg.eval.reference.endswith("bnn_bench/references/cifar10_hmc_test.npz")
+    assert (cfg.eval.reference_dataset, cfg.eval.reference_split) == ("cifar10", "test")
+    assert compose_cfg("experiment=izmailov_cifar10", "method=ensemble").method.members == 50
+    # the paper's SGD (bnn_hmc's summed loss -> mean: rate 3e-7 x 50,000, l2 10 / 50,000)
+    sgd = compose_cfg("experiment=izmailov_cifar10", "method=map", "trainer/optimizer=sgd")
+    validate(sgd)
+    trainer = build(sgd.method, "method").trainer
+    assert sgd.trainer.optimizer._target_ == "optax.sgd" and sgd.trainer.optimizer.momentum == 0.9
+    assert not sgd.trainer.optimizer.nesterov
+    assert (trainer.l2, trainer.epochs, trainer.batch_size) == (pytest.approx(2e-4), 500, 80)
+    steps = trainer.num_steps(50_000)
+    lr = trainer.learning_rate_fn(steps)
+    assert float(lr(0)) == pytest.approx(3e-7 * 50_000) and float(lr(steps)) == 0.0
+
+
+def test_ub_preset_schedule_is_uncertainty_baselines_warmup_piecewise():
+    """The joined optax schedule equals uncertainty-baselines' WarmUpPiecewiseConstantSchedule
+    (re-implemented here from its code) at every step of the 200 epochs of 97 steps."""
+    cfg = compose_cfg("experiment=ub_cifar10_wrn")
+    trainer = build(cfg.method, "method").trainer
+    steps = trainer.num_steps(50_000)
+    assert steps == 200 * 97
+    lr = trainer.learning_rate_fn(steps)
+
+    def ub(step, per_epoch=97, base=0.1 * 512 / 128, ratio=0.2, decay=(60, 120, 160), warmup=1):
+        epoch = step / per_epoch
+        rate = base * epoch / warmup
+        for i, start in enumerate((warmup, *decay)):
+            rate = base * ratio**i if epoch >= start else rate
+        return rate
+
+    for step in [0, 1, 48, 96, 97, 98, 5819, 5820, 11639, 11640, 15519, 15520, steps - 1]:
+        assert float(lr(step)) == pytest.approx(ub(step), rel=1e-5, abs=1e-9), step
+    assert cfg.dataset.augment is True and cfg.dataset.val_fraction == 0.0
+    assert (cfg.model.depth, cfg.model.width) == (28, 10)
 
 
 def test_laplax_preset_is_the_tutorials_laplace():

@@ -17,23 +17,32 @@ fingerprints say ``"task": "regression"``.
 A reference only means something on the same inputs and for a posterior of the
 same training data, so the fingerprints must match; a mismatch stops the run
 before ``fit`` with a message that names the difference.
+
+``eval.reference=<file>`` is a reference predictive given as a file instead (the
+competition's ``probs.csv``), with the dataset and set it belongs to: read and checked
+in ``reference_file``, which also states the order check that stands in for a fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bnn_bench.data import Dataset, Spec, Split
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import metrics as M
+from bnn_bench.evaluation import reference_file
 from bnn_bench.evaluation.summary import PredictiveSummary
 from bnn_bench.reporting.outputs import write_json_atomic, write_npy_atomic
 from bnn_bench.run_folder import FINGERPRINTS, METRICS, PREDICTIVE
+
+log = logging.getLogger(__name__)
 
 
 def set_filename(name: str) -> str:
@@ -326,10 +335,11 @@ def fidelity_metrics(
 
 @dataclass(frozen=True)
 class Reference:
-    """A finished run's predictive to score this run against (``eval.reference``).
+    """A reference predictive to score this run against (``eval.reference``): a finished
+    run's, or a file's (``reference_file``).
 
     Attributes:
-      sets: the labelled sets both runs share (checked to be the same data).
+      sets: the labelled sets both have (checked to be the same data).
       probs: set name -> (N, C) float32 predictive of the reference.
     """
 
@@ -337,20 +347,43 @@ class Reference:
     probs: dict[str, np.ndarray]
 
     @classmethod
-    def load(cls, run_dir: str | Path | None, prints: dict) -> Reference | None:
-        """Reads and checks the reference against this run's fingerprints; None if no
-        reference is set.
+    def load(cls, settings: Any, prints: dict, labels: dict[str, Any]) -> Reference | None:
+        """Reads and checks ``settings.reference`` against this run's fingerprints (a run
+        folder) or against its labels (a file: the order check); None if no reference is set.
+
+        Args:
+          settings: the ``EvalSettings``; prints: this run's ``fingerprints``;
+          labels: set name -> (N,) labels of this run's evaluation sets.
 
         Raises:
-          UserError: when the reference is missing or its data differ (see ``shared_sets``).
+          UserError: when the reference is missing or its data differ (see ``shared_sets``,
+            ``reference_file``).
         """
-        if run_dir is None:
+        if settings.reference is None:
             return None
-        what = f"eval.reference={run_dir}"
-        ref_prints, probs = read_predictive(run_dir, what)
+        what = f"eval.reference={settings.reference}"
+        if reference_file.is_file(settings.reference):
+            split = settings.reference_split
+            probs = reference_file.check_file(
+                settings, prints["dataset"], prints["num_classes"], _sizes(prints)
+            )
+            found = reference_file.order_check(probs, np.asarray(labels[split]), what, split)
+            log.info(
+                "%s: the %s labels match (argmax accuracy %.4f, chance %.4f)",
+                what,
+                split,
+                found["acc"],
+                found["chance"],
+            )
+            return cls([split], {split: probs})
+        ref_prints, probs = read_predictive(settings.reference, what)
         return cls(shared_sets(prints, ref_prints, what), probs)
 
     def metrics(self, summaries: dict[str, PredictiveSummary]) -> dict[str, float]:
         """Agreement and total variation of this run's predictive on every shared set."""
         mine = {name: np.asarray(summaries[name].mean(), np.float32) for name in self.sets}
         return fidelity_metrics(mine, self.probs, self.sets)
+
+
+def _sizes(prints: dict) -> dict[str, int]:
+    return {name: fp["num_inputs"] for name, fp in prints["sets"].items()}

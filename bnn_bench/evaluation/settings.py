@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bnn_bench.errors import UserError
+from bnn_bench.evaluation.reference_file import is_file
 from bnn_bench.evaluation.shift import (
     CIFAR10_C,
     CIFAR10_C_LEVELS,
@@ -53,7 +54,12 @@ class EvalSettings:
       reference: a finished run's folder whose posterior predictive this run is scored
         against (``<set>/agreement``, ``<set>/total_variation``; regression:
         ``<set>/w2``, ``<set>/mean_error``, ``<set>/std_error``; e.g. a ``method=hmc``
-        run), or None. Its data must be this run's: checked before ``fit``.
+        run), or a predictive file (``reference_file``: the competition's ``probs.csv``,
+        ``.npy``, ``.npz``), or None. Its data must be this run's: checked before ``fit``.
+      reference_dataset: for a reference file only: the dataset it belongs to (the
+        ``name`` of a ``conf/dataset`` choice, e.g. ``cifar10``); refused otherwise.
+      reference_split: for a reference file only: the evaluation set its rows are
+        (``test``, ``val``); refused otherwise.
     """
 
     batch_size: int = 1000
@@ -70,6 +76,8 @@ class EvalSettings:
     download: bool = False
     plots: bool = True
     reference: str | None = None
+    reference_dataset: str | None = None
+    reference_split: str | None = None
 
     def __post_init__(self):
         if (
@@ -93,10 +101,7 @@ class EvalSettings:
                 "dataset@eval.ood_dataset=mnist), then override its keys as "
                 "eval.ood_dataset.KEY=VALUE."
             )
-        if self.reference is not None and not isinstance(self.reference, str):
-            raise UserError(
-                f"eval.reference must be a run folder (a path) or null; got {self.reference!r}."
-            )
+        self._check_reference()
         if self.shift_size is not None and self.shift_size < 1:
             raise UserError(f"eval.shift_size must be >= 1 or null; got {self.shift_size}.")
         shift, levels = self._checked_shift()
@@ -104,6 +109,34 @@ class EvalSettings:
         object.__setattr__(
             self, "shift_levels", {k: tuple(float(v) for v in vs) for k, vs in levels.items()}
         )
+
+    def _check_reference(self) -> None:
+        """A file needs its dataset and set; a run folder or no reference takes neither."""
+        if self.reference is not None and not isinstance(self.reference, str):
+            raise UserError(
+                f"eval.reference must be a run folder or a predictive file (a path) or null; "
+                f"got {self.reference!r}."
+            )
+        given = {
+            k: v
+            for k, v in (("dataset", self.reference_dataset), ("split", self.reference_split))
+            if v is not None
+        }
+        if self.reference is not None and is_file(self.reference):
+            missing = [f"eval.reference_{k}" for k in ("dataset", "split") if k not in given]
+            if missing:
+                raise UserError(
+                    f"eval.reference={self.reference} is a predictive file: give "
+                    f"{' and '.join(missing)} (the dataset and evaluation set its rows are, "
+                    f"e.g. eval.reference_dataset=cifar10 eval.reference_split=test)."
+                )
+        elif given:
+            what = "is a run folder" if self.reference is not None else "is not set"
+            raise UserError(
+                f"{', '.join(f'eval.reference_{k}' for k in given)}: only a reference file "
+                f"takes them, and eval.reference {what} (a run folder's fingerprints say what "
+                f"data it belongs to). Drop them."
+            )
 
     def _checked_shift(self) -> tuple[list[str], dict]:
         """The corruptions as a list and the levels of every known one, checked."""

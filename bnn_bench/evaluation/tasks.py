@@ -58,8 +58,8 @@ class Classification:
     def fingerprints(self, sets: dict[str, Split]) -> dict:
         return fidelity.fingerprints(self.data, sets)
 
-    def reference(self, prints: dict) -> fidelity.Reference | None:
-        return fidelity.Reference.load(self.settings.reference, prints)
+    def reference(self, prints: dict, sets: dict[str, Split]) -> fidelity.Reference | None:
+        return fidelity.Reference.load(self.settings, prints, labels_of(sets))
 
     def evaluate(self, summaries: dict, sets: dict[str, Split]) -> tuple[Metrics, dict]:
         s = self.settings
@@ -124,7 +124,8 @@ class Regression:
     def fingerprints(self, sets: dict[str, Split]) -> dict:
         return RF.fingerprints(fidelity.fingerprints(self.data, sets), *self.target)
 
-    def reference(self, prints: dict) -> RF.RegressionReference | None:
+    def reference(self, prints: dict, sets: dict[str, Split]) -> RF.RegressionReference | None:
+        del sets  # a regression reference is a run folder; its fingerprints carry the data
         return RF.RegressionReference.load(self.settings.reference, prints)
 
     def evaluate(self, summaries: dict, sets: dict[str, Split]) -> tuple[Metrics, dict]:
