@@ -117,7 +117,9 @@ def groups() -> dict[str, list[str]]:
     return found
 
 
+@cache
 def _compose(overrides: tuple[str, ...]) -> DictConfig | None:
+    """The config composed with ``overrides`` (None if they do not compose together)."""
     from hydra import compose
 
     _loader()
@@ -129,8 +131,8 @@ def _compose(overrides: tuple[str, ...]) -> DictConfig | None:
 
 @cache
 def _parents() -> dict[str, str]:
-    """For a group that only some choice composes (``trainer``, ``method/laplace/*``):
-    the first such ``group=choice`` override (``method=laplace``)."""
+    """For a nested group, which only some choice composes (``trainer``,
+    ``method/laplace/*``): the first such ``group=choice`` override (``method=laplace``)."""
     found: dict[str, str] = {}
     for group, options in groups().items():
         if "/" in group:
@@ -143,14 +145,19 @@ def _parents() -> dict[str, str]:
 
 
 def composed(group: str, choice: str) -> DictConfig:
-    """The config composed with ``group=choice`` (and the choice that composes the group)."""
-    parent = _parents().get(group)
+    """The config composed with ``group=choice``; for a group the default config does not
+    compose, after the choice that does (``method=laplace`` for its structures)."""
     own = f"{group}={choice}"
-    for overrides in ((own,), (parent, own) if parent else ()):
-        cfg = overrides and _compose(overrides)
-        if cfg:
-            return cfg
-    raise ValueError(f"{own} does not compose (alone or with {parent})")
+    if group in _compose(()).hydra.runtime.choices:
+        cfg = _compose((own,))
+    else:
+        parent = _parents()[group]
+        cfg = _compose((parent,))
+        if cfg.hydra.runtime.choices.get(group) != choice:
+            cfg = _compose((parent, own))
+    if cfg is None:
+        raise ValueError(f"{own} does not compose")
+    return cfg
 
 
 def _range(hint: Any) -> tuple[Any, str]:
@@ -219,6 +226,15 @@ def rows(node: DictConfig, path: str, notes: dict[str, str], groups_at: dict[str
         hint, interval = _range(hints.get(key, Any))
         default = _value(value) if key in plain else "(unset: the target's default)"
         yield full, type_text(hint) if hints else "", default, interval, note
+        if isinstance(value, dict):  # a plain mapping: its keys are set one by one too
+            for sub, item in value.items():
+                yield (
+                    f"{full}.{sub}",
+                    "",
+                    _value(item),
+                    "",
+                    notes.get(f"{full}.{sub}"[len(path) + 1 :], ""),
+                )
 
 
 def _choice_section(group: str, choice: str, all_groups: dict[str, list[str]]) -> list[str]:
