@@ -32,6 +32,17 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+
+def documentation_files() -> list[Path]:
+    """The README and every page of the docs site (``docs/``), in a fixed order."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def documentation() -> str:
+    """The text of the README and every docs page, one after another."""
+    return "\n".join(p.read_text() for p in documentation_files())
+
+
 # A tiny, fast, learnable run: 28x28 synthetic data, an MLP, a few steps.
 TINY = [
     "dataset=synthetic",

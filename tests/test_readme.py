@@ -1,11 +1,13 @@
-"""The README runs as written: every ``bnn-bench`` command in it passes a dry run.
+"""The README and the docs run as written: every ``bnn-bench`` command in README.md and in
+every page under ``docs/`` passes a dry run.
 
 Commands are taken from code blocks and from inline code (a command may continue
 over lines with a backslash); placeholders (``<run folder>``, ``...``), commands
 that need a cluster or an earlier run's folder (``init_from=``: each such folder must
 be one another README command writes), and ``--help``/``--cfg`` are left out, as are
 sweeps with another launcher or sweeper (a dry run checks a sweep with Hydra's basic
-ones). A command the README says fails (``# fails``) must fail.
+ones). A command the README says fails (``# fails``) must fail. The README's test command
+is the one CI runs (``.ci/run``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, cli_env
+from tests.conftest import ROOT, cli_env, documentation_files
 
 pytestmark = pytest.mark.contract
 
@@ -36,9 +38,16 @@ SKIP = (
 
 
 def readme_commands(skip: tuple[str, ...] = SKIP) -> list[tuple[str, bool]]:
-    """(command, expected to fail) for every ``bnn-bench`` command in README.md that
-    contains none of ``skip``."""
-    lines = (ROOT / "README.md").read_text().replace("\\\n", " ").splitlines()
+    """(command, expected to fail) for every ``bnn-bench`` command in README.md and the
+    docs pages that contains none of ``skip``."""
+    found = []
+    for path in documentation_files():
+        found += _commands(path.read_text(), skip)
+    return sorted(set(found))
+
+
+def _commands(text: str, skip: tuple[str, ...]) -> list[tuple[str, bool]]:
+    lines = text.replace("\\\n", " ").splitlines()
     found = []
     for i, line in enumerate(lines):
         text = line.strip()
@@ -54,7 +63,7 @@ def readme_commands(skip: tuple[str, ...] = SKIP) -> list[tuple[str, bool]]:
         command = " ".join(command.split())
         if not any(s in command for s in skip):
             found.append((command, "fails" in comment))
-    return sorted(set(found))
+    return found
 
 
 COMMANDS = readme_commands()
@@ -78,6 +87,22 @@ def _jobs(command: str) -> int:
 def test_the_readme_has_commands_to_check():
     assert len(COMMANDS) >= 15, COMMANDS
     assert ("bnn-bench", False) in COMMANDS  # the default experiment
+
+
+def test_the_docs_pages_are_read_too():
+    """The command check reads every page of the site, not the README alone."""
+    pages = {p.relative_to(ROOT).as_posix() for p in documentation_files()}
+    assert {"README.md", "docs/operations.md", "docs/getting-started.md"} <= pages
+    in_docs = {c for p in documentation_files()[1:] for c, _ in _commands(p.read_text(), SKIP)}
+    assert len(in_docs) >= 15, in_docs
+
+
+def test_the_readme_test_command_is_the_one_ci_runs():
+    """The README's test command (its line ending in ``# the tests, ...``) is .ci/run's."""
+    readme = (ROOT / "README.md").read_text()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    said = [line.split("#")[0].strip() for line in readme.splitlines() if "# the tests" in line]
+    assert len(said) == 1 and said[0] in ci, (said, "not a line of .ci/run")
 
 
 def test_readme_commands_stand_alone():

@@ -17,7 +17,7 @@ from bnn_bench.errors import UserError
 from bnn_bench.evaluation import fidelity
 from bnn_bench.evaluation import metrics as M
 from bnn_bench.run import run
-from tests.conftest import ROOT, TINY, cli_env, compose_cfg
+from tests.conftest import ROOT, TINY, cli_env, compose_cfg, documentation
 
 pytestmark = pytest.mark.e2e
 
@@ -97,7 +97,7 @@ def test_a_run_scored_against_itself_agrees_fully(reference_run, tmp_path):
         assert metrics[f"{name}/total_variation"] == 0.0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["test/agreement"] == 1.0 and saved["test/total_variation"] == 0.0
-    documented = set(re.findall(r"`([a-z0-9_<>/]+)`", (ROOT / "README.md").read_text()))
+    documented = set(re.findall(r"`([a-z0-9_<>/]+)`", documentation()))
     assert {"<set>/agreement", "<set>/total_variation", "<set>/rhat", "<set>/ess"} <= documented
 
 
