@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from bnn_bench import checkpoint, dry_run, run_folder
 from bnn_bench.config import build, to_dict, validate
-from bnn_bench.evaluation import EvalInputs, diagnostics, tables
+from bnn_bench.evaluation import EvalInputs, diagnostics, fidelity, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
 from bnn_bench.evaluation.tasks import task_of
