@@ -241,7 +241,10 @@ class Sampler(Method):
         params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
         carry = SamplerCarry(
             states=self.init_states(model, data.train, params),
-            summaries=inputs.empty(model.spec.num_classes, chains, kept),  # + ChainTrace
+            # + ChainTrace; a member is (N, M): M = C classes, or (μ, log σ)
+            summaries=inputs.empty(
+                model.likelihood.member_width(model.spec.num_classes), chains, kept
+            ),
             samples=jax.tree.map(lambda p: jnp.zeros((kept, *p.shape), p.dtype), params)
             if self.save_samples
             else None,
