@@ -26,7 +26,6 @@ pytestmark = pytest.mark.contract
 
 # Methods for classification only, and the start of the one sentence that refuses them.
 REFUSED = {
-    "temperature": "method=temperature needs a model with the categorical likelihood",
     "vote": "method=vote needs a model with the categorical likelihood",
     # an MLP has no batch norm (the regression models here are MLPs)
     "mcbn": "method=mcbn needs a model with batch norm",
@@ -84,10 +83,22 @@ def test_method_fits_a_regression_or_refuses_it_by_name(name):
     np.testing.assert_allclose(again, members, atol=1e-5)
     # learnt something: the members' mean beats predicting 0 (y has variance ≈ 0.75)
     rmse = float(jnp.sqrt(jnp.mean(jnp.square(members[..., 0].mean(0) - y))))
-    print(name, rmse, float(jnp.sqrt(jnp.mean(jnp.square(y)))))
     assert rmse < 0.95 * float(jnp.sqrt(jnp.mean(jnp.square(y)))), rmse
-    if noise == "fixed":
+    if noise == "fixed" and name != "temperature":  # temperature rescales σ
         np.testing.assert_allclose(members[..., 1], 0.0, atol=1e-6)  # log σ = log 1
     report = method.report(k, posterior, {"test": data.test}, 15)
     assert all(np.isfinite(v) for v in report.values())
     assert not any(key.endswith("/acc") for key in report)
+
+
+def test_temperature_scales_sigma_to_the_validation_rmse():
+    """With fixed σ = 1, σ scaling's s is the MAP's RMSE on the validation split
+    (closed form: s² = mean(((y − μ) / σ)²)), and the member's log σ is log s."""
+    data, model, method = _setup("temperature", "fixed")
+    posterior = method.fit(jax.random.key(0), model, data)
+    mu = np.asarray(model.log_probs(posterior.params, posterior.state, data.val.x))[:, 0]
+    rmse = float(np.sqrt(np.mean(np.square(np.asarray(data.val.y, np.float64) - mu))))
+    assert posterior.info["temperature/sigma_scale"] == pytest.approx(rmse, rel=1e-5)
+    assert posterior.info["temperature/val_nll"] <= posterior.info["temperature/val_nll_map"]
+    (members,) = method.member_log_probs(jax.random.key(0), posterior, data.test.x)
+    np.testing.assert_allclose(members[0, :, 1], np.log(rmse), rtol=1e-5)
