@@ -39,7 +39,6 @@ from bnn_bench.data import Dataset, Split
 from bnn_bench.evaluation.diagnostics import bulk_ess
 from bnn_bench.likelihoods import Gaussian
 from bnn_bench.models import build_model
-from bnn_bench.models.mlp import MLP
 from tests.conftest import compose_cfg
 from tests.methods import toy_regression
 
@@ -73,9 +72,14 @@ def _closed_form(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _model(data: Dataset):
-    lik = build(compose_cfg("likelihood=gaussian", f"likelihood.sigma={SIGMA}").likelihood, "lik")
+    """``model=mlp model.hidden=[] likelihood=gaussian``, built as a run builds it."""
+    cfg = compose_cfg(
+        "model=mlp", "model.hidden=[]", "likelihood=gaussian", f"likelihood.sigma={SIGMA}"
+    )
+    lik = build(cfg.likelihood, "likelihood")
     assert lik == Gaussian("fixed", SIGMA)
-    return build_model(MLP(num_classes=1, hidden=()), data.spec, "mlp", 100, lik)
+    module = build(cfg.model, "model", num_classes=lik.outputs(data.spec.num_classes))
+    return build_model(module, data.spec, "mlp", 100, lik)
 
 
 FULL_BATCH = [f"trainer.batch_size={N}", "trainer.eval_every=0"]

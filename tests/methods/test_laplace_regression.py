@@ -112,8 +112,11 @@ def _dense_ef(lik, out_fn, theta, x, y):
     return g.T @ g
 
 
-@pytest.mark.parametrize("noise", NOISES)
-@pytest.mark.parametrize("kind", [GGN(), EmpiricalFisher()], ids=["ggn", "ef"])
+@pytest.mark.parametrize(
+    "noise,kind",
+    [(noise, GGN()) for noise in NOISES] + [("heteroscedastic", EmpiricalFisher())],
+    ids=[f"ggn-{noise}" for noise in NOISES] + ["ef-heteroscedastic"],
+)
 def test_gaussian_curvature_matches_dense_reference(noise, kind):
     lik, out_fn, theta, x, y = _tiny(noise)
     if isinstance(kind, GGN):

@@ -149,7 +149,7 @@ class Probit(Predictive):
         if not isinstance(likelihood, Categorical):
             raise UserError(
                 "method/laplace/predictive=probit is the probit approximation of a softmax, "
-                f"for classification only; likelihood={type(likelihood).__name__.lower()} "
+                f"for classification only; likelihood={likelihood.name} "
                 "needs method/laplace/predictive=linearised (the GLM predictive, sampled) "
                 "or weights."
             )
