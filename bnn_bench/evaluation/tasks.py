@@ -107,14 +107,6 @@ class Regression:
                 "eval.keep_members=0 keeps no member, and a regression predictive (a mixture "
                 "of the members' Gaussians) needs them. Set eval.keep_members >= 1."
             )
-        if float(summary.count) > summary.capacity:
-            log.warning(
-                "%d members, but eval.keep_members=%d: the regression metrics use the first "
-                "%d. Raise eval.keep_members to use all.",
-                int(summary.count),
-                summary.capacity,
-                summary.capacity,
-            )
         return R.to_original(summary.member_outputs(), *self.target)
 
     def targets(self, split: Split) -> np.ndarray:
@@ -134,6 +126,15 @@ class Regression:
         metrics: Metrics = {}
         curves: dict = {}
         for name, summary in summaries.items():
+            if float(summary.count) > summary.capacity:
+                log.warning(
+                    "%s: %d members, but eval.keep_members=%d: the regression metrics use "
+                    "the first %d. Raise eval.keep_members to use all.",
+                    name,
+                    int(summary.count),
+                    summary.capacity,
+                    summary.capacity,
+                )
             mu, sd = self.original(summary)
             y = self.targets(sets[name])
             out = {"members": float(summary.count), **R.regression_metrics(mu, sd, y)}

@@ -119,9 +119,11 @@ def test_capacity_drops_members_past_it_and_warns(caplog):
     np.testing.assert_array_equal(
         summary.member_outputs(), np.asarray(_members(data.test.x, 6, 0))[:4]
     )
+    mu, _ = task.original(summary)
+    assert mu.shape == (4, data.test.size)
     with caplog.at_level("WARNING"):
-        mu, _ = task.original(summary)
-    assert mu.shape == (4, data.test.size) and "eval.keep_members=4" in caplog.text
+        metrics, _ = task.evaluate({"test": summary}, {"test": data.test})
+    assert metrics["test/members"] == 6 and "eval.keep_members=4" in caplog.text
 
 
 def test_regression_evaluation_end_to_end(tmp_path):
