@@ -83,7 +83,8 @@ def expected_refusal(method: str, needs, model, dataset: str) -> str | None:
 @pytest.fixture(scope="module")
 def shapes():
     """Every dataset (as shapes, from its source: a download counts as reachable) and
-    every model built on it, composed once: ``(dataset, model) -> (Dataset, Model, params)``.
+    every model built on it, composed once: ``(dataset, model) -> (Dataset, Model, params)``;
+    the regression datasets on the MLP with the Gaussian likelihood.
     While it is in use, a model's traced forward pass (``module_calls``, which the traits
     read) is traced once per model, not once per method."""
     from bnn_bench.data import sources
@@ -113,6 +114,15 @@ def shapes():
                 net = build_model(module, data.spec, type(module).__name__.lower(), 128, lik)
                 params, _ = jax.eval_shape(net.init, jax.random.key(0))
                 built[dataset, model] = (data, net, num_params(params))
+        # the regression datasets on the model that takes them, with their likelihood
+        gaussian = build(compose_cfg("likelihood=gaussian").likelihood, "likelihood")
+        for dataset in sorted(REGRESSION - {"uci"}):  # uci: no folder here
+            cfg = compose_cfg(f"dataset={dataset}", "model=mlp", "method=map")
+            data = resolve(build(cfg.dataset, "dataset"))
+            module = build(cfg.model, "model", num_classes=1)
+            net = build_model(module, data.spec, "mlp", 128, likelihood=gaussian)
+            params, _ = jax.eval_shape(net.init, jax.random.key(0))
+            built[dataset, "mlp"] = (data, net, num_params(params))
         yield built
 
 

@@ -405,6 +405,7 @@ def test_uci_preset_is_the_papers_protocol():
     assert mcd.model.dropout_rate == 0.05 and mcd.method.members == 1000
     ens = compose_cfg("experiment=uci", "method=ensemble")
     assert ens.method.members == 5 and ens.likelihood.noise == "heteroscedastic"
+    assert ens.trainer.schedule == 1e-2  # 0.1 diverges with the log-σ head (its YAML)
     assert compose_cfg("experiment=uci", "method=map").likelihood.noise == "learned"
     hmc = compose_cfg("experiment=uci", "method=hmc")
     validate(hmc)
