@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from bnn_bench.config import build
 from bnn_bench.data import Dataset, Split
 from bnn_bench.data.resolve import resolve
+from bnn_bench.data.stored import config_key
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import fidelity, reference_file
 from bnn_bench.evaluation.sets import ood_split
@@ -177,7 +178,8 @@ def set_sizes(data: Dataset, settings: EvalSettings) -> dict[str, int]:
     if data.val is not None:
         sizes["val"] = data.val.size
     if settings.ood_dataset is not None:
-        ood = resolve(build(settings.ood_dataset, "eval.ood_dataset"))
+        with config_key("eval.ood_dataset"):  # its errors name its keys there
+            ood = resolve(build(settings.ood_dataset, "eval.ood_dataset"))
         # the real check, traced on shapes: resizes and compares without data
         jax.eval_shape(
             lambda t: ood_split(dataclasses.replace(ood, test=Split(*t)), data.spec.shape),

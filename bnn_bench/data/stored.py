@@ -8,9 +8,11 @@ but reads only file headers and metadata (``dry_run=true``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
@@ -280,3 +282,19 @@ def _download_failed(d: StoredDataset, tfds_dir: str, e: Exception) -> UserError
         f"Could not download dataset {d.name!r} with TFDS into {tfds_dir}: {e}\n"
         f"{_offline_hint(d.files, d.tfds_name)}"
     )
+
+
+@contextlib.contextmanager
+def config_key(key: str) -> Iterator[None]:
+    """Within it, a dataset's errors name its keys under ``key``: a dataset config
+    composed as ``eval.ood_dataset`` says ``eval.ood_dataset.data_dir=PATH`` where the
+    run's own dataset says ``dataset.data_dir=PATH``.
+
+    Raises:
+      UserError: the error raised inside, with its ``dataset.<key>`` names moved.
+    """
+    try:
+        yield
+    except UserError as e:
+        # a config key starts the message or follows a space, "(" or "`"; a path does not
+        raise UserError(re.sub(r"(^|[\s(`])dataset\.", rf"\g<1>{key}.", str(e))) from None

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from bnn_bench.config import build
 from bnn_bench.data import Dataset, Split
+from bnn_bench.data.stored import config_key
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.evaluation.shift import corrupt, is_tfds, level_name, load_cifar10_corrupted
@@ -56,7 +57,8 @@ def evaluation_sets(data: Dataset, settings: EvalSettings) -> dict[str, Split]:
     if data.val is not None:
         sets["val"] = data.val
     if settings.ood_dataset is not None:
-        ood = build(settings.ood_dataset, "eval.ood_dataset").load()
+        with config_key("eval.ood_dataset"):  # its errors name its keys there
+            ood = build(settings.ood_dataset, "eval.ood_dataset").load()
         sets["ood"] = ood_split(ood, data.spec.shape)
     if settings.shift:
         test = data.test

@@ -141,3 +141,39 @@ def test_svhn_is_the_ood_set_of_a_cifar_run(tmp_path):
     sets = evaluation_sets(parts.dataset.load(), parts.settings)
     np.testing.assert_array_equal(np.asarray(sets["ood"].x), svhn["test"][0])
     assert set_sizes(resolve(parts.dataset), parts.settings)["ood"] == 11
+
+
+def test_a_missing_ood_set_names_the_ood_keys(tmp_path, monkeypatch):
+    """Without files, ``dataset@eval.ood_dataset=svhn`` says where SVHN's files go: under
+    ``eval.ood_dataset``, not the run's own ``dataset`` keys; the dry run says the same."""
+    from bnn_bench.data.resolve import resolve
+    from bnn_bench.dry_run import set_sizes
+    from bnn_bench.evaluation.sets import evaluation_sets
+    from bnn_bench.parts import Parts
+    from tests.conftest import compose_cfg
+    from tests.data.test_sources import make_cifar_batches
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    make_cifar_batches(tmp_path / "cifar", per_batch=4)
+    parts = Parts.of(
+        compose_cfg(
+            "dataset=cifar10",
+            f"dataset.data_dir={tmp_path / 'cifar'}",
+            "dataset@eval.ood_dataset=svhn",
+            "eval.ood_dataset.download=false",
+        )  # fmt: skip
+    )
+    messages = []
+    for build_sets in (
+        lambda: evaluation_sets(parts.dataset.load(), parts.settings),
+        lambda: set_sizes(resolve(parts.dataset), parts.settings),
+    ):
+        with pytest.raises(UserError) as e:
+            build_sets()
+        messages.append(str(e.value))
+    for msg in messages:  # (what they tried is worded apart: a folder, its metadata)
+        assert "Could not find dataset 'svhn' (eval.ood_dataset.source=auto" in msg
+        assert "train_32x32.mat and test_32x32.mat" in msg
+        assert "pass eval.ood_dataset.data_dir=PATH" in msg
+        assert "eval.ood_dataset.download=true" in msg and "eval.ood_dataset.tfds_data_dir" in msg
+        assert " dataset.data_dir" not in msg
