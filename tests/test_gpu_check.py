@@ -14,7 +14,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_gpu_check_tiny_reports_every_figure(tmp_path):
-    # minutes on a shared 2-core CPU: five compiled pipelines
+    # minutes on a shared 2-core CPU: five compiled pipelines, two more runs of narrowed
+    # residual networks
     out = tmp_path / "figures.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--json", str(out)],
@@ -31,12 +32,15 @@ def test_gpu_check_tiny_reports_every_figure(tmp_path):
         "bare_value_and_grad_steps_per_s",
         "map_cnn_steps_per_s",
         "ensemble5_cnn_steps_per_s",
+        "resnet20_frn_map_steps_per_s",
+        "wrn28_10_map_steps_per_s",
     ):
         assert figures[key] > 0, key
-    if cli_env()["JAX_PLATFORMS"] == "cpu":  # the CPU backend reports no device memory
-        assert figures["peak_device_mib"].startswith("n/a")
-    else:
-        assert figures["peak_device_mib"] > 0
+    for key in ("peak_device_mib", "resnet20_frn_peak_device_mib", "wrn28_10_peak_device_mib"):
+        if cli_env()["JAX_PLATFORMS"] == "cpu":  # the CPU backend reports no device memory
+            assert figures[key].startswith("n/a"), key
+        else:
+            assert figures[key] > 0, key
     assert "psgld warm-up / bare gradient" in proc.stdout
 
 

@@ -12,13 +12,30 @@ is the same, so both paths compute the same function of the same parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Padding = str | Sequence[tuple[int, int]]
+
+# conv2d's path where its caller does not choose one (None: im2col on the CPU backend)
+_IM2COL: contextvars.ContextVar[bool | None] = contextvars.ContextVar("im2col", default=None)
+
+
+@contextlib.contextmanager
+def convolutions_as(im2col: bool) -> Iterator[None]:
+    """Within: every ``conv2d`` traced computes as im2col (True) or as
+    ``lax.conv_general_dilated`` (False) whatever the backend. The dry run on a CPU uses
+    it to compile the program an accelerator would run, for its memory estimate."""
+    token = _IM2COL.set(im2col)
+    try:
+        yield
+    finally:
+        _IM2COL.reset(token)
 
 
 def _pads(size: int, k: int, s: int) -> tuple[int, int]:
@@ -43,10 +60,12 @@ def conv2d(
       padding: ``VALID``, ``SAME`` or ((top, bottom), (left, right)).
       groups: 1, or C_in with C_out = C_in (depthwise, channel multiplier 1).
       im2col: force the patches path (True) or ``lax.conv_general_dilated`` (False);
-        None picks im2col on the CPU backend.
+        None: ``convolutions_as``'s choice if inside one, else im2col on the CPU backend.
     """
     kh, kw, _, cout = kernel.shape
     cin = x.shape[-1]
+    if im2col is None:
+        im2col = _IM2COL.get()
     if im2col is None:
         im2col = jax.default_backend() == "cpu"
     if not im2col:
