@@ -54,6 +54,17 @@ PRESET_TRAINERS = {
         "epochs": 2,
         "batch_size": 128,
     },
+    "resnet20_fmnist": {
+        "optimizer._target_": "optax.sgd",
+        "optimizer.momentum": 0.9,
+        "optimizer.nesterov": False,
+        "schedule._target_": "optax.cosine_decay_schedule",
+        "schedule.init_value": 0.05,
+        "schedule.alpha": 0.0,
+        "l2": 5e-4,
+        "epochs": 2,
+        "batch_size": 128,
+    },
     "ub_cifar10_wrn": {
         "optimizer._target_": "optax.sgd",
         "optimizer.momentum": 0.9,
