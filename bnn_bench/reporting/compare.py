@@ -12,6 +12,9 @@ Outputs, in ``--out`` (default ``<first DIR>/comparison``):
                   (finished or not), ``seeds``,
                   and ``<metric>/mean``, ``<metric>/std`` for every numeric metric
   acc_vs_ece.png, nll.png, reliability.png   comparison plots with error bars
+  with --plot: cost_quality.png (test NLL and ECE against gradient evaluations and wall
+  time, Pareto front marked), fidelity.png (agreement with the reference against cost;
+  with a reference) and reliability_grid.png (one reliability diagram per group)
 
 The std is the sample standard deviation (ddof = 1); empty for a single run.
 
@@ -50,6 +53,7 @@ from pathlib import Path
 
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import fidelity
+from bnn_bench.reporting.compare_figures import plot_figures
 from bnn_bench.reporting.compare_plots import plot_comparison
 from bnn_bench.reporting.compare_table import (
     group_runs,
@@ -90,11 +94,13 @@ def compare(
     by: Sequence[str] | None = None,
     plots: bool = True,
     reference: str | Path | None = None,
+    figures: bool = False,
 ) -> tuple[str, Path]:
     """Compares the runs below ``dirs``; returns the Markdown table and the output folder.
 
     ``reference``: a finished run's folder; adds agreement and total variation against
-    its predictive (see ``add_fidelity``).
+    its predictive (see ``add_fidelity``). ``figures``: also draw cost against quality,
+    fidelity against cost and the reliability diagrams (``compare_figures``).
     """
     found = survey(dirs)
     runs = found.runs
@@ -124,6 +130,8 @@ def compare(
     write_csv(out / "comparison.csv", keys, groups, pick_metrics(runs, ["*"]))
     if plots:
         plot_comparison(out, [g for g in groups if g.runs])
+    if figures:
+        plot_figures(out, [g for g in groups if g.runs], reference)
     return report, out
 
 
@@ -155,6 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
     parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="also draw cost_quality.png (test NLL and ECE against gradient evaluations and "
+        "wall time, Pareto front marked), fidelity.png (agreement against cost, with the "
+        "reference) and reliability_grid.png (reliability diagrams side by side)",
+    )
+    parser.add_argument(
         "--status",
         action="store_true",
         help="list every job below DIR (finished, failed, crashed, running, unfinished, "
@@ -173,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.by.split(",") if args.by else None,
             not args.no_plots,
             args.reference,
+            args.plot,
         )
     except (FileNotFoundError, UserError) as e:
         print(f"bnn-bench-compare: error: {e}", file=sys.stderr)
@@ -181,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"\nwrote {out}/comparison.md, comparison.csv"
         f"{', acc_vs_ece.png, nll.png, reliability.png' if not args.no_plots else ''}"
+        f"{', cost_quality.png, reliability_grid.png' if args.plot else ''}"
+        f"{' and fidelity.png (runs with test/agreement)' if args.plot else ''}"
     )
     return 0
 
