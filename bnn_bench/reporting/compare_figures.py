@@ -67,12 +67,29 @@ def _choices(folder: Path) -> dict[str, str]:
 
 
 def _log_x(ax) -> None:
-    """A log cost axis with labels at the decades only (the minor ones overlap)."""
-    from matplotlib.ticker import NullFormatter
+    """A log cost axis labelled at 1, 2 and 5 times each power of ten, in plain numbers
+    (the default labels of a narrow range overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.margins(x=0.18, y=0.08)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.margins(x=0.25, y=0.08)
+
+
+def _annotate(ax, points: list[tuple[float, float, str]]) -> None:
+    """Labels the points, stacking the labels of points that (nearly) coincide."""
+    ys = [y for _, y, _ in points]
+    span = (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for x, y, text in points:
+        near = sum(
+            abs(math.log10(x / px)) < 0.12 and abs(y - py) < 0.04 * span for px, py in placed
+        )
+        placed.append((x, y))
+        ax.annotate(text, (x, y), fontsize=7, xytext=(5, 3 - 9 * near), textcoords="offset points")
 
 
 def _panel(ax, groups: Sequence[Group], cost: str, quality: str, colors: list[str]) -> list[str]:
@@ -80,14 +97,16 @@ def _panel(ax, groups: Sequence[Group], cost: str, quality: str, colors: list[st
     xs = [g.mean_std(cost)[0] for g in groups]
     ys = [g.mean_std(quality)[0] for g in groups]
     front = set(pareto_front(xs, ys))
-    left_out = []
+    left_out, shown = [], []
     for i, (g, x, y) in enumerate(zip(groups, xs, ys, strict=True)):
         if not _finite(x, y) or x <= 0:
             left_out.append(_label(g))
             continue
         color = colors[i % len(colors)]
         ax.scatter(x, y, s=46, color=color if i in front else "white", edgecolors=color, zorder=3)
-        ax.annotate(_label(g), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        shown.append((x, y, _label(g)))
+    if shown:
+        _annotate(ax, shown)
     line = sorted((xs[i], ys[i]) for i in front if xs[i] > 0)
     if line:
         ax.step(*zip(*line, strict=True), where="post", color="0.5", lw=1, zorder=1)
@@ -142,13 +161,14 @@ def plot_fidelity(
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), squeeze=False)
     for col, (cost, c_name) in enumerate(COSTS):
         ax = axes[0][col]
+        shown = []
         for i, g in enumerate(groups):
             x, y = g.mean_std(cost)[0], g.mean_std("test/agreement")[0]
             if _finite(x, y) and x > 0:
                 ax.scatter(x, y, s=46, color=colors[i % len(colors)], zorder=3)
-                ax.annotate(
-                    _label(g), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points"
-                )
+                shown.append((x, y, _label(g)))
+        if shown:
+            _annotate(ax, shown)
         if _finite(ref.get(cost, math.nan)) and ref[cost] > 0:
             ax.scatter(ref[cost], 1.0, marker="*", s=220, color="black", zorder=4)
             ax.annotate(
