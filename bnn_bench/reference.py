@@ -230,7 +230,9 @@ def rows(node: DictConfig, path: str, notes: dict[str, str], groups_at: dict[str
         full = f"{path}.{key}"
         note = notes.get(full.split(".", 1)[1] if "." in full else full, "")
         if full in groups_at:
-            yield full, "a choice", f"group `{groups_at[full]}`", "", note
+            group, choice = groups_at[full].split("=")
+            link = f"[`{choice}`](#{_anchor(group, choice)})"
+            yield full, "a choice", f"group `{group}`, default {link}", "", note
             continue
         value = plain.get(key)
         if isinstance(value, dict) and "_target_" in value:
@@ -256,7 +258,11 @@ def _choice_section(group: str, choice: str, all_groups: dict[str, list[str]]) -
     where = package(group, choice)
     node = OmegaConf.select(cfg, where)
     chosen = cfg.hydra.runtime.choices
-    groups_at = {package(g, chosen[g]): g for g in all_groups if chosen.get(g) and g != group}
+    groups_at = {
+        package(g, chosen[g]): f"{g}={chosen[g]}"
+        for g in all_groups
+        if chosen.get(g) and g != group
+    }
     path = _yaml_file(group, choice)
     out = [f"### `{group}={choice}`", "", f"`conf/{group}/{choice}.yaml`", ""]
     if header(path):
