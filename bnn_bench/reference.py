@@ -148,15 +148,20 @@ def composed(group: str, choice: str) -> DictConfig:
     """The config composed with ``group=choice``; for a group the default config does not
     compose, after the choice that does (``method=laplace`` for its structures)."""
     own = f"{group}={choice}"
+    parent = _parents().get(group)
     if group in _compose(()).hydra.runtime.choices:
         cfg = _compose((own,))
+    elif parent is None:  # a group no choice composes by default: append it
+        cfg = _compose((f"+{own}",))
     else:
-        parent = _parents()[group]
         cfg = _compose((parent,))
         if cfg.hydra.runtime.choices.get(group) != choice:
             cfg = _compose((parent, own))
     if cfg is None:
-        raise ValueError(f"{own} does not compose")
+        raise ValueError(
+            f"the config reference cannot compose {own} (alone, after {parent}, or as "
+            f"+{own}); `bnn-bench --cfg job {own}` shows why."
+        )
     return cfg
 
 
