@@ -129,3 +129,28 @@ def test_the_generated_reference_names_every_group_choice_and_key():
     check_every_key(reference)
     check_the_root_keys(reference)
     check_a_missing_key_is_caught(reference)
+
+
+def test_docstring_literal_blocks_and_doctests_become_code():
+    """docs/hooks/doctest_blocks.py: reST's ``::`` blocks and ``>>>`` lines as fences
+    (Markdown would read ``>>>`` as three nested quotes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("d", ROOT / "docs/hooks/doctest_blocks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "Update::\n\n    θ ← θ + ε g\n\nThen\n\n    >>> 1 + 1\n    2\n"
+    assert module.fence(text).splitlines() == [
+        "Update:",
+        "",
+        "```text",
+        "θ ← θ + ε g",
+        "```",
+        "",
+        "Then",
+        "",
+        "```python",
+        ">>> 1 + 1",
+        "2",
+        "```",
+    ]
