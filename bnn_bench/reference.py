@@ -148,15 +148,20 @@ def composed(group: str, choice: str) -> DictConfig:
     """The config composed with ``group=choice``; for a group the default config does not
     compose, after the choice that does (``method=laplace`` for its structures)."""
     own = f"{group}={choice}"
+    parent = _parents().get(group)
     if group in _compose(()).hydra.runtime.choices:
         cfg = _compose((own,))
+    elif parent is None:  # a group no choice composes by default: append it
+        cfg = _compose((f"+{own}",))
     else:
-        parent = _parents()[group]
         cfg = _compose((parent,))
         if cfg.hydra.runtime.choices.get(group) != choice:
             cfg = _compose((parent, own))
     if cfg is None:
-        raise ValueError(f"{own} does not compose")
+        raise ValueError(
+            f"the config reference cannot compose {own} (alone, after {parent}, or as "
+            f"+{own}); `bnn-bench --cfg job {own}` shows why."
+        )
     return cfg
 
 
@@ -200,6 +205,20 @@ def _cell(text: str) -> str:
     return f"`{text}`" if text else ""
 
 
+def _unset(target: str, key: str) -> str:
+    """A key the YAML leaves out: the target's own default, or that the code passes it
+    (``model.num_classes`` from the dataset, an optax rate from the schedule)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    default = inspect.signature(get_object(target)).parameters[key].default
+    plain = (bool, int, float, str, list, tuple, type(None))
+    if default is inspect.Parameter.empty or not isinstance(default, plain):
+        return "(not in the YAML: the code passes it)"
+    return f"(not in the YAML: the target's default, `{_value(default)}`)"
+
+
 def rows(node: DictConfig, path: str, notes: dict[str, str], groups_at: dict[str, str]):
     """(key, type, default, range, note) for every key of ``node`` and of the ``_target_``
     nodes inside it; a node that is a group's choice is named, not expanded."""
@@ -216,7 +235,9 @@ def rows(node: DictConfig, path: str, notes: dict[str, str], groups_at: dict[str
         full = f"{path}.{key}"
         note = notes.get(full.split(".", 1)[1] if "." in full else full, "")
         if full in groups_at:
-            yield full, "a choice", f"group `{groups_at[full]}`", "", note
+            group, choice = groups_at[full].split("=")
+            link = f"[`{choice}`](#{_anchor(group, choice)})"
+            yield full, "a choice", f"group `{group}`, default {link}", "", note
             continue
         value = plain.get(key)
         if isinstance(value, dict) and "_target_" in value:
@@ -224,7 +245,7 @@ def rows(node: DictConfig, path: str, notes: dict[str, str], groups_at: dict[str
             yield from rows(node[key], full, notes, groups_at)
             continue
         hint, interval = _range(hints.get(key, Any))
-        default = _value(value) if key in plain else "(unset: the target's default)"
+        default = _value(value) if key in plain else _unset(target, key)
         yield full, type_text(hint) if hints else "", default, interval, note
         if isinstance(value, dict):  # a plain mapping: its keys are set one by one too
             for sub, item in value.items():
@@ -242,7 +263,11 @@ def _choice_section(group: str, choice: str, all_groups: dict[str, list[str]]) -
     where = package(group, choice)
     node = OmegaConf.select(cfg, where)
     chosen = cfg.hydra.runtime.choices
-    groups_at = {package(g, chosen[g]): g for g in all_groups if chosen.get(g) and g != group}
+    groups_at = {
+        package(g, chosen[g]): f"{g}={chosen[g]}"
+        for g in all_groups
+        if chosen.get(g) and g != group
+    }
     path = _yaml_file(group, choice)
     out = [f"### `{group}={choice}`", "", f"`conf/{group}/{choice}.yaml`", ""]
     if header(path):
@@ -251,15 +276,23 @@ def _choice_section(group: str, choice: str, all_groups: dict[str, list[str]]) -
         return out + [f"Sets `{where}` = `{_value(node)}`.", ""]
     if "_target_" in node:
         out += [f"Target: `{node._target_}`", ""]
+    if not [k for k in node if k not in _HYDRA_KEYS] and not _accepted_names(node):
+        return out + ["No keys.", ""]
     out += ["| key | type | default | range | note |", "|---|---|---|---|---|"]
     for key, kind, default, interval, note in rows(
         node, where, choice_notes(group, choice), groups_at
     ):
-        kind = kind if kind.startswith("`") else _cell(kind) if kind else ""
+        kind = kind.replace("|", "\\|")  # types in words; a _target_ node in code
         default = default if default.startswith(("group", "(")) else _cell(default)
-        note = note.replace("|", "\\|")
+        note = note.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
         out.append(f"| `{key}` | {kind} | {default} | {_cell(interval)} | {note} |")
     return out + [""]
+
+
+def _accepted_names(node: DictConfig) -> list[str]:
+    from hydra.utils import get_object
+
+    return list(_accepted(get_object(node._target_))[0]) if "_target_" in node else []
 
 
 def _root_section() -> list[str]:
@@ -276,11 +309,11 @@ def _root_section() -> list[str]:
             for sub in dataclasses.fields(hint):
                 _, interval = _range(inner[sub.name])
                 out.append(
-                    f"| `{f.name}.{sub.name}` | {_cell(type_text(inner[sub.name]))} "
+                    f"| `{f.name}.{sub.name}` | {type_text(inner[sub.name])} "
                     f"| {_cell(_value(sub.default))} | {_cell(interval)} |"
                 )
         elif f.default is not None:
-            out.append(f"| `{f.name}` | {_cell(type_text(hint))} | {_cell(_value(f.default))} | |")
+            out.append(f"| `{f.name}` | {type_text(hint)} | {_cell(_value(f.default))} | |")
     return out + [""]
 
 
@@ -306,6 +339,10 @@ def markdown() -> str:
     """The whole reference page."""
     all_groups = groups()
     out = [
+        "---",
+        "hide: [navigation]  # the tables need the width; the contents list stays",
+        "---",
+        "",
         "# Config reference",
         "",
         "Generated from `conf/` and the `_target_` signatures when the site is built "

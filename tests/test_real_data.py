@@ -26,7 +26,8 @@ def test_map_mlp_on_fashion_mnist(tmp_path, run_cli):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    # Measured with the default MLP and trainer (seed 0): acc 0.8948, ECE 0.0427 (README).
+    # Measured with the default MLP and trainer (seed 0): acc 0.8948, ECE 0.0427
+    # (docs/results/2026-12-03-one-table.md).
     assert metrics["test/acc"] >= 0.885, metrics["test/acc"]
     assert metrics["test/ece"] < 0.06
     log = (tmp_path / "run" / "run.log").read_text()

@@ -3,8 +3,8 @@
 Every number comes from a ``PredictiveSummary`` (sums over members, O(N·C)), so
 every method is judged by the same code whatever its number of members S.
 Keys are ``<set>/<metric>`` in ``metrics.json``; this module returns them without
-the set prefix (``compute``) or with it (``evaluate``). The README's
-"Evaluation" section documents each key.
+the set prefix (``compute``) or with it (``evaluate``). docs/evaluation.md
+documents each key.
 
 This is classification's evaluation; a regression run's (members' Gaussians, RMSE, NLL,
 CRPS, intervals) is in ``regression``, and ``tasks.task_of`` picks one per run.

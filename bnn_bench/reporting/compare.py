@@ -13,6 +13,9 @@ Outputs, in ``--out`` (default ``<first DIR>/comparison``):
                   and ``<metric>/mean``, ``<metric>/std`` for every numeric metric
   acc_vs_ece.png, nll.png, reliability.png   comparison plots with error bars
                   (regression runs: nll.png, calibration.png)
+  with --plot: cost_quality.png (test NLL and ECE against gradient evaluations and wall
+  time, Pareto front marked), fidelity.png (agreement with the reference against cost;
+  with a reference) and reliability_grid.png (one reliability diagram per group)
 
 The std is the sample standard deviation (ddof = 1); empty for a single run.
 
@@ -58,6 +61,7 @@ from pathlib import Path
 from bnn_bench.errors import UserError
 from bnn_bench.evaluation import fidelity
 from bnn_bench.evaluation import regression_fidelity as RF
+from bnn_bench.reporting.compare_figures import plot_figures
 from bnn_bench.reporting.compare_plots import plot_comparison, plot_regression_comparison
 from bnn_bench.reporting.compare_table import (
     group_runs,
@@ -112,11 +116,13 @@ def compare(
     by: Sequence[str] | None = None,
     plots: bool = True,
     reference: str | Path | None = None,
+    figures: bool = False,
 ) -> tuple[str, Path]:
     """Compares the runs below ``dirs``; returns the Markdown table and the output folder.
 
     ``reference``: a finished run's folder; adds agreement and total variation against
-    its predictive (see ``add_fidelity``).
+    its predictive (see ``add_fidelity``). ``figures``: also draw cost against quality,
+    fidelity against cost and the reliability diagrams (``compare_figures``).
     """
     found = survey(dirs)
     runs = found.runs
@@ -156,6 +162,8 @@ def compare(
     if plots:
         plot = plot_regression_comparison if regression else plot_comparison
         plot(out, [g for g in groups if g.runs])
+    if figures:
+        plot_figures(out, [g for g in groups if g.runs], reference)
     return report, out
 
 
@@ -187,6 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the plots")
     parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="also draw cost_quality.png (test NLL and ECE against gradient evaluations and "
+        "wall time, Pareto front marked), fidelity.png (agreement against cost, with the "
+        "reference) and reliability_grid.png (reliability diagrams side by side)",
+    )
+    parser.add_argument(
         "--status",
         action="store_true",
         help="list every job below DIR (finished, failed, crashed, running, unfinished, "
@@ -205,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.by.split(",") if args.by else None,
             not args.no_plots,
             args.reference,
+            args.plot,
         )
     except (FileNotFoundError, UserError) as e:
         print(f"bnn-bench-compare: error: {e}", file=sys.stderr)
@@ -212,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     print(
         f"\nwrote {out}/comparison.md, comparison.csv"
-        + "".join(f", {p.name}" for p in sorted(out.glob("*.png")) if not args.no_plots)
+        + "".join(f", {p.name}" for p in sorted(out.glob("*.png")))
     )
     return 0
 

@@ -10,7 +10,7 @@ The tolerance is Monte Carlo error, not a guess: the chains are independent, so 
 spread of the per-chain estimates across chains gives each pooled estimate's standard
 error directly (ESS = variance / se², reported), and a check passes within ``Z`` se.
 Step sizes keep the discretisation bias (≈ ε·λ_max/2 of the variance for SGLD) well
-inside that. ``python tests/methods/test_gaussian.py`` prints the table of the README.
+inside that. ``python tests/methods/test_gaussian.py`` prints the table of docs/methods/sampling.md.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ TARGETS = {
 # pSGLD with α = 0.9999: its V averages over 10⁴ steps, far longer than a chain takes to
 # cross the target (~500 steps), so G hardly depends on the position and dropping Γ
 # costs nothing. With the default α = 0.99, V follows the position, G ∝ 1/|θ - μ|, and
-# the variance comes out 1.3-1.6x the target (the README's SG-MCMC section).
+# the variance comes out 1.3-1.6x the target (docs/methods/sampling.md, SG-MCMC).
 SAMPLERS = {
     "sgld": (sgld(), 5e-3),
     "psgld α=0.9999": (psgld(alpha=0.9999), 4e-3),
