@@ -69,7 +69,7 @@ class RegressionSummary(NamedTuple):
     def empty(
         cls,
         num_inputs: int,
-        num_classes: int = 1,
+        num_classes: int = 2,
         keep_idx=(),
         capacity: int = 1000,
         labels: jax.Array | None = None,
@@ -80,13 +80,16 @@ class RegressionSummary(NamedTuple):
         ``PredictiveSummary.empty``, so ``EvalInputs.empty`` calls either.
 
         Args:
-          num_classes: the number of targets (``Spec.num_classes``); only 1 is supported.
+          num_classes: the members' width (``Likelihood.member_width``): 2, (μ, log σ) of
+            one target; the name is ``PredictiveSummary.empty``'s.
           capacity: members kept (``eval.keep_members``).
           labels, chains, samples: with all three, a ``ChainTrace`` of up to ``samples``
             samples per chain (every ``add`` is then one sample per chain).
         """
-        if num_classes != 1:
-            raise ValueError(f"RegressionSummary takes one target; got {num_classes}.")
+        if num_classes != 2:
+            raise ValueError(
+                f"RegressionSummary keeps (μ, log σ) of one target; got {num_classes}."
+            )
         keep_idx = jnp.asarray(keep_idx, jnp.int32).reshape(-1)
         trace = None
         if labels is not None:

@@ -69,13 +69,13 @@ def _summaries(task, data, sets, s=8, seed=0, chains=None):
         summary=task.summary,
     )
     if chains is None:
-        summaries = inputs.empty(data.spec.num_classes)
+        summaries = inputs.empty(2)
         for name, split in sets.items():
             for lo in range(0, s, 3):  # chunks of 3, 3, 2
                 members = _members(split.x, s, seed)[lo : lo + 3]
                 summaries[name] = summaries[name].add(members)
         return summaries
-    summaries = inputs.empty(data.spec.num_classes, chains=chains, samples=s)
+    summaries = inputs.empty(2, chains=chains, samples=s)
     add = jax.jit(lambda sm, m: sm.add(m))
     for i in range(s):  # one sample per chain per add, as a sampler folds them
         for name, split in sets.items():
@@ -113,7 +113,7 @@ def test_summary_keeps_members_and_traces_log_likelihood():
 def test_capacity_drops_members_past_it_and_warns(caplog):
     data = _data()
     task = Regression(data, EvalSettings())
-    summary = RegressionSummary.empty(data.test.size, 1, capacity=4)
+    summary = RegressionSummary.empty(data.test.size, 2, capacity=4)
     summary = summary.add(_members(data.test.x, 6, 0))
     assert summary.kept() == 4 and float(summary.count) == 6
     np.testing.assert_array_equal(
@@ -154,7 +154,7 @@ def test_regression_evaluation_end_to_end(tmp_path):
     assert stored.shape == (8, data.test.size, 2)
     np.testing.assert_allclose(stored[..., 1], sd, rtol=1e-5)
     with_ref = Regression(data, EvalSettings(reference=str(ref_dir)))
-    reference = with_ref.reference(prints)
+    reference = with_ref.reference(prints, sets)
     same = with_ref.fidelity(reference, summaries)
     assert same["test/w2"] == pytest.approx(0.0, abs=1e-4)
     assert same["test/std_error"] == pytest.approx(0.0, abs=1e-4)
