@@ -317,6 +317,42 @@ def _root_section() -> list[str]:
     return out + [""]
 
 
+HYDRA_GROUPS = ("hydra/launcher", "hydra/sweeper")
+
+
+def _hydra_section() -> list[str]:
+    """Hydra's launchers and sweepers: every choice (the plugins' and ours), and the keys
+    of our own YAMLs with their values (their targets are the plugins' config classes)."""
+    from hydra.core.object_type import ObjectType
+
+    out = [
+        "## Hydra: `hydra/launcher`, `hydra/sweeper`",
+        "",
+        "Where the jobs of a multirun (`-m`) run, and how a sweep picks them. `basic` is "
+        "Hydra's default; the others come from hydra-submitit-launcher and "
+        "hydra-optuna-sweeper. Override a key as `hydra.launcher.KEY=VALUE` or "
+        "`hydra.sweeper.KEY=VALUE`.",
+        "",
+    ]
+    for group in HYDRA_GROUPS:
+        options = sorted(_loader().get_group_options(group, ObjectType.CONFIG))
+        out += [f"### `{group}`", "", "Choices: " + ", ".join(f"`{o}`" for o in options), ""]
+        for path in sorted((Path(CONF) / group).glob("*.yaml")):
+            node = OmegaConf.load(path)
+            out += [f"#### `{group}={path.stem}`", "", f"`conf/{group}/{path.name}`", ""]
+            out += ["```text", header(path), "```", "", "| key | value | note |", "|---|---|---|"]
+            notes = yaml_notes(path)
+            plain = OmegaConf.to_container(node, resolve=False)
+            for key, value in plain.items():
+                if key != "defaults":
+                    note = notes.get(key, "").replace("|", "\\|")
+                    out.append(
+                        f"| `{group.replace('/', '.')}.{key}` | `{_value(value)}` | {note} |"
+                    )
+            out.append("")
+    return out
+
+
 def _experiment_section() -> list[str]:
     root = Path(CONF) / "experiment"
     out = [
@@ -356,13 +392,18 @@ def markdown() -> str:
     for group, options in all_groups.items():
         links = ", ".join(f"[`{o}`](#{_anchor(group, o)})" for o in options)
         out.append(f"| `{group}` | {links} |")
-    out += ["| `experiment` | see [experiment](#experiment) |", ""]
+    out += ["| `experiment` | see [experiment](#experiment) |"]
+    out += [
+        "| `hydra/launcher`, `hydra/sweeper` | see [Hydra](#hydra-hydralauncher-hydrasweeper) |",
+        "",
+    ]
     out += _root_section()
     for group, options in all_groups.items():
         out += [f"## `{group}`", ""]
         for option in options:
             out += _choice_section(group, option, all_groups)
     out += _experiment_section()
+    out += _hydra_section()
     return "\n".join(out) + "\n"
 
 
