@@ -72,6 +72,10 @@ class Likelihood(abc.ABC):
         return -jnp.mean(self.log_lik(out, y))
 
     @abc.abstractmethod
+    def member_width(self, num_targets: int) -> int:
+        """M, the width of ``member``'s (B, M): C classes, or 2 (μ, log σ)."""
+
+    @abc.abstractmethod
     def member(self, out: jax.Array) -> jax.Array:
         """What one member gives evaluation for outputs out (B, K): (B, M) (leading axes
         kept: (..., K) -> (..., M))."""
@@ -139,6 +143,10 @@ class Categorical(Likelihood):
     def loss(self, out: jax.Array, y: jax.Array) -> jax.Array:
         """Mean softmax cross-entropy (optax's, whose gradient the trainer has always used)."""
         return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+    def member_width(self, num_targets: int) -> int:
+        """C: one log-probability per class."""
+        return num_targets
 
     def member(self, out: jax.Array) -> jax.Array:
         """Class log-probabilities (B, C): the log-softmax of the logits."""
@@ -228,6 +236,11 @@ class Gaussian(Likelihood):
         mean, log_sigma = self.mean_log_sigma(out)
         z = (y - mean) * jnp.exp(-log_sigma)
         return -_HALF_LOG_2PI - log_sigma - 0.5 * jnp.square(z)
+
+    def member_width(self, num_targets: int) -> int:
+        """2: μ and log σ."""
+        del num_targets
+        return 2
 
     def member(self, out: jax.Array) -> jax.Array:
         """(B, 2): μ and log σ, standardised units."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import jax
@@ -10,6 +11,7 @@ from omegaconf import OmegaConf
 
 from bnn_bench.config import build, validate
 from bnn_bench.errors import UserError
+from bnn_bench.likelihoods import Categorical, Gaussian, task_of
 from bnn_bench.models import TRAITS
 from tests.conftest import compose_cfg, config_choices
 
@@ -93,8 +95,10 @@ def shapes():
             for model in config_choices("model"):
                 cfg = compose_cfg(f"dataset={dataset}", f"model={model}", "method=map")
                 data = resolve(build(cfg.dataset, "dataset"))
-                module = build(cfg.model, "model", num_classes=data.spec.num_classes)
-                net = build_model(module, data.spec, type(module).__name__.lower(), 128)
+                # the likelihood of the dataset's task (regression datasets: the Gaussian)
+                lik = Gaussian() if task_of(data.spec) == "regression" else Categorical()
+                module = build(cfg.model, "model", num_classes=lik.outputs(data.spec.num_classes))
+                net = build_model(module, data.spec, type(module).__name__.lower(), 128, lik)
                 params, _ = jax.eval_shape(net.init, jax.random.key(0))
                 built[dataset, model] = (data, net, num_params(params))
         yield built
@@ -136,6 +140,9 @@ def test_every_need_names_a_trait_and_the_traits_tell_the_models_apart(shapes, m
     assert needs and all(n.trait in TRAITS for n in needs)
     for name, trait in TRAITS.items():
         seen = {trait.of(net) for _, net, _ in shapes.values()}
+        if name == "categorical":  # a classification dataset's model with the Gaussian lacks it
+            _, net, _ = next(iter(shapes.values()))
+            seen.add(trait.of(dataclasses.replace(net, likelihood=Gaussian())))
         assert seen == {True, False}, name
 
 

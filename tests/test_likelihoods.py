@@ -219,3 +219,17 @@ def test_a_model_without_the_likelihoods_outputs_is_refused():
 
     with pytest.raises(UserError, match="likelihood=gaussian needs 2"):
         build_model(MLP(1, hidden=()), spec(3), "mlp", 8, Gaussian(noise="heteroscedastic"))
+
+
+def test_a_run_refuses_a_likelihood_of_another_task_before_any_work(tmp_path):
+    """Parts.of, shared by the run and the dry run: the synthetic images are a
+    classification dataset."""
+    from bnn_bench.parts import Parts
+
+    cfg = compose_cfg("dataset=synthetic", "method=map", "likelihood=gaussian")
+    validate(cfg)
+    with pytest.raises(UserError, match="choose likelihood=categorical"):
+        Parts.of(cfg)
+    cfg = compose_cfg("dataset=synthetic", "method=map", "model=mlp", "model.hidden=[]")
+    validate(cfg)  # a model with no hidden layer is a valid config
+    assert Parts.of(cfg).module.hidden == []

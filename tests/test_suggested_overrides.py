@@ -25,7 +25,7 @@ from tests.conftest import CONF, ROOT, TINY, compose_cfg, config_choices
 
 pytestmark = pytest.mark.contract
 
-GROUPS = "method|trainer|dataset|model|eval|logger|checkpoint|device"
+GROUPS = "method|trainer|dataset|model|likelihood|eval|logger|checkpoint|device"
 # a dotted key (method.structure.rank) or a group choice (method/laplace/structure), then
 # an optional =value
 KEY = re.compile(
@@ -81,7 +81,7 @@ def _contexts(key: str) -> list[tuple[str, ...]]:
     """The configs to try ``key`` in: the default, each choice of its own group, every
     preset, method, model, dataset and logger choice."""
     top = key.replace("/", ".").replace("@", ".").split(".")[0]
-    groups = ["experiment", "method", "model", "dataset", "logger"]
+    groups = ["experiment", "method", "model", "likelihood", "dataset", "logger"]
     if top in groups:
         groups.remove(top)
         groups.insert(0, top)

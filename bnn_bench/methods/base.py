@@ -168,7 +168,8 @@ class Method(abc.ABC):
         self, key: jax.Array, posterior: Posterior, inputs: EvalInputs
     ) -> dict[str, PredictiveSummary]:
         """One summary per evaluation set of ``plan``."""
-        summaries = inputs.empty(posterior.model.spec.num_classes)
+        model = posterior.model
+        summaries = inputs.empty(model.likelihood.member_width(model.spec.num_classes))
         for name, x in inputs.x.items():
             for log_probs in self.member_log_probs(key, posterior, x):
                 summaries[name] = summaries[name].add(log_probs)

@@ -10,6 +10,11 @@ bounded 1-D solver (Brent) finds. T only rescales confidence: the argmax, hence 
 accuracy, is the MAP's. The MAP network is trained with the ``trainer`` group (the
 network ``method=map`` trains with the same seed) or loaded from an earlier run
 (``init_from``); its own metrics are reported as ``map/<set>/*``.
+
+Its regression form (``likelihood=gaussian``) is σ scaling (Levi et al., 2019;
+Kuleshov et al., 2018's recalibration by one scalar): every predicted σ is multiplied by
+one s > 0 fitted on the validation split by minimising the Gaussian NLL, whose minimum
+is closed-form, s² = mean_i ((y_i − μ_i) / σ_i)².
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from scipy.special import logsumexp
 
 from bnn_bench.data import Dataset
 from bnn_bench.errors import UserError
-from bnn_bench.methods.base import Need, RunContext, Work
+from bnn_bench.likelihoods import Gaussian
+from bnn_bench.methods.base import RunContext, Work
 from bnn_bench.methods.posthoc.base import PostHoc
 from bnn_bench.models import Model, Params, State
 
@@ -92,8 +98,8 @@ class TemperedPosterior:
 
     Attributes:
       params, state: the MAP network.
-      temperature: () the fitted T.
-      info: ``temperature/*``: the fitted T, and the validation NLL at T = 1 and at T.
+      temperature: () the fitted T (regression: the σ scale s).
+      info: ``temperature/*``: the fitted T (or s), and the validation NLL before and after.
     """
 
     model: Model = struct.field(pytree_node=False)
@@ -113,13 +119,6 @@ class TemperatureScaling(PostHoc):
     """
 
     name: ClassVar = "temperature"
-    needs: ClassVar = (
-        Need(
-            "categorical",
-            True,
-            "it rescales logits; a Gaussian's σ is learned with likelihood.noise=learned",
-        ),
-    )
 
     temperature_range: tuple[float, float] = (0.05, 20.0)
 
@@ -150,8 +149,11 @@ class TemperatureScaling(PostHoc):
         state: State,
         ctx: RunContext,
     ) -> TemperedPosterior:
-        """Fits T on the validation logits of the MAP network ``(params, state)``."""
+        """Fits T on the validation logits of the MAP network ``(params, state)``
+        (regression: the σ scale s on its validation members)."""
         del key  # deterministic
+        if isinstance(model.likelihood, Gaussian):
+            return self._fit_sigma_scale(model, data, params, state, ctx)
         logits = jax.jit(model.logits)(params, state, data.val.x)  # (n_val, C)
         t = fit_temperature(logits, data.val.y, self.temperature_range)
         before = temperature_nll(logits, data.val.y, 1.0)
@@ -177,12 +179,43 @@ class TemperatureScaling(PostHoc):
             },
         )
 
+    def _fit_sigma_scale(
+        self, model: Model, data: Dataset, params: Params, state: State, ctx: RunContext
+    ) -> TemperedPosterior:
+        """σ scaling: s = √mean(z²), z = (y − μ) / σ on the validation split; its
+        ``temperature`` is s."""
+        lik = model.likelihood
+        members = np.asarray(jax.jit(model.log_probs)(params, state, data.val.x), np.float64)
+        y = np.asarray(data.val.y, np.float64)
+        z = (y - members[:, 0]) * np.exp(-members[:, 1])
+        scale = float(np.sqrt(np.mean(np.square(z))))
+        before = lik.member_nll(members, y)
+        after = lik.member_nll(np.stack([members[:, 0], members[:, 1] + math.log(scale)], -1), y)
+        log.info("σ scale %.4f: validation NLL %.4f -> %.4f", scale, before, after)
+        ctx.count(samples=1)
+        return TemperedPosterior(
+            model=model,
+            params=params,
+            state=state,
+            temperature=jnp.asarray(scale, jnp.float32),
+            info={
+                "temperature/sigma_scale": scale,
+                "temperature/val_nll_map": before,
+                "temperature/val_nll": after,
+            },
+        )
+
     def member_log_probs(
         self, key: jax.Array, posterior: TemperedPosterior, x: jax.Array
     ) -> Iterator[jax.Array]:
-        """One member (1, N, C): the MAP's logits divided by T."""
+        """One member (1, N, C): the MAP's logits divided by T (regression: (1, N, 2),
+        the MAP's μ and its σ times s)."""
         del key  # deterministic
         model = posterior.model
+        if isinstance(model.likelihood, Gaussian):
+            members = jax.jit(model.log_probs)(posterior.params, posterior.state, x)  # (N, 2)
+            yield members.at[:, 1].add(jnp.log(posterior.temperature))[None]
+            return
         logits = jax.jit(model.logits)(posterior.params, posterior.state, x)  # (N, C)
         yield jax.nn.log_softmax(logits / posterior.temperature, axis=-1)[None]  # (1, N, C)
 

@@ -239,9 +239,10 @@ class Sampler(Method):
         budget = self.budget(data.train.size)
         chains, kept = self.num_chains, len(budget.accepted)
         params = jax.vmap(lambda k: model.init(k)[0])(jax.random.split(k_init, chains))
+        width = model.likelihood.member_width(model.spec.num_classes)  # C, or 2: (μ, log σ)
         carry = SamplerCarry(
             states=self.init_states(model, data.train, params),
-            summaries=inputs.empty(model.spec.num_classes, chains, kept),  # + ChainTrace
+            summaries=inputs.empty(width, chains, kept),  # + ChainTrace
             samples=jax.tree.map(lambda p: jnp.zeros((kept, *p.shape), p.dtype), params)
             if self.save_samples
             else None,
