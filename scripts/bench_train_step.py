@@ -70,8 +70,10 @@ def main() -> None:
     n, b, steps = data.train.size, trainer.batch_size, args.steps
     params, state = model.init(jax.random.key(0))
     if jax.tree.leaves(state):
-        raise SystemExit("the bare step applies the module without batch statistics: "
-                         "give a model without them (e.g. resnet20_frn, mlp, cnn)")
+        raise SystemExit(
+            "the bare step applies the module without batch statistics: "
+            "give a model without them (e.g. resnet20_frn, mlp, cnn)"
+        )
     tx = trainer.make_optimizer(trainer.num_steps(n))
     ts = TrainState(params, state, tx.init(params))
 
