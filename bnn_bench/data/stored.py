@@ -107,7 +107,7 @@ class StoredDataset:
         if len(mean) not in (1, shape[2]) or len(std) != len(mean):
             raise UserError(f"dataset.mean/std need 1 or {shape[2]} values each.")
         resize = check_resize(self.resize)
-        return Spec(self.name, shape, len(names), names, mean, std, resize, self.augment)
+        return Spec(self.name, shape, len(names), names, mean, std, resize, augment=self.augment)
 
     @property
     def _tfds_dir(self) -> str:
