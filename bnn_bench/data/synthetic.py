@@ -75,7 +75,9 @@ class SyntheticDataset:
         c = shape[2]
         mean, std = (0.5,) * c, (0.25,) * c
         resize = check_resize(self.resize)
-        return Spec("synthetic", shape, self.num_classes, names, mean, std, resize, augment=self.augment)
+        return Spec(
+            "synthetic", shape, self.num_classes, names, mean, std, resize, augment=self.augment
+        )
 
     def load(self) -> Dataset:
         """Generates the images (host numpy, then on the device)."""
