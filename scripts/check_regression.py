@@ -189,6 +189,14 @@ def flatten(payload: Mapping[str, Any]) -> dict[str, Value]:
     return flat
 
 
+# Keys added to metrics.json after the cases were recorded, with the value every recorded case
+# would have had: such a key is no difference when a case lacks it and the new run has exactly
+# that value (any other value is reported as ``new``).
+ADDED_SINCE_RECORDING: dict[str, Value] = {
+    "data/augment": 0.0,  # issue 19: no recorded case augments its training batches
+}
+
+
 def ignored(key: str, patterns: Iterable[str] = IGNORE) -> bool:
     """Whether ``key`` is machine-dependent (matches one of ``patterns``)."""
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
@@ -227,7 +235,12 @@ def compare(
     renames = dict(renames or {})
     patterns = tuple(patterns)
     old = {renames.get(k, k): v for k, v in stored.items() if not ignored(k, patterns)}
-    new = {k: v for k, v in now.items() if not ignored(k, patterns)}
+    new = {
+        k: v
+        for k, v in now.items()
+        if not ignored(k, patterns)
+        and not (k not in old and k in ADDED_SINCE_RECORDING and _same(v, ADDED_SINCE_RECORDING[k]))
+    }
     rows = [
         {"key": k, "kind": "changed", "stored": old[k], "now": new[k]}
         for k in old.keys() & new.keys()

@@ -46,6 +46,12 @@ def test_machine_dependent_keys_are_ignored(cr):
     assert cr.compare(STORED, now) == []
 
 
+def test_a_key_added_since_recording_counts_only_at_its_recorded_value(cr):
+    assert cr.compare(STORED, {**STORED, "data/augment": 0.0}) == []
+    rows = cr.compare(STORED, {**STORED, "data/augment": 1.0})
+    assert rows == [{"key": "data/augment", "kind": "new", "stored": None, "now": 1.0}]
+
+
 def test_last_bit_of_a_float_is_a_difference(cr):
     nudged = 0.3185568990980146 + 2**-54  # the next float up
     assert nudged != STORED["test/nll"]
