@@ -32,7 +32,7 @@ import optax
 from hydra import compose, initialize_config_dir
 
 from bnn_bench.cli import CONF
-from bnn_bench.methods.training import TrainState, cross_entropy, epoch_batches, make_chunk_runner
+from bnn_bench.methods.training import TrainState, epoch_batches, make_chunk_runner
 from bnn_bench.models import build_model, num_params
 from bnn_bench.parts import Parts
 
@@ -82,7 +82,9 @@ def main() -> None:
     y0 = data.train.y[:b]
 
     def loss_fn(p):
-        return cross_entropy(model.module.apply({"params": p}, x0, train=True), y0)
+        return optax.softmax_cross_entropy_with_integer_labels(
+            model.module.apply({"params": p}, x0, train=True), y0
+        ).mean()
 
     @jax.jit
     def bare(p, o):

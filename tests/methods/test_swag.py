@@ -30,7 +30,7 @@ from bnn_bench.methods.posthoc.swag_covariance import (
     swag_sample,
 )
 from bnn_bench.methods.posthoc.swag_sgd import SGDPhase
-from bnn_bench.methods.training import cross_entropy, epoch_batches
+from bnn_bench.methods.training import epoch_batches
 from bnn_bench.models import build_model
 from bnn_bench.run import run
 from tests.conftest import TINY, compose_cfg, tiny
@@ -166,7 +166,7 @@ def _iterates(key, model, data, method, params) -> np.ndarray:
     def step(params, opt, idx):
         def loss(p):
             logits = model.apply(p, {}, data.train.x[idx], train=True)[0]
-            return cross_entropy(logits, data.train.y[idx])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, data.train.y[idx]).mean()
 
         updates, opt = tx.update(jax.grad(loss)(params), opt, params)
         return optax.apply_updates(params, updates), opt
