@@ -87,13 +87,10 @@ def package(group: str, choice: str) -> str:
     return group.replace("/", ".")
 
 
-@cache
 def _loader() -> Any:
-    from hydra import initialize_config_dir
+    """Hydra's config loader; ``markdown`` initialises Hydra on ``conf/`` around its work."""
     from hydra.core.global_hydra import GlobalHydra
 
-    if not GlobalHydra.instance().is_initialized():
-        initialize_config_dir(config_dir=CONF, version_base=None).__enter__()
     return GlobalHydra.instance().config_loader()
 
 
@@ -372,7 +369,25 @@ def _experiment_section() -> list[str]:
 
 
 def markdown() -> str:
-    """The whole reference page."""
+    """The whole reference page.
+
+    Initialises Hydra on ``conf/`` for the generation only (unless the caller already
+    has), so a test or a build that calls it leaves no global Hydra state behind.
+    """
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return _markdown()
+    try:
+        with initialize_config_dir(config_dir=CONF, version_base=None):
+            return _markdown()
+    finally:
+        _compose.cache_clear()  # the compositions belong to that initialisation
+        _parents.cache_clear()
+
+
+def _markdown() -> str:
     all_groups = groups()
     out = [
         "---",
