@@ -117,13 +117,13 @@ class EvalSettings:
                 f"eval.reference must be a run folder or a predictive file (a path) or null; "
                 f"got {self.reference!r}."
             )
-        given = {
-            k: v
-            for k, v in (("dataset", self.reference_dataset), ("split", self.reference_split))
-            if v is not None
+        keys = {
+            "eval.reference_dataset": self.reference_dataset,
+            "eval.reference_split": self.reference_split,
         }
+        given = [k for k, v in keys.items() if v is not None]
         if self.reference is not None and is_file(self.reference):
-            missing = [f"eval.reference_{k}" for k in ("dataset", "split") if k not in given]
+            missing = [k for k in keys if k not in given]
             if missing:
                 raise UserError(
                     f"eval.reference={self.reference} is a predictive file: give "
@@ -133,7 +133,7 @@ class EvalSettings:
         elif given:
             what = "is a run folder" if self.reference is not None else "is not set"
             raise UserError(
-                f"{', '.join(f'eval.reference_{k}' for k in given)}: only a reference file "
+                f"{', '.join(given)}: only a reference file "
                 f"takes them, and eval.reference {what} (a run folder's fingerprints say what "
                 f"data it belongs to). Drop them."
             )
