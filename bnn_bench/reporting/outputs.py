@@ -74,17 +74,32 @@ def config_choice(out_dir: Path, group: str, node: Mapping) -> str:
     """The name of the config choice of ``group`` (e.g. ``mobilenet`` for ``model=mobilenet``).
 
     Read from the choices Hydra saves in ``out_dir/.hydra/hydra.yaml`` when the run was
-    launched by Hydra; else (``run`` called directly) the module of the node's
-    ``_target_`` (``bnn_bench.models.mobilenet.MobileNetV1`` -> ``mobilenet``), which is
-    the name of every shipped choice.
+    launched by Hydra; else (``run`` called directly) the shipped choice of ``group`` whose
+    YAML has the node's ``_target_`` and values (``wrn16_4`` and ``wrn`` share a target),
+    or failing that the module of the ``_target_``
+    (``bnn_bench.models.mobilenet.MobileNetV1`` -> ``mobilenet``).
     """
     path = Path(out_dir) / HYDRA / HYDRA_CONFIG
     if path.is_file():
         choice = OmegaConf.select(OmegaConf.load(path), f"hydra.runtime.choices.{group}")
         if choice:
             return str(choice)
+    if shipped := _shipped_choice(group, node):
+        return shipped
     parts = str(node.get("_target_", "")).split(".")
     return parts[-2] if len(parts) > 1 else parts[0]
+
+
+def _shipped_choice(group: str, node: Mapping) -> str | None:
+    """The first ``conf/<group>/<choice>.yaml`` whose every key equals the node's."""
+    from bnn_bench.cli import CONF
+
+    for yaml in sorted((Path(CONF) / group).glob("*.yaml")):
+        own = OmegaConf.to_container(OmegaConf.load(yaml))
+        same_target = isinstance(own, dict) and own.get("_target_") == node.get("_target_")
+        if same_target and all(node.get(k) == v for k, v in own.items() if k != "defaults"):
+            return yaml.stem
+    return None
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, float], curves: dict) -> Path:
