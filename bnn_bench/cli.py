@@ -17,7 +17,7 @@ from bnn_bench import checkpoint, presets, run_folder
 from bnn_bench.checkpoint import Preempted
 from bnn_bench.config import check_fields
 from bnn_bench.errors import UserError
-from bnn_bench.overrides import explain
+from bnn_bench.overrides import explain, refuse_trainer
 from bnn_bench.run import run
 from bnn_bench.schema import Device
 from bnn_bench.sweep import record_dry_run, record_refused, write_error
@@ -134,9 +134,12 @@ def _objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
 
 
 def _check_preset(cfg: DictConfig) -> None:
-    """Refuses a group chosen on the command line that the preset's settings replace
-    (``presets.check``), composing the same choices without the preset to compare."""
+    """Refuses ``trainer.*`` on the command line of a method that does not train
+    (``overrides.refuse_trainer``), and a group chosen on the command line that the
+    preset's settings replace (``presets.check``), composing the same choices without the
+    preset to compare."""
     hc = HydraConfig.get()
+    refuse_trainer(cfg, hc.runtime.choices.get("method"), list(hc.overrides.task), CONF)
     presets.check(
         cfg,
         hc.runtime.choices,

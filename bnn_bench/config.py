@@ -11,6 +11,7 @@ errors into the same kind of message.
 from __future__ import annotations
 
 import collections.abc as cabc
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bnn_bench.errors import UserError
@@ -262,6 +263,26 @@ def _passed_on(cfg: DictConfig, key: str) -> bool:
     return any(f"${{{key}}}" in t or f"${{{key}." in t for t in texts)
 
 
+def reads_trainer(cfg: DictConfig) -> bool:
+    """Whether the method trains a network: some node passes ``trainer`` on
+    (``method.trainer: ${trainer}``)."""
+    return "trainer" in cfg and _passed_on(cfg, "trainer")
+
+
+def without_unread_trainer(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without its ``trainer`` node when no part of it reads the node (a method
+    that does not train). ``conf/config.yaml`` composes the trainer group for every method
+    so that a preset can choose its optimizer and schedule (``override
+    /trainer/optimizer: sgd``) whatever method a sweep runs; a command that sets
+    ``trainer.*`` for such a method is refused before this (``overrides.refuse_trainer``)."""
+    if "trainer" not in cfg or reads_trainer(cfg):
+        return cfg
+    cfg = copy.deepcopy(cfg)  # keeps the struct flag
+    with open_dict(cfg):
+        del cfg["trainer"]
+    return cfg
+
+
 def _check_schema(cfg: DictConfig, key: Any, hint: Any, path: str) -> None:
     """Checks ``cfg[key]`` against ``hint``; a dataclass (a node of ``Root``) key by key."""
     node = cfg._get_node(key)
@@ -294,6 +315,8 @@ def _validate_root(cfg: DictConfig) -> None:
             continue
         if key in names:
             _check_schema(cfg, key, names[key], str(key))
+        elif key == "trainer" and not _passed_on(cfg, key):
+            continue  # composed for every method; a run drops it (without_unread_trainer)
         elif not _passed_on(cfg, key):
             method = OmegaConf.select(cfg, "method._target_", default="the method")
             raise UserError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bnn_bench.config import renamed
+from bnn_bench.errors import UserError
 
 
 def _is_group(key: str, config_dir: str | Path) -> bool:
@@ -62,6 +63,67 @@ def _composers(group: str, config_dir: str | Path) -> list[str]:
         if any(entry.startswith(f"/{group}") for entry in entries):
             names.append(path.stem)
     return names
+
+
+def trainers(config_dir: str | Path) -> list[str]:
+    """The method choices that train a network: their YAML, or a method YAML in their
+    defaults (``laplace_kfac`` -> ``laplace``), passes ``trainer`` on (``${trainer}``)."""
+    folder = Path(config_dir, "method")
+
+    def trains(name: str, seen: tuple[str, ...] = ()) -> bool:
+        path = folder / f"{name}.yaml"
+        if name in seen or not path.is_file():
+            return False
+        if "${trainer}" in path.read_text():
+            return True
+        defaults = OmegaConf.load(path).get("defaults") or []
+        return any(isinstance(e, str) and trains(e, (*seen, name)) for e in defaults)
+
+    return [p.stem for p in sorted(folder.glob("*.yaml")) if trains(p.stem)]
+
+
+def refuse_trainer(
+    cfg: DictConfig, method: str, overrides: Sequence[str], config_dir: str | Path
+) -> None:
+    """Refuses a ``trainer.*`` key or ``trainer/...`` choice on the command line of a method
+    that does not train (``config.without_unread_trainer`` drops the node it would set),
+    naming the methods that read it and the method's own key of the same name; and of a
+    post-hoc method that loads its MAP (``method.init_from``) instead of training it.
+
+    Raises:
+      UserError: ``trainer.epochs: method=sgld does not train a network ... Did you mean
+        method.epochs=4?``.
+    """
+    from bnn_bench.config import reads_trainer, without_unread_trainer
+
+    given = [o.lstrip("+~") for o in overrides]
+    given = [
+        o for o in given if o.split("=", 1)[0].split("@")[0].startswith(("trainer.", "trainer/"))
+    ]
+    if not given:
+        return
+    line = given[0]
+    key = line.split("=", 1)[0]
+    loaded = OmegaConf.select(cfg, "method.init_from", default=None)
+    if reads_trainer(cfg) and loaded is not None:
+        raise UserError(
+            f"{key}: method={method} loads its MAP network from method.init_from={loaded}, "
+            f"so no network is trained and no trainer.* key is read. Drop {key}, or drop "
+            f"method.init_from to train the MAP here."
+        )
+    if reads_trainer(cfg):
+        return
+    own = without_unread_trainer(cfg)
+    hint = ""
+    if "." in key and (gap := _missing(own, key)) is not None:
+        near = _near(own, key, gap)
+        if near is not None:
+            value = line.split("=", 1)[1] if "=" in line else ""
+            hint = f" Did you mean {near}{'=' + value if value else ''}?"
+    raise UserError(
+        f"{key}: method={method} does not train a network, so no part of it reads the "
+        f"trainer group (trainer.* applies to method={'|'.join(trainers(config_dir))}).{hint}"
+    )
 
 
 def _choices(combos: list[str]) -> str:

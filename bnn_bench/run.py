@@ -13,7 +13,7 @@ import jax
 from omegaconf import DictConfig
 
 from bnn_bench import checkpoint, dry_run, run_folder
-from bnn_bench.config import build, to_dict, validate
+from bnn_bench.config import build, to_dict, validate, without_unread_trainer
 from bnn_bench.evaluation import EvalInputs, diagnostics, fidelity, tables
 from bnn_bench.evaluation.complexity import flops_per_input
 from bnn_bench.evaluation.sets import evaluation_sets, labels_of
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
     """Runs one experiment and writes its run folder; returns the flat metrics."""
     out_dir = Path(out_dir)
+    cfg = without_unread_trainer(cfg)
     if cfg.get("dry_run"):  # the run's checks without data, then the plan; nothing is written
         validate(cfg)
         return dry_run.plan(Parts.of(cfg))

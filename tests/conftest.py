@@ -21,13 +21,25 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
+# One persistent JAX compilation cache for the test session, its xdist workers and the CLI
+# processes they start (set before JAX is imported, inherited by ``cli_env``): the tests
+# compile the same tiny programs over and over (each run jits its own closures), and on the
+# CPU XLA's compile is most of a tiny run. A user's own setting wins.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "bnn-bench-tests-jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+import jax  # noqa: E402 - after the cache's environment
 import pytest
 from absl import logging as absl_logging
 from hydra import compose, initialize_config_dir
+
+from bnn_bench.overrides import trainers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -59,8 +71,8 @@ TINY = [
 
 
 def trains(method: str) -> bool:
-    """Whether ``method=<method>`` composes the trainer group (its YAML's defaults do)."""
-    return "/trainer@" in (CONF / "method" / f"{method}.yaml").read_text()
+    """Whether ``method=<method>`` reads the trainer group (``overrides.trainers``)."""
+    return method in trainers(CONF)
 
 
 def tiny(method: str) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from bnn_bench.config import build, validate
+from bnn_bench.config import build, reads_trainer, validate, without_unread_trainer
 from bnn_bench.errors import UserError
 from bnn_bench.methods.laplace import Lanczos, Linearised
 from bnn_bench.methods.point.map import MAP
@@ -191,8 +191,9 @@ def test_izmailov_preset_is_the_papers_setting():
     assert cfg.eval.reference.endswith("bnn_bench/references/cifar10_hmc_test.npz")
     assert (cfg.eval.reference_dataset, cfg.eval.reference_split) == ("cifar10", "test")
     assert compose_cfg("experiment=izmailov_cifar10", "method=ensemble").method.members == 50
-    # the paper's SGD (bnn_hmc's summed loss -> mean: rate 3e-7 x 50,000, l2 10 / 50,000)
-    sgd = compose_cfg("experiment=izmailov_cifar10", "method=map", "trainer/optimizer=sgd")
+    # the paper's SGD (bnn_hmc's summed loss -> mean: rate 3e-7 x 50,000, l2 10 / 50,000),
+    # with no trainer/optimizer=sgd on the command line: the preset chooses it
+    sgd = compose_cfg("experiment=izmailov_cifar10", "method=map")
     validate(sgd)
     trainer = build(sgd.method, "method").trainer
     assert sgd.trainer.optimizer._target_ == "optax.sgd" and sgd.trainer.optimizer.momentum == 0.9
@@ -248,24 +249,45 @@ def test_preset_map_baseline_runs(tmp_path):
 
 def test_cli_refuses_trainer_keys_for_a_sampler_and_names_its_own(run_cli):
     """The default method samples: trainer.epochs=1 is refused before any work, naming
-    the methods that compose the trainer group and method.epochs; with a method that
-    trains the same key works."""
+    the methods that read the trainer group and method.epochs; in a sweep only the job of
+    the method that does not train is refused; with a method that trains the key works."""
     proc = run_cli("trainer.epochs=1")
     assert proc.returncode == 2
-    assert "method=sgld does not compose the trainer group" in proc.stderr
+    assert "trainer.epochs: method=sgld does not train a network" in proc.stderr
+    assert "method=ensemble|laplace|laplace_kfac|map|" in proc.stderr
     assert "Did you mean method.epochs=1?" in proc.stderr
-    swept = run_cli("-m", "method=map,psgld", "trainer.steps=3")
-    assert swept.returncode == 2 and "method=psgld does not compose the trainer" in swept.stderr
-    assert "Launch the jobs apart: method=map trainer.steps=3" in swept.stderr
+    swept = run_cli("-m", "dry_run=true", "method=map,psgld", "trainer.steps=3")
+    assert swept.returncode != 0
+    assert "2 job(s) checked, 1 would fail" in swept.stdout + swept.stderr
+    assert "method=psgld does not train a network" in swept.stderr
+    assert "Did you mean method.steps=3?" in swept.stderr
     ok = run_cli("--cfg", "job", "method=map", "trainer.epochs=1")
     assert ok.returncode == 0, ok.stderr
     assert OmegaConf.create(ok.stdout).trainer.epochs == 1
 
 
-def test_a_trainer_node_reaching_a_sampler_is_refused():
-    """`+trainer...` or a preset could add a trainer node the sampler would ignore."""
-    with pytest.raises(Exception, match="would ignore the trainer"):
-        validate(compose_cfg("+trainer.epochs=1"))
+def test_a_sampler_run_drops_the_trainer_node_and_refuses_other_unread_nodes():
+    """Every run composes the trainer group; a method that does not read it drops it (a
+    trainer key on its command line is refused: the test above). Any other node that no
+    part of the config reads is refused."""
+    cfg = compose_cfg()  # the default method, sgld
+    assert "trainer" in cfg and not reads_trainer(cfg)
+    assert "trainer" not in without_unread_trainer(cfg)
+    assert "trainer" in without_unread_trainer(compose_cfg("method=map"))
+    validate(without_unread_trainer(cfg))
+    with pytest.raises(UserError, match="would ignore the sampler"):
+        validate(compose_cfg("+sampler.epochs=1"))
+
+
+@pytest.mark.parametrize("experiment", PRESETS)
+@pytest.mark.parametrize("method", ["map", "sgld"])
+def test_every_preset_composes_with_a_method_that_trains_and_one_that_samples(experiment, method):
+    """A preset may choose the trainer's optimizer and schedule (``override
+    /trainer/optimizer: sgd``) and still compose with a sampler, which drops the trainer:
+    one sweep runs both (``-m method=map,sgld experiment=izmailov_cifar10``)."""
+    cfg = without_unread_trainer(compose_cfg(f"experiment={experiment}", f"method={method}"))
+    validate(cfg)
+    assert ("trainer" in cfg) == (method == "map")
 
 
 # --- a user's override wins over a preset ------------------------------------------------
@@ -419,7 +441,7 @@ def test_uci_preset_is_the_papers_protocol():
     assert compose_cfg("experiment=uci", "method=map").likelihood.noise == "learned"
     hmc = compose_cfg("experiment=uci", "method=hmc")
     validate(hmc)
-    assert "trainer" not in hmc and hmc.method.num_chains == 4
+    assert "trainer" not in without_unread_trainer(hmc) and hmc.method.num_chains == 4
 
 
 @pytest.mark.parametrize(

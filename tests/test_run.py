@@ -64,7 +64,7 @@ BAD_INPUT = {
     ),
     "trainer keys for a sampler": (
         [*(o for o in TINY if not o.startswith("method")), "method=sgld"],
-        ["method=sgld does not compose the trainer group", "Did you mean method.epochs=4?"],
+        ["method=sgld does not train a network", "Did you mean method.epochs=4?"],
     ),
 }
 

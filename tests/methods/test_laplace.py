@@ -360,3 +360,23 @@ def test_a_number_for_prior_precision_is_the_fixed_choice():
     assert a.prior_precision == b.prior_precision == Fixed(1e4)
     with pytest.raises(UserError, match="method.prior_precision"):
         build(compose_cfg(*SMALL, "method.prior_precision=optimize").method, "method")
+
+
+def test_init_from_refuses_trainer_keys_and_another_augmentation(map_dir, run_cli):
+    """With ``method.init_from`` nothing is trained: a ``trainer.*`` key on the command line
+    and a ``dataset.augment`` other than the loaded MAP's (its metrics.json's
+    ``data/augment``) are refused, each in one line naming the key; the same command
+    without them is accepted."""
+    base = [o for o in SMALL if not o.startswith("trainer.")]
+    loaded = [*base, f"method.init_from={map_dir}", "dry_run=true"]
+    ok = run_cli(*loaded)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    keyed = run_cli(*loaded, "trainer.epochs=2")
+    assert keyed.returncode == 2
+    assert "trainer.epochs: method=laplace loads its MAP network from method.init_from" in (
+        keyed.stderr
+    )
+    augmented = run_cli(*loaded, "dataset.augment=true")
+    assert augmented.returncode == 2
+    assert "dataset.augment=true: method=laplace loads its MAP network" in augmented.stderr
+    assert "trained with dataset.augment=false" in augmented.stderr

@@ -15,17 +15,22 @@ after the MAP: ``fit_map`` and ``plan_map`` (the work beyond the MAP), plus
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import jax
 
 from bnn_bench.data import Dataset, Split
+from bnn_bench.errors import UserError
 from bnn_bench.methods.base import Method, Posterior, RunContext, Work
 from bnn_bench.methods.point.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
+from bnn_bench.run_folder import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +74,36 @@ class PostHoc(Method):
 
     trainer: Trainer
     init_from: str | None = None
+    # whether the step after the MAP trains on minibatches (SWAG's SGD phase), which
+    # dataset.augment then crops and flips; the other methods only evaluate the network
+    trains_after_map: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.init_from is not None:
             checkpoint_path(self.init_from)  # a missing checkpoint fails now, before any data
+
+    def check(self, model: Model, data: Dataset) -> None:
+        """``Method.check``, and with ``init_from`` a ``dataset.augment`` that would change
+        nothing but the record: the loaded MAP was trained with the augmentation its run
+        folder's metrics.json records (``data/augment``), and a method that trains nothing
+        after it must say the same (the fidelity fingerprint records it)."""
+        super().check(model, data)
+        if self.init_from is None or self.trains_after_map:
+            return
+        metrics = Path(self.init_from) / METRICS
+        theirs = False  # a run from before augmentation existed, or without metrics.json
+        if metrics.is_file():
+            theirs = bool(json.loads(metrics.read_text()).get("data/augment", 0.0))
+        if bool(data.spec.augment) != theirs:
+            name = self.name or type(self).__name__.lower()
+            ours, was = str(bool(data.spec.augment)).lower(), str(theirs).lower()
+            raise UserError(
+                f"dataset.augment={ours}: method={name} loads its MAP network from "
+                f"init_from={self.init_from}, trained with dataset.augment={was} ({metrics}), "
+                f"and trains nothing after it, so augmentation would change only this run's "
+                f"record. Set dataset.augment={was}, or point init_from at a MAP run trained "
+                f"with dataset.augment={ours}."
+            )
 
     def fit(
         self, key: jax.Array, model: Model, data: Dataset, ctx: RunContext | None = None

@@ -120,6 +120,7 @@ class SWAG(PostHoc):
     """
 
     name: ClassVar = "swag"
+    trains_after_map: ClassVar = True  # the SGD phase: dataset.augment applies to it
 
     sgd: SGDPhase = field(default_factory=SGDPhase)
     covariance: Covariance = field(default_factory=LowRank)
