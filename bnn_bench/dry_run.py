@@ -100,9 +100,7 @@ def check(parts: Parts) -> Checked:
     """
     settings, method, module = parts.settings, parts.method, parts.module
     data = resolve(parts.dataset)
-    model = build_model(
-        module, data.spec, type(module).__name__.lower(), settings.batch_size, parts.likelihood
-    )
+    model = build_model(module, data.spec, parts.model_name, settings.batch_size, parts.likelihood)
     params, _ = jax.eval_shape(model.init, jax.random.key(0))
     method.check(model, data)
     work = method.plan(model, data)

@@ -13,6 +13,7 @@ from bnn_bench.data.resolve import DatasetConfig
 from bnn_bench.evaluation.settings import EvalSettings
 from bnn_bench.likelihoods import Likelihood, task_of
 from bnn_bench.methods.base import Method
+from bnn_bench.reporting.outputs import config_choice
 from bnn_bench.schema import Objective
 
 
@@ -27,6 +28,9 @@ class Parts:
       method: the inference method.
       settings: the evaluation settings.
       objective: what a Hydra sweeper optimises.
+      likelihood: the likelihood of the targets.
+      model_name: the model's config choice, as a run without Hydra names it
+        (``reporting.outputs.config_choice``): the shipped YAML it equals, else its module.
     """
 
     dataset: DatasetConfig
@@ -35,6 +39,7 @@ class Parts:
     settings: EvalSettings
     objective: Objective
     likelihood: Likelihood
+    model_name: str
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Parts:
@@ -56,4 +61,5 @@ class Parts:
             build(cfg.eval, "eval"),
             Objective(str(cfg.objective.metric), str(cfg.objective.direction)),
             likelihood,
+            config_choice(None, "model", cfg.model),
         )

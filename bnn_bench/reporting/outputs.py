@@ -70,17 +70,18 @@ def write_npy_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def config_choice(out_dir: Path, group: str, node: Mapping) -> str:
+def config_choice(out_dir: Path | None, group: str, node: Mapping) -> str:
     """The name of the config choice of ``group`` (e.g. ``mobilenet`` for ``model=mobilenet``).
 
     Read from the choices Hydra saves in ``out_dir/.hydra/hydra.yaml`` when the run was
-    launched by Hydra; else (``run`` called directly) the shipped choice of ``group`` whose
+    launched by Hydra; else (``run`` called directly, or ``out_dir`` None: the dry run,
+    which writes nothing) the shipped choice of ``group`` whose
     YAML has the node's ``_target_`` and values (``wrn16_4`` and ``wrn`` share a target),
     or failing that the module of the ``_target_``
     (``bnn_bench.models.mobilenet.MobileNetV1`` -> ``mobilenet``).
     """
-    path = Path(out_dir) / HYDRA / HYDRA_CONFIG
-    if path.is_file():
+    path = Path(out_dir) / HYDRA / HYDRA_CONFIG if out_dir is not None else None
+    if path is not None and path.is_file():
         choice = OmegaConf.select(OmegaConf.load(path), f"hydra.runtime.choices.{group}")
         if choice:
             return str(choice)
