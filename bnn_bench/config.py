@@ -307,8 +307,9 @@ def check_fields(node: DictConfig, schema: type, path: str) -> None:
 
 
 def _validate_root(cfg: DictConfig) -> None:
-    """The root's own keys against ``schema.Root``; a node beyond them (``trainer``)
-    must be passed on by an interpolation, else the run would ignore it."""
+    """The root's own keys against ``schema.Root``; a node beyond them must be passed on
+    by an interpolation, else the run would ignore it, except ``trainer``, which every
+    config composes and a run drops when unread (``without_unread_trainer``)."""
     names, _ = _accepted(Root)
     for key in cfg:
         if key == "hydra":

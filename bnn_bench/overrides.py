@@ -104,15 +104,15 @@ def refuse_trainer(
         return
     line = given[0]
     key = line.split("=", 1)[0]
-    loaded = OmegaConf.select(cfg, "method.init_from", default=None)
-    if reads_trainer(cfg) and loaded is not None:
+    if reads_trainer(cfg):
+        loaded = OmegaConf.select(cfg, "method.init_from", default=None)
+        if loaded is None:
+            return
         raise UserError(
             f"{key}: method={method} loads its MAP network from method.init_from={loaded}, "
             f"so no network is trained and no trainer.* key is read. Drop {key}, or drop "
             f"method.init_from to train the MAP here."
         )
-    if reads_trainer(cfg):
-        return
     own = without_unread_trainer(cfg)
     hint = ""
     if "." in key and (gap := _missing(own, key)) is not None:

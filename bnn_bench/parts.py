@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -29,8 +30,8 @@ class Parts:
       settings: the evaluation settings.
       objective: what a Hydra sweeper optimises.
       likelihood: the likelihood of the targets.
-      model_name: the model's config choice, as a run without Hydra names it
-        (``reporting.outputs.config_choice``): the shipped YAML it equals, else its module.
+      model_name: the model's config choice (``reporting.outputs.config_choice``): Hydra's,
+        else the shipped YAML it equals, else its module.
     """
 
     dataset: DatasetConfig
@@ -42,8 +43,9 @@ class Parts:
     model_name: str
 
     @classmethod
-    def of(cls, cfg: DictConfig) -> Parts:
-        """Builds every part of a composed (and validated) ``cfg``.
+    def of(cls, cfg: DictConfig, out_dir: Path | None = None) -> Parts:
+        """Builds every part of a composed (and validated) ``cfg``; ``out_dir``: the run
+        folder whose ``.hydra/`` names the model's choice (None: the dry run).
 
         Raises:
           UserError: a constructor refused a value (naming its config node), or the
@@ -61,5 +63,5 @@ class Parts:
             build(cfg.eval, "eval"),
             Objective(str(cfg.objective.metric), str(cfg.objective.direction)),
             likelihood,
-            config_choice(None, "model", cfg.model),
+            config_choice(out_dir, "model", cfg.model),
         )

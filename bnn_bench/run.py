@@ -23,7 +23,7 @@ from bnn_bench.models import build_model, num_params
 from bnn_bench.parts import Parts
 from bnn_bench.reporting import cost
 from bnn_bench.reporting.loggers import HistoryLogger, Loggers, RunInfo
-from bnn_bench.reporting.outputs import config_choice, read_metrics, write_metrics
+from bnn_bench.reporting.outputs import read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, float]:
             "%s holds this job's metrics.json already; skipping (resume=false reruns it).", out_dir
         )
         return read_metrics(out_dir)
-    parts = Parts.of(cfg)  # cfg becomes typed objects once; the layers below get these
+    parts = Parts.of(cfg, out_dir)  # cfg becomes typed objects once; the layers below get these
     dry_run.check(parts)  # what a dry run refuses, by the same code, before anything is cleared
     record.start(config, todo)  # a new run clears the folder's old results and checkpoints
     with cost.Meter() as meter:  # gradient evaluations, samples, compile time, peak memory
@@ -72,7 +72,7 @@ def _run(
     model = build_model(
         module,
         data.spec,
-        config_choice(out_dir, "model", cfg.model),
+        parts.model_name,
         settings.batch_size,
         parts.likelihood,
     )

@@ -15,7 +15,6 @@ after the MAP: ``fit_map`` and ``plan_map`` (the work beyond the MAP), plus
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from bnn_bench.methods.base import Method, Posterior, RunContext, Work
 from bnn_bench.methods.point.map import checkpoint_path, load_point, map_metrics, save_point
 from bnn_bench.methods.training import Trainer
 from bnn_bench.models import Model, Params, State
+from bnn_bench.reporting.outputs import read_metrics
 from bnn_bench.run_folder import METRICS
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class PostHoc(Method):
         metrics = Path(self.init_from) / METRICS
         theirs = False  # a run from before augmentation existed, or without metrics.json
         if metrics.is_file():
-            theirs = bool(json.loads(metrics.read_text()).get("data/augment", 0.0))
+            theirs = bool(read_metrics(self.init_from).get("data/augment", 0.0))
         if bool(data.spec.augment) != theirs:
             name = self.name or type(self).__name__.lower()
             ours, was = str(bool(data.spec.augment)).lower(), str(theirs).lower()
