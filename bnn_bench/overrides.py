@@ -54,17 +54,6 @@ def _near(cfg: DictConfig, key: str, gap: tuple[str, str, list[str]]) -> str | N
     return None
 
 
-def _composers(group: str, config_dir: str | Path) -> list[str]:
-    """The method choices whose YAML composes ``group`` (``/trainer@...`` in defaults)."""
-    names = []
-    for path in sorted(Path(config_dir, "method").glob("*.yaml")):
-        defaults = OmegaConf.load(path).get("defaults") or []
-        entries = [next(iter(e)) if isinstance(e, DictConfig) else str(e) for e in defaults]
-        if any(entry.startswith(f"/{group}") for entry in entries):
-            names.append(path.stem)
-    return names
-
-
 def trainers(config_dir: str | Path) -> list[str]:
     """The method choices that train a network: their YAML, or a method YAML in their
     defaults (``laplace_kfac`` -> ``laplace``), passes ``trainer`` on (``${trainer}``)."""
@@ -155,9 +144,12 @@ def _message(key: str, line: str, gaps: dict, near: dict, good: list[str], confi
     )
     where, part, known = next(iter(gaps.values()))
     if not where and _is_group(part, config_dir):
+        # the one group the root config leaves out unless chosen: the presets
+        choices = sorted(p.stem for p in Path(config_dir, part).glob("*.yaml"))
         hint = (
-            f" {' and '.join(bad)} {'does' if len(bad) == 1 else 'do'} not compose the {part} "
-            f"group ({part}.* applies to method={'|'.join(_composers(part, config_dir))})." + hint
+            f" {part} is chosen whole ({part}=<name>: {', '.join(choices)}) and has no keys "
+            "of its own; override the keys a preset sets where they live (e.g. "
+            "trainer.epochs)." + hint
         )
     verb = lambda c: "has" if len(c) == 1 else "have"  # noqa: E731
     if good:
@@ -170,7 +162,8 @@ def _message(key: str, line: str, gaps: dict, near: dict, good: list[str], confi
         return f"Unknown key {key} (for {', '.join(bad)}).{hint}"
     return (
         f"Unknown key {key}: {where or 'the config'} has no {part!r}"
-        f"{' (' + bad[0] + ')' if bad[0] else ''}.{hint} Its keys: {', '.join(sorted(known))}."
+        f"{' (' + bad[0] + ')' if bad[0] else ''}.{hint} "
+        + (f"Its keys: {', '.join(sorted(known))}." if known else "It takes no keys.")
     )
 
 

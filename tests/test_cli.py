@@ -19,7 +19,7 @@ import yaml
 from bnn_bench import run_folder
 from bnn_bench.errors import UserError
 from bnn_bench.run import run
-from tests.conftest import CLI, TINY, cli_env, compose_cfg, tiny
+from tests.conftest import CLI, TINY, cli_env, compose_cfg, config_choices, tiny
 
 pytestmark = pytest.mark.e2e
 
@@ -380,6 +380,20 @@ def test_a_key_only_some_swept_methods_have_is_one_line_naming_them(tmp_path, ru
     line = explain(["method=sgld", "method.members_per_chian=10"], CONF)
     assert "Did you mean method.members_per_chain=10?" in line
     assert explain(["method=sgld", "method.members_per_chain=10"], CONF) is None
+
+
+def test_a_key_under_a_group_with_no_keys_names_what_to_do_instead():
+    """`experiment.epochs=3` without a preset said "experiment.* applies to method=" (an
+    empty list), and `likelihood.foo=3` ended "Its keys: ."; now each names what exists."""
+    from bnn_bench.overrides import explain
+    from tests.conftest import CONF
+
+    line = explain(["experiment.epochs=3"], CONF)
+    presets = line.split("experiment=<name>: ")[1].split(")")[0].split(", ")
+    assert presets == config_choices("experiment") and "applies to method=)" not in line
+    assert "Did you mean method.epochs=3?" in line
+    line = explain(["likelihood.foo=3"], CONF)
+    assert line.endswith("It takes no keys.") and "Its keys: ." not in line
 
 
 @pytest.mark.contract
