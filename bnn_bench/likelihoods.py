@@ -95,6 +95,20 @@ class Likelihood(abc.ABC):
         """Per-example curvature of -log_lik w.r.t. out, (B, K, K): the expected Hessian
         under the model's own predictive (the Fisher; the GGN's Λ)."""
 
+    def fisher_factor(self, out: jax.Array) -> jax.Array:
+        """L (B, K, K) with L Lᵀ = ``fisher(out)``: its symmetric square root (the GGN's
+        loss factor, which the Kronecker factors and the Jacobian passes use)."""
+        evals, evecs = jnp.linalg.eigh(self.fisher(out))  # (B, K), (B, K, K)
+        return evecs * jnp.sqrt(jnp.maximum(evals, 0.0))[:, None, :]
+
+    def fisher_product(self, out: jax.Array, v: jax.Array) -> jax.Array:
+        """``fisher(out) v`` per example, (B, K) for v (B, K)."""
+        return jnp.einsum("bij,bj->bi", self.fisher(out), v)
+
+    def residual(self, out: jax.Array, y: jax.Array) -> jax.Array:
+        """r (B, K) = −∂ log p(y | out)/∂out per example (the empirical Fisher's r rᵀ)."""
+        return -jax.grad(lambda f: jnp.sum(self.log_lik(f, y)))(out)
+
     @abc.abstractmethod
     def score(self, out: jax.Array, y: jax.Array) -> jax.Array:
         """The training log's fit of one network, (): accuracy, or the RMSE in
@@ -165,6 +179,23 @@ class Categorical(Likelihood):
         Hessian, which does not depend on y."""
         p = jax.nn.softmax(out, axis=-1)
         return jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+
+    def fisher_factor(self, out: jax.Array) -> jax.Array:
+        """``diag(√p) − p √pᵀ`` (B, C, C), in closed form: L Lᵀ = diag(p) − p pᵀ because
+        Σ p = 1."""
+        p = jax.nn.softmax(out, axis=-1)
+        sq = jnp.sqrt(p)
+        return jax.vmap(jnp.diag)(sq) - p[:, :, None] * sq[:, None, :]
+
+    def fisher_product(self, out: jax.Array, v: jax.Array) -> jax.Array:
+        """``p ⊙ v − p (pᵀ v)`` (B, C), without forming the C x C matrix."""
+        p = jax.nn.softmax(out, axis=-1)
+        return p * v - p * jnp.sum(p * v, axis=-1, keepdims=True)
+
+    def residual(self, out: jax.Array, y: jax.Array) -> jax.Array:
+        """``p − onehot(y)`` (B, C), in closed form."""
+        p = jax.nn.softmax(out, axis=-1)
+        return p - jax.nn.one_hot(y, out.shape[-1], dtype=p.dtype)
 
     def score(self, out: jax.Array, y: jax.Array) -> jax.Array:
         """Accuracy of the argmax, ()."""

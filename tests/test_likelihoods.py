@@ -70,6 +70,42 @@ def test_categorical_fisher_is_the_softmax_hessian():
     np.testing.assert_allclose(lik.fisher(out), [np.diag(q) - np.outer(q, q) for q in p], atol=1e-6)
 
 
+def _with_noise(noise):
+    """(likelihood, outputs (7, K), targets (7,)) for the categorical (noise None) or the
+    Gaussian with that noise."""
+    if noise is None:
+        rng = np.random.default_rng(3)
+        return Categorical(), rng.normal(size=(7, 4)).astype(np.float32), rng.integers(0, 4, 7)
+    out, y = _outputs(noise)
+    return Gaussian(noise=noise, sigma=0.7), out, y
+
+
+@pytest.mark.parametrize("noise", [None, *NOISES])
+def test_fisher_factor_product_and_residual_against_dense_forms(noise):
+    """What GGN and the empirical Fisher ask of a likelihood (methods/laplace/curvature.py):
+    L Lᵀ = fisher, the product = fisher @ v, the residual = −∇ log p by jax.grad of
+    log_lik; the categorical's closed forms equal the generic ones of the base class."""
+    lik, out, y = _with_noise(noise)
+    out, y = jnp.asarray(out), jnp.asarray(y)
+    fisher = np.asarray(lik.fisher(out), np.float64)
+    factor = np.asarray(lik.fisher_factor(out), np.float64)
+    np.testing.assert_allclose(factor @ factor.transpose(0, 2, 1), fisher, atol=1e-6)
+    v = jnp.asarray(np.random.default_rng(4).normal(size=out.shape), jnp.float32)
+    np.testing.assert_allclose(
+        lik.fisher_product(out, v), np.einsum("bij,bj->bi", fisher, v), atol=1e-5
+    )
+    grad = jax.vmap(jax.grad(lambda o, t: -lik.log_lik(o[None], t[None])[0]))(out, y)
+    np.testing.assert_allclose(lik.residual(out, y), grad, rtol=1e-5, atol=1e-6)
+    if noise is None:  # the closed forms against the base class's generic ones
+        base = super(Categorical, lik)
+        generic = np.asarray(base.fisher_factor(out), np.float64)
+        np.testing.assert_allclose(generic @ generic.transpose(0, 2, 1), fisher, atol=1e-6)
+        np.testing.assert_allclose(base.residual(out, y), lik.residual(out, y), atol=1e-6)
+        np.testing.assert_allclose(
+            base.fisher_product(out, v), lik.fisher_product(out, v), atol=1e-6
+        )
+
+
 def test_categorical_mixture_is_the_mean_probability():
     rng = np.random.default_rng(2)
     outs = rng.normal(size=(3, 8, 4)).astype(np.float32)

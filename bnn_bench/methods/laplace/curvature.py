@@ -53,15 +53,10 @@ class GGN:
     def factor(
         self, logits: jax.Array, labels: jax.Array, likelihood: Likelihood = CATEGORICAL
     ) -> jax.Array:
-        """L (B, K, K) with L Lᵀ = Λ: for the categorical diag(√p) − p √pᵀ (L Lᵀ =
-        diag(p) − p pᵀ because Σ p = 1); else the symmetric square root of the Fisher."""
+        """L (B, K, K) with L Lᵀ = Λ (``likelihood.fisher_factor``; for the categorical
+        diag(√p) − p √pᵀ in closed form)."""
         del labels
-        if isinstance(likelihood, Categorical):
-            p = jax.nn.softmax(logits, axis=-1)
-            sq = jnp.sqrt(p)
-            return jax.vmap(jnp.diag)(sq) - p[:, :, None] * sq[:, None, :]
-        evals, evecs = jnp.linalg.eigh(likelihood.fisher(logits))  # (B, K), (B, K, K)
-        return evecs * jnp.sqrt(jnp.maximum(evals, 0.0))[:, None, :]
+        return likelihood.fisher_factor(logits)
 
     def product(
         self,
@@ -70,12 +65,10 @@ class GGN:
         jv: jax.Array,
         likelihood: Likelihood = CATEGORICAL,
     ) -> jax.Array:
-        """Λ jv (B, K); for the categorical without forming Λ."""
+        """Λ jv (B, K) (``likelihood.fisher_product``; for the categorical without forming
+        Λ)."""
         del labels
-        if isinstance(likelihood, Categorical):
-            p = jax.nn.softmax(logits, axis=-1)
-            return p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
-        return jnp.einsum("bij,bj->bi", likelihood.fisher(logits), jv)
+        return likelihood.fisher_product(logits, jv)
 
 
 @dataclass(frozen=True)
@@ -88,7 +81,7 @@ class EmpiricalFisher:
         self, logits: jax.Array, labels: jax.Array, likelihood: Likelihood = CATEGORICAL
     ) -> jax.Array:
         """L (B, K, 1) = r."""
-        return _residual(logits, labels, likelihood)[:, :, None]
+        return likelihood.residual(logits, labels)[:, :, None]
 
     def product(
         self,
@@ -98,19 +91,11 @@ class EmpiricalFisher:
         likelihood: Likelihood = CATEGORICAL,
     ) -> jax.Array:
         """Λ jv (B, K) = r (rᵀ jv)."""
-        r = _residual(logits, labels, likelihood)
+        r = likelihood.residual(logits, labels)
         return r * jnp.sum(r * jv, axis=-1, keepdims=True)
 
 
 LossCurvature = GGN | EmpiricalFisher
-
-
-def _residual(logits: jax.Array, labels: jax.Array, likelihood: Likelihood) -> jax.Array:
-    """r (B, K) = −∂ log p(y | f)/∂f per example."""
-    if isinstance(likelihood, Categorical):
-        p = jax.nn.softmax(logits, axis=-1)
-        return p - jax.nn.one_hot(labels, logits.shape[-1], dtype=p.dtype)
-    return -jax.grad(lambda f: jnp.sum(likelihood.log_lik(f, labels)))(logits)
 
 
 def curvature_mv(

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from bnn_bench.data import Split
-from bnn_bench.likelihoods import Categorical
 from bnn_bench.methods.laplace import curvature as cv
 from bnn_bench.methods.laplace import kfac
 from bnn_bench.methods.laplace.posterior import LaplacePosterior
@@ -125,7 +124,4 @@ def _batch_log_likelihood(
     post: LaplacePosterior, x: jax.Array, y: jax.Array, w: jax.Array
 ) -> jax.Array:
     out = post.logits_fn(post.theta, x)
-    if isinstance(post.likelihood, Categorical):  # as before the likelihoods, bit for bit
-        logp = jax.nn.log_softmax(out, axis=-1)
-        return jnp.sum(w * jnp.take_along_axis(logp, y[:, None], -1)[:, 0])
     return jnp.sum(w * post.likelihood.log_lik(out, y))
