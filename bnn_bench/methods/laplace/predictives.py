@@ -175,14 +175,7 @@ def _sampled_probs(
         ids
     )  # (s, P)
     logits = sampled_logits(post, x, z, batch_size=batch_size, linearised=linearised)
-    return _members(post.likelihood, logits)
-
-
-def _members(likelihood: Likelihood, out: jax.Array) -> jax.Array:
-    """``likelihood.member`` of outputs (s, N, K) -> (s, N, M)."""
-    if isinstance(likelihood, Categorical):  # as before the likelihoods, bit for bit
-        return jax.nn.log_softmax(out, axis=-1)
-    return jax.vmap(likelihood.member)(out)
+    return post.likelihood.member(logits)  # leading axes kept
 
 
 @partial(jax.jit, static_argnames=("batch_size", "linearised"))
@@ -247,7 +240,7 @@ def _linearised_nll(
     a = jax.lax.rsqrt(eigvals + tau) - jax.lax.rsqrt(tau)  # (k,)
     logits = f[:, None] + jnp.einsum("nck,sk->nsc", ju, a * uz) + jz * jax.lax.rsqrt(tau)
     if not isinstance(likelihood, Categorical):
-        return mixture_nll(_members(likelihood, jnp.swapaxes(logits, 0, 1)), y)
+        return mixture_nll(likelihood.member(jnp.swapaxes(logits, 0, 1)), y)
     probs = jax.nn.softmax(logits, -1).mean(1)  # (N, C)
     return M.nll(probs, y, xp=jnp)
 
