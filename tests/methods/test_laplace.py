@@ -293,6 +293,36 @@ def compose_and_build(*overrides):
     return build(cfg.method, "method")
 
 
+@pytest.mark.parametrize("predictive", ["linearised", "weights", "probit"])
+def test_last_layer_members_from_the_head_inputs_equal_the_whole_forward_pass(map_dir, predictive):
+    """A last-layer posterior runs the layers before the head once per input set
+    (``with_head_inputs``), not once per chunk of members or per τ: its members and its
+    τ search's validation NLL equal those of the whole network's forward pass."""
+    data, method, post = _fit(
+        map_dir,
+        "method/laplace/structure=last_layer",
+        f"method/laplace/predictive={predictive}",
+        "method.prior_precision=3.0",
+        "method.members_per_chunk=4",
+    )
+    key, x = jax.random.key(5), data.test.x
+    _, feats = post.with_head_inputs(x)
+    assert feats.shape == (x.shape[0], 3)  # model.hidden=[3]: what the last Dense reads
+    fast = jnp.concatenate(list(method.member_log_probs(key, post, x)))
+    whole = jnp.concatenate(list(method.predictive.member_log_probs(key, post, x, 4)))
+    assert fast.shape == whole.shape == ((1 if predictive == "probit" else 30), 32, 3)
+    np.testing.assert_allclose(fast, whole, atol=2e-5)
+    # the τ search's validation NLL (from the head inputs) against the whole forward pass
+    if predictive != "probit":
+        nll_fn = method.predictive.nll_fn(key, post, data.val, 4)
+        for tau in (0.3, 30.0):
+            p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
+            chunks = method.predictive.member_log_probs(key, p, data.val.x, 4)
+            probs = jnp.exp(jnp.concatenate(list(chunks))).mean(0)
+            ref = float(-jnp.log(probs[jnp.arange(data.val.size), data.val.y]).mean())
+            np.testing.assert_allclose(nll_fn(tau), ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize("structure", ["lanczos", "last_layer"])
 def test_val_nll_shortcut_equals_streamed_members(map_dir, structure):
     """The τ grid reuses J U and J z (d = 0); it must agree with the members themselves."""

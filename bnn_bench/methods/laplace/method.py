@@ -184,6 +184,7 @@ class Laplace(PostHoc):
     ) -> Iterator[jax.Array]:
         """Chunks of what the predictive's members yield (``likelihood.member``): class
         log-probabilities (s, N, C), or a Gaussian's (mean, log σ) (s, N, 2)."""
+        posterior, x = posterior.with_head_inputs(x)  # last layer: the body's pass once
         return self.predictive.member_log_probs(key, posterior, x, self.members_per_chunk)
 
     def plan_map(self, model: Model, data: Dataset) -> Work:

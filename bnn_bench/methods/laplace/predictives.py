@@ -55,9 +55,11 @@ class Predictive:
         """τ -> validation NLL of this predictive (members drawn with ``key``): of the
         mean of the members' class probabilities, or of their Gaussian mixture."""
 
+        head_post, x = post.with_head_inputs(val.x)  # last layer: its body once, not per τ
+
         def nll(tau):
-            p = post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
-            chunks = self.member_log_probs(key, p, val.x, members_per_chunk)
+            p = head_post.replace(prior_precision=jnp.asarray(tau, jnp.float32))
+            chunks = self.member_log_probs(key, p, x, members_per_chunk)
             if not isinstance(post.likelihood, Categorical):
                 return float(mixture_nll(jnp.concatenate(list(chunks), 0), val.y))
             probs = sum(jnp.exp(c).sum(0) for c in chunks)
@@ -109,11 +111,12 @@ class Linearised(_Sampled):
         if not post.curvature.low_rank:
             return super().nll_fn(key, post, val, members_per_chunk)
         # d = 0: one pass of k + S tangents serves every τ of a grid
+        post, x = post.with_head_inputs(val.x)
         ids = jnp.arange(self.members)
         z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), post.theta.shape))(
             ids
         )  # (S, P)
-        terms = _function_space_terms(post, val.x, z, batch_size=post.model.batch_size)
+        terms = _function_space_terms(post, x, z, batch_size=post.model.batch_size)
         uz = z @ post.curvature.basis  # (S, k)
         return lambda tau: float(
             _linearised_nll(
