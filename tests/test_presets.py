@@ -62,7 +62,7 @@ PRESET_TRAINERS = {
         "schedule.init_value": 0.05,
         "schedule.alpha": 0.0,
         "l2": 5e-4,
-        "epochs": 20,
+        "epochs": 30,
         "batch_size": 128,
     },
     "ub_cifar10_wrn": {
