@@ -242,10 +242,8 @@ def _linearised_nll(
     f, ju, jz = terms
     a = jax.lax.rsqrt(eigvals + tau) - jax.lax.rsqrt(tau)  # (k,)
     logits = f[:, None] + jnp.einsum("nck,sk->nsc", ju, a * uz) + jz * jax.lax.rsqrt(tau)
-    if not isinstance(likelihood, Categorical):
-        return mixture_nll(likelihood.member(jnp.swapaxes(logits, 0, 1)), y)
-    probs = jax.nn.softmax(logits, -1).mean(1)  # (N, C)
-    return M.nll(probs, y, xp=jnp)
+    nll, _ = likelihood.mixture(jnp.swapaxes(logits, 0, 1), y)  # members (S, N, K)
+    return nll
 
 
 @partial(jax.jit, static_argnames=("batch_size",))
